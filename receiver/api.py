@@ -1,0 +1,390 @@
+"""/v1 for apps: tasks, images, uploads, events. Bearer keys name tenants; a tenant sees only its own."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from receiver.config import Settings
+from receiver.downloads import check_url
+from receiver.models import OPTIONAL_FIELDS, Status, TaskRequest
+from receiver.providers import REGISTRY, Provider
+from receiver.store import IdempotencyConflict, NewTask, Store
+from receiver.tasks import UPLOAD_PREFIX, image_path, render_event, render_task
+from receiver.tokens import Tokens
+from receiver.uploads import NAME, UploadError, decode_data_uri, store_bytes
+from receiver.web import ApiError, read_capped
+
+MAX_PROMPT = 10_000
+MAX_METADATA = 16 * 1024
+MAX_WAIT = 60.0
+TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
+KNOWN_FIELDS = frozenset({"provider", "prompt", "notify_url", "metadata", *OPTIONAL_FIELDS})
+
+
+class Api:
+    def __init__(self, settings: Settings, store: Store, tokens: Tokens) -> None:
+        self.settings = settings
+        self.store = store
+        self.tokens = tokens
+        self.uploads = settings.media_dir / "uploads"
+        self._keys = {
+            hashlib.sha256(key.encode()).digest(): tenant for key, tenant in settings.api_keys.items()
+        }
+
+    # -- auth ------------------------------------------------------------------------------------
+
+    def tenant(self, request: Request, *, required: bool = True) -> str | None:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and key:
+            # A dict lookup on the key's digest: no timing difference tells a near-miss from a far one.
+            tenant = self._keys.get(hashlib.sha256(key.strip().encode()).digest())
+            if tenant is not None:
+                return tenant
+        if required:
+            raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is required")
+        return None
+
+    # -- tasks -----------------------------------------------------------------------------------
+
+    async def create_task(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        assert tenant is not None
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise ApiError(
+                422,
+                "invalid",
+                "Idempotency-Key must be 1 to 255 characters",
+                {"Idempotency-Key": "1 to 255 characters"},
+            )
+        cap = self.settings.max_image_bytes * 4 // 3 + 256 * 1024
+        raw = await read_capped(request, cap)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_json", "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        task_request, provider = self._validate(body)
+        await self._check_urls(task_request)
+        request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        images = [self._keep_image(index, value) for index, value in enumerate(task_request.images)]
+        new = NewTask(
+            id=f"tsk_{secrets.token_hex(12)}",
+            tenant=tenant,
+            provider=provider.name,
+            model=task_request.model or provider.default_model,
+            prompt=task_request.prompt,
+            request={
+                "images": images,
+                "params": dict(task_request.params),
+                "options": dict(task_request.options),
+            },
+            provider_state=provider.new_state(),
+            metadata=task_request.metadata,
+            notify_url=task_request.notify_url,
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+        )
+        try:
+            row, created = await self.store.create_task(new)
+        except IdempotencyConflict:
+            raise ApiError(
+                409, "idempotency_conflict", "this Idempotency-Key was used with another body"
+            ) from None
+        rendered = render_task(row, await self.store.images(row["id"]), self.tokens)
+        return JSONResponse(
+            rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row['id']}"}
+        )
+
+    def _validate(self, body: Mapping[str, Any]) -> tuple[TaskRequest, Provider]:
+        errors: dict[str, str] = {}
+        for name in body:
+            if name not in KNOWN_FIELDS:
+                errors[name] = "unknown field"
+        provider: Provider | None = None
+        provider_name = body.get("provider")
+        if not isinstance(provider_name, str) or not provider_name:
+            errors["provider"] = f"required, one of {', '.join(sorted(REGISTRY))}"
+        elif provider_name not in REGISTRY:
+            errors["provider"] = f"unknown provider; one of {', '.join(sorted(REGISTRY))}"
+        else:
+            provider = REGISTRY[provider_name]
+            if provider.key_variable and not self.settings.provider(provider_name).api_key:
+                errors["provider"] = f"{provider_name} is not configured: set {provider.key_variable}"
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            errors["prompt"] = "required, a non-empty string"
+        elif len(prompt) > MAX_PROMPT:
+            errors["prompt"] = f"at most {MAX_PROMPT} characters"
+        params: dict[str, Any] = {}
+        checks: dict[str, tuple[type | tuple[type, ...], str]] = {
+            "aspect_ratio": (str, "a string such as 16:9"),
+            "output_format": (str, "a string such as png"),
+            "resolution": (str, "a string such as 1K"),
+            "seed": (int, "a whole number"),
+            "safety_tolerance": (int, "a whole number"),
+            "num_images": (int, "a whole number"),
+            "prompt_upsampling": (bool, "true or false"),
+        }
+        for name, (kind, expected) in checks.items():
+            if name not in body or body[name] is None:
+                continue
+            value = body[name]
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                errors[name] = f"must be {expected}"
+            else:
+                params[name] = value
+        if "seed" in params and not 0 <= params["seed"] < 2**64:
+            errors["seed"] = "must be between 0 and 2^64-1"
+        if "num_images" in params and params["num_images"] < 1:
+            errors["num_images"] = "must be at least 1"
+        model = body.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            errors["model"] = "must be a non-empty string"
+            model = None
+        images = body.get("images")
+        if images is None:
+            images = []
+        if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+            errors["images"] = "must be a list of URLs or data URIs"
+            images = []
+        for index, item in enumerate(images):
+            if not (item.startswith(("http://", "https://")) or item.lower().startswith("data:")):
+                errors[f"images[{index}]"] = "must be an http(s) URL or a data:image/…;base64 URI"
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            errors["options"] = "must be an object"
+            options = {}
+        metadata = body.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            errors["metadata"] = "must be an object"
+            metadata = {}
+        elif len(json.dumps(metadata)) > MAX_METADATA:
+            errors["metadata"] = f"at most {MAX_METADATA} bytes of JSON"
+        notify_url = body.get("notify_url")
+        if notify_url is not None and (
+            not isinstance(notify_url, str) or not notify_url.startswith(("http://", "https://"))
+        ):
+            errors["notify_url"] = "must be an http(s) URL"
+            notify_url = None
+        if provider is not None and "provider" not in errors:
+            given = {name for name in OPTIONAL_FIELDS if body.get(name) not in (None, [], {})}
+            for name in sorted(given - provider.fields):
+                errors[name] = f"{provider.name} does not take this field"
+            if (
+                model is not None
+                and "model" not in errors
+                and not provider.accepts_any_model
+                and (model not in provider.models)
+            ):
+                errors["model"] = f"{provider.name} takes one of {', '.join(provider.models)}"
+            if "images" not in errors and not provider.min_images <= len(images) <= provider.max_images:
+                errors["images"] = (
+                    f"{provider.name} takes {provider.min_images} to {provider.max_images} images"
+                )
+        if errors:
+            raise ApiError(422, "invalid", "the request has invalid fields", errors)
+        assert provider is not None and isinstance(prompt, str)
+        task_request = TaskRequest(
+            provider=provider.name,
+            prompt=prompt,
+            model=model,
+            images=tuple(images),
+            params=params,
+            options=options,
+            notify_url=notify_url,
+            metadata=metadata,
+        )
+        errors = provider.validate(task_request)
+        if errors:
+            raise ApiError(422, "invalid", "the request has values the provider cannot take", errors)
+        return task_request, provider
+
+    async def _check_urls(self, task_request: TaskRequest) -> None:
+        errors: dict[str, str] = {}
+        allow = self.settings.allow_private_urls
+        own = f"{self.settings.public_url}/uploads/"
+        for index, url in enumerate(task_request.images):
+            if url.startswith(("http://", "https://")) and not url.startswith(own):
+                problem = await check_url(url, allow)
+                if problem:
+                    errors[f"images[{index}]"] = problem
+        if task_request.notify_url:
+            problem = await check_url(task_request.notify_url, allow)
+            if problem:
+                errors["notify_url"] = problem
+        if errors:
+            raise ApiError(422, "invalid", "a URL in the request is not allowed", errors)
+
+    def _keep_image(self, index: int, value: str) -> str:
+        """A data URI is stored now and referenced as an upload; a URL is kept as given."""
+        if not value.lower().startswith("data:"):
+            return value
+        try:
+            data = decode_data_uri(value)
+            name, _ = store_bytes(self.uploads, data, self.settings.max_image_bytes)
+        except UploadError as exc:
+            raise ApiError(
+                422, "invalid", "an image is not usable", {f"images[{index}]": exc.message}
+            ) from None
+        return UPLOAD_PREFIX + name
+
+    async def get_task(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        task_id = request.path_params["id"]
+        wait = request.query_params.get("wait")
+        row = await self._owned(task_id, tenant)
+        if wait is not None:
+            try:
+                seconds = float(wait)
+            except ValueError:
+                raise ApiError(
+                    422, "invalid", "wait must be seconds", {"wait": "a number from 0 to 60"}
+                ) from None
+            if not 0 <= seconds <= MAX_WAIT:
+                raise ApiError(
+                    422, "invalid", "wait must be 0 to 60 seconds", {"wait": "a number from 0 to 60"}
+                )
+            loop_deadline = _now() + seconds
+            while not Status(row["status"]).terminal and (left := loop_deadline - _now()) > 0:
+                await self.store.wait_for_change(task_id, left)
+                row = await self._owned(task_id, tenant)
+        return JSONResponse(render_task(row, await self.store.images(task_id), self.tokens))
+
+    async def _owned(self, task_id: str, tenant: str | None) -> sqlite3.Row:
+        row = await self.store.task(task_id, tenant) if TASK_ID.match(task_id) else None
+        if row is None:
+            raise ApiError(404, "not_found", "no such task")
+        return row
+
+    async def list_tasks(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        assert tenant is not None
+        query = request.query_params
+        errors: dict[str, str] = {}
+        status = query.get("status") or None
+        if status is not None and status not in {s.value for s in Status}:
+            errors["status"] = f"one of {', '.join(s.value for s in Status)}"
+        provider = query.get("provider") or None
+        if provider is not None and provider not in REGISTRY:
+            errors["provider"] = f"one of {', '.join(sorted(REGISTRY))}"
+        limit = 50
+        if query.get("limit"):
+            if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= 200:
+                errors["limit"] = "a whole number from 1 to 200"
+            else:
+                limit = int(query["limit"])
+        before: int | None = None
+        if query.get("cursor"):
+            before = _decode_cursor(query["cursor"])
+            if before is None:
+                errors["cursor"] = "not a cursor this service gave"
+        if errors:
+            raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+        rows = await self.store.tasks(
+            tenant, status=status, provider=provider, limit=limit + 1, before_seq=before
+        )
+        page = rows[:limit]
+        images = await self.store.images_of([row["id"] for row in page])
+        next_cursor = _encode_cursor(page[-1]["seq"]) if len(rows) > limit else None
+        return JSONResponse(
+            {
+                "items": [render_task(row, images[row["id"]], self.tokens) for row in page],
+                "next_cursor": next_cursor,
+            }
+        )
+
+    async def task_events(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        row = await self._owned(request.path_params["id"], tenant)
+        events = await self.store.events(row["id"])
+        return JSONResponse({"items": [render_event(event) for event in events]})
+
+    async def task_image(self, request: Request) -> Response:
+        task_id = request.path_params["id"]
+        index = request.path_params["index"]
+        signed = self.tokens.link_valid(
+            image_path(task_id, index),
+            request.query_params.get("expires"),
+            request.query_params.get("signature"),
+        )
+        tenant = None if signed else self.tenant(request)
+        row = await self._owned(task_id, tenant)
+        image = await self.store.image(row["id"], index)
+        if image is None or image["path"] is None:
+            raise ApiError(404, "not_found", "no such image (yet)")
+        etag = f'"{image["sha256"]}"'
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=86400, immutable"}
+        if etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(
+            self.settings.media_dir / image["path"], media_type=image["content_type"], headers=headers
+        )
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    async def create_upload(self, request: Request) -> Response:
+        self.tenant(request)
+        content_type = request.headers.get("content-type", "")
+        if not content_type.startswith("image/"):
+            raise ApiError(415, "unsupported_media_type", "send the raw image with Content-Type: image/…")
+        data = await read_capped(request, self.settings.max_image_bytes)
+        try:
+            name, kind = store_bytes(self.uploads, data, self.settings.max_image_bytes)
+        except UploadError as exc:
+            raise ApiError(
+                exc.status, "unsupported_media_type" if exc.status == 415 else "too_large", exc.message
+            ) from None
+        return JSONResponse(
+            {
+                "url": self.tokens.signed_link(f"/uploads/{name}"),
+                "sha256": name.split(".")[0],
+                "content_type": kind,
+                "size": len(data),
+            },
+            status_code=201,
+        )
+
+    async def get_upload(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        path = self.uploads / name
+        valid = self.tokens.link_valid(
+            f"/uploads/{name}", request.query_params.get("expires"), request.query_params.get("signature")
+        )
+        if not valid:
+            raise ApiError(401, "unauthorized", "this link is not signed, or has expired")
+        if not NAME.match(name) or not path.exists():
+            raise ApiError(404, "not_found", "no such upload")
+        kind = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[name.rsplit(".", 1)[1]]
+        return FileResponse(path, media_type=kind, headers={"ETag": f'"{name.split(".")[0]}"'})
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int | None:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not text.startswith("seq:") or not text[4:].isdigit():
+        return None
+    return int(text[4:])

@@ -1,0 +1,141 @@
+"""create_app(settings): routes, error handlers, and the lifespan that opens the store and runs the worker."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from receiver import metrics
+from receiver.api import Api
+from receiver.callbacks import Callbacks, KeySets
+from receiver.config import Settings
+from receiver.downloads import clean_partial_files, outside_client
+from receiver.models import Status
+from receiver.openapi import openapi_document
+from receiver.sandbox_service import SandboxService
+from receiver.store import Store
+from receiver.tokens import Tokens
+from receiver.web import ApiError, error_response
+from receiver.worker import Worker
+
+log = logging.getLogger("receiver")
+
+
+def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
+    tokens = Tokens(settings.secret_key, settings.public_url, settings.link_ttl)
+    store = Store(
+        settings.db_path, reconcile_after=settings.reconcile_after, task_deadline=settings.task_deadline
+    )
+    api = Api(settings, store, tokens)
+    # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
+    provider_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.http_timeout, connect=10.0))
+    outside_http = outside_client(allow_private=settings.allow_private_urls, timeout=settings.http_timeout)
+    key_sets = KeySets(provider_http)
+    callbacks = Callbacks(settings, store, tokens, key_sets)
+    sandbox_settings = settings.provider("sandbox")
+    sandbox = SandboxService(
+        settings.media_dir / "sandbox",
+        settings.public_url,
+        sandbox_settings.api_key or "",
+        settings.sandbox_delay,
+    )
+    worker = Worker(settings, store, tokens, provider_http, outside_http)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems = []
+        if not await store.writable():
+            problems.append("the database is not writable")
+        probe = settings.media_dir / ".ready"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError:
+            problems.append("the media directory is not writable")
+        if problems:
+            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        counts = await store.task_counts()
+        metrics.TASKS.clear()
+        for (provider, status), count in counts.items():
+            metrics.TASKS.labels(provider, status).set(count)
+        metrics.JOBS_DUE.clear()
+        for kind, count in (await store.jobs_due()).items():
+            metrics.JOBS_DUE.labels(kind).set(count)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document(settings.public_url))
+
+    routes = [
+        Route("/v1/tasks", api.create_task, methods=["POST"]),
+        Route("/v1/tasks", api.list_tasks, methods=["GET"]),
+        Route("/v1/tasks/{id}", api.get_task, methods=["GET"]),
+        Route("/v1/tasks/{id}/events", api.task_events, methods=["GET"]),
+        Route("/v1/tasks/{id}/images/{index:int}", api.task_image, methods=["GET"]),
+        Route("/v1/uploads", api.create_upload, methods=["POST"]),
+        Route("/uploads/{name}", api.get_upload, methods=["GET"]),
+        Route("/callbacks/{provider}/{token}", callbacks.receive, methods=["POST"]),
+        Route("/callbacks/{provider}/{token}/callback", callbacks.receive, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *sandbox.routes(),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await store.open()
+        removed = clean_partial_files(settings.media_dir)
+        if removed:
+            log.info("removed %d partial downloads left by an earlier process", removed)
+        runner = None
+        if run_worker:
+            import asyncio
+
+            runner = asyncio.create_task(worker.run(), name="receiver-worker")
+        try:
+            yield
+        finally:
+            await worker.stop(grace=float(os.environ.get("RECEIVER_SHUTDOWN_GRACE", "20")))
+            if runner is not None:
+                runner.cancel()
+                with contextlib.suppress(BaseException):
+                    await runner
+            await sandbox.close()
+            await provider_http.aclose()
+            await outside_http.aclose()
+            await store.close()
+
+    async def api_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc.status, exc.code, exc.message, exc.fields)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ApiError: api_error, HTTPException: http_error},
+    )
+    app.state.store = store
+    app.state.settings = settings
+    app.state.statuses = [status.value for status in Status]
+    return app

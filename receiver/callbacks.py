@@ -1,0 +1,133 @@
+"""/callbacks/{provider}/{token}: capped raw body → token → provider signature → parse → store → 2xx.
+
+Nothing slow happens before the answer: the news is recorded in one transaction (with the download
+jobs it calls for) and the worker does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from receiver import metrics
+from receiver.config import Settings
+from receiver.models import CallbackRejected, MalformedCallback
+from receiver.providers import REGISTRY, Context, Provider
+from receiver.store import Store
+from receiver.tasks import task_spec
+from receiver.tokens import Tokens
+from receiver.web import ApiError, error_response, read_capped
+
+log = logging.getLogger("receiver.callbacks")
+KEY_SET_TTL = 24 * 3600.0
+KEY_SET_REFRESH = 60.0
+MAX_KEY_SET_BYTES = 256 * 1024
+
+
+class KeySets:
+    """Public key sets (e.g. a JWKS) providers verify with: cached a day, fetched again when no key
+    verifies, at most once a minute. When none can be had, callbacks fail closed."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._tried: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, url: str, *, refresh: bool = False) -> Any:
+        now = time.monotonic()
+        cached = self._cache.get(url)
+        if cached and not refresh and now - cached[0] < KEY_SET_TTL:
+            return cached[1]
+        async with self._lock:
+            cached = self._cache.get(url)
+            if now - self._tried.get(url, -KEY_SET_REFRESH) < KEY_SET_REFRESH:
+                return cached[1] if cached else None
+            self._tried[url] = now
+            try:
+                response = await self._client.get(url)
+                response.raise_for_status()
+                if len(response.content) > MAX_KEY_SET_BYTES:
+                    raise ValueError("key set too large")
+                keys = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("could not fetch the key set at %s: %s", url, type(exc).__name__)
+                return cached[1] if cached else None
+            self._cache[url] = (now, keys)
+            return keys
+
+
+class Callbacks:
+    def __init__(self, settings: Settings, store: Store, tokens: Tokens, key_sets: KeySets) -> None:
+        self.settings = settings
+        self.store = store
+        self.tokens = tokens
+        self.key_sets = key_sets
+
+    async def receive(self, request: Request) -> Response:
+        started = time.perf_counter()
+        provider_name = request.path_params["provider"]
+        result = "rejected"
+        try:
+            response, result = await self._receive(request, provider_name)
+        except ApiError as exc:
+            response = error_response(exc.status, exc.code, exc.message)
+            result = f"rejected_{exc.code}"
+        metrics.callback_seen(provider_name, result, time.perf_counter() - started)
+        return response
+
+    async def _receive(self, request: Request, provider_name: str) -> tuple[Response, str]:
+        raw = await read_capped(request, self.settings.max_callback_bytes)
+        task_id = self.tokens.task_of(request.path_params["token"])
+        provider = REGISTRY.get(provider_name)
+        if task_id is None or provider is None:
+            raise ApiError(401, "bad_token", "the callback token is not valid")
+        row = await self.store.task(task_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no such task")
+        if row["provider"] != provider_name:
+            raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
+        spec = task_spec(row)
+        provider_settings = self.settings.provider(provider_name)
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        try:
+            await self._verify(provider, headers, raw, spec, provider_settings)
+        except CallbackRejected as exc:
+            await self.store.add_event(task_id, "callback", False, f"signature refused: {exc}")
+            raise ApiError(401, "bad_signature", str(exc)) from None
+        try:
+            outcome = provider.parse_callback(raw)
+        except MalformedCallback as exc:
+            await self.store.add_event(task_id, "callback", True, f"unreadable body: {exc}")
+            raise ApiError(400, "malformed", str(exc)) from None
+        known = row["provider_task_id"]
+        if outcome.provider_task_id and known and outcome.provider_task_id != known:
+            await self.store.add_event(
+                task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"
+            )
+            raise ApiError(400, "wrong_task", "the callback is about another provider task")
+        change = await self.store.apply_outcome(task_id, outcome, "callback")
+        result = "accepted" if change else ("pending" if outcome.state == "pending" else "duplicate")
+        return JSONResponse({"code": 200, "msg": "success"}), result
+
+    async def _verify(
+        self, provider: Provider, headers: dict[str, str], raw: bytes, spec: Any, settings: Any
+    ) -> None:
+        url = provider.key_set_url(settings)
+        keys = await self.key_sets.get(url) if url else None
+        try:
+            provider.verify_callback(headers, raw, spec, Context(settings, keys=keys), time.time())
+        except CallbackRejected:
+            if not url:
+                raise
+            # Keys rotate: fetch the set again (at most once a minute) and try once more.
+            fresh = await self.key_sets.get(url, refresh=True)
+            if fresh is None or fresh == keys:
+                raise
+            provider.verify_callback(headers, raw, spec, Context(settings, keys=fresh), time.time())

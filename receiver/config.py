@@ -1,0 +1,248 @@
+"""Settings read once from the environment; one clear line for each mistake."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A bad setting. The message names the variable and is meant for one line on stderr."""
+
+
+@dataclass(frozen=True)
+class ProviderSettings:
+    """What the operator set for one provider; `api_key` None means the provider is not offered."""
+
+    api_key: str | None
+    base_url: str
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    public_url: str
+    secret_key: str
+    data_dir: Path
+    api_keys: Mapping[str, str]  # key -> tenant name
+    notify_secrets: tuple[str, ...]
+    allow_private_urls: bool
+    reconcile_after: float
+    task_deadline: float
+    max_image_bytes: int
+    link_ttl: int
+    providers: Mapping[str, ProviderSettings]
+    # Schedules. Tests shrink these; operators rarely need to.
+    submit_retries: int = 5
+    retry_base: float = 1.0
+    download_retry_delays: tuple[float, ...] = (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
+    reconcile_interval: float = 60.0
+    sandbox_delay: float = 1.0
+    http_timeout: float = 30.0
+    download_concurrency: int = 4
+    max_callback_bytes: int = 1024 * 1024
+    dev_api_key_created: bool = False
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "receiver.db"
+
+    @property
+    def media_dir(self) -> Path:
+        return self.data_dir / "media"
+
+    def provider(self, name: str) -> ProviderSettings:
+        return self.providers.get(name, ProviderSettings(api_key=None, base_url=""))
+
+
+# Each provider's variables: (key variable, base-url variable, default base URL, extra variables).
+PROVIDER_ENV: Mapping[str, tuple[str, str, str, tuple[str, ...]]] = {
+    "kie": ("KIE_API_KEY", "KIE_BASE_URL", "https://api.kie.ai", ("KIE_WEBHOOK_HMAC_KEY",)),
+    "kie-market": ("KIE_API_KEY", "KIE_BASE_URL", "https://api.kie.ai", ("KIE_WEBHOOK_HMAC_KEY",)),
+    "apimart": ("APIMART_API_KEY", "APIMART_BASE_URL", "https://api.apimart.ai", ()),
+    "apicore": (
+        "APICORE_API_KEY",
+        "APICORE_BASE_URL",
+        "https://api.apicore.ai",
+        ("APICORE_REQUIRE_SIGNATURE",),
+    ),
+    "fal": ("FAL_KEY", "FAL_QUEUE_URL", "https://queue.fal.run", ("FAL_JWKS_URL",)),
+}
+FAL_JWKS_DEFAULT = "https://rest.fal.ai/.well-known/jwks.json"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if value < minimum or value != value or value in (float("inf"), float("-inf")):
+        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    return value
+
+
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _url(name: str, raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+def _api_keys(raw: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, key = item.partition(":")
+        if not sep or not name.strip() or len(key.strip()) < 16:
+            raise ConfigError(
+                "RECEIVER_API_KEYS must be name:key pairs separated by commas, keys of 16+ characters"
+            )
+        if key.strip() in keys:
+            raise ConfigError("RECEIVER_API_KEYS lists the same key twice")
+        keys[key.strip()] = name.strip()
+    if not keys:
+        raise ConfigError("RECEIVER_API_KEYS is set but names no key")
+    return keys
+
+
+def _kept_secret(data_dir: Path, filename: str, make: str) -> str:
+    """A secret generated on first start and kept in the data dir, readable by the owner only."""
+    path = data_dir / filename
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        value = ""
+    if value:
+        return value
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(make + "\n")
+    return make
+
+
+def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be comma-separated seconds, got {raw!r}") from None
+    if any(v < 0 for v in values):
+        raise ConfigError(f"{name} must not contain negative delays")
+    return values
+
+
+def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
+    """Read every setting; create the data dir and the kept secrets. Raises ConfigError on a bad value."""
+    data_dir = Path(env.get("RECEIVER_DATA_DIR") or "./data").resolve()
+    try:
+        (data_dir / "media").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"RECEIVER_DATA_DIR {str(data_dir)!r} cannot be created: {exc.strerror}") from None
+    if not os.access(data_dir, os.W_OK):
+        raise ConfigError(f"RECEIVER_DATA_DIR {str(data_dir)!r} is not writable")
+
+    public_url = _url("RECEIVER_PUBLIC_URL", env.get("RECEIVER_PUBLIC_URL") or f"http://{host}:{port}")
+
+    secret_key = env.get("RECEIVER_SECRET_KEY") or ""
+    if secret_key and len(secret_key) < 32:
+        raise ConfigError("RECEIVER_SECRET_KEY must be at least 32 characters")
+    if not secret_key:
+        secret_key = _kept_secret(data_dir, "secret_key", secrets.token_urlsafe(48))
+
+    dev_key_created = False
+    if env.get("RECEIVER_API_KEYS"):
+        api_keys = _api_keys(env["RECEIVER_API_KEYS"])
+    else:
+        dev_key = _kept_secret(data_dir, "dev_api_key", "dev_" + secrets.token_urlsafe(24))
+        api_keys = {dev_key: "dev"}
+        dev_key_created = True
+
+    notify_raw = env.get("RECEIVER_NOTIFY_SECRET") or ""
+    if not notify_raw:
+        notify_raw = _kept_secret(
+            data_dir, "notify_secret", "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+        )
+    notify_secrets = tuple(notify_raw.split())
+    for secret in notify_secrets:
+        if not secret.startswith("whsec_"):
+            raise ConfigError("RECEIVER_NOTIFY_SECRET must hold whsec_… secrets separated by spaces")
+
+    providers: dict[str, ProviderSettings] = {}
+    for name, (key_var, base_var, base_default, extras) in PROVIDER_ENV.items():
+        base = _url(base_var, env.get(base_var) or base_default)
+        extra = {var: env[var] for var in extras if env.get(var)}
+        if name == "fal":
+            extra["FAL_JWKS_URL"] = _url("FAL_JWKS_URL", env.get("FAL_JWKS_URL") or FAL_JWKS_DEFAULT)
+        if name == "apicore":
+            extra["APICORE_REQUIRE_SIGNATURE"] = "1" if _flag(env, "APICORE_REQUIRE_SIGNATURE") else "0"
+        providers[name] = ProviderSettings(api_key=env.get(key_var) or None, base_url=base, extra=extra)
+
+    # The built-in sandbox is always offered; it lives under our own URL, keyed by our own secret.
+    sandbox_key = hmac.new(secret_key.encode(), b"receiver.sandbox", hashlib.sha256).hexdigest()
+    providers["sandbox"] = ProviderSettings(api_key=sandbox_key, base_url=public_url)
+
+    reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0)
+    task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0)
+    return Settings(
+        host=host,
+        port=port,
+        public_url=public_url,
+        secret_key=secret_key,
+        data_dir=data_dir,
+        api_keys=api_keys,
+        notify_secrets=notify_secrets,
+        allow_private_urls=_flag(env, "RECEIVER_ALLOW_PRIVATE_URLS"),
+        reconcile_after=reconcile_after,
+        task_deadline=task_deadline,
+        max_image_bytes=_integer(env, "RECEIVER_MAX_IMAGE_BYTES", 52_428_800, minimum=1024),
+        link_ttl=_integer(env, "RECEIVER_LINK_TTL", 604_800, minimum=1),
+        providers=providers,
+        submit_retries=_integer(env, "RECEIVER_SUBMIT_RETRIES", 5),
+        retry_base=_number(env, "RECEIVER_RETRY_BASE", 1.0),
+        download_retry_delays=_delays(
+            env, "RECEIVER_DOWNLOAD_RETRY_DELAYS", (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
+        ),
+        reconcile_interval=_number(env, "RECEIVER_RECONCILE_INTERVAL", 60.0, minimum=0.01),
+        sandbox_delay=_number(env, "RECEIVER_SANDBOX_DELAY", 1.0),
+        http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1),
+        download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1),
+        dev_api_key_created=dev_key_created,
+    )

@@ -1,0 +1,218 @@
+"""Safe fetching of URLs that come from outside: an address guard, a size cap, real images only.
+
+The guard sits in the connection layer, so it sees the address actually connected to, for the first
+request and for every redirect: the host is resolved here, every address it resolves to must be public,
+and the connection goes to the address that was checked (TLS still verifies the host name).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import secrets
+import socket
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import anyio
+import httpcore
+import httpx
+
+from receiver import imageinfo
+
+
+class AddressRefused(Exception):
+    """A URL that leads to a loopback, private, link-local or otherwise non-public address."""
+
+
+class DownloadError(Exception):
+    def __init__(self, reason: str, *, permanent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.permanent = permanent
+
+
+def is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def resolve_public(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to, or AddressRefused if any of them is not public."""
+    try:
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AddressRefused(f"{host} does not resolve ({exc.strerror or exc})") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        if not is_public(address):
+            raise AddressRefused(f"{host} resolves to the non-public address {address}")
+    return addresses
+
+
+async def check_url(url: str, allow_private: bool) -> str | None:
+    """Why `url` may not be fetched or posted to, or None when it may."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http or https URL"
+    if allow_private:
+        return None
+    try:
+        await resolve_public(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except AddressRefused as exc:
+        return str(exc)
+    return None
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await resolve_public(host, port)
+        stream = await self._inner.connect_tcp(
+            addresses[0], port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
+        peer = stream.get_extra_info("server_addr")
+        if peer is not None and not is_public(str(peer[0])):
+            await stream.aclose()
+            raise AddressRefused(f"{host} connected to the non-public address {peer[0]}")
+        return stream
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise AddressRefused("unix sockets are never fetched")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def outside_client(*, allow_private: bool, timeout: float, max_connections: int = 32) -> httpx.AsyncClient:
+    """An httpx client for URLs that come from outside; guarded unless private URLs are allowed."""
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
+    if not allow_private:
+        # httpx builds its pool without a way to pass a network backend; rebuild it with ours.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl.create_default_context(),
+            max_connections=max_connections,
+            network_backend=GuardedBackend(),
+        )
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        follow_redirects=True,
+        max_redirects=5,
+        headers={"User-Agent": "receiver/0.1"},
+    )
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: Path
+    content_type: str
+    size: int
+    sha256: str
+    width: int | None
+    height: int | None
+
+
+TRANSIENT_STATUSES = frozenset({408, 425, 429})
+
+
+async def fetch_image(client: httpx.AsyncClient, url: str, dest: Path, max_bytes: int) -> StoredFile:
+    """Stream `url` into a temp file beside `dest` (sans extension), check it, then rename it into place."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise DownloadError("the image link is not an http or https URL", permanent=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    try:
+        async with client.stream("GET", url) as response:
+            status = response.status_code
+            if status in TRANSIENT_STATUSES or status >= 500:
+                raise DownloadError(f"HTTP {status} from the image host", permanent=False)
+            if status >= 300:
+                raise DownloadError(f"HTTP {status} from the image host", permanent=True)
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise DownloadError(
+                    f"the image is {declared} bytes, over the {max_bytes}-byte cap", permanent=True
+                )
+            stored = await _write_stream(response, temp, max_bytes)
+    except AddressRefused as exc:
+        _discard(temp)
+        raise DownloadError(f"refused: {exc}", permanent=True) from None
+    except httpx.TooManyRedirects:
+        _discard(temp)
+        raise DownloadError("too many redirects", permanent=True) from None
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        _discard(temp)
+        raise DownloadError(f"{type(exc).__name__}: {exc or 'network error'}", permanent=False) from None
+    except BaseException:
+        _discard(temp)
+        raise
+    final = dest.with_suffix("." + imageinfo.EXTENSIONS[stored.content_type])
+    os.replace(temp, final)
+    return StoredFile(final, stored.content_type, stored.size, stored.sha256, stored.width, stored.height)
+
+
+async def _write_stream(response: httpx.Response, temp: Path, max_bytes: int) -> StoredFile:
+    digest = hashlib.sha256()
+    size = 0
+    content_type: str | None = None
+    head = b""
+    with open(temp, "wb") as handle:  # noqa: ASYNC230 - buffered writes of network-sized chunks
+        async for chunk in response.aiter_bytes(65536):
+            size += len(chunk)
+            if size > max_bytes:
+                raise DownloadError(f"the image is over the {max_bytes}-byte cap", permanent=True)
+            if content_type is None:
+                head += chunk[: imageinfo.SNIFF_BYTES]
+                if len(head) >= imageinfo.SNIFF_BYTES:
+                    content_type = imageinfo.sniff(head)
+                    if content_type is None:
+                        raise DownloadError("the link did not give a PNG, JPEG or WebP image", permanent=True)
+            digest.update(chunk)
+            handle.write(chunk)
+        if content_type is None:
+            content_type = imageinfo.sniff(head)
+            if content_type is None:
+                raise DownloadError("the link did not give a PNG, JPEG or WebP image", permanent=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    with open(temp, "rb") as reader:  # noqa: ASYNC230 - reads a few header bytes
+        size_pair = imageinfo.dimensions(reader, content_type)
+    width, height = size_pair if size_pair else (None, None)
+    return StoredFile(temp, content_type, size, digest.hexdigest(), width, height)
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def clean_partial_files(media: Path) -> int:
+    """Remove temp files a killed process left behind; their jobs fetch them again."""
+    removed = 0
+    for part in media.rglob(".*.part"):
+        _discard(part)
+        removed += 1
+    return removed

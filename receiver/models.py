@@ -1,0 +1,166 @@
+"""The vocabulary shared by the shell and the providers: statuses, errors, outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    DOWNLOADING = "downloading"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.SUCCEEDED, Status.FAILED)
+
+    def may_become(self, new: Status) -> bool:
+        """State moves forward only; an ended task never changes again."""
+        return not self.terminal and new.rank > self.rank
+
+
+_RANK = {
+    Status.QUEUED: 0,
+    Status.SUBMITTED: 1,
+    Status.DOWNLOADING: 2,
+    Status.SUCCEEDED: 3,
+    Status.FAILED: 3,
+}
+
+
+class ErrorCode(StrEnum):
+    PROVIDER_REJECTED = "provider_rejected"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    GENERATION_FAILED = "generation_failed"
+    CONTENT_MODERATED = "content_moderated"
+    DOWNLOAD_FAILED = "download_failed"
+    TIMED_OUT = "timed_out"
+
+
+@dataclass(frozen=True)
+class TaskError:
+    code: ErrorCode
+    message: str
+    provider_code: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"code": str(self.code), "message": self.message, "provider_code": self.provider_code}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a callback or a status answer says about a task, in the provider's terms normalised.
+
+    `pending` changes nothing; `succeeded` carries the result links in order; `failed` carries the error.
+    """
+
+    state: Literal["pending", "succeeded", "failed"]
+    provider_task_id: str | None = None
+    image_urls: tuple[str, ...] = ()
+    error: TaskError | None = None
+    detail: str = ""
+
+    @classmethod
+    def pending(cls, provider_task_id: str | None, detail: str = "") -> Outcome:
+        return cls("pending", provider_task_id, detail=detail)
+
+    @classmethod
+    def succeeded(cls, provider_task_id: str | None, urls: tuple[str, ...], detail: str = "") -> Outcome:
+        if not urls:
+            return cls.failed(
+                provider_task_id,
+                TaskError(ErrorCode.GENERATION_FAILED, "the provider reported success but sent no image"),
+                detail,
+            )
+        return cls("succeeded", provider_task_id, image_urls=urls, detail=detail)
+
+    @classmethod
+    def failed(cls, provider_task_id: str | None, error: TaskError, detail: str = "") -> Outcome:
+        return cls("failed", provider_task_id, error=error, detail=detail)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A provider's answer to a submit: its task id, what to keep for later, or the result itself."""
+
+    provider_task_id: str | None
+    state: Mapping[str, str] = field(default_factory=dict)
+    outcome: Outcome | None = None
+
+
+class ProviderRejected(Exception):
+    """The provider refused the request for good (auth, credits, validation)."""
+
+    def __init__(self, message: str, provider_code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider_code = provider_code
+
+
+class ProviderUnavailable(Exception):
+    """A failure worth retrying later (network, 429, 5xx, maintenance)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class CallbackRejected(Exception):
+    """A callback whose signature is missing, stale or wrong: answered 401, changes nothing."""
+
+
+class MalformedCallback(Exception):
+    """A verified callback whose body is not the provider's JSON: answered 400, changes nothing."""
+
+
+# Optional request fields a provider may honour; the shell rejects the others with a 422.
+OPTIONAL_FIELDS = (
+    "model",
+    "images",
+    "aspect_ratio",
+    "output_format",
+    "seed",
+    "safety_tolerance",
+    "prompt_upsampling",
+    "resolution",
+    "num_images",
+    "options",
+)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """A create request after type checks; `params` holds only the optional fields that were given."""
+
+    provider: str
+    prompt: str
+    model: str | None
+    images: tuple[str, ...]
+    params: Mapping[str, Any]
+    options: Mapping[str, Any]
+    notify_url: str | None
+    metadata: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a provider sees of a task when it spells a request."""
+
+    id: str
+    model: str
+    prompt: str
+    images: tuple[str, ...]  # URLs, or data URIs for providers that take images inline
+    params: Mapping[str, Any]
+    options: Mapping[str, Any]
+    provider_task_id: str | None
+    state: Mapping[str, str]

@@ -1,0 +1,145 @@
+"""The seam every provider fills: a pure translator between our tasks and its wire format.
+
+A provider module does no I/O. It spells requests as `httpx.Request` objects, reads `httpx.Response`
+objects and raw callback bytes, and answers in the shared vocabulary of `receiver.models`. The shell
+sends, stores and retries.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+
+from receiver.config import ProviderSettings
+from receiver.models import (
+    MalformedCallback,
+    Outcome,
+    ProviderRejected,
+    ProviderUnavailable,
+    Submission,
+    TaskRequest,
+    TaskSpec,
+)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the shell hands a provider: its settings, our callback URL and, if it asked, its key set."""
+
+    settings: ProviderSettings
+    callback_url: str = ""
+    keys: Any = None
+
+
+class Provider:
+    """Defaults for every provider; a provider module overrides what its API spells differently."""
+
+    name: ClassVar[str]
+    key_variable: ClassVar[str | None] = None  # the env variable that must be set to offer it
+    models: ClassVar[tuple[str, ...]] = ()
+    default_model: ClassVar[str] = ""
+    accepts_any_model: ClassVar[bool] = False
+    fields: ClassVar[frozenset[str]] = frozenset()  # optional request fields it honours
+    max_images: ClassVar[int] = 1
+    min_images: ClassVar[int] = 0
+    inline_images: ClassVar[bool] = False  # True: data URIs are sent inline, not as signed links
+    early_download: ClassVar[bool] = False  # True: its result links die fast, fetch them before others
+
+    def validate(self, request: TaskRequest) -> dict[str, str]:
+        """Field errors for values this provider cannot take; the shell already checked types."""
+        return {}
+
+    def new_state(self) -> dict[str, str]:
+        """Per-task values generated once at creation and kept secret (e.g. a webhook secret)."""
+        return {}
+
+    def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
+        raise NotImplementedError  # every provider defines it
+
+    def parse_submit(self, response: httpx.Response) -> Submission:
+        raise NotImplementedError  # every provider defines it
+
+    def key_set_url(self, settings: ProviderSettings) -> str | None:
+        """A URL of public keys the shell fetches and caches for `verify_callback`, if any."""
+        return None
+
+    def verify_callback(
+        self, headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float
+    ) -> None:
+        """Raise CallbackRejected unless the provider's own signature (if it has one) verifies."""
+
+    def parse_callback(self, raw: bytes) -> Outcome:
+        raise NotImplementedError  # every provider defines it
+
+    def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        """The status query reconcile sends, or None when there is nothing to ask yet."""
+        return None
+
+    def parse_status(self, response: httpx.Response) -> Outcome:
+        raise NotImplementedError  # every provider with build_status defines it
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    """Parse a JSON object or raise MalformedCallback; big integers stay exact (Python ints)."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedCallback(f"body is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise MalformedCallback("body is not a JSON object")
+    return value
+
+
+def response_json(response: httpx.Response) -> dict[str, Any]:
+    """A provider answer's JSON object; anything else from a 2xx is treated as a passing fault."""
+    try:
+        return json_object(response.content)
+    except MalformedCallback as exc:
+        raise ProviderUnavailable(f"HTTP {response.status_code}, {exc}") from None
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def raise_for_http_status(response: httpx.Response, message: str) -> None:
+    """The HTTP-level rule shared by every provider: 408/429/5xx retry, other 4xx reject for good."""
+    status = response.status_code
+    if status < 400:
+        return
+    if status in (408, 425, 429) or status >= 500:
+        raise ProviderUnavailable(f"HTTP {status}: {message}", retry_after(response))
+    raise ProviderRejected(f"HTTP {status}: {message}", str(status))
+
+
+def mapping(value: Any) -> Mapping[str, Any]:
+    """`value` if it is a JSON object, else an empty one: providers omit or null their nested objects."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+__all__ = [
+    "Context",
+    "Provider",
+    "ProviderRejected",
+    "ProviderUnavailable",
+    "json_object",
+    "mapping",
+    "raise_for_http_status",
+    "response_json",
+    "retry_after",
+    "text",
+]

@@ -1,0 +1,220 @@
+"""kie.ai Flux Kontext API (providers.md §1) and the account-wide HMAC kie signs callbacks with (§2.5)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from receiver.models import (
+    CallbackRejected,
+    ErrorCode,
+    MalformedCallback,
+    Outcome,
+    ProviderRejected,
+    ProviderUnavailable,
+    Submission,
+    TaskError,
+    TaskRequest,
+    TaskSpec,
+)
+from receiver.providers.base import (
+    Context,
+    Provider,
+    json_object,
+    mapping,
+    raise_for_http_status,
+    response_json,
+    text,
+)
+
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
+SIGNATURE_TOLERANCE = 300
+# kie answers HTTP 200 and puts the real status in the body's `code` (§1.2).
+TRANSIENT_CODES = frozenset({408, 429, 455, 500, 502, 503, 504})
+
+
+def kie_task_id(body: Mapping[str, Any]) -> str | None:
+    """kie spells the id three ways across its pages: data.taskId, data.task_id, a top-level taskId."""
+    data = body.get("data")
+    if isinstance(data, Mapping):
+        for key in ("taskId", "task_id"):
+            if data.get(key):
+                return str(data[key])
+    for key in ("taskId", "task_id"):
+        if body.get(key):
+            return str(body[key])
+    return None
+
+
+def check_kie_code(body: Mapping[str, Any]) -> None:
+    """Turn a body-level error code into the shared exceptions; code 200 passes."""
+    code = body.get("code")
+    if code == 200:
+        return
+    message = text(body.get("msg")) or "no message"
+    if isinstance(code, int) and code in TRANSIENT_CODES:
+        raise ProviderUnavailable(f"kie code {code}: {message}")
+    raise ProviderRejected(message, text(code) or None)
+
+
+def parse_kie_submit(response: httpx.Response) -> Submission:
+    raise_for_http_status(response, response.text[:200])
+    body = response_json(response)
+    check_kie_code(body)
+    task_id = kie_task_id(body)
+    if not task_id:
+        raise ProviderRejected("kie accepted the task but sent no taskId")
+    return Submission(provider_task_id=task_id)
+
+
+def verify_kie_hmac(headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float) -> None:
+    """X-Webhook-Signature = base64(HMAC-SHA256(key, taskId + "." + timestamp))."""
+    key = ctx.settings.extra.get("KIE_WEBHOOK_HMAC_KEY")
+    if not key:
+        return
+    timestamp = headers.get("x-webhook-timestamp", "").strip()
+    signature = headers.get("x-webhook-signature", "").strip()
+    if not timestamp or not signature:
+        raise CallbackRejected("missing X-Webhook-Signature or X-Webhook-Timestamp")
+    try:
+        sent_at = int(timestamp)
+    except ValueError:
+        raise CallbackRejected("X-Webhook-Timestamp is not a number") from None
+    if abs(now - sent_at) > SIGNATURE_TOLERANCE:
+        raise CallbackRejected("X-Webhook-Timestamp is outside the accepted window")
+    try:
+        signed_id = kie_task_id(json_object(raw))
+    except MalformedCallback:
+        signed_id = None
+    if not signed_id:
+        raise CallbackRejected("the body names no task id for the signature to cover")
+    if task.provider_task_id and signed_id != task.provider_task_id:
+        raise CallbackRejected("the signed task id is not this task's")
+    digest = hmac.new(key.encode(), f"{signed_id}.{timestamp}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(base64.b64encode(digest), signature.encode()):
+        raise CallbackRejected("X-Webhook-Signature does not match")
+
+
+def failure_code(code: Any) -> ErrorCode:
+    return ErrorCode.CONTENT_MODERATED if text(code) == "400" else ErrorCode.GENERATION_FAILED
+
+
+class Kie(Provider):
+    name = "kie"
+    key_variable = "KIE_API_KEY"
+    models = ("flux-kontext-pro", "flux-kontext-max")
+    default_model = "flux-kontext-pro"
+    fields = frozenset(
+        {
+            "model",
+            "images",
+            "aspect_ratio",
+            "output_format",
+            "safety_tolerance",
+            "prompt_upsampling",
+            "num_images",
+            "options",
+        }
+    )
+    max_images = 1
+
+    def validate(self, request: TaskRequest) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        params = request.params
+        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
+            errors["aspect_ratio"] = f"kie takes one of {', '.join(ASPECT_RATIOS)}"
+        if "output_format" in params and params["output_format"] not in ("jpeg", "png"):
+            errors["output_format"] = "kie takes jpeg or png"
+        if "safety_tolerance" in params:
+            top = 2 if request.images else 6
+            if not 0 <= params["safety_tolerance"] <= top:
+                errors["safety_tolerance"] = (
+                    f"kie takes 0 to {top} {'when editing' if request.images else ''}"
+                )
+        if params.get("num_images", 1) != 1:
+            errors["num_images"] = "kie makes one image per task"
+        return errors
+
+    def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
+        body: dict[str, Any] = {**task.options, "prompt": task.prompt, "model": task.model}
+        spelled = {
+            "aspect_ratio": "aspectRatio",
+            "output_format": "outputFormat",
+            "prompt_upsampling": "promptUpsampling",
+            "safety_tolerance": "safetyTolerance",
+        }
+        for ours, theirs in spelled.items():
+            if ours in task.params:
+                body[theirs] = task.params[ours]
+        if task.images:
+            body["inputImage"] = task.images[0]
+        body["callBackUrl"] = ctx.callback_url
+        return httpx.Request(
+            "POST",
+            f"{ctx.settings.base_url}/api/v1/flux/kontext/generate",
+            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+            json=body,
+        )
+
+    def parse_submit(self, response: httpx.Response) -> Submission:
+        return parse_kie_submit(response)
+
+    def verify_callback(
+        self, headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float
+    ) -> None:
+        verify_kie_hmac(headers, raw, task, ctx, now)
+
+    def parse_callback(self, raw: bytes) -> Outcome:
+        body = json_object(raw)
+        if "code" not in body:
+            raise MalformedCallback("no code in the callback")
+        code = body.get("code")
+        task_id = kie_task_id(body)
+        data = mapping(body.get("data"))
+        info = mapping(data.get("info"))
+        message = text(body.get("msg"))
+        if code == 200:
+            url = text(info.get("resultImageUrl"))
+            return Outcome.succeeded(task_id, (url,) if url else (), detail=f"code 200: {message}")
+        error = TaskError(failure_code(code), message or "kie reported a failure", text(code))
+        return Outcome.failed(task_id, error, detail=f"code {code}: {message}")
+
+    def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        if not task.provider_task_id:
+            return None
+        return httpx.Request(
+            "GET",
+            f"{ctx.settings.base_url}/api/v1/flux/kontext/record-info",
+            params={"taskId": task.provider_task_id},
+            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+        )
+
+    def parse_status(self, response: httpx.Response) -> Outcome:
+        raise_for_http_status(response, response.text[:200])
+        body = response_json(response)
+        try:
+            check_kie_code(body)
+        except ProviderRejected as exc:
+            raise ProviderUnavailable(f"record-info refused: {exc.message}") from None
+        data = mapping(body.get("data"))
+        task_id = kie_task_id(body)
+        flag = data.get("successFlag")
+        detail = f"successFlag {flag}"
+        if flag == 1:
+            result = mapping(data.get("response"))
+            url = text(result.get("resultImageUrl"))
+            return Outcome.succeeded(task_id, (url,) if url else (), detail)
+        if flag in (2, 3):
+            message = text(data.get("errorMessage")) or (
+                "kie could not create the task" if flag == 2 else "kie could not generate the image"
+            )
+            code = ErrorCode.PROVIDER_REJECTED if flag == 2 else failure_code(data.get("errorCode"))
+            return Outcome.failed(
+                task_id, TaskError(code, message, text(data.get("errorCode")) or None), detail
+            )
+        return Outcome.pending(task_id, detail)

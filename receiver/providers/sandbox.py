@@ -1,0 +1,133 @@
+"""The built-in sandbox (served by `receiver.sandbox_service`), spoken to like any real provider.
+
+Wire format, ours: POST {base}/sandbox/v1/generate {prompt, seed, aspect_ratio, num_images, image_url,
+callback_url, outcome, delay} → {"id"}; the callback and GET {base}/sandbox/v1/tasks/{id} both carry
+{"id", "status": "running"|"succeeded"|"failed", "images": [url…], "error": {"code", "message"}}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import httpx
+
+from receiver.models import (
+    ErrorCode,
+    MalformedCallback,
+    Outcome,
+    ProviderRejected,
+    Submission,
+    TaskError,
+    TaskRequest,
+    TaskSpec,
+)
+from receiver.providers.base import (
+    Context,
+    Provider,
+    json_object,
+    mapping,
+    raise_for_http_status,
+    response_json,
+    text,
+)
+
+RATIO = re.compile(r"^(\d{1,2}):(\d{1,2})$")
+OUTCOMES = ("succeeded", "generation_failed", "content_moderated", "no_callback")
+
+
+def parse_ratio(value: str) -> tuple[int, int] | None:
+    match = RATIO.match(value)
+    if not match:
+        return None
+    width, height = int(match.group(1)), int(match.group(2))
+    if width < 1 or height < 1 or not 0.25 <= width / height <= 4:
+        return None
+    return width, height
+
+
+class Sandbox(Provider):
+    name = "sandbox"
+    models = ("sandbox",)
+    default_model = "sandbox"
+    fields = frozenset({"model", "images", "aspect_ratio", "output_format", "seed", "num_images", "options"})
+    max_images = 1
+
+    def validate(self, request: TaskRequest) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        params = request.params
+        if "aspect_ratio" in params and parse_ratio(params["aspect_ratio"]) is None:
+            errors["aspect_ratio"] = "the sandbox takes W:H between 1:4 and 4:1, e.g. 16:9"
+        if params.get("output_format", "png") != "png":
+            errors["output_format"] = "the sandbox makes png only"
+        if not 1 <= params.get("num_images", 1) <= 4:
+            errors["num_images"] = "the sandbox makes 1 to 4 images"
+        outcome = request.options.get("outcome", "succeeded")
+        if outcome not in OUTCOMES:
+            errors["options"] = f"options.outcome must be one of {', '.join(OUTCOMES)}"
+        delay = request.options.get("delay", 0)
+        if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 600:
+            errors["options"] = "options.delay must be 0 to 600 seconds"
+        return errors
+
+    def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
+        body: dict[str, Any] = {
+            "prompt": task.prompt,
+            "seed": task.params.get("seed", 0),
+            "aspect_ratio": task.params.get("aspect_ratio", "1:1"),
+            "num_images": task.params.get("num_images", 1),
+            "image_url": task.images[0] if task.images else None,
+            "callback_url": ctx.callback_url,
+            "outcome": task.options.get("outcome", "succeeded"),
+            "delay": task.options.get("delay"),
+        }
+        return httpx.Request(
+            "POST",
+            f"{ctx.settings.base_url}/sandbox/v1/generate",
+            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+            json=body,
+        )
+
+    def parse_submit(self, response: httpx.Response) -> Submission:
+        raise_for_http_status(response, response.text[:200])
+        body = response_json(response)
+        if not body.get("id"):
+            raise ProviderRejected("the sandbox sent no id")
+        return Submission(provider_task_id=str(body["id"]))
+
+    def parse_callback(self, raw: bytes) -> Outcome:
+        return self._outcome(json_object(raw))
+
+    def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        if not task.provider_task_id:
+            return None
+        return httpx.Request(
+            "GET",
+            f"{ctx.settings.base_url}/sandbox/v1/tasks/{task.provider_task_id}",
+            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+        )
+
+    def parse_status(self, response: httpx.Response) -> Outcome:
+        raise_for_http_status(response, response.text[:200])
+        return self._outcome(response_json(response))
+
+    def _outcome(self, body: dict[str, Any]) -> Outcome:
+        task_id = text(body.get("id")) or None
+        status = body.get("status")
+        images = body.get("images")
+        if status == "succeeded" and isinstance(images, list):
+            return Outcome.succeeded(task_id, tuple(str(url) for url in images), "succeeded")
+        if status == "failed":
+            error = mapping(body.get("error"))
+            code = (
+                ErrorCode.CONTENT_MODERATED
+                if error.get("code") == "content_moderated"
+                else (ErrorCode.GENERATION_FAILED)
+            )
+            message = text(error.get("message")) or "the sandbox failed the task"
+            return Outcome.failed(
+                task_id, TaskError(code, message, text(error.get("code")) or None), "failed"
+            )
+        if status == "running":
+            return Outcome.pending(task_id, "running")
+        raise MalformedCallback(f"unknown sandbox status {status!r}")

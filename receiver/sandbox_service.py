@@ -1,0 +1,189 @@
+"""The sandbox provider's far side, served by this app under /sandbox: it makes a real PNG locally and
+calls our own callback URL over HTTP, so the whole path runs with no key and no network."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from receiver.providers.sandbox import parse_ratio
+
+log = logging.getLogger("receiver.sandbox")
+ID = re.compile(r"^sbx_[0-9a-f]{24}$")
+FILE = re.compile(r"^sbx_[0-9a-f]{24}-[0-3]\.png$")
+LONG_SIDE = 768
+
+
+def render_png(prompt: str, seed: int, index: int, width: int, height: int) -> bytes:
+    """A deterministic gradient picture: the same prompt, seed and index always give the same bytes."""
+    key = hashlib.sha256(f"{prompt}\x00{seed}\x00{index}".encode()).digest()
+    red, green, blue, step = key[0], key[1], key[2], 1 + key[3] % 3
+    row = bytearray()
+    for x in range(width):
+        shade = x * 255 // max(1, width - 1)
+        row += bytes(((red + shade) % 256, (green + shade // 2) % 256, (blue + 255 - shade) % 256))
+    base = bytes(row)
+    raw = bytearray()
+    for y in range(height):
+        shift = (y * step) % 256
+        table = bytes((value + shift) % 256 for value in range(256))
+        raw += b"\x00" + base.translate(table)
+    return _png_bytes(width, height, bytes(raw))
+
+
+def _png_bytes(width: int, height: int, raw: bytes) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def image_size(aspect_ratio: str) -> tuple[int, int]:
+    ratio = parse_ratio(aspect_ratio) or (1, 1)
+    if ratio[0] >= ratio[1]:
+        return LONG_SIDE, max(16, LONG_SIDE * ratio[1] // ratio[0])
+    return max(16, LONG_SIDE * ratio[0] // ratio[1]), LONG_SIDE
+
+
+class SandboxService:
+    def __init__(self, directory: Path, public_url: str, api_key: str, default_delay: float) -> None:
+        self.directory = directory
+        self.public_url = public_url
+        self.api_key = api_key
+        self.default_delay = default_delay
+        self._running: set[asyncio.Task[None]] = set()
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/sandbox/v1/generate", self.generate, methods=["POST"]),
+            Route("/sandbox/v1/tasks/{id}", self.status, methods=["GET"]),
+            Route("/sandbox/files/{name}", self.file, methods=["GET"]),
+        ]
+
+    async def close(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _authorized(self, request: Request) -> bool:
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        return hmac.compare_digest(given, self.api_key.encode())
+
+    async def generate(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return JSONResponse({"error": "bad sandbox key"}, status_code=401)
+        body = await request.json()
+        callback_url = str(body.get("callback_url") or "")
+        # Only our own callback URLs: the sandbox must never post anywhere else.
+        if not callback_url.startswith(f"{self.public_url}/callbacks/"):
+            return JSONResponse({"error": "callback_url must be this service's own"}, status_code=422)
+        task_id = f"sbx_{secrets.token_hex(12)}"
+        delay = body.get("delay")
+        job = {
+            "id": task_id,
+            "prompt": str(body.get("prompt", "")),
+            "seed": int(body.get("seed") or 0),
+            "aspect_ratio": str(body.get("aspect_ratio") or "1:1"),
+            "num_images": int(body.get("num_images") or 1),
+            "outcome": str(body.get("outcome") or "succeeded"),
+            "ready_at": time.time() + (self.default_delay if delay is None else float(delay)),
+            "callback_url": callback_url,
+        }
+        self._save(task_id, job)
+        task = asyncio.create_task(self._finish_later(job))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return JSONResponse({"id": task_id})
+
+    async def status(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return JSONResponse({"error": "bad sandbox key"}, status_code=401)
+        task_id = request.path_params["id"]
+        job = self._load(task_id) if ID.match(task_id) else None
+        if job is None:
+            return JSONResponse({"error": "no such task"}, status_code=404)
+        return JSONResponse(self._result(job))
+
+    async def file(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        path = self.directory / name
+        if not FILE.match(name) or not path.exists():
+            return JSONResponse({"error": "no such file"}, status_code=404)
+        return FileResponse(path, media_type="image/png")
+
+    async def _finish_later(self, job: dict[str, Any]) -> None:
+        await asyncio.sleep(max(0.0, job["ready_at"] - time.time()))
+        if job["outcome"] == "no_callback":
+            return
+        payload = json.dumps(self._result(job)).encode()
+        async with httpx.AsyncClient(timeout=10.0) as client:
+            for attempt in range(3):
+                try:
+                    response = await client.post(
+                        job["callback_url"], content=payload, headers={"Content-Type": "application/json"}
+                    )
+                    if response.status_code < 500:
+                        return
+                except httpx.HTTPError as exc:
+                    log.warning("sandbox callback failed: %s", type(exc).__name__)
+                await asyncio.sleep(0.5 * (attempt + 1))
+
+    def _result(self, job: dict[str, Any]) -> dict[str, Any]:
+        """The task as the sandbox reports it; images are made on first need, so a restart loses nothing."""
+        if time.time() < job["ready_at"]:
+            return {"id": job["id"], "status": "running"}
+        if job["outcome"] in ("generation_failed", "content_moderated"):
+            message = (
+                "the sandbox was asked to fail this task"
+                if job["outcome"] == "generation_failed"
+                else ("the sandbox was asked to moderate this task")
+            )
+            return {
+                "id": job["id"],
+                "status": "failed",
+                "error": {"code": job["outcome"], "message": message},
+            }
+        urls = []
+        width, height = image_size(job["aspect_ratio"])
+        for index in range(job["num_images"]):
+            name = f"{job['id']}-{index}.png"
+            path = self.directory / name
+            if not path.exists():
+                temp = path.with_suffix(".part")
+                temp.write_bytes(render_png(job["prompt"], job["seed"], index, width, height))
+                os.replace(temp, path)
+            urls.append(f"{self.public_url}/sandbox/files/{name}")
+        return {"id": job["id"], "status": "succeeded", "images": urls}
+
+    def _save(self, task_id: str, job: dict[str, Any]) -> None:
+        (self.directory / f"{task_id}.json").write_text(json.dumps(job))
+
+    def _load(self, task_id: str) -> dict[str, Any] | None:
+        try:
+            loaded: dict[str, Any] = json.loads((self.directory / f"{task_id}.json").read_text())
+        except FileNotFoundError:
+            return None
+        return loaded

@@ -1,0 +1,617 @@
+"""Every SQL statement: schema, migrations, and one transaction per state change.
+
+Writes funnel through one writer thread that owns the write connection. Operations that arrive while a
+batch is committing form the next batch: one `BEGIN IMMEDIATE … COMMIT` (one fsync) for all of them,
+each inside its own savepoint so one failing operation does not undo its neighbours (group commit).
+Reads run beside it on an aiosqlite connection; WAL lets them see every committed batch at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from receiver.models import ErrorCode, Outcome, Status, Submission, TaskError
+
+T = TypeVar("T")
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        request TEXT NOT NULL,
+        provider_state TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL,
+        provider_task_id TEXT,
+        error TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        notify_url TEXT,
+        idempotency_key TEXT,
+        request_hash TEXT,
+        image_count INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        submitted_at REAL,
+        completed_at REAL,
+        UNIQUE (tenant, idempotency_key)
+    );
+    CREATE INDEX tasks_by_tenant ON tasks (tenant, seq DESC);
+    CREATE INDEX tasks_by_status ON tasks (tenant, status, seq DESC);
+    CREATE INDEX tasks_by_provider ON tasks (tenant, provider, seq DESC);
+    CREATE TABLE images (
+        task_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        source_url TEXT NOT NULL,
+        path TEXT,
+        content_type TEXT,
+        size INTEGER,
+        sha256 TEXT,
+        width INTEGER,
+        height INTEGER,
+        stored_at REAL,
+        PRIMARY KEY (task_id, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        verified INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        change TEXT
+    );
+    CREATE INDEX events_by_task ON events (task_id, id);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        arg INTEGER NOT NULL DEFAULT 0,
+        due_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        running INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        UNIQUE (kind, task_id, arg)
+    );
+    CREATE INDEX jobs_by_due ON jobs (running, due_at);
+    """,
+)
+
+
+class IdempotencyConflict(Exception):
+    """The same Idempotency-Key came again with another body."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    task_id: str
+    arg: int
+    attempts: int
+
+
+@dataclass
+class Tx:
+    """An open write transaction, handed to one operation; it notes which tasks changed."""
+
+    conn: sqlite3.Connection
+    now: float
+    changed: set[str] = field(default_factory=set)
+    jobs_added: bool = False
+
+    def one(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
+        return row
+
+    def run(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> int:
+        return self.conn.execute(sql, params).rowcount
+
+
+@dataclass(frozen=True)
+class NewTask:
+    id: str
+    tenant: str
+    provider: str
+    model: str
+    prompt: str
+    request: Mapping[str, Any]
+    provider_state: Mapping[str, str]
+    metadata: Mapping[str, Any]
+    notify_url: str | None
+    idempotency_key: str | None
+    request_hash: str
+
+
+def _connect_writer(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL: a commit survives a killed process (the OS holds the WAL); FULL adds power-loss safety.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply the migrations this database has not seen; returns the schema version."""
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+class Store:
+    def __init__(self, path: Path, *, reconcile_after: float, task_deadline: float) -> None:
+        self.path = path
+        self.reconcile_after = reconcile_after
+        self.task_deadline = task_deadline
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receiver-writer")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
+        self._wake_writer = asyncio.Event()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._task_waiters: dict[str, set[asyncio.Event]] = {}
+        self.jobs_changed = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._writer = await loop.run_in_executor(self._executor, _connect_writer, self.path)
+        await loop.run_in_executor(self._executor, migrate, self._writer)
+        # A single process owns the database: jobs marked running by a process that died are free again.
+        await loop.run_in_executor(self._executor, self._writer.execute, "UPDATE jobs SET running=0")
+        self._reader = await aiosqlite.connect(self.path)
+        self._reader.row_factory = aiosqlite.Row
+        await self._reader.execute("PRAGMA busy_timeout=5000")
+        self._writer_task = asyncio.create_task(self._write_loop(), name="receiver-store-writer")
+
+    async def close(self) -> None:
+        if self._writer_task is not None:
+            while self._pending:  # noqa: ASYNC110 - a short drain at shutdown
+                await asyncio.sleep(0.01)
+            self._writer_task.cancel()
+            try:
+                await self._writer_task
+            except asyncio.CancelledError:
+                pass
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
+        self._executor.shutdown(wait=True)
+
+    async def writable(self) -> bool:
+        try:
+            await self.write(lambda tx: tx.run("CREATE TEMP TABLE IF NOT EXISTS probe (x)"))
+        except sqlite3.Error:
+            return False
+        return True
+
+    # -- the writer ------------------------------------------------------------------------------
+
+    async def write(self, op: Callable[[Tx], T]) -> T:
+        """Run `op` inside a write transaction (shared with whatever else is waiting) and commit it."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wake_writer.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            batch, self._pending = self._pending, []
+            if not batch:
+                continue
+            try:
+                results, changed, jobs_added = await loop.run_in_executor(
+                    self._executor, self._commit_batch, [op for op, _ in batch]
+                )
+            except Exception as exc:  # the commit itself failed: nothing in the batch happened
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), (ok, value) in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+            self._announce(changed, jobs_added)
+
+    def _commit_batch(self, ops: list[Callable[[Tx], Any]]) -> tuple[list[tuple[bool, Any]], set[str], bool]:
+        conn = self._writer
+        assert conn is not None
+        tx = Tx(conn=conn, now=time.time())
+        results: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                before_changed, before_jobs = set(tx.changed), tx.jobs_added
+                try:
+                    value = op(tx)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    tx.changed, tx.jobs_added = before_changed, before_jobs
+                    results.append((False, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((True, value))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return results, tx.changed, tx.jobs_added
+
+    def _announce(self, changed: Iterable[str], jobs_added: bool) -> None:
+        for task_id in changed:
+            for event in self._task_waiters.get(task_id, ()):
+                event.set()
+        if jobs_added:
+            self.jobs_changed.set()
+
+    async def wait_for_change(self, task_id: str, timeout: float) -> None:
+        """Return when the task changes or `timeout` passes, whichever is first."""
+        event = asyncio.Event()
+        self._task_waiters.setdefault(task_id, set()).add(event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._task_waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._task_waiters[task_id]
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        assert self._reader is not None
+        async with self._reader.execute(sql, params) as cursor:
+            return list(await cursor.fetchall())
+
+    async def task(self, task_id: str, tenant: str | None = None) -> sqlite3.Row | None:
+        if tenant is None:
+            rows = await self._fetch("SELECT * FROM tasks WHERE id=?", (task_id,))
+        else:
+            rows = await self._fetch("SELECT * FROM tasks WHERE id=? AND tenant=?", (task_id, tenant))
+        return rows[0] if rows else None
+
+    async def images(self, task_id: str) -> list[sqlite3.Row]:
+        return await self._fetch("SELECT * FROM images WHERE task_id=? ORDER BY idx", (task_id,))
+
+    async def images_of(self, task_ids: Sequence[str]) -> dict[str, list[sqlite3.Row]]:
+        found: dict[str, list[sqlite3.Row]] = {task_id: [] for task_id in task_ids}
+        if task_ids:
+            marks = ",".join("?" * len(task_ids))
+            for row in await self._fetch(
+                f"SELECT * FROM images WHERE task_id IN ({marks}) ORDER BY task_id, idx",  # noqa: S608
+                list(task_ids),
+            ):
+                found[row["task_id"]].append(row)
+        return found
+
+    async def image(self, task_id: str, index: int) -> sqlite3.Row | None:
+        rows = await self._fetch("SELECT * FROM images WHERE task_id=? AND idx=?", (task_id, index))
+        return rows[0] if rows else None
+
+    async def tasks(
+        self, tenant: str, *, status: str | None, provider: str | None, limit: int, before_seq: int | None
+    ) -> list[sqlite3.Row]:
+        clauses, params = ["tenant=?"], [tenant]
+        if status:
+            clauses.append("status=?")
+            params.append(status)
+        if provider:
+            clauses.append("provider=?")
+            params.append(provider)
+        if before_seq is not None:
+            clauses.append("seq<?")
+            params.append(str(before_seq))
+        sql = f"SELECT * FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?"  # noqa: S608
+        return await self._fetch(sql, [*params, limit])
+
+    async def events(self, task_id: str) -> list[sqlite3.Row]:
+        return await self._fetch("SELECT * FROM events WHERE task_id=? ORDER BY id", (task_id,))
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        rows = await self._fetch(
+            "SELECT provider, status, COUNT(*) AS n FROM tasks GROUP BY provider, status"
+        )
+        return {(row["provider"], row["status"]): row["n"] for row in rows}
+
+    async def jobs_due(self) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT kind, COUNT(*) AS n FROM jobs WHERE due_at<=? GROUP BY kind", (time.time(),)
+        )
+        return {row["kind"]: row["n"] for row in rows}
+
+    async def next_due(self) -> float | None:
+        rows = await self._fetch("SELECT MIN(due_at) AS due FROM jobs WHERE running=0")
+        due = rows[0]["due"] if rows else None
+        return float(due) if due is not None else None
+
+    # -- writes: tasks ---------------------------------------------------------------------------
+
+    async def create_task(self, new: NewTask) -> tuple[sqlite3.Row, bool]:
+        """Insert a queued task with its submit and deadline jobs; an idempotent repeat returns the first."""
+
+        def op(tx: Tx) -> tuple[sqlite3.Row, bool]:
+            if new.idempotency_key is not None:
+                existing = tx.one(
+                    "SELECT * FROM tasks WHERE tenant=? AND idempotency_key=?",
+                    (new.tenant, new.idempotency_key),
+                )
+                if existing is not None:
+                    if existing["request_hash"] != new.request_hash:
+                        raise IdempotencyConflict(new.idempotency_key)
+                    return existing, False
+            tx.run(
+                "INSERT INTO tasks (id, tenant, provider, model, prompt, request, provider_state, status,"
+                " metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    new.id,
+                    new.tenant,
+                    new.provider,
+                    new.model,
+                    new.prompt,
+                    _dumps(new.request),
+                    _dumps(new.provider_state),
+                    Status.QUEUED,
+                    _dumps(new.metadata),
+                    new.notify_url,
+                    new.idempotency_key,
+                    new.request_hash,
+                    tx.now,
+                    tx.now,
+                ),
+            )
+            _add_job(tx, "submit", new.id, 0, tx.now)
+            _add_job(tx, "deadline", new.id, 0, tx.now + self.task_deadline)
+            _event(tx, new.id, "created", True, f"queued for {new.provider} ({new.model})", "→queued")
+            row = tx.one("SELECT * FROM tasks WHERE id=?", (new.id,))
+            assert row is not None
+            return row, True
+
+        return await self.write(op)
+
+    async def record_submission(self, job: Job, submission: Submission) -> None:
+        """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result."""
+
+        def op(tx: Tx) -> None:
+            task = _task(tx, job.task_id)
+            state = {**json.loads(task["provider_state"]), **submission.state}
+            tx.run(
+                "UPDATE tasks SET provider_task_id=COALESCE(provider_task_id, ?), provider_state=?,"
+                " submitted_at=?, updated_at=? WHERE id=?",
+                (submission.provider_task_id, _dumps(state), tx.now, tx.now, job.task_id),
+            )
+            _delete_job(tx, job.id)
+            change = _move(tx, task, Status.SUBMITTED)
+            _event(
+                tx,
+                job.task_id,
+                "submit",
+                True,
+                f"accepted by the provider as {submission.provider_task_id or '(no id)'}",
+                change,
+            )
+            if submission.outcome is not None:
+                _apply(tx, job.task_id, submission.outcome, "submit", True)
+            elif _task(tx, job.task_id)["status"] == Status.SUBMITTED:
+                _add_job(tx, "reconcile", job.task_id, 0, tx.now + self.reconcile_after)
+
+        await self.write(op)
+
+    async def apply_outcome(self, task_id: str, outcome: Outcome, kind: str, verified: bool = True) -> str:
+        """The one path for news about a task, however it came (callback, poll, submit answer)."""
+        return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified))
+
+    async def fail_task(self, task_id: str, error: TaskError, kind: str, job_id: int | None = None) -> str:
+        def op(tx: Tx) -> str:
+            if job_id is not None:
+                _delete_job(tx, job_id)
+            return _apply(tx, task_id, Outcome.failed(None, error, error.message), kind, True)
+
+        return await self.write(op)
+
+    async def add_event(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
+        await self.write(lambda tx: _event(tx, task_id, kind, verified, summary, None))
+
+    async def record_image(
+        self,
+        job: Job,
+        *,
+        path: str,
+        content_type: str,
+        size: int,
+        sha256: str,
+        width: int | None,
+        height: int | None,
+    ) -> bool:
+        """Keep a stored image; the last one in makes the task succeed. False if it was already stored."""
+
+        def op(tx: Tx) -> bool:
+            _delete_job(tx, job.id)
+            stored = tx.run(
+                "UPDATE images SET path=?, content_type=?, size=?, sha256=?, width=?, height=?, stored_at=?"
+                " WHERE task_id=? AND idx=? AND path IS NULL",
+                (path, content_type, size, sha256, width, height, tx.now, job.task_id, job.arg),
+            )
+            if not stored:
+                return False
+            _event(tx, job.task_id, "download", True, f"image {job.arg} stored ({size} bytes)", None)
+            missing = tx.one(
+                "SELECT COUNT(*) AS n FROM images WHERE task_id=? AND path IS NULL", (job.task_id,)
+            )
+            if missing is not None and missing["n"] == 0:
+                task = _task(tx, job.task_id)
+                change = _finish(tx, task, Status.SUCCEEDED, None)
+                if change:
+                    _event(tx, job.task_id, "status", True, "every image is stored", change)
+            tx.changed.add(job.task_id)
+            return True
+
+        return await self.write(op)
+
+    # -- writes: jobs ----------------------------------------------------------------------------
+
+    async def claim_jobs(self, kind: str, limit: int) -> list[Job]:
+        def op(tx: Tx) -> list[Job]:
+            rows = tx.conn.execute(
+                "UPDATE jobs SET running=1, attempts=attempts+1 WHERE id IN ("
+                " SELECT id FROM jobs WHERE running=0 AND kind=? AND due_at<=? ORDER BY due_at LIMIT ?)"
+                " RETURNING id, kind, task_id, arg, attempts",
+                (kind, tx.now, limit),
+            ).fetchall()
+            return [Job(r["id"], r["kind"], r["task_id"], r["arg"], r["attempts"]) for r in rows]
+
+        return await self.write(op)
+
+    async def retry_job(self, job: Job, delay: float, error: str) -> None:
+        def op(tx: Tx) -> None:
+            tx.run(
+                "UPDATE jobs SET running=0, due_at=?, last_error=? WHERE id=?",
+                (tx.now + delay, error, job.id),
+            )
+            tx.jobs_added = True
+
+        await self.write(op)
+
+    async def finish_job(self, job: Job) -> None:
+        await self.write(lambda tx: _delete_job(tx, job.id))
+
+    async def release_jobs(self, jobs: Iterable[Job]) -> None:
+        ids = [job.id for job in jobs]
+
+        def op(tx: Tx) -> None:
+            tx.conn.executemany("UPDATE jobs SET running=0 WHERE id=?", [(i,) for i in ids])
+
+        if ids:
+            await self.write(op)
+
+
+# -- the rules of a state change, run inside the writer's transaction ---------------------------------
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def _task(tx: Tx, task_id: str) -> sqlite3.Row:
+    row = tx.one("SELECT * FROM tasks WHERE id=?", (task_id,))
+    if row is None:
+        raise LookupError(task_id)
+    return row
+
+
+def _add_job(tx: Tx, kind: str, task_id: str, arg: int, due_at: float) -> None:
+    tx.run(
+        "INSERT INTO jobs (kind, task_id, arg, due_at) VALUES (?,?,?,?)"
+        " ON CONFLICT (kind, task_id, arg) DO NOTHING",
+        (kind, task_id, arg, due_at),
+    )
+    tx.jobs_added = True
+
+
+def _delete_job(tx: Tx, job_id: int) -> None:
+    tx.run("DELETE FROM jobs WHERE id=?", (job_id,))
+
+
+def _event(tx: Tx, task_id: str, kind: str, verified: bool, summary: str, change: str | None) -> None:
+    tx.run(
+        "INSERT INTO events (task_id, at, kind, verified, summary, change) VALUES (?,?,?,?,?,?)",
+        (task_id, tx.now, kind, int(verified), summary[:500], change),
+    )
+    tx.changed.add(task_id)
+
+
+def _move(tx: Tx, task: sqlite3.Row, new: Status) -> str | None:
+    """Move a task forward; returns 'old→new', or None when that would not be forward."""
+    old = Status(task["status"])
+    if not old.may_become(new):
+        return None
+    tx.run("UPDATE tasks SET status=?, updated_at=? WHERE id=?", (new, tx.now, task["id"]))
+    tx.changed.add(task["id"])
+    return f"{old}→{new}"
+
+
+def _finish(tx: Tx, task: sqlite3.Row, status: Status, error: TaskError | None) -> str | None:
+    change = _move(tx, task, status)
+    if change is None:
+        return None
+    tx.run(
+        "UPDATE tasks SET completed_at=?, error=? WHERE id=?",
+        (tx.now, _dumps(error.as_json()) if error else None, task["id"]),
+    )
+    # An ended task needs no more work; only its notification (if any) is still to come.
+    tx.run("DELETE FROM jobs WHERE task_id=? AND kind NOT IN ('notify') AND running=0", (task["id"],))
+    if task["notify_url"]:
+        _add_job(tx, "notify", task["id"], 0, tx.now)
+    return change
+
+
+def _apply(tx: Tx, task_id: str, outcome: Outcome, kind: str, verified: bool) -> str:
+    """Record the news and make the forward-only change it calls for; returns what changed."""
+    task = _task(tx, task_id)
+    if outcome.provider_task_id and not task["provider_task_id"]:
+        tx.run("UPDATE tasks SET provider_task_id=? WHERE id=?", (outcome.provider_task_id, task_id))
+    change: str | None = None
+    if outcome.state == "succeeded":
+        change = _move(tx, task, Status.DOWNLOADING)
+        if change is not None:
+            tx.run("UPDATE tasks SET image_count=? WHERE id=?", (len(outcome.image_urls), task_id))
+            tx.conn.executemany(
+                "INSERT INTO images (task_id, idx, source_url) VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                [(task_id, index, url) for index, url in enumerate(outcome.image_urls)],
+            )
+            for index in range(len(outcome.image_urls)):
+                _add_job(tx, "download", task_id, index, tx.now)
+            tx.run("DELETE FROM jobs WHERE task_id=? AND kind='reconcile' AND running=0", (task_id,))
+    elif outcome.state == "failed":
+        assert outcome.error is not None
+        change = _finish(tx, task, Status.FAILED, outcome.error)
+    summary = outcome.detail or outcome.state
+    if outcome.state != "pending" and change is None:
+        summary = f"{summary} (duplicate or late: the task is already {task['status']})"
+    _event(tx, task_id, kind, verified, summary, change)
+    return change or ""
+
+
+def timed_out() -> TaskError:
+    return TaskError(ErrorCode.TIMED_OUT, "the task did not finish before RECEIVER_TASK_DEADLINE")

@@ -1,0 +1,100 @@
+"""A stored task as the API shows it, and as a provider sees it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from receiver.models import TaskSpec
+from receiver.tokens import Tokens
+
+UPLOAD_PREFIX = "upload:"
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def image_path(task_id: str, index: int) -> str:
+    return f"/v1/tasks/{task_id}/images/{index}"
+
+
+def render_task(row: sqlite3.Row, images: Sequence[sqlite3.Row], tokens: Tokens) -> dict[str, Any]:
+    """The task JSON of CONTRACT.md; images appear once they are stored, each with a signed link."""
+    return {
+        "id": row["id"],
+        "status": row["status"],
+        "provider": row["provider"],
+        "model": row["model"],
+        "prompt": row["prompt"],
+        "provider_task_id": row["provider_task_id"],
+        "images": [
+            {
+                "index": image["idx"],
+                "url": tokens.signed_link(image_path(row["id"], image["idx"])),
+                "content_type": image["content_type"],
+                "size": image["size"],
+                "sha256": image["sha256"],
+                "width": image["width"],
+                "height": image["height"],
+                "source_url": image["source_url"],
+            }
+            for image in images
+            if image["path"] is not None
+        ],
+        "error": json.loads(row["error"]) if row["error"] else None,
+        "metadata": json.loads(row["metadata"]),
+        "created_at": iso(row["created_at"]),
+        "updated_at": iso(row["updated_at"]),
+        "completed_at": iso(row["completed_at"]),
+    }
+
+
+def render_event(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "at": iso(row["at"]),
+        "kind": row["kind"],
+        "verified": bool(row["verified"]),
+        "summary": row["summary"],
+        "change": row["change"],
+    }
+
+
+def task_spec(
+    row: sqlite3.Row, tokens: Tokens | None = None, uploads: Path | None = None, inline: bool = False
+) -> TaskSpec:
+    """What the provider sees. With `tokens`, our uploads become signed links (or data URIs if `inline`)."""
+    request = json.loads(row["request"])
+    images: list[str] = []
+    for ref in request.get("images", []):
+        if not ref.startswith(UPLOAD_PREFIX) or tokens is None:
+            images.append(ref)
+            continue
+        name = ref[len(UPLOAD_PREFIX) :]
+        if inline and uploads is not None:
+            images.append(data_uri(uploads / name))
+        else:
+            images.append(tokens.signed_link(f"/uploads/{name}"))
+    return TaskSpec(
+        id=row["id"],
+        model=row["model"],
+        prompt=row["prompt"],
+        images=tuple(images),
+        params=request.get("params", {}),
+        options=request.get("options", {}),
+        provider_task_id=row["provider_task_id"],
+        state=json.loads(row["provider_state"]),
+    )
+
+
+def data_uri(path: Path) -> str:
+    kind = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[path.suffix.lstrip(".")]
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"

@@ -1,0 +1,228 @@
+"""Durable jobs: submit, download, reconcile and deadline, claimed as due rows from the `jobs` table.
+
+A job is a row; retries are data (attempts, due_at), not control flow. The loop wakes when a job is
+added or the next one falls due, claims as many as each kind has free slots, and runs them. A crash
+leaves rows behind, and the next start runs them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from receiver.config import Settings
+from receiver.downloads import DownloadError, fetch_image
+from receiver.models import ErrorCode, ProviderRejected, ProviderUnavailable, Status, TaskError
+from receiver.providers import REGISTRY, Context
+from receiver.store import Job, Store, timed_out
+from receiver.tasks import task_spec
+from receiver.tokens import Tokens
+
+log = logging.getLogger("receiver.worker")
+MAX_PROVIDER_ANSWER = 4 * 1024 * 1024
+MAX_RECONCILE_INTERVAL = 600.0
+
+
+async def send_capped(client: httpx.AsyncClient, request: httpx.Request, cap: int) -> httpx.Response:
+    """Send and read the answer, refusing to hold more than `cap` bytes of it."""
+    response = await client.send(request, stream=True)
+    try:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > cap:
+                raise ProviderUnavailable(f"the answer is over {cap} bytes")
+    finally:
+        await response.aclose()
+    return httpx.Response(
+        response.status_code, headers=response.headers, content=bytes(body), request=request
+    )
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        tokens: Tokens,
+        provider_http: httpx.AsyncClient,
+        outside_http: httpx.AsyncClient,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.tokens = tokens
+        self.provider_http = provider_http
+        self.outside_http = outside_http
+        self.handlers: dict[str, tuple[int, Callable[[Job], Awaitable[None]]]] = {
+            "submit": (8, self.submit),
+            "download": (settings.download_concurrency, self.download),
+            "reconcile": (4, self.reconcile),
+            "deadline": (4, self.deadline),
+        }
+        self._running: dict[str, set[asyncio.Task[None]]] = {kind: set() for kind in self.handlers}
+        self._stopping = False
+        # Our own sandbox's files live under the public URL: the operator's origin, trusted as given.
+        self._own_files = f"{settings.public_url}/sandbox/files/"
+
+    def add_handler(self, kind: str, slots: int, handler: Callable[[Job], Awaitable[None]]) -> None:
+        self.handlers[kind] = (slots, handler)
+        self._running[kind] = set()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self.store.jobs_changed.clear()
+            for kind, (slots, handler) in self.handlers.items():
+                free = slots - len(self._running[kind])
+                if free <= 0:
+                    continue
+                for job in await self.store.claim_jobs(kind, free):
+                    task = asyncio.create_task(self._run_job(handler, job), name=f"job-{kind}-{job.id}")
+                    self._running[kind].add(task)
+                    task.add_done_callback(self._job_done(kind))
+            due = await self.store.next_due()
+            wait = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self.store.jobs_changed.wait(), wait)
+                except TimeoutError:
+                    pass
+
+    def _job_done(self, kind: str) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._running[kind].discard(task)
+            self.store.jobs_changed.set()
+
+        return done
+
+    async def _run_job(self, handler: Callable[[Job], Awaitable[None]], job: Job) -> None:
+        try:
+            await handler(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not kill the loop; the job runs again later
+            log.exception("job %s %s for task %s failed", job.kind, job.id, job.task_id)
+            await self.store.retry_job(job, self._backoff(job.attempts), f"{type(exc).__name__}: {exc}")
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; give running jobs `grace` seconds, then cancel them and free their rows."""
+        self._stopping = True
+        self.store.jobs_changed.set()
+        running = [task for tasks in self._running.values() for task in tasks]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def _backoff(self, attempts: int, retry_after: float | None = None) -> float:
+        delay = self.settings.retry_base * 2.0 ** max(0, attempts - 1)
+        delay *= 1 + random.random() * 0.25
+        return max(delay, retry_after or 0.0)
+
+    def _context(self, provider: str, task_id: str = "") -> Context:
+        return Context(
+            settings=self.settings.provider(provider),
+            callback_url=self.tokens.callback_url(provider, task_id) if task_id else "",
+        )
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def submit(self, job: Job) -> None:
+        row = await self.store.task(job.task_id)
+        if row is None or row["status"] != Status.QUEUED:
+            await self.store.finish_job(job)  # a callback or the deadline got there first
+            return
+        provider = REGISTRY[row["provider"]]
+        spec = task_spec(row, self.tokens, self.settings.media_dir / "uploads", provider.inline_images)
+        try:
+            request = provider.build_submit(spec, self._context(row["provider"], row["id"]))
+            response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
+            submission = provider.parse_submit(response)
+        except ProviderRejected as exc:
+            error = TaskError(ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code)
+            await self.store.fail_task(job.task_id, error, "submit", job.id)
+            return
+        except (ProviderUnavailable, httpx.HTTPError) as exc:
+            message = exc.message if isinstance(exc, ProviderUnavailable) else f"{type(exc).__name__}: {exc}"
+            if job.attempts > self.settings.submit_retries:
+                error = TaskError(
+                    ErrorCode.PROVIDER_UNAVAILABLE, f"gave up after {job.attempts} tries: {message}"
+                )
+                await self.store.fail_task(job.task_id, error, "submit", job.id)
+                return
+            after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
+            await self.store.add_event(job.task_id, "submit", True, f"try {job.attempts} failed: {message}")
+            await self.store.retry_job(job, self._backoff(job.attempts, after), message)
+            return
+        await self.store.record_submission(job, submission)
+
+    async def download(self, job: Job) -> None:
+        row = await self.store.task(job.task_id)
+        image = await self.store.image(job.task_id, job.arg)
+        if row is None or image is None or row["status"] != Status.DOWNLOADING or image["path"] is not None:
+            await self.store.finish_job(job)  # already stored, or the task ended
+            return
+        url = image["source_url"]
+        client = self.provider_http if url.startswith(self._own_files) else self.outside_http
+        dest = self.settings.media_dir / job.task_id / str(job.arg)
+        try:
+            stored = await fetch_image(client, url, dest, self.settings.max_image_bytes)
+        except DownloadError as exc:
+            delays = self.settings.download_retry_delays
+            if exc.permanent or job.attempts > len(delays):
+                tries = "" if exc.permanent else f" after {job.attempts} tries"
+                error = TaskError(ErrorCode.DOWNLOAD_FAILED, f"image {job.arg}: {exc.reason}{tries}")
+                await self.store.fail_task(job.task_id, error, "download", job.id)
+                return
+            await self.store.add_event(
+                job.task_id, "download", True, f"image {job.arg} try {job.attempts} failed: {exc.reason}"
+            )
+            await self.store.retry_job(job, delays[job.attempts - 1], exc.reason)
+            return
+        relative = str(stored.path.relative_to(self.settings.media_dir))
+        await self.store.record_image(
+            job,
+            path=relative,
+            content_type=stored.content_type,
+            size=stored.size,
+            sha256=stored.sha256,
+            width=stored.width,
+            height=stored.height,
+        )
+
+    async def reconcile(self, job: Job) -> None:
+        row = await self.store.task(job.task_id)
+        if row is None or row["status"] != Status.SUBMITTED:
+            await self.store.finish_job(job)
+            return
+        provider = REGISTRY[row["provider"]]
+        interval = min(
+            self.settings.reconcile_interval * 2 ** max(0, job.attempts - 1), MAX_RECONCILE_INTERVAL
+        )
+        request = provider.build_status(task_spec(row), self._context(row["provider"], row["id"]))
+        if request is None:
+            await self.store.retry_job(job, interval, "nothing to ask yet")
+            return
+        try:
+            response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
+            outcome = provider.parse_status(response)
+        except (ProviderUnavailable, ProviderRejected, httpx.HTTPError) as exc:
+            message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            await self.store.add_event(job.task_id, "poll", True, f"status query failed: {message}")
+            await self.store.retry_job(job, max(interval, getattr(exc, "retry_after", None) or 0.0), message)
+            return
+        await self.store.apply_outcome(job.task_id, outcome, "poll")
+        if outcome.state == "pending":
+            await self.store.retry_job(job, interval, "still pending")
+        else:
+            await self.store.finish_job(job)
+
+    async def deadline(self, job: Job) -> None:
+        await self.store.fail_task(job.task_id, timed_out(), "deadline", job.id)
