@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from receiver import metrics
-from receiver.config import Settings
-from receiver.models import CallbackRejected, MalformedCallback
+from receiver.config import ProviderSettings, Settings
+from receiver.models import CallbackRejected, MalformedCallback, TaskSpec
 from receiver.providers import REGISTRY, Context, Provider
 from receiver.store import Store
 from receiver.tasks import task_spec
@@ -79,7 +79,8 @@ class Callbacks:
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message)
             result = f"rejected_{exc.code}"
-        metrics.callback_seen(provider_name, result, time.perf_counter() - started)
+        label = provider_name if provider_name in REGISTRY else "unknown"
+        metrics.callback_seen(label, result, time.perf_counter() - started)
         return response
 
     async def _receive(self, request: Request, provider_name: str) -> tuple[Response, str]:
@@ -112,12 +113,17 @@ class Callbacks:
                 task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"
             )
             raise ApiError(400, "wrong_task", "the callback is about another provider task")
-        change = await self.store.apply_outcome(task_id, outcome, "callback")
+        change = await self.store.apply_outcome(task_id, outcome, "callback", urgent=provider.early_download)
         result = "accepted" if change else ("pending" if outcome.state == "pending" else "duplicate")
         return JSONResponse({"code": 200, "msg": "success"}), result
 
     async def _verify(
-        self, provider: Provider, headers: dict[str, str], raw: bytes, spec: Any, settings: Any
+        self,
+        provider: Provider,
+        headers: dict[str, str],
+        raw: bytes,
+        spec: TaskSpec,
+        settings: ProviderSettings,
     ) -> None:
         url = provider.key_set_url(settings)
         keys = await self.key_sets.get(url) if url else None

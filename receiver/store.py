@@ -23,6 +23,7 @@ import aiosqlite
 from receiver.models import ErrorCode, Outcome, Status, Submission, TaskError
 
 T = TypeVar("T")
+URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -410,7 +411,7 @@ class Store:
 
         return await self.write(op)
 
-    async def record_submission(self, job: Job, submission: Submission) -> None:
+    async def record_submission(self, job: Job, submission: Submission, *, urgent: bool = False) -> None:
         """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result."""
 
         def op(tx: Tx) -> None:
@@ -432,15 +433,19 @@ class Store:
                 change,
             )
             if submission.outcome is not None:
-                _apply(tx, job.task_id, submission.outcome, "submit", True)
+                _apply(tx, job.task_id, submission.outcome, "submit", True, urgent)
             elif _task(tx, job.task_id)["status"] == Status.SUBMITTED:
                 _add_job(tx, "reconcile", job.task_id, 0, tx.now + self.reconcile_after)
 
         await self.write(op)
 
-    async def apply_outcome(self, task_id: str, outcome: Outcome, kind: str, verified: bool = True) -> str:
-        """The one path for news about a task, however it came (callback, poll, submit answer)."""
-        return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified))
+    async def apply_outcome(
+        self, task_id: str, outcome: Outcome, kind: str, *, verified: bool = True, urgent: bool = False
+    ) -> str:
+        """The one path for news about a task, however it came (callback, poll, submit answer).
+
+        `urgent` puts its downloads ahead of the queue (for providers whose links die within minutes)."""
+        return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified, urgent))
 
     async def fail_task(self, task_id: str, error: TaskError, kind: str, job_id: int | None = None) -> str:
         def op(tx: Tx) -> str:
@@ -586,7 +591,7 @@ def _finish(tx: Tx, task: sqlite3.Row, status: Status, error: TaskError | None) 
     return change
 
 
-def _apply(tx: Tx, task_id: str, outcome: Outcome, kind: str, verified: bool) -> str:
+def _apply(tx: Tx, task_id: str, outcome: Outcome, kind: str, verified: bool, urgent: bool = False) -> str:
     """Record the news and make the forward-only change it calls for; returns what changed."""
     task = _task(tx, task_id)
     if outcome.provider_task_id and not task["provider_task_id"]:
@@ -600,8 +605,9 @@ def _apply(tx: Tx, task_id: str, outcome: Outcome, kind: str, verified: bool) ->
                 "INSERT INTO images (task_id, idx, source_url) VALUES (?,?,?) ON CONFLICT DO NOTHING",
                 [(task_id, index, url) for index, url in enumerate(outcome.image_urls)],
             )
+            due = tx.now - URGENT_LEAD if urgent else tx.now
             for index in range(len(outcome.image_urls)):
-                _add_job(tx, "download", task_id, index, tx.now)
+                _add_job(tx, "download", task_id, index, due)
             tx.run("DELETE FROM jobs WHERE task_id=? AND kind='reconcile' AND running=0", (task_id,))
     elif outcome.state == "failed":
         assert outcome.error is not None

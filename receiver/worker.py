@@ -161,7 +161,7 @@ class Worker:
             await self.store.add_event(job.task_id, "submit", True, f"try {job.attempts} failed: {message}")
             await self.store.retry_job(job, self._backoff(job.attempts, after), message)
             return
-        await self.store.record_submission(job, submission)
+        await self.store.record_submission(job, submission, urgent=provider.early_download)
 
     async def download(self, job: Job) -> None:
         row = await self.store.task(job.task_id)
@@ -218,7 +218,7 @@ class Worker:
             await self.store.add_event(job.task_id, "poll", True, f"status query failed: {message}")
             await self.store.retry_job(job, max(interval, getattr(exc, "retry_after", None) or 0.0), message)
             return
-        await self.store.apply_outcome(job.task_id, outcome, "poll")
+        await self.store.apply_outcome(job.task_id, outcome, "poll", urgent=provider.early_download)
         if outcome.state == "pending":
             await self.store.retry_job(job, interval, "still pending")
         else:

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.fakes.kie import KEY as KIE_KEY
+from tests.fakes.kie import KieFake
+from tests.harness import Receiver
+
+
+@pytest.fixture
+def kie() -> Iterator[KieFake]:
+    fake = KieFake().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
+    """Start a served receiver; keyword arguments become environment variables."""
+    started: list[Receiver] = []
+
+    def start(data: str = "data", **env: Any) -> Receiver:
+        receiver = Receiver(tmp_path / data, {k: str(v) for k, v in env.items()}).start()
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def kie_receiver(kie: KieFake, start_receiver: Callable[..., Receiver]) -> Receiver:
+    return start_receiver(KIE_API_KEY=KIE_KEY, KIE_BASE_URL=kie.url)

@@ -1,0 +1,153 @@
+"""What every provider fake shares: a request log, scripted answers, and a host for result images."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import threading
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.harness import Served
+
+
+def png(width: int = 64, height: int = 48, shade: int = 90) -> bytes:
+    raw = b"".join(b"\x00" + bytes((shade, 200 - shade % 200, 30)) * width for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class HostedFile:
+    body: bytes
+    content_type: str = "image/png"
+    failures: deque[int] = field(default_factory=deque)  # HTTP statuses to answer first, one per fetch
+    fetches: int = 0
+    chunk_delay: float = 0.0
+
+
+class FakeProvider:
+    """A fake provider server. Subclasses add the provider's routes; answers are scripted per path."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.scripted: dict[str, deque[tuple[int, Any]]] = {}
+        self.files: dict[str, HostedFile] = {}
+        self.lock = threading.Lock()
+        self.served = Served(self.app())
+        self.url = self.served.url
+
+    # -- subclass API ----------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        return []
+
+    def app(self) -> Any:
+        from starlette.applications import Starlette
+
+        return Starlette(routes=[*self.routes(), Route("/files/{name}", self._file, methods=["GET"])])
+
+    async def record(self, request: Request) -> Recorded:
+        body = await request.body()
+        recorded = Recorded(
+            request.method,
+            request.url.path,
+            dict(request.query_params),
+            {k.lower(): v for k, v in request.headers.items()},
+            body,
+        )
+        with self.lock:
+            self.requests.append(recorded)
+        return recorded
+
+    def script(self, path: str, status: int, body: Any) -> None:
+        """The next request to `path` gets this answer instead of the default."""
+        with self.lock:
+            self.scripted.setdefault(path, deque()).append((status, body))
+
+    def scripted_answer(self, path: str) -> Response | None:
+        with self.lock:
+            queue = self.scripted.get(path)
+            if not queue:
+                return None
+            status, body = queue.popleft()
+        if isinstance(body, bytes):
+            return Response(body, status_code=status)
+        return JSONResponse(body, status_code=status)
+
+    def calls(self, path: str) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.path == path]
+
+    # -- result images ---------------------------------------------------------------------------
+
+    def host(self, name: str, body: bytes | None = None, **kwargs: Any) -> str:
+        self.files[name] = HostedFile(body if body is not None else png(), **kwargs)
+        return f"{self.url}/files/{name}"
+
+    async def _file(self, request: Request) -> Response:
+        hosted = self.files.get(request.path_params["name"])
+        if hosted is None:
+            return JSONResponse({"error": "not found"}, status_code=404)
+        hosted.fetches += 1
+        if hosted.failures:
+            return Response(b"try later", status_code=hosted.failures.popleft())
+        if hosted.chunk_delay:
+            return StreamingResponse(self._slow(hosted), media_type=hosted.content_type)
+        return Response(hosted.body, media_type=hosted.content_type)
+
+    async def _slow(self, hosted: HostedFile) -> Any:
+        step = 64 * 1024
+        for start in range(0, len(hosted.body), step):
+            yield hosted.body[start : start + step]
+            await asyncio.sleep(hosted.chunk_delay)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        self.served.start()
+        return self
+
+    def stop(self) -> None:
+        self.served.stop()
+
+
+def post_callback(url: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+    """Deliver a callback the way a provider does: one POST of JSON bytes (or raw bytes as given)."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(
+        url, content=content, headers={"Content-Type": "application/json", **(headers or {})}, timeout=10
+    )
+
+
+Answer = Callable[[Recorded], Response]

@@ -1,0 +1,118 @@
+"""A kie.ai fake speaking providers.md §1 (Flux Kontext) and §2.5 (HMAC-signed callbacks)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import itertools
+import threading
+import time
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tests.fakes.common import FakeProvider, post_callback
+
+GENERATE = "/api/v1/flux/kontext/generate"
+RECORD_INFO = "/api/v1/flux/kontext/record-info"
+KEY = "kie-test-key"
+
+
+class KieFake(FakeProvider):
+    def __init__(self, hmac_key: str | None = None) -> None:
+        self.hmac_key = hmac_key
+        self.ids = itertools.count(1)
+        self.callback_urls: dict[str, str] = {}  # kie task id -> our callBackUrl
+        self.records: dict[str, dict[str, Any]] = {}  # kie task id -> record-info data
+        self.hold: threading.Event | None = None  # when set, generate answers only once it is released
+        super().__init__()
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(GENERATE, self.generate, methods=["POST"]),
+            Route(RECORD_INFO, self.record_info, methods=["GET"]),
+        ]
+
+    async def generate(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        if request.headers.get("authorization") != f"Bearer {KEY}":
+            return JSONResponse({"code": 401, "msg": "You do not have access permissions"})
+        scripted = self.scripted_answer(GENERATE)
+        if scripted is not None:
+            return scripted
+        task_id = f"task{next(self.ids):05d}"
+        self.callback_urls[task_id] = recorded.json()["callBackUrl"]
+        self.records[task_id] = {
+            "taskId": task_id,
+            "successFlag": 0,
+            "response": None,
+            "errorCode": None,
+            "errorMessage": "",
+        }
+        hold = self.hold
+        if hold is not None:
+            await asyncio.get_running_loop().run_in_executor(None, hold.wait, 10)
+        return JSONResponse({"code": 200, "msg": "success", "data": {"taskId": task_id}})
+
+    async def record_info(self, request: Request) -> Response:
+        await self.record(request)
+        scripted = self.scripted_answer(RECORD_INFO)
+        if scripted is not None:
+            return scripted
+        task_id = request.query_params.get("taskId", "")
+        data = self.records.get(task_id)
+        if data is None:
+            return JSONResponse({"code": 404, "msg": "task not found"})
+        return JSONResponse(
+            {
+                "code": 200,
+                "msg": "success",
+                "data": {**data, "paramJson": "{}", "createTime": 1710000000000, "completeTime": None},
+            }
+        )
+
+    # -- what kie sends ----------------------------------------------------------------------------
+
+    def last_task_id(self) -> str:
+        return sorted(self.callback_urls)[-1]
+
+    @staticmethod
+    def success_body(task_id: str, url: str) -> dict[str, Any]:
+        return {
+            "code": 200,
+            "msg": "BFL image generated successfully.",
+            "data": {"taskId": task_id, "info": {"originImageUrl": url + "?origin", "resultImageUrl": url}},
+        }
+
+    @staticmethod
+    def failure_body(task_id: str, code: int, msg: str) -> dict[str, Any]:
+        return {
+            "code": code,
+            "msg": msg,
+            "data": {"taskId": task_id, "info": {"originImageUrl": "", "resultImageUrl": ""}},
+        }
+
+    def signature_headers(
+        self, task_id: str, timestamp: int | None = None, key: str | None = None
+    ) -> dict[str, str]:
+        key = key or self.hmac_key
+        assert key is not None
+        ts = str(int(time.time()) if timestamp is None else timestamp)
+        digest = hmac.new(key.encode(), f"{task_id}.{ts}".encode(), hashlib.sha256).digest()
+        return {"X-Webhook-Timestamp": ts, "X-Webhook-Signature": base64.b64encode(digest).decode()}
+
+    def send(
+        self, task_id: str, body: Any, headers: dict[str, str] | None = None, url: str | None = None
+    ) -> httpx.Response:
+        """POST `body` to the callback URL kie was given for `task_id`, signed when an HMAC key is set."""
+        signed = self.signature_headers(task_id) if self.hmac_key and headers is None else {}
+        return post_callback(url or self.callback_urls[task_id], body, {**signed, **(headers or {})})
+
+    def succeed(self, task_id: str, url: str) -> httpx.Response:
+        self.records[task_id].update(successFlag=1, response={"originImageUrl": url, "resultImageUrl": url})
+        return self.send(task_id, self.success_body(task_id, url))
