@@ -17,7 +17,7 @@ import httpx
 
 from receiver.config import Settings
 from receiver.downloads import DownloadError, fetch_image
-from receiver.models import ErrorCode, ProviderRejected, ProviderUnavailable, Status, TaskError
+from receiver.models import ErrorCode, Outcome, ProviderRejected, ProviderUnavailable, Status, TaskError
 from receiver.providers import REGISTRY, Context
 from receiver.store import Job, Store, timed_out
 from receiver.tasks import task_spec
@@ -26,6 +26,7 @@ from receiver.tokens import Tokens
 log = logging.getLogger("receiver.worker")
 MAX_PROVIDER_ANSWER = 4 * 1024 * 1024
 MAX_RECONCILE_INTERVAL = 600.0
+MAX_STATUS_HOPS = 3
 
 
 async def send_capped(client: httpx.AsyncClient, request: httpx.Request, cap: int) -> httpx.Response:
@@ -211,8 +212,15 @@ class Worker:
             await self.store.retry_job(job, interval, "nothing to ask yet")
             return
         try:
-            response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
-            outcome = provider.parse_status(response)
+            answer: Outcome | httpx.Request = request
+            for _ in range(MAX_STATUS_HOPS):
+                if not isinstance(answer, httpx.Request):
+                    break
+                response = await send_capped(self.provider_http, answer, MAX_PROVIDER_ANSWER)
+                answer = provider.parse_status(response)
+            if isinstance(answer, httpx.Request):
+                raise ProviderUnavailable(f"the status query did not settle in {MAX_STATUS_HOPS} requests")
+            outcome = answer
         except (ProviderUnavailable, ProviderRejected, httpx.HTTPError) as exc:
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             await self.store.add_event(job.task_id, "poll", True, f"status query failed: {message}")

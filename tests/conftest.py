@@ -13,7 +13,7 @@ from tests.harness import Receiver
 
 @pytest.fixture
 def kie() -> Iterator[KieFake]:
-    fake = KieFake().start()
+    fake = KieFake(hmac_key=None).start()
     yield fake
     fake.stop()
 

@@ -257,7 +257,7 @@ def test_callback_for_another_provider_task_is_refused(kie: KieFake, kie_receive
 
 
 def test_hmac_signatures_when_a_key_is_set(start_receiver: Callable[..., Receiver]) -> None:
-    kie = KieFake(hmac_key="kie-hmac-secret").start()
+    kie = KieFake().start()
     try:
         receiver = start_receiver(
             KIE_API_KEY=KEY, KIE_BASE_URL=kie.url, KIE_WEBHOOK_HMAC_KEY="kie-hmac-secret"

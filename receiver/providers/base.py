@@ -79,7 +79,9 @@ class Provider:
         """The status query reconcile sends, or None when there is nothing to ask yet."""
         return None
 
-    def parse_status(self, response: httpx.Response) -> Outcome:
+    def parse_status(self, response: httpx.Response) -> Outcome | httpx.Request:
+        """What a status answer says, or the next request to send (e.g. fetch the result once it is
+        complete). `response.request` tells which of its requests this answers."""
         raise NotImplementedError  # every provider with build_status defines it
 
 

@@ -1,0 +1,11 @@
+"""Provider fakes: small HTTP servers speaking each provider's wire format (providers.md).
+
+FAKES lists every fake the shared end-to-end suite runs against; add a provider's fake here.
+"""
+
+from __future__ import annotations
+
+from tests.fakes.common import ProviderFake
+from tests.fakes.kie import KieFake
+
+FAKES: list[type[ProviderFake]] = [KieFake]

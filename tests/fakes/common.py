@@ -6,6 +6,7 @@ import asyncio
 import json
 import struct
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -151,3 +152,66 @@ def post_callback(url: str, body: Any, headers: dict[str, str] | None = None) ->
 
 
 Answer = Callable[[Recorded], Response]
+
+
+class ProviderFake(FakeProvider):
+    """The interface the shared end-to-end suite (tests/test_providers_e2e.py) drives every fake through.
+
+    A fake accepts submits like the real provider, remembers the callback URL it was given and the
+    state reconcile will read, and sends callbacks exactly as the provider would (signed, if it signs).
+    """
+
+    name: str = ""  # the receiver's provider name
+    signs: bool = False  # whether the provider signs callbacks (then forged_headers must refuse)
+    text_to_image: bool = True  # False when the provider needs an input image
+    submit_path: str = ""
+
+    def __init__(self) -> None:
+        self.hold: threading.Event | None = None  # when set, submits answer only once it is released
+        super().__init__()
+
+    def receiver_env(self) -> dict[str, str]:
+        """The variables that configure the receiver for this fake."""
+        raise NotImplementedError
+
+    def task_body(self, image_url: str | None) -> dict[str, Any]:
+        """Extra fields of a create request (model, images …) for this provider."""
+        return {"images": [image_url]} if image_url else {}
+
+    def provider_task_id(self) -> str:
+        """The provider's id for the most recent submit (waits for one to arrive)."""
+        raise NotImplementedError
+
+    def complete(self, task_id: str, urls: list[str], deliver: bool = True) -> httpx.Response | None:
+        """Finish the provider task with these result links; send the callback if `deliver`."""
+        raise NotImplementedError
+
+    def fail(
+        self, task_id: str, moderated: bool, message: str, deliver: bool = True
+    ) -> httpx.Response | None:
+        """Fail the provider task (moderation or generation failure); send the callback if `deliver`."""
+        raise NotImplementedError
+
+    def deliver(self, task_id: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+        """POST raw bytes to the task's callback URL; signed like the provider unless headers are given."""
+        raise NotImplementedError
+
+    def forged_headers(self, task_id: str, body: bytes) -> dict[str, str]:
+        """Headers with a wrong signature (only used when `signs`)."""
+        raise NotImplementedError
+
+    def malformed_body(self, task_id: str) -> bytes:
+        """A body that passes the provider's signature check (if any) but is not its callback JSON."""
+        raise NotImplementedError
+
+    async def held(self) -> None:
+        hold = self.hold
+        if hold is not None:
+            await asyncio.get_running_loop().run_in_executor(None, hold.wait, 10)
+
+    def wait_for(self, predicate: Callable[[], bool], seconds: float = 5) -> None:
+        deadline = time.monotonic() + seconds
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("the fake never saw what the test waited for")
+            time.sleep(0.01)

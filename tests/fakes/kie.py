@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import itertools
-import threading
+import json
 import time
 from typing import Any
 
@@ -16,21 +15,37 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fakes.common import FakeProvider, post_callback
+from tests.fakes.common import ProviderFake, post_callback
 
 GENERATE = "/api/v1/flux/kontext/generate"
 RECORD_INFO = "/api/v1/flux/kontext/record-info"
 KEY = "kie-test-key"
+HMAC_KEY = "kie-hmac-secret"
 
 
-class KieFake(FakeProvider):
-    def __init__(self, hmac_key: str | None = None) -> None:
+def kie_signature(key: str, task_id: str, timestamp: int | None = None) -> dict[str, str]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(key.encode(), f"{task_id}.{ts}".encode(), hashlib.sha256).digest()
+    return {"X-Webhook-Timestamp": ts, "X-Webhook-Signature": base64.b64encode(digest).decode()}
+
+
+class KieFake(ProviderFake):
+    name = "kie"
+    signs = True
+    submit_path = GENERATE
+
+    def __init__(self, hmac_key: str | None = HMAC_KEY) -> None:
         self.hmac_key = hmac_key
         self.ids = itertools.count(1)
         self.callback_urls: dict[str, str] = {}  # kie task id -> our callBackUrl
         self.records: dict[str, dict[str, Any]] = {}  # kie task id -> record-info data
-        self.hold: threading.Event | None = None  # when set, generate answers only once it is released
         super().__init__()
+
+    def receiver_env(self) -> dict[str, str]:
+        env = {"KIE_API_KEY": KEY, "KIE_BASE_URL": self.url}
+        if self.hmac_key:
+            env["KIE_WEBHOOK_HMAC_KEY"] = self.hmac_key
+        return env
 
     def routes(self) -> list[Route]:
         return [
@@ -46,7 +61,6 @@ class KieFake(FakeProvider):
         if scripted is not None:
             return scripted
         task_id = f"task{next(self.ids):05d}"
-        self.callback_urls[task_id] = recorded.json()["callBackUrl"]
         self.records[task_id] = {
             "taskId": task_id,
             "successFlag": 0,
@@ -54,9 +68,8 @@ class KieFake(FakeProvider):
             "errorCode": None,
             "errorMessage": "",
         }
-        hold = self.hold
-        if hold is not None:
-            await asyncio.get_running_loop().run_in_executor(None, hold.wait, 10)
+        self.callback_urls[task_id] = recorded.json()["callBackUrl"]
+        await self.held()
         return JSONResponse({"code": 200, "msg": "success", "data": {"taskId": task_id}})
 
     async def record_info(self, request: Request) -> Response:
@@ -81,6 +94,10 @@ class KieFake(FakeProvider):
     def last_task_id(self) -> str:
         return sorted(self.callback_urls)[-1]
 
+    def provider_task_id(self) -> str:
+        self.wait_for(lambda: bool(self.callback_urls))
+        return self.last_task_id()
+
     @staticmethod
     def success_body(task_id: str, url: str) -> dict[str, Any]:
         return {
@@ -102,17 +119,40 @@ class KieFake(FakeProvider):
     ) -> dict[str, str]:
         key = key or self.hmac_key
         assert key is not None
-        ts = str(int(time.time()) if timestamp is None else timestamp)
-        digest = hmac.new(key.encode(), f"{task_id}.{ts}".encode(), hashlib.sha256).digest()
-        return {"X-Webhook-Timestamp": ts, "X-Webhook-Signature": base64.b64encode(digest).decode()}
+        return kie_signature(key, task_id, timestamp)
 
-    def send(
-        self, task_id: str, body: Any, headers: dict[str, str] | None = None, url: str | None = None
-    ) -> httpx.Response:
+    def send(self, task_id: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
         """POST `body` to the callback URL kie was given for `task_id`, signed when an HMAC key is set."""
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.deliver(task_id, raw, headers)
+
+    def deliver(self, task_id: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
         signed = self.signature_headers(task_id) if self.hmac_key and headers is None else {}
-        return post_callback(url or self.callback_urls[task_id], body, {**signed, **(headers or {})})
+        return post_callback(self.callback_urls[task_id], body, {**signed, **(headers or {})})
+
+    def forged_headers(self, task_id: str, body: bytes) -> dict[str, str]:
+        return self.signature_headers(task_id, key="not-the-key")
+
+    def malformed_body(self, task_id: str) -> bytes:
+        return json.dumps({"data": {"taskId": task_id}}).encode()  # signable, but no code
 
     def succeed(self, task_id: str, url: str) -> httpx.Response:
-        self.records[task_id].update(successFlag=1, response={"originImageUrl": url, "resultImageUrl": url})
-        return self.send(task_id, self.success_body(task_id, url))
+        response = self.complete(task_id, [url])
+        assert response is not None
+        return response
+
+    def complete(self, task_id: str, urls: list[str], deliver: bool = True) -> httpx.Response | None:
+        self.records[task_id].update(
+            successFlag=1, response={"originImageUrl": urls[0], "resultImageUrl": urls[0]}
+        )
+        return self.send(task_id, self.success_body(task_id, urls[0])) if deliver else None
+
+    def fail(
+        self, task_id: str, moderated: bool, message: str, deliver: bool = True
+    ) -> httpx.Response | None:
+        self.records[task_id].update(successFlag=3, errorCode=400 if moderated else 501, errorMessage=message)
+        return (
+            self.send(task_id, self.failure_body(task_id, 400 if moderated else 501, message))
+            if deliver
+            else None
+        )
