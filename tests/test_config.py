@@ -1,0 +1,95 @@
+"""Configuration: every bad value stops `serve` with one line naming the variable, exit status 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from receiver.config import ConfigError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RECEIVER_PUBLIC_URL", "ftp://example.com"),
+        ("RECEIVER_SECRET_KEY", "short"),
+        ("RECEIVER_API_KEYS", "alice"),
+        ("RECEIVER_API_KEYS", "alice:short"),
+        ("RECEIVER_NOTIFY_SECRET", "plain-secret"),
+        ("RECEIVER_ALLOW_PRIVATE_URLS", "maybe"),
+        ("RECEIVER_RECONCILE_AFTER", "soon"),
+        ("RECEIVER_TASK_DEADLINE", "0"),
+        ("RECEIVER_MAX_IMAGE_BYTES", "12.5"),
+        ("RECEIVER_LINK_TTL", "-1"),
+        ("KIE_BASE_URL", "not a url"),
+        ("APICORE_REQUIRE_SIGNATURE", "yes please"),
+        ("RECEIVER_DOWNLOAD_RETRY_DELAYS", "1,x"),
+    ],
+)
+def test_bad_values_stop_serve_with_one_line(tmp_path: Path, name: str, value: str) -> None:
+    env = {**os.environ, "RECEIVER_DATA_DIR": str(tmp_path / "data"), name: value}
+    result = subprocess.run(
+        [sys.executable, "-m", "receiver", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("receiver: ")
+    assert name in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unwritable_data_dir(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="RECEIVER_DATA_DIR"):
+        load_settings({"RECEIVER_DATA_DIR": str(blocker / "data")})
+
+
+def test_generated_secrets_are_kept(tmp_path: Path) -> None:
+    env = {"RECEIVER_DATA_DIR": str(tmp_path)}
+    first = load_settings(env)
+    second = load_settings(env)
+    assert len(first.secret_key) >= 32
+    assert first.secret_key == second.secret_key
+    assert first.notify_secrets == second.notify_secrets
+    assert first.notify_secrets[0].startswith("whsec_")
+    assert list(first.api_keys) == list(second.api_keys)
+    assert first.dev_api_key_created
+    assert oct((tmp_path / "secret_key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_defaults_follow_the_contract(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_API_KEYS": "a:0123456789abcdef0"},
+        host="0.0.0.0",
+        port=9000,
+    )
+    assert settings.public_url == "http://0.0.0.0:9000"
+    assert settings.reconcile_after == 300
+    assert settings.task_deadline == 3600
+    assert settings.max_image_bytes == 52_428_800
+    assert settings.link_ttl == 604_800
+    assert settings.allow_private_urls is False
+    assert settings.provider("kie").base_url == "https://api.kie.ai"
+    assert settings.provider("kie").api_key is None
+    assert settings.provider("fal").extra["FAL_JWKS_URL"] == "https://rest.fal.ai/.well-known/jwks.json"
+    assert settings.db_path == tmp_path / "receiver.db"
+
+
+def test_serve_prints_a_dev_key_and_a_curl_example(tmp_path: Path) -> None:
+    from receiver.cli import welcome
+
+    settings = load_settings({"RECEIVER_DATA_DIR": str(tmp_path)})
+    text = welcome(settings)
+    key = (tmp_path / "dev_api_key").read_text().strip()
+    assert key in text
+    assert "curl" in text and '"provider": "sandbox"' in text

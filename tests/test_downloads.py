@@ -1,0 +1,146 @@
+"""Downloads end to end: refusals, retries, the size cap (with flat memory), and the address guard."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from receiver.downloads import is_public
+from tests.fakes.common import png
+from tests.fakes.kie import KEY, KieFake
+from tests.harness import ALICE, Receiver, ReceiverProcess
+
+
+def run_task(receiver: Receiver, kie: KieFake, url: str) -> dict[str, object]:
+    task = receiver.submit(provider="kie", prompt="p")
+    receiver.wait_status(str(task["id"]), "submitted")
+    assert kie.succeed(kie.last_task_id(), url).status_code == 200
+    return receiver.wait(str(task["id"]))
+
+
+def test_a_link_that_is_not_an_image_fails_the_task(kie: KieFake, kie_receiver: Receiver) -> None:
+    done = run_task(kie_receiver, kie, kie.host("page.html", b"<html>hello, not an image</html>" * 10))
+    assert done["status"] == "failed"
+    assert done["error"] == {
+        "code": "download_failed",
+        "message": "image 0: the link did not give a PNG, JPEG or WebP image",
+        "provider_code": None,
+    }
+
+
+def test_a_missing_image_fails_without_retries(kie: KieFake, kie_receiver: Receiver) -> None:
+    done = run_task(kie_receiver, kie, f"{kie.url}/files/never-there.png")
+    assert done["error"]["code"] == "download_failed"  # type: ignore[index]
+    assert "HTTP 404" in done["error"]["message"]  # type: ignore[index]
+
+
+def test_three_failures_then_success(kie: KieFake, kie_receiver: Receiver) -> None:
+    url = kie.host("flaky.png", failures=deque([503, 429, 500]))
+    done = run_task(kie_receiver, kie, url)
+    assert done["status"] == "succeeded"
+    assert kie.files["flaky.png"].fetches == 4
+    tries = [e["summary"] for e in kie_receiver.events(str(done["id"])) if e["kind"] == "download"]
+    assert [s.split(":")[0] for s in tries[:3]] == [
+        "image 0 try 1 failed",
+        "image 0 try 2 failed",
+        "image 0 try 3 failed",
+    ]
+
+
+def test_transient_failures_give_up_after_the_schedule(kie: KieFake, kie_receiver: Receiver) -> None:
+    url = kie.host("down.png", failures=deque([503] * 10))
+    done = run_task(kie_receiver, kie, url)
+    assert done["error"]["code"] == "download_failed"  # type: ignore[index]
+    assert "after 5 tries" in done["error"]["message"]  # type: ignore[index]
+    assert kie.files["down.png"].fetches == 5  # RECEIVER_DOWNLOAD_RETRY_DELAYS has four steps in tests
+
+
+def test_result_links_on_private_addresses_are_refused(
+    kie: KieFake, start_receiver: Callable[..., Receiver]
+) -> None:
+    receiver = start_receiver(KIE_API_KEY=KEY, KIE_BASE_URL=kie.url, RECEIVER_ALLOW_PRIVATE_URLS=0)
+    url = kie.host("internal.png")
+    done = run_task(receiver, kie, url)
+    assert done["error"]["code"] == "download_failed"  # type: ignore[index]
+    assert "refused: 127.0.0.1 resolves to the non-public address 127.0.0.1" in done["error"]["message"]  # type: ignore[index]
+    assert kie.files["internal.png"].fetches == 0  # not even one connection was made
+
+
+@pytest.mark.parametrize(
+    ("address", "public"),
+    [
+        ("8.8.8.8", True),
+        ("2606:4700:4700::1111", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("172.16.0.1", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("100.64.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("fe80::1%eth0", False),
+        ("fd00::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("::ffff:8.8.8.8", True),
+        ("224.0.0.1", False),
+    ],
+)
+def test_the_address_rule(address: str, public: bool) -> None:
+    assert is_public(address) is public
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _big_png(size: int) -> bytes:
+    head = png(4000, 3000)[:33]  # signature and IHDR (4000 x 3000), then filler to the size
+    return head + bytes(size - len(head))
+
+
+def test_memory_stays_flat_for_big_and_oversized_images(kie: KieFake, tmp_path: Path) -> None:
+    process = ReceiverProcess(
+        tmp_path / "data",
+        {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url, "RECEIVER_MAX_IMAGE_BYTES": str(40 * 1024 * 1024)},
+    ).start()
+    try:
+        assert process.process is not None
+        client = httpx.Client(base_url=process.url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
+        client.get("/v1/tasks")  # warm up
+        before = _peak_rss_kib(process.process.pid)
+        cases = {
+            "fits.png": (_big_png(35 * 1024 * 1024), "succeeded"),
+            "declared.png": (_big_png(60 * 1024 * 1024), "failed"),  # refused on Content-Length
+            "streamed.png": (_big_png(60 * 1024 * 1024), "failed"),  # no length: capped while streaming
+        }
+        for name, (body, expected) in cases.items():
+            url = kie.host(name, body)
+            if name == "streamed.png":
+                kie.files[name].chunk_delay = 0.000001  # forces a streamed answer without Content-Length
+            task = client.post("/v1/tasks", json={"provider": "kie", "prompt": name}).json()
+            deadline = time.monotonic() + 10
+            while client.get(f"/v1/tasks/{task['id']}").json()["status"] != "submitted":
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            kie.succeed(kie.last_task_id(), url)
+            done = client.get(f"/v1/tasks/{task['id']}", params={"wait": 30}).json()
+            assert done["status"] == expected, (name, done)
+            if expected == "failed":
+                assert "cap" in done["error"]["message"]
+        growth_mib = (_peak_rss_kib(process.process.pid) - before) / 1024
+        assert growth_mib < 30, f"peak RSS grew {growth_mib:.1f} MiB"
+        stored = client.get(f"/v1/tasks/{task['id']}")
+        assert stored.status_code == 200
+        assert not list((tmp_path / "data" / "media").rglob("*.part"))
+        client.close()
+    finally:
+        process.kill()

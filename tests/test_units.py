@@ -1,0 +1,106 @@
+"""Small pure pieces: image headers, the status order, tokens and links, the schema migrations."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from receiver import imageinfo
+from receiver.models import Status
+from receiver.store import MIGRATIONS, migrate
+from receiver.tokens import Tokens
+from tests.fakes.common import png
+
+
+def jpeg(width: int, height: int) -> bytes:
+    app0 = b"\xff\xe0" + struct.pack(">H", 16) + b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    exif = b"\xff\xe1" + struct.pack(">H", 2 + 3000) + bytes(3000)  # a long segment before the frame
+    sof = b"\xff\xc0" + struct.pack(">HBHHB", 11, 8, height, width, 1) + b"\x01\x11\x00"
+    return b"\xff\xd8" + app0 + exif + sof + b"\xff\xd9"
+
+
+def webp(kind: bytes, width: int, height: int) -> bytes:
+    if kind == b"VP8X":
+        payload = b"\x00\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    elif kind == b"VP8L":
+        bits = (width - 1) | ((height - 1) << 14)
+        payload = b"\x2f" + bits.to_bytes(4, "little")
+    else:
+        payload = b"\x00\x00\x00" + b"\x9d\x01\x2a" + struct.pack("<HH", width, height)
+    chunk = kind + struct.pack("<I", len(payload)) + payload
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+@pytest.mark.parametrize(
+    ("data", "content_type", "size"),
+    [
+        (png(123, 45), "image/png", (123, 45)),
+        (jpeg(640, 480), "image/jpeg", (640, 480)),
+        (webp(b"VP8X", 1000, 700), "image/webp", (1000, 700)),
+        (webp(b"VP8L", 300, 200), "image/webp", (300, 200)),
+        (webp(b"VP8 ", 64, 32), "image/webp", (64, 32)),
+    ],
+)
+def test_image_headers(data: bytes, content_type: str, size: tuple[int, int]) -> None:
+    assert imageinfo.sniff(data[:12]) == content_type
+    assert imageinfo.dimensions(io.BytesIO(data), content_type) == size
+
+
+@pytest.mark.parametrize(
+    "data", [b"GIF89a......", b"<html></html>", b"\x89PNG", b"", b"RIFF\x00\x00\x00\x00WAVE"]
+)
+def test_not_images(data: bytes) -> None:
+    assert imageinfo.sniff(data[:12]) is None
+
+
+def test_a_broken_header_has_no_dimensions() -> None:
+    assert imageinfo.dimensions(io.BytesIO(b"\xff\xd8\xff\xe0\x00"), "image/jpeg") is None
+    assert imageinfo.dimensions(io.BytesIO(b"\x89PNG\r\n\x1a\n" + bytes(8)), "image/png") is None
+
+
+def test_status_moves_forward_only() -> None:
+    assert Status.QUEUED.may_become(Status.SUBMITTED)
+    assert Status.QUEUED.may_become(Status.DOWNLOADING)  # an early callback
+    assert Status.SUBMITTED.may_become(Status.FAILED)
+    assert not Status.DOWNLOADING.may_become(Status.SUBMITTED)
+    assert not Status.SUBMITTED.may_become(Status.SUBMITTED)
+    for ended in (Status.SUCCEEDED, Status.FAILED):
+        assert not any(ended.may_become(other) for other in Status)
+
+
+def test_tokens_and_links() -> None:
+    tokens = Tokens("k" * 40, "https://r.example", 60)
+    other = Tokens("j" * 40, "https://r.example", 60)
+    token = tokens.callback_token("tsk_1")
+    assert tokens.task_of(token) == "tsk_1"
+    assert tokens.task_of(token) == "tsk_1"  # from the cache
+    assert other.task_of(token) is None
+    assert tokens.task_of(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert tokens.task_of("tsk_1") is None
+    link = tokens.signed_link("/v1/tasks/tsk_1/images/0")
+    query = dict(part.split("=") for part in link.split("?")[1].split("&"))
+    assert tokens.link_valid("/v1/tasks/tsk_1/images/0", query["expires"], query["signature"])
+    assert not tokens.link_valid("/v1/tasks/tsk_2/images/0", query["expires"], query["signature"])
+    assert not tokens.link_valid(
+        "/v1/tasks/tsk_1/images/0", str(int(query["expires"]) + 1), query["signature"]
+    )
+    expired = tokens.signed_link("/x", ttl=-5)
+    query = dict(part.split("=") for part in expired.split("?")[1].split("&"))
+    assert int(query["expires"]) < time.time()
+    assert not tokens.link_valid("/x", query["expires"], query["signature"])
+    # A callback token never doubles as a link signature, nor the other way round.
+    assert not tokens.link_valid("tsk_1", query["expires"], token.split(".")[-1])
+
+
+def test_migrations_apply_once(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    assert migrate(conn) == len(MIGRATIONS)
+    assert migrate(conn) == len(MIGRATIONS)
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"tasks", "images", "events", "jobs"} <= tables
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
