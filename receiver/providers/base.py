@@ -48,6 +48,11 @@ class Provider:
     min_images: ClassVar[int] = 0
     inline_images: ClassVar[bool] = False  # True: data URIs are sent inline, not as signed links
     early_download: ClassVar[bool] = False  # True: its result links die fast, fetch them before others
+    # Pacing defaults from the provider's documented limits; <NAME>_MAX_* variables override them.
+    pace_group: ClassVar[str | None] = None  # providers sharing one account's limits share a group
+    rate_limit: ClassVar[tuple[int, float] | None] = None  # (new tasks, per seconds)
+    max_concurrent: ClassVar[int | None] = None
+    max_concurrent_by_model: ClassVar[Mapping[str, int]] = {}
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
         """Field errors for values this provider cannot take; the shell already checked types."""
@@ -120,7 +125,8 @@ def raise_for_http_status(response: httpx.Response, message: str) -> None:
     if status < 400:
         return
     if status in (408, 425, 429) or status >= 500:
-        raise ProviderUnavailable(f"HTTP {status}: {message}", retry_after(response))
+        limited = status == 429
+        raise ProviderUnavailable(f"HTTP {status}: {message}", retry_after(response), rate_limited=limited)
     raise ProviderRejected(f"HTTP {status}: {message}", str(status))
 
 
@@ -133,15 +139,35 @@ def text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def same_origin(url: str, base: str) -> bool:
+    """Whether `url` has the scheme, host and port of `base`: a provider-supplied URL we would send our
+    API key to must stay on the operator's configured host."""
+    try:
+        given, trusted = httpx.URL(url), httpx.URL(base)
+    except (httpx.InvalidURL, TypeError):
+        return False
+    default_ports = {"http": 80, "https": 443}
+    given_origin = (given.scheme, given.host, given.port or default_ports.get(given.scheme))
+    trusted_origin = (trusted.scheme, trusted.host, trusted.port or default_ports.get(trusted.scheme))
+    return bool(given.host) and given_origin == trusted_origin
+
+
+def bearer_request(method: str, url: str, api_key: str | None, **kwargs: Any) -> httpx.Request:
+    """A request to a provider that takes `Authorization: Bearer <key>` (kie, apimart, apicore)."""
+    return httpx.Request(method, url, headers={"Authorization": f"Bearer {api_key}"}, **kwargs)
+
+
 __all__ = [
     "Context",
     "Provider",
     "ProviderRejected",
     "ProviderUnavailable",
+    "bearer_request",
     "json_object",
     "mapping",
     "raise_for_http_status",
     "response_json",
     "retry_after",
+    "same_origin",
     "text",
 ]

@@ -58,7 +58,7 @@ def check_kie_code(body: Mapping[str, Any]) -> None:
         return
     message = text(body.get("msg")) or "no message"
     if isinstance(code, int) and code in TRANSIENT_CODES:
-        raise ProviderUnavailable(f"kie code {code}: {message}")
+        raise ProviderUnavailable(f"kie code {code}: {message}", rate_limited=code == 429)
     raise ProviderRejected(message, text(code) or None)
 
 
@@ -100,6 +100,30 @@ def verify_kie_hmac(headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx:
         raise CallbackRejected("X-Webhook-Signature does not match")
 
 
+def kie_status_request(task: TaskSpec, ctx: Context, path: str) -> httpx.Request | None:
+    """kie's status queries, both APIs: GET {base}{path}?taskId=…, Bearer; nothing to ask before an id."""
+    if not task.provider_task_id:
+        return None
+    return httpx.Request(
+        "GET",
+        f"{ctx.settings.base_url}{path}",
+        params={"taskId": task.provider_task_id},
+        headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+    )
+
+
+def kie_status_body(response: httpx.Response, query: str) -> dict[str, Any]:
+    """A status answer's body. A body-level refusal there (e.g. 404 for a task not yet indexed) says
+    nothing about the task, so it is worth asking again, not the task's end."""
+    raise_for_http_status(response, response.text[:200])
+    body = response_json(response)
+    try:
+        check_kie_code(body)
+    except ProviderRejected as exc:
+        raise ProviderUnavailable(f"{query} refused: {exc.message}") from None
+    return body
+
+
 def failure_code(code: Any) -> ErrorCode:
     return ErrorCode.CONTENT_MODERATED if text(code) == "400" else ErrorCode.GENERATION_FAILED
 
@@ -122,6 +146,8 @@ class Kie(Provider):
         }
     )
     max_images = 1
+    pace_group = "kie"
+    rate_limit = (20, 10.0)  # providers.md §1.5: 20 new generation requests per 10 s per account
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -185,22 +211,10 @@ class Kie(Provider):
         return Outcome.failed(task_id, error, detail=f"code {code}: {message}")
 
     def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
-        if not task.provider_task_id:
-            return None
-        return httpx.Request(
-            "GET",
-            f"{ctx.settings.base_url}/api/v1/flux/kontext/record-info",
-            params={"taskId": task.provider_task_id},
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
-        )
+        return kie_status_request(task, ctx, "/api/v1/flux/kontext/record-info")
 
     def parse_status(self, response: httpx.Response) -> Outcome:
-        raise_for_http_status(response, response.text[:200])
-        body = response_json(response)
-        try:
-            check_kie_code(body)
-        except ProviderRejected as exc:
-            raise ProviderUnavailable(f"record-info refused: {exc.message}") from None
+        body = kie_status_body(response, "record-info")
         data = mapping(body.get("data"))
         task_id = kie_task_id(body)
         flag = data.get("successFlag")

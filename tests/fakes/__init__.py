@@ -5,7 +5,11 @@ FAKES lists every fake the shared end-to-end suite runs against; add a provider'
 
 from __future__ import annotations
 
+from tests.fakes.apicore import ApicoreFake
+from tests.fakes.apimart import ApimartFake
 from tests.fakes.common import ProviderFake
+from tests.fakes.fal import FalFake
 from tests.fakes.kie import KieFake
+from tests.fakes.kie_market import KieMarketFake
 
-FAKES: list[type[ProviderFake]] = [KieFake]
+FAKES: list[type[ProviderFake]] = [KieFake, KieMarketFake, ApimartFake, ApicoreFake, FalFake]

@@ -1,4 +1,7 @@
-"""A kie.ai fake speaking providers.md §1 (Flux Kontext) and §2.5 (HMAC-signed callbacks)."""
+"""A kie.ai fake speaking providers.md §1 (Flux Kontext) and §2.5 (HMAC-signed callbacks).
+
+KieFamilyFake holds what kie's two APIs share; tests/fakes/kie_market.py builds the Market fake on it.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +32,12 @@ def kie_signature(key: str, task_id: str, timestamp: int | None = None) -> dict[
     return {"X-Webhook-Timestamp": ts, "X-Webhook-Signature": base64.b64encode(digest).decode()}
 
 
-class KieFake(ProviderFake):
-    name = "kie"
+class KieFamilyFake(ProviderFake):
+    """What kie's APIs share: Bearer auth, body-level codes, a submit that remembers callBackUrl, a
+    status query by taskId and HMAC-signed callbacks. Subclasses give the paths and the job shapes."""
+
     signs = True
-    submit_path = GENERATE
+    status_path = ""
 
     def __init__(self, hmac_key: str | None = HMAC_KEY) -> None:
         self.hmac_key = hmac_key
@@ -49,45 +54,43 @@ class KieFake(ProviderFake):
 
     def routes(self) -> list[Route]:
         return [
-            Route(GENERATE, self.generate, methods=["POST"]),
-            Route(RECORD_INFO, self.record_info, methods=["GET"]),
+            Route(self.submit_path, self.generate, methods=["POST"]),
+            Route(self.status_path, self.record_info, methods=["GET"]),
         ]
 
     async def generate(self, request: Request) -> Response:
         recorded = await self.record(request)
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return JSONResponse({"code": 401, "msg": "You do not have access permissions"})
-        scripted = self.scripted_answer(GENERATE)
+        scripted = self.scripted_answer(self.submit_path)
         if scripted is not None:
             return scripted
-        task_id = f"task{next(self.ids):05d}"
-        self.records[task_id] = {
-            "taskId": task_id,
-            "successFlag": 0,
-            "response": None,
-            "errorCode": None,
-            "errorMessage": "",
-        }
+        task_id = self.new_task_id()
+        self.records[task_id] = self.new_record(task_id, recorded.json())
         self.callback_urls[task_id] = recorded.json()["callBackUrl"]
         await self.held()
         return JSONResponse({"code": 200, "msg": "success", "data": {"taskId": task_id}})
 
     async def record_info(self, request: Request) -> Response:
         await self.record(request)
-        scripted = self.scripted_answer(RECORD_INFO)
+        scripted = self.scripted_answer(self.status_path)
         if scripted is not None:
             return scripted
         task_id = request.query_params.get("taskId", "")
         data = self.records.get(task_id)
         if data is None:
             return JSONResponse({"code": 404, "msg": "task not found"})
-        return JSONResponse(
-            {
-                "code": 200,
-                "msg": "success",
-                "data": {**data, "paramJson": "{}", "createTime": 1710000000000, "completeTime": None},
-            }
-        )
+        return JSONResponse({"code": 200, "msg": "success", "data": self.status_data(data)})
+
+    def new_task_id(self) -> str:
+        raise NotImplementedError
+
+    def new_record(self, task_id: str, submitted: Any) -> dict[str, Any]:
+        """The job as the status query will show it, right after the submit."""
+        raise NotImplementedError
+
+    def status_data(self, record: dict[str, Any]) -> dict[str, Any]:
+        return record
 
     # -- what kie sends ----------------------------------------------------------------------------
 
@@ -97,22 +100,6 @@ class KieFake(ProviderFake):
     def provider_task_id(self) -> str:
         self.wait_for(lambda: bool(self.callback_urls))
         return self.last_task_id()
-
-    @staticmethod
-    def success_body(task_id: str, url: str) -> dict[str, Any]:
-        return {
-            "code": 200,
-            "msg": "BFL image generated successfully.",
-            "data": {"taskId": task_id, "info": {"originImageUrl": url + "?origin", "resultImageUrl": url}},
-        }
-
-    @staticmethod
-    def failure_body(task_id: str, code: int, msg: str) -> dict[str, Any]:
-        return {
-            "code": code,
-            "msg": msg,
-            "data": {"taskId": task_id, "info": {"originImageUrl": "", "resultImageUrl": ""}},
-        }
 
     def signature_headers(
         self, task_id: str, timestamp: int | None = None, key: str | None = None
@@ -135,6 +122,37 @@ class KieFake(ProviderFake):
 
     def malformed_body(self, task_id: str) -> bytes:
         return json.dumps({"data": {"taskId": task_id}}).encode()  # signable, but no code
+
+
+class KieFake(KieFamilyFake):
+    name = "kie"
+    submit_path = GENERATE
+    status_path = RECORD_INFO
+
+    def new_task_id(self) -> str:
+        return f"task{next(self.ids):05d}"
+
+    def new_record(self, task_id: str, submitted: Any) -> dict[str, Any]:
+        return {"taskId": task_id, "successFlag": 0, "response": None, "errorCode": None, "errorMessage": ""}
+
+    def status_data(self, record: dict[str, Any]) -> dict[str, Any]:
+        return {**record, "paramJson": "{}", "createTime": 1710000000000, "completeTime": None}
+
+    @staticmethod
+    def success_body(task_id: str, url: str) -> dict[str, Any]:
+        return {
+            "code": 200,
+            "msg": "BFL image generated successfully.",
+            "data": {"taskId": task_id, "info": {"originImageUrl": url + "?origin", "resultImageUrl": url}},
+        }
+
+    @staticmethod
+    def failure_body(task_id: str, code: int, msg: str) -> dict[str, Any]:
+        return {
+            "code": code,
+            "msg": msg,
+            "data": {"taskId": task_id, "info": {"originImageUrl": "", "resultImageUrl": ""}},
+        }
 
     def succeed(self, task_id: str, url: str) -> httpx.Response:
         response = self.complete(task_id, [url])

@@ -1,0 +1,230 @@
+"""apicore `/v1/images/generations` with Black Forest Labs' FLUX Kontext fields (providers.md §4.1 to §4.3).
+
+apicore relays BFL. Its answer to a submit is either the image links at once (OpenAI style, §4.1) or BFL's
+asynchronous `{id, polling_url}` (§4.2), after which a webhook arrives in one of the two BFL shapes seen in
+the wild (§4.3). Both are read by the same status rules, which reconcile shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from receiver.models import (
+    CallbackRejected,
+    ErrorCode,
+    MalformedCallback,
+    Outcome,
+    ProviderRejected,
+    ProviderUnavailable,
+    Submission,
+    TaskError,
+    TaskRequest,
+    TaskSpec,
+)
+from receiver.providers.base import (
+    Context,
+    Provider,
+    bearer_request,
+    json_object,
+    mapping,
+    raise_for_http_status,
+    response_json,
+    same_origin,
+    text,
+)
+
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16", "9:21")
+OUTPUT_FORMATS = ("jpeg", "png")
+MAX_SAFETY_TOLERANCE = 6
+SIGNATURE_HEADER = "x-bfl-signature"
+REQUIRE_SIGNATURE = "APICORE_REQUIRE_SIGNATURE"
+# Our request fields whose BFL names are the same.
+BFL_FIELDS = ("seed", "aspect_ratio", "output_format", "prompt_upsampling", "safety_tolerance")
+SUCCESS_STATUSES = frozenset({"ready", "success", "succeeded"})
+FAILURE_STATUSES = frozenset({"error", "failed", "failure"})
+# "Task not found" is pending on purpose: BFL's regional routing can answer it for a task that was just
+# accepted, and a wrong verdict would end a task that may still succeed; the task deadline ends a task
+# that is truly gone.
+PENDING_STATUSES = frozenset({"pending", "processing", "queued", "running", "task not found"})
+
+
+def bfl_message(body: Mapping[str, Any]) -> str:
+    """BFL's reason for a failure: `error`, else `details` (a string, or an object in ResultResponse)."""
+    for key in ("error", "details"):
+        value = body.get(key)
+        if isinstance(value, Mapping):
+            message = text(value.get("message")) or json.dumps(value, separators=(", ", ": "))
+        else:
+            message = text(value)
+        if message:
+            return message
+    return ""
+
+
+def bfl_outcome(body: Mapping[str, Any]) -> Outcome:
+    """The status rules of §4.3, for both webhook shapes (`id`/`Ready` and `task_id`/`SUCCESS`) and for
+    get_result's ResultResponse. Raises MalformedCallback when the body has no status to read."""
+    status = body.get("status")
+    if not isinstance(status, str) or not status.strip():
+        raise MalformedCallback("no status in the body")
+    task_id = text(body.get("id") or body.get("task_id")) or None
+    folded = status.strip().lower()
+    detail = f"status {status}"
+    if folded in SUCCESS_STATUSES:
+        sample = mapping(body.get("result")).get("sample")
+        samples = sample if isinstance(sample, list) else [sample]
+        urls = tuple(url for url in samples if isinstance(url, str) and url)
+        return Outcome.succeeded(task_id, urls, detail)
+    if "moderated" in folded:
+        error = TaskError(ErrorCode.CONTENT_MODERATED, bfl_message(body) or f"apicore: {status}", status)
+        return Outcome.failed(task_id, error, detail)
+    if folded in FAILURE_STATUSES:
+        error = TaskError(ErrorCode.GENERATION_FAILED, bfl_message(body) or f"apicore: {status}", status)
+        return Outcome.failed(task_id, error, detail)
+    if folded in PENDING_STATUSES:
+        return Outcome.pending(task_id, detail)
+    # A status this module does not know changes nothing; reconcile and the deadline still apply.
+    return Outcome.pending(task_id, f"{detail} (not a status we know; treated as pending)")
+
+
+def answer_message(response: httpx.Response) -> str:
+    """The reason in an error answer: FastAPI's `detail` (a string or a list of field errors), a
+    one-api relay's `error.message`, or the start of the body."""
+    try:
+        body = json_object(response.content)
+    except MalformedCallback:
+        return response.text[:200] or "no message"
+    detail = body.get("detail")
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            entry = mapping(item)
+            where = ".".join(text(part) for part in entry.get("loc", []) if part != "body")
+            message = text(entry.get("msg")) or text(item)
+            parts.append(f"{where}: {message}" if where else message)
+        if parts:
+            return "; ".join(parts)
+    elif detail:
+        return text(detail)
+    error = body.get("error")
+    return text(mapping(error).get("message")) or text(error) or text(body.get("message")) or "no message"
+
+
+def verify_bfl_signature(headers: Mapping[str, str], raw: bytes, secret: str | None, required: bool) -> None:
+    """`X-BFL-Signature: sha256=<hex HMAC-SHA256(webhook_secret, raw body)>`: checked whenever present,
+    refused when missing only if required. Without a secret to check with, a signature fails closed."""
+    signature = headers.get(SIGNATURE_HEADER)
+    if signature is None:
+        if required:
+            raise CallbackRejected(f"missing X-BFL-Signature ({REQUIRE_SIGNATURE}=1)")
+        return
+    if not secret:
+        raise CallbackRejected("this task has no webhook secret to check X-BFL-Signature with")
+    scheme, _, given = signature.strip().partition("=")
+    if scheme.lower() != "sha256" or not given:
+        raise CallbackRejected("X-BFL-Signature is not sha256=<hex>")
+    expected = hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):
+        raise CallbackRejected("X-BFL-Signature does not match")
+
+
+class Apicore(Provider):
+    name = "apicore"
+    key_variable = "APICORE_API_KEY"
+    models = ("flux-kontext-pro", "flux-kontext-max")
+    default_model = "flux-kontext-pro"
+    fields = frozenset({"model", "images", *BFL_FIELDS, "num_images", "options"})
+    max_images = 1
+    inline_images = True  # input_image takes a data URI, so uploads go inline
+    early_download = True  # BFL delivery links die 10 minutes after the image is ready
+    # BFL's limits per key (providers.md §4.2): 24 active tasks, 6 of them FLUX Kontext Max. apicore
+    # relays to BFL, so the same numbers are the safe default; APICORE_MAX_CONCURRENT overrides.
+    max_concurrent = 24
+    max_concurrent_by_model = {"flux-kontext-max": 6}
+
+    def validate(self, request: TaskRequest) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        params = request.params
+        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
+            errors["aspect_ratio"] = f"apicore takes one of {', '.join(ASPECT_RATIOS)}"
+        if "output_format" in params and params["output_format"] not in OUTPUT_FORMATS:
+            errors["output_format"] = f"apicore takes {' or '.join(OUTPUT_FORMATS)}"
+        if "safety_tolerance" in params and not 0 <= params["safety_tolerance"] <= MAX_SAFETY_TOLERANCE:
+            errors["safety_tolerance"] = f"apicore takes 0 to {MAX_SAFETY_TOLERANCE}"
+        if params.get("num_images", 1) != 1:
+            errors["num_images"] = "apicore makes one image per task"
+        return errors
+
+    def new_state(self) -> dict[str, str]:
+        # Sent with the submit so BFL can sign its webhook; kept with the task, never shown.
+        return {"webhook_secret": secrets.token_urlsafe(32)}
+
+    def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
+        body: dict[str, Any] = {**task.options, "model": task.model, "prompt": task.prompt}
+        body.update({name: task.params[name] for name in BFL_FIELDS if name in task.params})
+        if task.images:
+            body["input_image"] = task.images[0]
+        body["webhook_url"] = ctx.callback_url
+        if task.state.get("webhook_secret"):
+            body["webhook_secret"] = task.state["webhook_secret"]
+        return bearer_request(
+            "POST", f"{ctx.settings.base_url}/v1/images/generations", ctx.settings.api_key, json=body
+        )
+
+    def parse_submit(self, response: httpx.Response) -> Submission:
+        raise_for_http_status(response, answer_message(response))
+        body = response_json(response)
+        data = body.get("data")
+        if isinstance(data, list):
+            urls = tuple(text(mapping(item).get("url")) for item in data if mapping(item).get("url"))
+            detail = f"synchronous answer with {len(urls)} image link(s)"
+            return Submission(provider_task_id=None, outcome=Outcome.succeeded(None, urls, detail))
+        task_id = text(body.get("id"))
+        if not task_id:
+            if body.get("error") or body.get("detail"):
+                raise ProviderRejected(answer_message(response))
+            raise ProviderRejected("apicore answered with neither image links nor a task id")
+        state = {"id": task_id}
+        if isinstance(body.get("polling_url"), str) and body["polling_url"]:
+            state["polling_url"] = body["polling_url"]
+        try:
+            outcome: Outcome | None = bfl_outcome(body)
+        except MalformedCallback:
+            outcome = None  # AsyncResponse carries no status
+        if outcome is not None and outcome.state == "pending":
+            outcome = None
+        return Submission(provider_task_id=task_id, state=state, outcome=outcome)
+
+    def verify_callback(
+        self, headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float
+    ) -> None:
+        required = ctx.settings.extra.get(REQUIRE_SIGNATURE) == "1"
+        verify_bfl_signature(headers, raw, task.state.get("webhook_secret"), required)
+
+    def parse_callback(self, raw: bytes) -> Outcome:
+        return bfl_outcome(json_object(raw))
+
+    def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        task_id = task.provider_task_id or task.state.get("id")
+        if not task_id:
+            return None  # a synchronous answer: nothing to ask about
+        key = ctx.settings.api_key
+        polling_url = task.state.get("polling_url", "")
+        # The query carries our key, so a polling_url elsewhere than the configured host is not followed.
+        if polling_url and same_origin(polling_url, ctx.settings.base_url):
+            return bearer_request("GET", polling_url, key)
+        return bearer_request("GET", f"{ctx.settings.base_url}/v1/get_result", key, params={"id": task_id})
+
+    def parse_status(self, response: httpx.Response) -> Outcome:
+        raise_for_http_status(response, answer_message(response))
+        try:
+            return bfl_outcome(response_json(response))
+        except MalformedCallback as exc:
+            raise ProviderUnavailable(f"get_result answer unreadable: {exc}") from None

@@ -1,0 +1,379 @@
+"""fal.ai queue API, FLUX.1 Kontext [pro|max] (providers.md §5), with Ed25519-signed webhooks (§5.3)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from receiver.config import ProviderSettings
+from receiver.models import (
+    OPTIONAL_FIELDS,
+    CallbackRejected,
+    ErrorCode,
+    MalformedCallback,
+    Outcome,
+    ProviderRejected,
+    Submission,
+    TaskError,
+    TaskRequest,
+    TaskSpec,
+)
+from receiver.providers.base import (
+    Context,
+    Provider,
+    json_object,
+    mapping,
+    raise_for_http_status,
+    response_json,
+    same_origin,
+    text,
+)
+
+MODEL_ENDPOINTS = {
+    "flux-kontext-pro": "fal-ai/flux-pro/kontext",
+    "flux-kontext-max": "fal-ai/flux-pro/kontext/max",
+}
+# A fal endpoint id is owner/alias[/path…]; it becomes part of the URL our key is sent to, so only
+# plain path segments are taken (no dot-segments, no query, no percent-escapes).
+ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)+")
+ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
+SIGNATURE_TOLERANCE = 300
+SIGNATURE_HEADERS = (
+    "x-fal-webhook-request-id",
+    "x-fal-webhook-user-id",
+    "x-fal-webhook-timestamp",
+    "x-fal-webhook-signature",
+)
+PENDING_STATUSES = frozenset({"IN_QUEUE", "IN_PROGRESS"})
+MODERATION_TYPES = frozenset({"content_policy_violation"})
+# A result fetch answered with one of these is a passing fault of the fetch, not the request's failure.
+TRANSIENT_FETCH = frozenset({408, 425, 429})
+
+
+def fal_endpoint(model: str, has_image: bool) -> str:
+    """Our model names map to Kontext endpoints (text-to-image without an input image); a full fal
+    endpoint id is used as given."""
+    base = MODEL_ENDPOINTS.get(model)
+    if base is None:
+        return model
+    return base if has_image else f"{base}/text-to-image"
+
+
+def is_endpoint_id(model: str) -> bool:
+    return (
+        len(model) <= 200
+        and ENDPOINT_ID.fullmatch(model) is not None
+        and all(segment.strip(".") for segment in model.split("/"))
+    )
+
+
+def trusted_url(url: Any, trusted: str | httpx.URL) -> str | None:
+    """`url` from an answer if it is on the origin we trust with our key, else None."""
+    return url if isinstance(url, str) and same_origin(url, str(trusted)) else None
+
+
+def queue_urls(queue: str, endpoint: str, request_id: str) -> tuple[str, str]:
+    """The status and result URLs fal documents: they use only {owner}/{alias}, not the subpath."""
+    owner_alias = "/".join(endpoint.split("/")[:2])
+    result = f"{queue}/{owner_alias}/requests/{request_id}"
+    return f"{result}/status", result
+
+
+def detail_messages(detail: Any) -> list[str]:
+    """fal's `detail`: a string, or a list of {loc, msg, type, ctx?} objects (FastAPI style)."""
+    if isinstance(detail, str):
+        return [detail] if detail else []
+    messages: list[str] = []
+    if isinstance(detail, list):
+        for item in detail:
+            entry = mapping(item)
+            message = text(entry.get("msg")) or text(entry.get("type")) or (text(item) if item else "")
+            location = entry.get("loc")
+            if isinstance(location, list):
+                where = ".".join(text(part) for part in location if part != "body")
+                message = f"{where}: {message}" if where else message
+            if message:
+                messages.append(message)
+    return messages
+
+
+def detail_types(detail: Any) -> list[str]:
+    if not isinstance(detail, list):
+        return []
+    return [text(mapping(item).get("type")) for item in detail if mapping(item).get("type")]
+
+
+def fal_error(messages: list[str], types: list[str], fallback: str) -> TaskError:
+    """A failure fal reported: content_moderated when its machine-readable type says a content checker
+    flagged it (fal errors doc: `type` is the one field meant for conditional logic)."""
+    moderated = any(kind in MODERATION_TYPES for kind in types)
+    code = ErrorCode.CONTENT_MODERATED if moderated else ErrorCode.GENERATION_FAILED
+    return TaskError(code, "; ".join(messages) or fallback, types[0] if types else None)
+
+
+def result_outcome(request_id: str | None, payload: Mapping[str, Any], detail: str) -> Outcome:
+    """The model's output JSON: every image link, in order."""
+    images = payload.get("images")
+    urls = tuple(
+        text(mapping(image).get("url"))
+        for image in (images if isinstance(images, list) else [])
+        if mapping(image).get("url")
+    )
+    flagged = payload.get("has_nsfw_concepts")
+    if isinstance(flagged, list) and any(flag is True for flag in flagged):
+        detail = f"{detail}, has_nsfw_concepts {flagged}"
+    return Outcome.succeeded(request_id, urls, detail)
+
+
+@functools.lru_cache(maxsize=32)
+def ed25519_key(x: str) -> Ed25519PublicKey | None:
+    """A JWK's `x` (unpadded base64url of the 32-byte public key) as a key, or None if it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(x + "=" * (-len(x) % 4))
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (ValueError, binascii.Error):
+        return None
+
+
+def jwks_keys(key_set: Any) -> list[Ed25519PublicKey]:
+    keys: list[Ed25519PublicKey] = []
+    entries = mapping(key_set).get("keys")
+    for entry in entries if isinstance(entries, list) else []:
+        jwk = mapping(entry)
+        if jwk.get("kty") not in (None, "OKP") or jwk.get("crv") not in (None, "Ed25519"):
+            continue
+        x = jwk.get("x")
+        key = ed25519_key(x) if isinstance(x, str) else None
+        if key is not None:
+            keys.append(key)
+    return keys
+
+
+def verify_fal_signature(headers: Mapping[str, str], raw: bytes, key_set: Any, now: float) -> str:
+    """§5.3: Ed25519 over `request_id\\nuser_id\\ntimestamp\\nsha256hex(raw body)`, header values used
+    verbatim, accepted if any key of the JWKS verifies. Returns the signed request id."""
+    values = [headers.get(name, "") for name in SIGNATURE_HEADERS]
+    missing = [name for name, value in zip(SIGNATURE_HEADERS, values, strict=True) if not value]
+    if missing:
+        raise CallbackRejected(f"missing {', '.join(missing)}")
+    request_id, user_id, timestamp, signature_hex = values
+    if not (timestamp.isascii() and timestamp.isdigit()):
+        raise CallbackRejected("X-Fal-Webhook-Timestamp is not a number")
+    if abs(now - int(timestamp)) > SIGNATURE_TOLERANCE:
+        raise CallbackRejected("X-Fal-Webhook-Timestamp is outside the accepted window")
+    try:
+        signature = bytes.fromhex(signature_hex)
+    except ValueError:
+        raise CallbackRejected("X-Fal-Webhook-Signature is not hex") from None
+    if len(signature) != 64:
+        raise CallbackRejected("X-Fal-Webhook-Signature is not 64 bytes")
+    keys = jwks_keys(key_set)
+    if not keys:
+        raise CallbackRejected("no fal public key to verify with (the JWKS could not be fetched)")
+    message = f"{request_id}\n{user_id}\n{timestamp}\n{hashlib.sha256(raw).hexdigest()}".encode()
+    for key in keys:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return request_id
+    raise CallbackRejected("X-Fal-Webhook-Signature does not verify with any fal key")
+
+
+class Fal(Provider):
+    name = "fal"
+    key_variable = "FAL_KEY"
+    models = tuple(MODEL_ENDPOINTS)
+    default_model = "flux-kontext-pro"
+    accepts_any_model = True  # a full fal endpoint id, checked in validate
+    # Kontext on fal has no resolution; its prompt enhancer is `enhance_prompt` [I], left to options.
+    fields = frozenset(OPTIONAL_FIELDS) - {"resolution", "prompt_upsampling"}
+    max_images = 1
+    inline_images = True  # fal takes data URIs in image_url: no need for it to reach our uploads
+
+    def validate(self, request: TaskRequest) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        params = request.params
+        model = request.model
+        if model is not None and model not in MODEL_ENDPOINTS and not is_endpoint_id(model):
+            errors["model"] = (
+                "fal takes flux-kontext-pro, flux-kontext-max or a fal endpoint id such as "
+                "fal-ai/flux-pro/kontext/max/multi"
+            )
+        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
+            errors["aspect_ratio"] = f"fal takes one of {', '.join(ASPECT_RATIOS)}"
+        if "output_format" in params and params["output_format"] not in ("jpeg", "png"):
+            errors["output_format"] = "fal takes jpeg or png"
+        if "safety_tolerance" in params and not 1 <= params["safety_tolerance"] <= 6:
+            errors["safety_tolerance"] = "fal takes 1 to 6"
+        if "num_images" in params and not 1 <= params["num_images"] <= 4:
+            errors["num_images"] = "fal makes 1 to 4 images per task"
+        if "sync_mode" in request.options:
+            # sync_mode answers with data URIs and skips fal's history: no callback, nothing to fetch.
+            errors["options.sync_mode"] = "the receiver needs fal's queue and webhook; sync_mode is not taken"
+        guidance = request.options.get("guidance_scale")
+        if guidance is not None and (
+            isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 1 <= guidance <= 20
+        ):
+            errors["options.guidance_scale"] = "fal takes a number from 1 to 20"
+        return errors
+
+    def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
+        body: dict[str, Any] = {key: value for key, value in task.options.items() if key != "sync_mode"}
+        body["prompt"] = task.prompt
+        for field in ("aspect_ratio", "output_format", "seed", "num_images"):
+            if field in task.params:
+                body[field] = task.params[field]
+        if "safety_tolerance" in task.params:
+            body["safety_tolerance"] = str(task.params["safety_tolerance"])  # fal's enum is "1".."6"
+        endpoint = fal_endpoint(task.model, bool(task.images))
+        if task.images:
+            if endpoint.endswith("/multi"):
+                body["image_urls"] = list(task.images)
+            else:
+                body["image_url"] = task.images[0]
+        return httpx.Request(
+            "POST",
+            f"{ctx.settings.base_url}/{endpoint}",
+            params={"fal_webhook": ctx.callback_url},
+            headers={"Authorization": f"Key {ctx.settings.api_key}"},
+            json=body,
+        )
+
+    def parse_submit(self, response: httpx.Response) -> Submission:
+        raise_for_http_status(response, self._error_text(response))
+        body = response_json(response)
+        # request_id, not gateway_request_id: the latter names the last retry, the former the queue entry.
+        request_id = text(body.get("request_id"))
+        if not request_id:
+            raise ProviderRejected("fal accepted the task but sent no request_id")
+        # Reconcile sends our key to these URLs, so only ones on the queue's own origin are kept.
+        state = {
+            name: body[name]
+            for name in ("status_url", "response_url")
+            if trusted_url(body.get(name), response.request.url)
+        }
+        return Submission(provider_task_id=request_id, state=state)
+
+    def key_set_url(self, settings: ProviderSettings) -> str | None:
+        return settings.extra.get("FAL_JWKS_URL")
+
+    def verify_callback(
+        self, headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float
+    ) -> None:
+        signed_id = verify_fal_signature(headers, raw, ctx.keys, now)
+        # The signature covers the body's hash, not its meaning: the request id it names must be the
+        # signed one (a body that is not JSON is left to parse_callback, a 400).
+        try:
+            body_id = json_object(raw).get("request_id")
+        except MalformedCallback:
+            return
+        if body_id is not None and not hmac.compare_digest(text(body_id).encode(), signed_id.encode()):
+            raise CallbackRejected("X-Fal-Webhook-Request-Id is not the body's request_id")
+        if task.provider_task_id and signed_id != task.provider_task_id:
+            raise CallbackRejected("the signed request id is not this task's")
+
+    def parse_callback(self, raw: bytes) -> Outcome:
+        body = json_object(raw)
+        request_id = text(body.get("request_id"))
+        if not request_id:
+            raise MalformedCallback("no request_id in the callback")
+        status = body.get("status")
+        payload = body.get("payload")
+        if status == "OK":
+            if payload is None:
+                message = text(body.get("payload_error")) or "fal sent no payload"
+                error = TaskError(ErrorCode.GENERATION_FAILED, message, "payload_error")
+                return Outcome.failed(request_id, error, "status OK, payload null")
+            if not isinstance(payload, Mapping):
+                raise MalformedCallback("payload is not an object")
+            return result_outcome(request_id, payload, "status OK")
+        if status == "ERROR":
+            detail = mapping(payload).get("detail")
+            messages = [text(body.get("error"))] if body.get("error") else []
+            messages += detail_messages(detail)
+            error = fal_error(messages, detail_types(detail), "fal reported an error")
+            return Outcome.failed(request_id, error, f"status ERROR: {text(body.get('error'))}")
+        raise MalformedCallback(f"unknown status {status!r}")
+
+    def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        if not task.provider_task_id:
+            return None
+        queue = ctx.settings.base_url
+        status_url = trusted_url(task.state.get("status_url"), queue)
+        if status_url is None:
+            endpoint = fal_endpoint(task.model, bool(task.images))
+            status_url = queue_urls(queue, endpoint, task.provider_task_id)[0]
+        return httpx.Request("GET", status_url, headers={"Authorization": f"Key {ctx.settings.api_key}"})
+
+    def parse_status(self, response: httpx.Response) -> Outcome | httpx.Request:
+        asked = response.request.url
+        if asked.path.rstrip("/").endswith("/status"):
+            return self._read_status(response)
+        return self._read_result(response)
+
+    # -- reconcile, step by step ---------------------------------------------------------------------
+
+    @staticmethod
+    def _error_text(response: httpx.Response) -> str:
+        try:
+            body = json_object(response.content)
+        except MalformedCallback:
+            return response.text[:200]
+        return "; ".join(detail_messages(body.get("detail"))) or response.text[:200]
+
+    @staticmethod
+    def _request_id(url: httpx.URL) -> str | None:
+        segments = url.path.rstrip("/").split("/")
+        if "requests" in segments[:-1]:
+            return segments[segments.index("requests") + 1]
+        return None
+
+    def _read_status(self, response: httpx.Response) -> Outcome | httpx.Request:
+        raise_for_http_status(response, self._error_text(response))
+        body = response_json(response)
+        request_id = text(body.get("request_id")) or self._request_id(response.request.url)
+        status = text(body.get("status"))
+        if status in PENDING_STATUSES:
+            position = body.get("queue_position")
+            return Outcome.pending(request_id, status if position is None else f"{status} at {position}")
+        if status != "COMPLETED":
+            return Outcome.pending(request_id, f"unknown status {status!r}")
+        # COMPLETED only says the request ended; its error fields or its result say how.
+        if body.get("error") or body.get("error_type"):
+            kind = text(body.get("error_type"))
+            error = fal_error(
+                [text(body.get("error")) or kind], [kind] if kind else [], "fal reported an error"
+            )
+            return Outcome.failed(request_id, error, f"COMPLETED with error {kind or 'untyped'}")
+        asked = response.request.url
+        result_url = trusted_url(body.get("response_url"), asked)
+        if result_url is None:
+            result_url = str(asked.copy_with(query=None)).rstrip("/").removesuffix("/status")
+        return httpx.Request(
+            "GET", result_url, headers={"Authorization": response.request.headers.get("authorization", "")}
+        )
+
+    def _read_result(self, response: httpx.Response) -> Outcome:
+        request_id = self._request_id(response.request.url)
+        status = response.status_code
+        if status >= 400:
+            try:
+                detail = json_object(response.content).get("detail")
+            except MalformedCallback:
+                detail = None
+            if detail is None or status in TRANSIENT_FETCH:
+                raise_for_http_status(response, self._error_text(response))
+            error = fal_error(detail_messages(detail), detail_types(detail), f"fal answered HTTP {status}")
+            return Outcome.failed(request_id, error, f"result HTTP {status}")
+        return result_outcome(request_id, response_json(response), "COMPLETED, result fetched")

@@ -1,0 +1,175 @@
+"""kie.ai Market unified jobs API with the FLUX 2 models (providers.md §2), signed like kie (§2.5).
+
+The Market API shares kie's envelope (body-level `code`, `data.taskId`) and its account-wide HMAC, so
+submit answers, task ids and signatures go through kie.py's helpers. What differs is the job shape:
+the request nests its fields under `input`, and callbacks and recordInfo report a `state` with the
+result links in `resultJson`, a JSON *string*.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from receiver.models import (
+    ErrorCode,
+    MalformedCallback,
+    Outcome,
+    ProviderUnavailable,
+    TaskError,
+    TaskRequest,
+    TaskSpec,
+)
+from receiver.providers.base import Context, Provider, json_object, mapping, text
+from receiver.providers.kie import (
+    failure_code,
+    kie_status_body,
+    kie_status_request,
+    kie_task_id,
+    parse_kie_submit,
+    verify_kie_hmac,
+)
+
+ASPECT_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "auto")
+RESOLUTIONS = ("1K", "2K")
+PROMPT_LENGTH = (3, 5000)
+# Market model ids are `<family>/<variant>`; this provider sends FLUX 2 image-to-image jobs only.
+FLUX2_MODEL = re.compile(r"^flux-2/[a-z0-9][a-z0-9.-]*$")
+# Fields this module spells from the request itself; options may not set them behind its back.
+SPELLED_INPUT = frozenset({"input_urls", "prompt"})
+# kie publishes no list of moderation failCodes. Its Kontext API says "400" for a flagged prompt
+# (§1.3, kie.failure_code); Market failures may carry another code with a message that says so.
+MODERATION_WORDS = ("content polic", "nsfw", "flagged", "sensitive content", "moderat")
+
+
+def market_failure_code(code: str, message: str) -> ErrorCode:
+    """content_moderated for kie's flagged code "400" or a message that names moderation, else
+    generation_failed."""
+    if failure_code(code) is ErrorCode.CONTENT_MODERATED:
+        return ErrorCode.CONTENT_MODERATED
+    lowered = message.lower()
+    if any(word in lowered for word in MODERATION_WORDS):
+        return ErrorCode.CONTENT_MODERATED
+    return ErrorCode.GENERATION_FAILED
+
+
+def result_urls(value: Any) -> tuple[str, ...]:
+    """The links in `resultJson`, in order: a JSON string holding {"resultUrls": [...]}.
+
+    Empty or absent means no links (Outcome.succeeded turns that into a failure); anything else that
+    is not that shape raises MalformedCallback.
+    """
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        parsed: Mapping[str, Any] = json_object(value)
+    elif isinstance(value, Mapping):
+        parsed = value  # already decoded: not what kie documents, but its meaning is plain
+    else:
+        raise MalformedCallback("resultJson is neither a JSON string nor an object")
+    urls = parsed.get("resultUrls")
+    if urls is None:
+        return ()
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise MalformedCallback("resultJson.resultUrls is not a list of strings")
+    return tuple(url for url in urls if url)
+
+
+def job_outcome(data: Mapping[str, Any], task_id: str | None, top_code: str, top_msg: str) -> Outcome:
+    """What a job record says, the same for a callback and for recordInfo.
+
+    A top-level code other than 200 is a failure whatever `state` says (the Seedream-style callback
+    reports 400/500/501 without failCode); `failCode`/`failMsg`, when present, are the better detail.
+    """
+    state = text(data.get("state"))  # waiting, queuing, generating, success, fail (§2.3)
+    detail = f"code {top_code}, state {state or '-'}"
+    if top_code == "200" and state == "success":
+        return Outcome.succeeded(task_id, result_urls(data.get("resultJson")), detail)
+    if top_code == "200" and state != "fail":
+        return Outcome.pending(task_id, detail)
+    provider_code = text(data.get("failCode")) or (top_code if top_code != "200" else "")
+    message = text(data.get("failMsg")) or top_msg or "kie reported a failed job"
+    error = TaskError(market_failure_code(provider_code, message), message, provider_code or None)
+    return Outcome.failed(task_id, error, detail)
+
+
+class KieMarket(Provider):
+    name = "kie-market"
+    key_variable = "KIE_API_KEY"
+    models = ("flux-2/pro-image-to-image", "flux-2/flex-image-to-image")
+    default_model = "flux-2/pro-image-to-image"
+    accepts_any_model = True  # other FLUX 2 Market ids by id; validate() keeps them to flux-2/…
+    # No seed, output_format, safety_tolerance or prompt_upsampling in the Market schema (§2.1).
+    fields = frozenset({"model", "images", "aspect_ratio", "resolution", "num_images", "options"})
+    min_images = 1
+    max_images = 8
+    pace_group = "kie"  # one kie account, one limit for both APIs (§1.5); the group's limits are kie's
+
+    def validate(self, request: TaskRequest) -> dict[str, str]:
+        errors: dict[str, str] = {}
+        shortest, longest = PROMPT_LENGTH
+        if not shortest <= len(request.prompt) <= longest:
+            errors["prompt"] = f"kie-market takes {shortest} to {longest} characters"
+        model = request.model
+        if model is not None:
+            if not FLUX2_MODEL.match(model):
+                errors["model"] = (
+                    "kie-market takes FLUX 2 Market model ids such as "
+                    f"{', '.join(self.models)} (flux-2/<variant>)"
+                )
+            elif model.endswith("text-to-image"):
+                errors["model"] = "kie-market sends image-to-image jobs; use a flux-2/…-image-to-image id"
+        params = request.params
+        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
+            errors["aspect_ratio"] = f"kie-market takes one of {', '.join(ASPECT_RATIOS)}"
+        if "resolution" in params and params["resolution"] not in RESOLUTIONS:
+            errors["resolution"] = f"kie-market takes one of {', '.join(RESOLUTIONS)}"
+        if params.get("num_images", 1) != 1:
+            errors["num_images"] = "kie-market makes one image per task"
+        clashing = sorted(SPELLED_INPUT & set(request.options))
+        if clashing:
+            errors["options"] = f"{', '.join(clashing)} come from the request's prompt and images"
+        return errors
+
+    def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
+        # aspect_ratio and resolution are required by the schema: the request's value, else an
+        # option's, else the documented default.
+        job_input: dict[str, Any] = {"aspect_ratio": "1:1", "resolution": "1K", **task.options}
+        for field in ("aspect_ratio", "resolution"):
+            if field in task.params:
+                job_input[field] = task.params[field]
+        job_input["input_urls"] = list(task.images)
+        job_input["prompt"] = task.prompt
+        return httpx.Request(
+            "POST",
+            f"{ctx.settings.base_url}/api/v1/jobs/createTask",
+            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+            json={"model": task.model, "callBackUrl": ctx.callback_url, "input": job_input},
+        )
+
+    # kie's submit answer and callback signature are the same for both of its APIs.
+    parse_submit = staticmethod(parse_kie_submit)
+    verify_callback = staticmethod(verify_kie_hmac)
+
+    def parse_callback(self, raw: bytes) -> Outcome:
+        body = json_object(raw)
+        if "code" not in body:
+            raise MalformedCallback("no code in the callback")
+        data = body.get("data")
+        if data is not None and not isinstance(data, Mapping):
+            raise MalformedCallback("data in the callback is not an object")
+        return job_outcome(mapping(data), kie_task_id(body), text(body["code"]), text(body.get("msg")))
+
+    def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        return kie_status_request(task, ctx, "/api/v1/jobs/recordInfo")
+
+    def parse_status(self, response: httpx.Response) -> Outcome:
+        body = kie_status_body(response, "recordInfo")
+        try:
+            # The answer's code is the query's (200 here); the job's own fate is in `state`.
+            return job_outcome(mapping(body.get("data")), kie_task_id(body), "200", "")
+        except MalformedCallback as exc:
+            raise ProviderUnavailable(f"recordInfo answer unreadable: {exc}") from None

@@ -1,0 +1,244 @@
+"""A fal.ai fake speaking providers.md §5: the queue (submit with `?fal_webhook=`, status, result), a
+JWKS, and webhooks signed with Ed25519 exactly as fal signs them (§5.3)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tests.fakes.common import ProviderFake, post_callback
+
+KEY = "fal-test-key:secret"
+USER_ID = "fal-user-1234"
+JWKS_PATH = "/.well-known/jwks.json"
+BIG_SEED = 17454220438242315174  # a real fal seed: more than 64 bits signed, as in §5.2's capture
+
+
+def public_jwk(key: Ed25519PrivateKey) -> dict[str, str]:
+    raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return {"kty": "OKP", "crv": "Ed25519", "x": x, "kid": x[:8], "use": "sig", "alg": "EdDSA"}
+
+
+def fal_signature(
+    key: Ed25519PrivateKey, request_id: str, body: bytes, timestamp: int | None = None, user_id: str = USER_ID
+) -> dict[str, str]:
+    """The four headers fal sends: Ed25519 over request_id, user_id, timestamp and sha256hex(body)."""
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    message = f"{request_id}\n{user_id}\n{ts}\n{hashlib.sha256(body).hexdigest()}".encode()
+    return {
+        "X-Fal-Webhook-Request-Id": request_id,
+        "X-Fal-Webhook-User-Id": user_id,
+        "X-Fal-Webhook-Timestamp": ts,
+        "X-Fal-Webhook-Signature": key.sign(message).hex(),
+    }
+
+
+def wire(body: dict[str, Any]) -> bytes:
+    """fal's webhook bytes: Python json.dumps with sorted keys (the real capture in §5.2)."""
+    return json.dumps(body, sort_keys=True).encode()
+
+
+@dataclass
+class QueuedRequest:
+    endpoint: str
+    webhook: str
+    body: dict[str, Any]
+    status: str = "IN_QUEUE"
+    result: tuple[int, Any] | None = None  # what the result endpoint answers once COMPLETED
+    status_extra: dict[str, Any] = field(default_factory=dict)  # e.g. error/error_type on COMPLETED
+
+
+class FalFake(ProviderFake):
+    name = "fal"
+    signs = True
+    submit_path = "/fal-ai/flux-pro/kontext/text-to-image"
+
+    def __init__(self) -> None:
+        self.signing_key = Ed25519PrivateKey.generate()
+        self.published: list[Ed25519PrivateKey] = [self.signing_key]  # keys the JWKS lists
+        self.jwks_down = False
+        self.queue: dict[str, QueuedRequest] = {}  # request_id -> the request
+        self.order: list[str] = []
+        super().__init__()
+
+    def receiver_env(self) -> dict[str, str]:
+        return {"FAL_KEY": KEY, "FAL_QUEUE_URL": self.url, "FAL_JWKS_URL": self.url + JWKS_PATH}
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(JWKS_PATH, self.jwks, methods=["GET"]),
+            Route("/{owner}/{alias}/requests/{request_id}/status", self.status, methods=["GET"]),
+            Route("/{owner}/{alias}/requests/{request_id}", self.result, methods=["GET"]),
+            Route("/{endpoint:path}", self.submit, methods=["POST"]),
+        ]
+
+    # -- the queue ---------------------------------------------------------------------------------
+
+    def urls(self, endpoint: str, request_id: str) -> dict[str, str]:
+        owner_alias = "/".join(endpoint.split("/")[:2])  # fal drops the subpath (§5.1)
+        base = f"{self.url}/{owner_alias}/requests/{request_id}"
+        return {"response_url": base, "status_url": f"{base}/status", "cancel_url": f"{base}/cancel"}
+
+    def unauthorised(self, request: Request) -> Response | None:
+        if request.headers.get("authorization") == f"Key {KEY}":
+            return None
+        return JSONResponse({"detail": "No user found for Key ID and Secret"}, status_code=401)
+
+    async def submit(self, request: Request) -> Response:
+        recorded = await self.record(request)
+        refused = self.unauthorised(request)
+        if refused is not None:
+            return refused
+        scripted = self.scripted_answer(recorded.path)
+        if scripted is not None:
+            return scripted
+        request_id = str(uuid.uuid4())
+        endpoint = request.path_params["endpoint"]
+        self.queue[request_id] = QueuedRequest(
+            endpoint, recorded.query.get("fal_webhook", ""), recorded.json()
+        )
+        self.order.append(request_id)
+        await self.held()
+        return JSONResponse(
+            {
+                "status": "IN_QUEUE",
+                "request_id": request_id,
+                "queue_position": 0,
+                **self.urls(endpoint, request_id),
+            }
+        )
+
+    async def queued_or_answer(self, request: Request) -> QueuedRequest | Response:
+        """The queued request a status or result URL names, or the answer that replaces it."""
+        await self.record(request)
+        refused = self.unauthorised(request)
+        scripted = refused or self.scripted_answer(request.url.path)
+        if scripted is not None:
+            return scripted
+        queued = self.queue.get(request.path_params["request_id"])
+        owner_alias = f"{request.path_params['owner']}/{request.path_params['alias']}"
+        if queued is None or not queued.endpoint.startswith(owner_alias + "/"):
+            return JSONResponse({"detail": "Request not found"}, status_code=404)
+        return queued
+
+    async def status(self, request: Request) -> Response:
+        queued = await self.queued_or_answer(request)
+        if isinstance(queued, Response):
+            return queued
+        request_id = request.path_params["request_id"]
+        answer: dict[str, Any] = {
+            "status": queued.status,
+            "request_id": request_id,
+            **self.urls(queued.endpoint, request_id),
+        }
+        if queued.status == "IN_QUEUE":
+            answer["queue_position"] = 0
+        if queued.status == "COMPLETED":
+            answer.update(logs=None, metrics={"inference_time": 1.2}, **queued.status_extra)
+        return JSONResponse(answer)
+
+    async def result(self, request: Request) -> Response:
+        queued = await self.queued_or_answer(request)
+        if isinstance(queued, Response):
+            return queued
+        if queued.status != "COMPLETED" or queued.result is None:
+            return JSONResponse({"detail": "Request is still in progress"}, status_code=400)
+        status, body = queued.result
+        headers = {"X-Fal-Retryable": "false"} if status >= 400 else {}
+        return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+    async def jwks(self, request: Request) -> Response:
+        await self.record(request)
+        if self.jwks_down:
+            return JSONResponse({"detail": "unavailable"}, status_code=503)
+        return JSONResponse({"keys": [public_jwk(key) for key in self.published]})
+
+    def rotate(self, keep_old: bool = False) -> None:
+        """Sign with a new key from now on; the JWKS lists it (and the old one if `keep_old`)."""
+        self.signing_key = Ed25519PrivateKey.generate()
+        self.published = [*self.published, self.signing_key] if keep_old else [self.signing_key]
+
+    # -- what fal sends ----------------------------------------------------------------------------
+
+    def provider_task_id(self) -> str:
+        self.wait_for(lambda: bool(self.order))
+        return self.order[-1]
+
+    @staticmethod
+    def output(urls: list[str]) -> dict[str, Any]:
+        """The model's output JSON (§5.1), with a seed past 64 bits like the real capture."""
+        return {
+            "has_nsfw_concepts": [False] * len(urls),
+            "images": [{"content_type": "image/png", "height": 48, "url": url, "width": 64} for url in urls],
+            "prompt": "a lighthouse at dusk",
+            "seed": BIG_SEED,
+            "timings": {"inference": 2.107286686077714},
+        }
+
+    @staticmethod
+    def envelope(request_id: str, status: str, payload: Any, **more: Any) -> bytes:
+        return wire(
+            {
+                "error": None,
+                "gateway_request_id": request_id,
+                "payload": payload,
+                "request_id": request_id,
+                "status": status,
+                **more,
+            }
+        )
+
+    def signed(self, request_id: str, body: bytes, **kwargs: Any) -> dict[str, str]:
+        return fal_signature(self.signing_key, request_id, body, **kwargs)
+
+    def deliver(self, task_id: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+        sent = self.signed(task_id, body) if headers is None else headers
+        return post_callback(self.queue[task_id].webhook, body, sent)
+
+    def forged_headers(self, task_id: str, body: bytes) -> dict[str, str]:
+        return fal_signature(Ed25519PrivateKey.generate(), task_id, body)
+
+    def malformed_body(self, task_id: str) -> bytes:
+        return wire({"request_id": task_id, "gateway_request_id": task_id})  # signable, but no status
+
+    def complete(self, task_id: str, urls: list[str], deliver: bool = True) -> httpx.Response | None:
+        queued = self.queue[task_id]
+        queued.status, queued.result = "COMPLETED", (200, self.output(urls))
+        return self.deliver(task_id, self.envelope(task_id, "OK", self.output(urls))) if deliver else None
+
+    def fail(
+        self, task_id: str, moderated: bool, message: str, deliver: bool = True
+    ) -> httpx.Response | None:
+        """A model error: 422 with a typed `detail` list when a content checker flagged it, else a 500
+        with a plain `detail` string (fal's errors doc shows both shapes)."""
+        if moderated:
+            status = 422
+            detail: Any = [
+                {
+                    "loc": ["body", "prompt"],
+                    "msg": message,
+                    "type": "content_policy_violation",
+                    "url": "https://docs.fal.ai/errors#content_policy_violation",
+                }
+            ]
+        else:
+            status, detail = 500, message
+        queued = self.queue[task_id]
+        queued.status, queued.result = "COMPLETED", (status, {"detail": detail})
+        if not deliver:
+            return None
+        body = self.envelope(task_id, "ERROR", {"detail": detail}, error=f"Invalid status code: {status}")
+        return self.deliver(task_id, body)

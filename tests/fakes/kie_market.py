@@ -1,0 +1,94 @@
+"""A kie.ai Market fake speaking providers.md §2 (createTask, recordInfo, the unified Market callback)
+and §2.5 (the HMAC kie signs every callback with)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from tests.fakes.kie import KieFamilyFake
+
+CREATE_TASK = "/api/v1/jobs/createTask"
+RECORD_INFO = "/api/v1/jobs/recordInfo"
+MODEL = "flux-2/pro-image-to-image"
+CREATED_AT = 1765174753676  # ms epoch, as in the §2.2 example task id
+
+
+def param_string(submitted: Any) -> str:
+    """`param` as kie echoes it (§2.4): a JSON string whose `input` member is itself a JSON string."""
+    return json.dumps({**submitted, "input": json.dumps(submitted.get("input", {}))})
+
+
+class KieMarketFake(KieFamilyFake):
+    name = "kie-market"
+    text_to_image = False  # Market image-to-image needs at least one input_urls entry
+    submit_path = CREATE_TASK
+    status_path = RECORD_INFO
+
+    def new_task_id(self) -> str:
+        return f"task_flux-2_{CREATED_AT + next(self.ids)}"
+
+    def new_record(self, task_id: str, submitted: Any) -> dict[str, Any]:
+        return {
+            "taskId": task_id,
+            "model": submitted.get("model", MODEL),
+            "state": "waiting",
+            "param": param_string(submitted),
+            "resultJson": "",
+            "failCode": "",
+            "failMsg": "",
+            "costTime": 0,
+            "completeTime": None,
+            "createTime": CREATED_AT,
+            "updateTime": CREATED_AT,
+        }
+
+    # -- what kie sends ----------------------------------------------------------------------------
+
+    def callback_body(self, task_id: str, code: int, msg: str, state: str, **fields: Any) -> dict[str, Any]:
+        """The unified Market callback (§2.4, the Wan 3.0 page's shape) for this task's record."""
+        record = self.records[task_id]
+        data = {"taskId": task_id, "model": record["model"], "state": state, "param": record["param"]}
+        return {"code": code, "msg": msg, "data": {**data, **fields}}
+
+    def success_body(self, task_id: str, urls: list[str]) -> dict[str, Any]:
+        return self.callback_body(
+            task_id,
+            200,
+            "Playground task completed successfully.",
+            "success",
+            resultJson=json.dumps({"resultUrls": urls}),
+            costTime=15,
+            completeTime=CREATED_AT + 15000,
+            createTime=CREATED_AT,
+            updateTime=CREATED_AT + 15000,
+            creditsConsumed=5,
+        )
+
+    def failure_body(self, task_id: str, fail_code: str, message: str) -> dict[str, Any]:
+        """Code 501, failCode a numeric string, no resultJson and no times, as documented."""
+        return self.callback_body(
+            task_id,
+            501,
+            "Playground task failed.",
+            "fail",
+            failCode=fail_code,
+            failMsg=message,
+            costTime=3,
+            creditsConsumed=0,
+        )
+
+    def complete(self, task_id: str, urls: list[str], deliver: bool = True) -> httpx.Response | None:
+        self.records[task_id].update(
+            state="success", resultJson=json.dumps({"resultUrls": urls}), completeTime=CREATED_AT + 15000
+        )
+        return self.send(task_id, self.success_body(task_id, urls)) if deliver else None
+
+    def fail(
+        self, task_id: str, moderated: bool, message: str, deliver: bool = True
+    ) -> httpx.Response | None:
+        fail_code = "400" if moderated else "500"
+        self.records[task_id].update(state="fail", failCode=fail_code, failMsg=message)
+        return self.send(task_id, self.failure_body(task_id, fail_code, message)) if deliver else None
