@@ -18,8 +18,10 @@ from receiver import metrics
 from receiver.api import Api
 from receiver.callbacks import Callbacks, KeySets
 from receiver.config import Settings
+from receiver.console import console_routes
 from receiver.downloads import clean_partial_files, outside_client
 from receiver.models import Status
+from receiver.notify import NOTIFY_SLOTS, Notifier
 from receiver.openapi import openapi_document
 from receiver.sandbox_service import SandboxService
 from receiver.store import Store
@@ -49,6 +51,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         settings.sandbox_delay,
     )
     worker = Worker(settings, store, tokens, provider_http, outside_http)
+    worker.add_handler("notify", NOTIFY_SLOTS, Notifier(settings, store, tokens, outside_http).deliver)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -95,6 +98,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *sandbox.routes(),
+        *console_routes(settings, api.tenant),
     ]
 
     @contextlib.asynccontextmanager

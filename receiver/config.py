@@ -24,6 +24,8 @@ class ProviderSettings:
     api_key: str | None
     base_url: str
     extra: Mapping[str, str] = field(default_factory=dict)
+    max_concurrent: int | None = None  # <NAME>_MAX_CONCURRENT, overriding the provider's own default
+    max_per_minute: int | None = None  # <NAME>_MAX_PER_MINUTE, likewise
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class Settings:
     submit_retries: int = 5
     retry_base: float = 1.0
     download_retry_delays: tuple[float, ...] = (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
+    notify_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+    notify_timeout: float = 10.0
     reconcile_interval: float = 60.0
     sandbox_delay: float = 1.0
     http_timeout: float = 30.0
@@ -169,6 +173,24 @@ def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tu
     return values
 
 
+def _base64_key(text: str) -> bytes:
+    """The key bytes of a whsec_ secret (standard base64, padding optional); empty when it is not one."""
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        return b""
+
+
+def _pacing(env: Mapping[str, str], provider: str) -> tuple[int | None, int | None]:
+    """<NAME>_MAX_CONCURRENT and <NAME>_MAX_PER_MINUTE for a provider, when set."""
+    prefix = provider.upper().replace("-", "_")
+    concurrent, per_minute = (f"{prefix}_MAX_CONCURRENT", f"{prefix}_MAX_PER_MINUTE")
+    return (
+        _integer(env, concurrent, 0, minimum=1) if env.get(concurrent) else None,
+        _integer(env, per_minute, 0, minimum=1) if env.get(per_minute) else None,
+    )
+
+
 def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
     """Read every setting; create the data dir and the kept secrets. Raises ConfigError on a bad value."""
     data_dir = Path(env.get("RECEIVER_DATA_DIR") or "./data").resolve()
@@ -202,8 +224,8 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         )
     notify_secrets = tuple(notify_raw.split())
     for secret in notify_secrets:
-        if not secret.startswith("whsec_"):
-            raise ConfigError("RECEIVER_NOTIFY_SECRET must hold whsec_… secrets separated by spaces")
+        if not secret.startswith("whsec_") or not _base64_key(secret.removeprefix("whsec_")):
+            raise ConfigError("RECEIVER_NOTIFY_SECRET must hold whsec_<base64> secrets separated by spaces")
 
     providers: dict[str, ProviderSettings] = {}
     for name, (key_var, base_var, base_default, extras) in PROVIDER_ENV.items():
@@ -213,11 +235,21 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
             extra["FAL_JWKS_URL"] = _url("FAL_JWKS_URL", env.get("FAL_JWKS_URL") or FAL_JWKS_DEFAULT)
         if name == "apicore":
             extra["APICORE_REQUIRE_SIGNATURE"] = "1" if _flag(env, "APICORE_REQUIRE_SIGNATURE") else "0"
-        providers[name] = ProviderSettings(api_key=env.get(key_var) or None, base_url=base, extra=extra)
+        concurrent, per_minute = _pacing(env, name)
+        providers[name] = ProviderSettings(
+            api_key=env.get(key_var) or None,
+            base_url=base,
+            extra=extra,
+            max_concurrent=concurrent,
+            max_per_minute=per_minute,
+        )
 
     # The built-in sandbox is always offered; it lives under our own URL, keyed by our own secret.
     sandbox_key = hmac.new(secret_key.encode(), b"receiver.sandbox", hashlib.sha256).hexdigest()
-    providers["sandbox"] = ProviderSettings(api_key=sandbox_key, base_url=public_url)
+    concurrent, per_minute = _pacing(env, "sandbox")
+    providers["sandbox"] = ProviderSettings(
+        api_key=sandbox_key, base_url=public_url, max_concurrent=concurrent, max_per_minute=per_minute
+    )
 
     reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0)
     task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0)
@@ -244,5 +276,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         sandbox_delay=_number(env, "RECEIVER_SANDBOX_DELAY", 1.0),
         http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1),
         download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1),
+        notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule),
+        notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1),
         dev_api_key_created=dev_key_created,
     )

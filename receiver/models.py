@@ -109,10 +109,11 @@ class ProviderRejected(Exception):
 class ProviderUnavailable(Exception):
     """A failure worth retrying later (network, 429, 5xx, maintenance)."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.rate_limited = rate_limited  # a 429: the whole provider is held back, not just this task
 
 
 class CallbackRejected(Exception):

@@ -119,6 +119,22 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                 "change": {"type": ["string", "null"]},
             },
         },
+        "Provider": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "models": {"type": "array", "items": {"type": "string"}},
+                "default_model": {"type": "string"},
+                "accepts_any_model": {"type": "boolean", "description": "other model ids are taken too"},
+                "fields": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "the optional request fields it honours",
+                },
+                "min_images": {"type": "integer"},
+                "max_images": {"type": "integer"},
+            },
+        },
     }
     assert set(OPTIONAL_FIELDS) <= set(schemas["TaskCreate"]["properties"])
     signed = [
@@ -324,6 +340,37 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
                     ],
                     "responses": {"200": {"description": "PNG"}},
+                }
+            },
+            "/v1/providers": {
+                "get": {
+                    "summary": "The providers this deployment offers (key set, and the sandbox)",
+                    "security": BEARER,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {"items": {"type": "array", "items": _ref("Provider")}},
+                            },
+                            "the providers",
+                        ),
+                        "401": ERRORS["401"],
+                    },
+                }
+            },
+            "/ui": {
+                "get": {
+                    "summary": "The browser console (HTML; the API key is entered in the page)",
+                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+                }
+            },
+            "/ui/static/{name}": {
+                "get": {
+                    "summary": "The console's stylesheet and script",
+                    "parameters": [
+                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                    ],
+                    "responses": {"200": {"description": "CSS or JavaScript"}, "404": ERRORS["404"]},
                 }
             },
         },

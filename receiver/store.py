@@ -89,6 +89,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX jobs_by_due ON jobs (running, due_at);
     """,
+    # What an event brought back beyond its summary, e.g. the first 2 KB of an app's notify answer.
+    "ALTER TABLE events ADD COLUMN detail TEXT",
+    # Pacing counts the tasks each provider has in flight (status 'submitted').
+    "CREATE INDEX tasks_in_flight ON tasks (status, provider, model)",
 )
 
 
@@ -361,8 +365,18 @@ class Store:
         )
         return {row["kind"]: row["n"] for row in rows}
 
-    async def next_due(self) -> float | None:
-        rows = await self._fetch("SELECT MIN(due_at) AS due FROM jobs WHERE running=0")
+    async def next_due(self, skip_providers: Iterable[str] = ()) -> float | None:
+        """When the next job falls due, not counting submit jobs of paced-out providers."""
+        skip = sorted(skip_providers)
+        if not skip:
+            rows = await self._fetch("SELECT MIN(due_at) AS due FROM jobs WHERE running=0")
+        else:
+            marks = ",".join("?" * len(skip))
+            rows = await self._fetch(
+                "SELECT MIN(due_at) AS due FROM jobs WHERE running=0 AND NOT (kind='submit' AND EXISTS ("  # noqa: S608
+                f" SELECT 1 FROM tasks t WHERE t.id=jobs.task_id AND t.provider IN ({marks})))",
+                skip,
+            )
         due = rows[0]["due"] if rows else None
         return float(due) if due is not None else None
 
@@ -458,6 +472,24 @@ class Store:
     async def add_event(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
         await self.write(lambda tx: _event(tx, task_id, kind, verified, summary, None))
 
+    async def record_notify_attempt(
+        self, job: Job, summary: str, detail: str | None, retry_in: float | None
+    ) -> None:
+        """One delivery attempt and what follows it, together: a retry in `retry_in` s, or (None) no more."""
+
+        def op(tx: Tx) -> None:
+            _event(tx, job.task_id, "notify", True, summary, None, detail)
+            if retry_in is None:
+                _delete_job(tx, job.id)
+            else:
+                tx.run(
+                    "UPDATE jobs SET running=0, due_at=?, last_error=? WHERE id=?",
+                    (tx.now + retry_in, summary[:500], job.id),
+                )
+                tx.jobs_added = True
+
+        await self.write(op)
+
     async def record_image(
         self,
         job: Job,
@@ -496,15 +528,49 @@ class Store:
 
     # -- writes: jobs ----------------------------------------------------------------------------
 
-    async def claim_jobs(self, kind: str, limit: int) -> list[Job]:
+    async def claim_jobs(self, kind: str, limit: int, skip_providers: Iterable[str] = ()) -> list[Job]:
+        """Mark up to `limit` due jobs of `kind` running, oldest first; skip tasks of paced-out providers."""
+        skip = sorted(skip_providers)
+        skipping = ""
+        if skip:
+            marks = ",".join("?" * len(skip))
+            skipping = (
+                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id=jobs.task_id"  # noqa: S608
+                f" AND t.provider IN ({marks}))"
+            )
+
+        sql = (
+            "UPDATE jobs SET running=1, attempts=attempts+1 WHERE id IN ("  # noqa: S608 - placeholders only
+            f" SELECT id FROM jobs WHERE running=0 AND kind=? AND due_at<=?{skipping}"
+            " ORDER BY due_at, id LIMIT ?) RETURNING id, kind, task_id, arg, attempts"
+        )
+
         def op(tx: Tx) -> list[Job]:
-            rows = tx.conn.execute(
-                "UPDATE jobs SET running=1, attempts=attempts+1 WHERE id IN ("
-                " SELECT id FROM jobs WHERE running=0 AND kind=? AND due_at<=? ORDER BY due_at LIMIT ?)"
-                " RETURNING id, kind, task_id, arg, attempts",
-                (kind, tx.now, limit),
-            ).fetchall()
+            rows = tx.conn.execute(sql, (kind, tx.now, *skip, limit)).fetchall()
             return [Job(r["id"], r["kind"], r["task_id"], r["arg"], r["attempts"]) for r in rows]
+
+        return await self.write(op)
+
+    async def unclaim(self, job: Job) -> None:
+        """Put a claimed job back untouched (pacing said not yet): its place in the queue is kept."""
+
+        def op(tx: Tx) -> None:
+            tx.run("UPDATE jobs SET running=0, attempts=attempts-1 WHERE id=?", (job.id,))
+
+        await self.write(op)
+
+    async def in_flight(self) -> dict[tuple[str, str], int]:
+        """Tasks accepted by their provider and not finished, by (provider, model).
+
+        Run on the writer, in order with the commits that accept tasks, so a pacing decision never
+        misses a task that was accepted just before it."""
+
+        def op(tx: Tx) -> dict[tuple[str, str], int]:
+            rows = tx.conn.execute(
+                "SELECT provider, model, COUNT(*) AS n FROM tasks WHERE status='submitted'"
+                " GROUP BY provider, model"
+            ).fetchall()
+            return {(row["provider"], row["model"]): row["n"] for row in rows}
 
         return await self.write(op)
 
@@ -558,10 +624,18 @@ def _delete_job(tx: Tx, job_id: int) -> None:
     tx.run("DELETE FROM jobs WHERE id=?", (job_id,))
 
 
-def _event(tx: Tx, task_id: str, kind: str, verified: bool, summary: str, change: str | None) -> None:
+def _event(
+    tx: Tx,
+    task_id: str,
+    kind: str,
+    verified: bool,
+    summary: str,
+    change: str | None,
+    detail: str | None = None,
+) -> None:
     tx.run(
-        "INSERT INTO events (task_id, at, kind, verified, summary, change) VALUES (?,?,?,?,?,?)",
-        (task_id, tx.now, kind, int(verified), summary[:500], change),
+        "INSERT INTO events (task_id, at, kind, verified, summary, change, detail) VALUES (?,?,?,?,?,?,?)",
+        (task_id, tx.now, kind, int(verified), summary[:500], change, detail),
     )
     tx.changed.add(task_id)
 

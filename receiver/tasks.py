@@ -65,6 +65,7 @@ def render_event(row: sqlite3.Row) -> dict[str, Any]:
         "verified": bool(row["verified"]),
         "summary": row["summary"],
         "change": row["change"],
+        "detail": row["detail"],
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
@@ -18,7 +19,8 @@ import httpx
 from receiver.config import Settings
 from receiver.downloads import DownloadError, fetch_image
 from receiver.models import ErrorCode, Outcome, ProviderRejected, ProviderUnavailable, Status, TaskError
-from receiver.providers import REGISTRY, Context
+from receiver.pacing import Limits, Pacer
+from receiver.providers import REGISTRY, Context, Provider
 from receiver.store import Job, Store, timed_out
 from receiver.tasks import task_spec
 from receiver.tokens import Tokens
@@ -27,6 +29,29 @@ log = logging.getLogger("receiver.worker")
 MAX_PROVIDER_ANSWER = 4 * 1024 * 1024
 MAX_RECONCILE_INTERVAL = 600.0
 MAX_STATUS_HOPS = 3
+
+
+def build_pacer(settings: Settings) -> Pacer:
+    """Each provider's limits: its own documented defaults, overridden by <NAME>_MAX_* settings."""
+    groups = {name: provider.pace_group or name for name, provider in REGISTRY.items()}
+    limits: dict[str, Limits] = {}
+    for group in set(groups.values()):
+        owner = (
+            REGISTRY[group]
+            if group in REGISTRY
+            else REGISTRY[next(p for p, g in groups.items() if g == group)]
+        )
+        configured = settings.provider(owner.name)
+        per_window, window = owner.rate_limit or (None, 60.0)
+        if configured.max_per_minute:
+            per_window, window = configured.max_per_minute, 60.0
+        limits[group] = Limits(
+            per_window=per_window,
+            window=window,
+            max_concurrent=configured.max_concurrent or owner.max_concurrent,
+            max_concurrent_by_model=owner.max_concurrent_by_model,
+        )
+    return Pacer(groups, limits)
 
 
 async def send_capped(client: httpx.AsyncClient, request: httpx.Request, cap: int) -> httpx.Response:
@@ -66,6 +91,8 @@ class Worker:
             "deadline": (4, self.deadline),
         }
         self._running: dict[str, set[asyncio.Task[None]]] = {kind: set() for kind in self.handlers}
+        self.pacer = build_pacer(settings)
+        self._in_flight: dict[tuple[str, str], int] = {}
         self._stopping = False
         # Our own sandbox's files live under the public URL: the operator's origin, trusted as given.
         self._own_files = f"{settings.public_url}/sandbox/files/"
@@ -79,16 +106,23 @@ class Worker:
     async def run(self) -> None:
         while not self._stopping:
             self.store.jobs_changed.clear()
+            if self.pacer.needs_counts():
+                self._in_flight = await self.store.in_flight()
+            paced_out = self.pacer.blocked(self._in_flight)
             for kind, (slots, handler) in self.handlers.items():
                 free = slots - len(self._running[kind])
                 if free <= 0:
                     continue
-                for job in await self.store.claim_jobs(kind, free):
+                skip = paced_out if kind == "submit" else ()
+                for job in await self.store.claim_jobs(kind, free, skip):
                     task = asyncio.create_task(self._run_job(handler, job), name=f"job-{kind}-{job.id}")
                     self._running[kind].add(task)
                     task.add_done_callback(self._job_done(kind))
-            due = await self.store.next_due()
+            due = await self.store.next_due(paced_out)
             wait = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+            opens = self.pacer.next_change()
+            if opens is not None:
+                wait = min(wait, opens)
             if wait > 0:
                 try:
                     await asyncio.wait_for(self.store.jobs_changed.wait(), wait)
@@ -141,6 +175,16 @@ class Worker:
             await self.store.finish_job(job)  # a callback or the deadline got there first
             return
         provider = REGISTRY[row["provider"]]
+        counts = await self.store.in_flight() if self.pacer.needs_counts() else {}
+        if not self.pacer.try_acquire(provider.name, row["model"], counts):
+            await self.store.unclaim(job)  # its turn comes when the provider has room again
+            return
+        try:
+            await self._submit(job, row, provider)
+        finally:
+            self.pacer.release(provider.name, row["model"])
+
+    async def _submit(self, job: Job, row: sqlite3.Row, provider: Provider) -> None:
         spec = task_spec(row, self.tokens, self.settings.media_dir / "uploads", provider.inline_images)
         try:
             request = provider.build_submit(spec, self._context(row["provider"], row["id"]))
@@ -159,8 +203,12 @@ class Worker:
                 await self.store.fail_task(job.task_id, error, "submit", job.id)
                 return
             after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
+            delay = self._backoff(job.attempts, after)
+            if isinstance(exc, ProviderUnavailable) and exc.rate_limited:
+                # A 429 despite pacing: hold back every task of this provider, not only this one.
+                self.pacer.hold(provider.name, delay)
             await self.store.add_event(job.task_id, "submit", True, f"try {job.attempts} failed: {message}")
-            await self.store.retry_job(job, self._backoff(job.attempts, after), message)
+            await self.store.retry_job(job, delay, message)
             return
         await self.store.record_submission(job, submission, urgent=provider.early_download)
 

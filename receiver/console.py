@@ -1,0 +1,120 @@
+"""The browser console at /ui: one static page, its stylesheet and script, and /v1/providers for its form.
+
+The page holds no data of its own: the script asks the /v1 API with the key the user typed, so the
+console sees exactly what the key's tenant sees. It is served with a strict Content-Security-Policy
+(no inline script, nothing from elsewhere), so text from tasks can never run as code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from receiver.config import Settings
+from receiver.providers import REGISTRY
+from receiver.web import ApiError
+
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE = "console.html"
+ASSETS: Mapping[str, str] = {
+    "console.css": "text/css; charset=utf-8",
+    "console.js": "text/javascript; charset=utf-8",
+}
+
+Authenticate = Callable[[Request], str | None]
+
+
+def security_headers(public_url: str) -> dict[str, str]:
+    """Headers for every console response. Images come from signed links under RECEIVER_PUBLIC_URL,
+    which may be another origin than the one the browser used to open the page."""
+    parts = urlsplit(public_url)
+    public_origin = f"{parts.scheme}://{parts.netloc}"
+    policy = "; ".join(
+        (
+            "default-src 'none'",
+            "script-src 'self'",
+            "style-src 'self'",
+            f"img-src 'self' {public_origin}",
+            "connect-src 'self'",
+            "form-action 'self'",
+            "base-uri 'none'",
+            "frame-ancestors 'none'",
+        )
+    )
+    return {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+    }
+
+
+def provider_list(settings: Settings) -> list[dict[str, Any]]:
+    """The providers this deployment offers: those whose key is set, and the sandbox (always set)."""
+    offered = []
+    for name in sorted(REGISTRY):
+        provider = REGISTRY[name]
+        if not settings.provider(name).api_key:
+            continue
+        offered.append(
+            {
+                "name": provider.name,
+                "models": list(provider.models),
+                "default_model": provider.default_model,
+                "accepts_any_model": provider.accepts_any_model,
+                "fields": sorted(provider.fields),
+                "min_images": provider.min_images,
+                "max_images": provider.max_images,
+            }
+        )
+    return offered
+
+
+class _Asset:
+    """A static file read once at start: it ships inside the package and never changes while serving."""
+
+    def __init__(self, path: Path, media_type: str) -> None:
+        self.body = path.read_bytes()
+        self.media_type = media_type
+        self.etag = f'"{hashlib.sha256(self.body).hexdigest()[:32]}"'
+
+
+def console_routes(settings: Settings, authenticate: Authenticate) -> list[Route]:
+    """The console's routes. `authenticate(request)` raises the API's 401 unless a valid bearer key is
+    sent (the API's own check, so the console and /v1/tasks agree on who is who)."""
+    headers = security_headers(settings.public_url)
+    page = _Asset(STATIC_DIR / PAGE, "text/html; charset=utf-8")
+    assets = {name: _Asset(STATIC_DIR / name, media_type) for name, media_type in ASSETS.items()}
+
+    def respond(request: Request, asset: _Asset, cache: str) -> Response:
+        response_headers = {**headers, "ETag": asset.etag, "Cache-Control": cache}
+        if asset.etag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=response_headers)
+        return Response(asset.body, media_type=asset.media_type, headers=response_headers)
+
+    async def console_page(request: Request) -> Response:
+        return respond(request, page, "no-cache")
+
+    async def console_asset(request: Request) -> Response:
+        asset = assets.get(request.path_params["name"])
+        if asset is None:
+            raise ApiError(404, "not_found", "no such console file")
+        # Revalidated on each load (cheap with the ETag), so an upgrade never mixes old and new files.
+        return respond(request, asset, "no-cache")
+
+    async def providers(request: Request) -> Response:
+        authenticate(request)
+        return JSONResponse({"items": provider_list(settings)})
+
+    return [
+        Route("/ui", console_page, methods=["GET"]),
+        Route("/ui/static/{name}", console_asset, methods=["GET"]),
+        Route("/v1/providers", providers, methods=["GET"]),
+    ]

@@ -1,0 +1,192 @@
+"""Notifications to the app: Standard Webhooks signing and the durable `notify` job that delivers them.
+
+A task that ends with a `notify_url` gets a `notify` job in the same transaction (store._finish), so a
+restart loses nothing. Each attempt is one POST, signed afresh, never redirected, over in
+`notify_timeout` seconds; it is recorded as a task event with the first 2 KB of the app's answer. A 2xx
+ends the job, a 410 stops it for good, anything else waits for the next step of the schedule (or the
+app's longer Retry-After) until the schedule runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import hashlib
+import hmac
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from receiver.config import Settings
+from receiver.downloads import AddressRefused, check_url
+from receiver.models import Status
+from receiver.store import Job, Store
+from receiver.tasks import iso, render_task
+from receiver.tokens import Tokens
+
+ANSWER_EXCERPT = 2048
+JITTER = 0.1  # each wait is the schedule's step ±10 %, so many apps failing at once do not retry in step
+MAX_RETRY_AFTER = 86_400.0  # an app may ask for a pause, not for the notification to be parked for ever
+NOTIFY_SLOTS = 8
+
+
+class WebhookSigner:
+    """Standard Webhooks v1: base64 HMAC-SHA256 over `{id}.{timestamp}.{body}`, with every secret."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        if not secrets:
+            raise ValueError("at least one whsec_ secret is needed")
+        self._keys = [_secret_bytes(secret) for secret in secrets]
+
+    def signature(self, message_id: str, timestamp: int, body: bytes) -> str:
+        signed = f"{message_id}.{timestamp}.".encode() + body
+        # Several secrets (rotation) give several signatures, space-separated; the app needs to match one.
+        return " ".join(
+            "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+            for key in self._keys
+        )
+
+    def headers(self, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+        return {
+            "content-type": "application/json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": self.signature(message_id, timestamp, body),
+        }
+
+
+def _secret_bytes(secret: str) -> bytes:
+    text = secret.removeprefix("whsec_")
+    key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    if not key:
+        raise ValueError("an empty webhook secret")
+    return key
+
+
+def message_id(task_id: str) -> str:
+    """The same for every attempt at one task's notification, so the app can drop repeats."""
+    return f"msg_{task_id}"
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds the app asked us to wait: `Retry-After` as delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(0.0, when.timestamp() - now), MAX_RETRY_AFTER)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one POST came to; `status` None when no HTTP answer came at all."""
+
+    status: int | None
+    elapsed_ms: int | None  # None when the address guard refused before anything was sent
+    answer: str | None
+    retry_after: float | None
+    problem: str | None = None
+
+
+class Notifier:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        tokens: Tokens,
+        client: httpx.AsyncClient,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.tokens = tokens
+        self.client = client
+        self.clock = clock
+        self.signer = WebhookSigner(settings.notify_secrets)
+
+    async def deliver(self, job: Job) -> None:
+        """The `notify` job: one attempt, then done, stopped, given up, or due again later."""
+        row = await self.store.task(job.task_id)
+        if row is None or not row["notify_url"] or not Status(row["status"]).terminal:
+            await self.store.finish_job(job)
+            return
+        task = render_task(row, await self.store.images(job.task_id), self.tokens)
+        body = json.dumps(
+            {"type": f"task.{row['status']}", "timestamp": iso(row["completed_at"]), "data": task},
+            separators=(",", ":"),
+        ).encode()
+        attempt = await self.post(row["notify_url"], message_id(job.task_id), body)
+
+        number = f"attempt {job.attempts}"
+        outcome = attempt.problem or f"HTTP {attempt.status}"
+        if attempt.elapsed_ms is not None:
+            outcome += f" ({attempt.elapsed_ms} ms)"
+        if attempt.status is not None and 200 <= attempt.status < 300:
+            summary, retry_in = f"{number}: delivered, {outcome}", None
+        elif attempt.status == 410:
+            summary, retry_in = f"{number}: {outcome}; the app said Gone, no more attempts", None
+        elif job.attempts > len(self.settings.notify_schedule):
+            summary, retry_in = f"{number}: {outcome}; gave up, that was the last attempt", None
+        else:
+            step = self.settings.notify_schedule[job.attempts - 1]
+            retry_in = step * random.uniform(1 - JITTER, 1 + JITTER)
+            if attempt.retry_after is not None and attempt.retry_after > retry_in:
+                retry_in = attempt.retry_after
+            summary = f"{number}: {outcome}; next attempt in {retry_in:.{2 if retry_in < 10 else 0}f} s"
+        await self.store.record_notify_attempt(job, summary, attempt.answer, retry_in)
+
+    async def post(self, url: str, message: str, body: bytes) -> Attempt:
+        """One signed POST: the address guard first, no redirects, `notify_timeout` for all of it."""
+        problem = await check_url(url, self.settings.allow_private_urls)
+        if problem:
+            return Attempt(None, None, None, None, f"refused: {problem}")
+        # Only 2 KB of the answer is read: asking for it uncompressed means nothing inflates past that.
+        headers = {**self.signer.headers(message, int(self.clock()), body), "accept-encoding": "identity"}
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.settings.notify_timeout):
+                request = self.client.build_request(
+                    "POST",
+                    url,
+                    content=body,
+                    headers=headers,
+                    timeout=httpx.Timeout(self.settings.notify_timeout),
+                )
+                response = await self.client.send(request, stream=True, follow_redirects=False)
+                try:
+                    answer = await _excerpt(response)
+                finally:
+                    await response.aclose()
+        except (TimeoutError, httpx.TimeoutException):
+            problem = f"no answer within {self.settings.notify_timeout:g} s"
+        except AddressRefused as exc:
+            problem = f"refused: {exc}"
+        except httpx.HTTPError as exc:
+            problem = f"{type(exc).__name__}: {exc or 'network error'}"
+        elapsed_ms = round((time.monotonic() - started) * 1000)
+        if problem:
+            return Attempt(None, elapsed_ms, None, None, problem)
+        wait = retry_after(response.headers.get("retry-after"), self.clock())
+        return Attempt(response.status_code, elapsed_ms, answer, wait)
+
+
+async def _excerpt(response: httpx.Response) -> str:
+    """The first 2 KB of the answer, read no further than that."""
+    head = bytearray()
+    async for chunk in response.aiter_bytes():
+        head += chunk
+        if len(head) >= ANSWER_EXCERPT:
+            break
+    return bytes(head[:ANSWER_EXCERPT]).decode("utf-8", errors="replace")

@@ -1,0 +1,126 @@
+"""Pacing submissions to each provider's limits, so a burst does not trip them.
+
+Each provider belongs to a pace group (kie and kie-market share one kie account). A group may have a
+rate (N new tasks per window), a concurrency cap (tasks accepted and not yet finished, optionally per
+model), and a hold after a 429 that still came (until its Retry-After). While a group cannot take
+another task its submit jobs stay queued, in order; the worker does not claim them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    per_window: int | None = None
+    window: float = 60.0
+    max_concurrent: int | None = None
+    max_concurrent_by_model: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def paced(self) -> bool:
+        return bool(self.per_window or self.max_concurrent or self.max_concurrent_by_model)
+
+
+@dataclass
+class _Group:
+    limits: Limits
+    sent: deque[float] = field(default_factory=deque)
+    sending: dict[str, int] = field(default_factory=dict)  # model -> submits in flight right now
+    held_until: float = 0.0
+
+
+class Pacer:
+    def __init__(self, groups: Mapping[str, str], limits: Mapping[str, Limits]) -> None:
+        """`groups` maps each provider to its group; `limits` maps each group to its limits."""
+        self._group_of = dict(groups)
+        self._groups = {name: _Group(limits.get(name, Limits())) for name in set(groups.values())}
+
+    def providers_of(self, group: str) -> list[str]:
+        return [provider for provider, name in self._group_of.items() if name == group]
+
+    def needs_counts(self) -> bool:
+        """Whether any group caps concurrency (then the worker counts tasks in flight for it)."""
+        return any(g.limits.max_concurrent or g.limits.max_concurrent_by_model for g in self._groups.values())
+
+    def blocked(self, in_flight: Mapping[tuple[str, str], int], now: float | None = None) -> set[str]:
+        """The providers that cannot take one more task now (for any model, in the simplest case)."""
+        now = time.monotonic() if now is None else now
+        blocked: set[str] = set()
+        for name, group in self._groups.items():
+            if not self._open(group, name, None, in_flight, now):
+                blocked.update(self.providers_of(name))
+        return blocked
+
+    def next_change(self, now: float | None = None) -> float | None:
+        """Seconds until a rate window or a hold frees a slot, if one is closed."""
+        now = time.monotonic() if now is None else now
+        waits = []
+        for group in self._groups.values():
+            if group.held_until > now:
+                waits.append(group.held_until - now)
+            limits = group.limits
+            if limits.per_window and len(group.sent) >= limits.per_window:
+                waits.append(max(0.0, group.sent[0] + limits.window - now))
+        return min(waits) if waits else None
+
+    def try_acquire(
+        self, provider: str, model: str, in_flight: Mapping[tuple[str, str], int], now: float | None = None
+    ) -> bool:
+        """Take a slot for one submit of `model` to `provider`, if its group has one free."""
+        now = time.monotonic() if now is None else now
+        name = self._group_of[provider]
+        group = self._groups[name]
+        if not self._open(group, name, model, in_flight, now):
+            return False
+        if group.limits.per_window:
+            group.sent.append(now)
+        group.sending[model] = group.sending.get(model, 0) + 1
+        return True
+
+    def release(self, provider: str, model: str) -> None:
+        """A submit finished (accepted or not): it no longer counts as being sent."""
+        group = self._groups[self._group_of[provider]]
+        group.sending[model] = max(0, group.sending.get(model, 0) - 1)
+
+    def hold(self, provider: str, seconds: float, now: float | None = None) -> None:
+        """A 429 came anyway: hold the whole group back for `seconds`."""
+        now = time.monotonic() if now is None else now
+        group = self._groups[self._group_of[provider]]
+        group.held_until = max(group.held_until, now + seconds)
+
+    def _open(
+        self,
+        group: _Group,
+        name: str,
+        model: str | None,
+        in_flight: Mapping[tuple[str, str], int],
+        now: float,
+    ) -> bool:
+        if group.held_until > now:
+            return False
+        limits = group.limits
+        if limits.per_window:
+            while group.sent and group.sent[0] <= now - limits.window:
+                group.sent.popleft()
+            if len(group.sent) >= limits.per_window:
+                return False
+        if not (limits.max_concurrent or limits.max_concurrent_by_model):
+            return True
+        providers = self.providers_of(name)
+        total = sum(n for (provider, _), n in in_flight.items() if provider in providers)
+        total += sum(group.sending.values())
+        if limits.max_concurrent and total >= limits.max_concurrent:
+            return False
+        if model is not None and model in limits.max_concurrent_by_model:
+            of_model = sum(
+                n for (provider, m), n in in_flight.items() if provider in providers and m == model
+            )
+            of_model += group.sending.get(model, 0)
+            if of_model >= limits.max_concurrent_by_model[model]:
+                return False
+        return True

@@ -1,0 +1,346 @@
+"""The `receiver` command line against a served receiver: output, files and exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.api import KNOWN_FIELDS
+from receiver.cli import main
+from tests.fakes.common import png
+from tests.harness import ALICE, Receiver, free_port
+from tests.test_notify import Answer, AppHook, hook  # noqa: F401 - the fixture, shared
+
+Run = Callable[..., tuple[int, str, str]]
+TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
+
+
+@pytest.fixture
+def receiver(start_receiver: Callable[..., Receiver]) -> Receiver:
+    return start_receiver()
+
+
+@pytest.fixture
+def cli(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Run]:
+    """Run `receiver ARGS…` against the served receiver; gives (exit status, stdout, stderr)."""
+    monkeypatch.setenv("RECEIVER_URL", receiver.url)
+    monkeypatch.setenv("RECEIVER_API_KEY", ALICE)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    yield run
+
+
+def one_line(err: str) -> str:
+    """The error output is exactly one line starting `receiver`, never a traceback."""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("receiver"), err
+    return lines[0]
+
+
+def test_submit_waits_shows_progress_and_saves_the_images(
+    cli: Run, receiver: Receiver, tmp_path: Path
+) -> None:
+    out_dir = tmp_path / "images"
+    request = [
+        *("--provider", "sandbox", "--prompt", "a red fox in the snow", "--aspect-ratio", "16:9"),
+        *("--seed", "7", "--num-images", "2", "--output-format", "png", "--option", "delay=1"),
+        *("--metadata", "order=42", "--metadata", "note=for the catalogue", "--idempotency-key", "fox-1"),
+    ]
+    status, out, err = cli("submit", *request, "--wait", "--out", str(out_dir))
+    assert status == 0, err
+    task_id = out.strip()
+    assert TASK_ID.match(task_id), out
+    progress = [line for line in err.splitlines() if line.startswith(task_id)]
+    assert re.match(rf"^{task_id}: queued \(0\.\d s\)$", progress[0]), err
+    assert re.match(rf"^{task_id}: succeeded \(\d+\.\d s\)$", progress[-1]), err
+    assert "submitted" in err  # the second the sandbox takes is long enough to be seen
+    task = receiver.alice.get(f"/v1/tasks/{task_id}").json()
+    assert task["metadata"] == {"order": 42, "note": "for the catalogue"}
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"{task_id}-0.png", f"{task_id}-1.png"]
+    for image in task["images"]:
+        path = out_dir / f"{task_id}-{image['index']}.png"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == image["sha256"]
+        assert f"saved {path}" in err
+    assert (image["width"], image["height"]) != (None, None)
+    # The same idempotency key and body give the same task.
+    again = cli("submit", *request)
+    assert again[:2] == (0, f"{task_id}\n")
+
+
+def test_submit_prints_json_and_returns_at_once_without_wait(cli: Run) -> None:
+    status, out, err = cli("submit", "--provider", "sandbox", "--prompt", "a kite", "--json")
+    assert status == 0, err
+    task = json.loads(out)
+    assert task["status"] == "queued" and task["provider"] == "sandbox"
+    assert err == ""
+
+
+def test_submit_uploads_local_images(cli: Run, receiver: Receiver, tmp_path: Path) -> None:
+    picture = tmp_path / "input.png"
+    picture.write_bytes(png(32, 32))
+    status, out, err = cli(
+        "submit", "--provider", "sandbox", "--prompt", "make it blue", "--image", str(picture)
+    )
+    assert status == 0, err
+    [upload] = list((receiver.settings.media_dir / "uploads").iterdir())
+    assert upload.read_bytes() == picture.read_bytes()
+    assert upload.name.startswith(hashlib.sha256(picture.read_bytes()).hexdigest())
+    assert receiver.wait(out.strip())["status"] == "succeeded"
+
+    status, out, err = cli(
+        "submit", "--provider", "sandbox", "--prompt", "x", "--image", str(tmp_path / "no.png")
+    )
+    assert status == 2
+    assert "--image" in one_line(err) and "No such file" in err
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    status, out, err = cli("submit", "--provider", "sandbox", "--prompt", "x", "--image", str(text))
+    assert status == 2
+    assert "not a PNG, JPEG or WebP image" in one_line(err)
+
+
+def test_a_failed_task_exits_1(cli: Run) -> None:
+    status, out, err = cli(
+        "submit",
+        "--provider",
+        "sandbox",
+        "--prompt",
+        "doomed",
+        "--option",
+        "outcome=generation_failed",
+        "--wait",
+    )
+    assert status == 1
+    task_id = out.strip()
+    assert TASK_ID.match(task_id)
+    assert f"receiver: task {task_id} failed: generation_failed: " in err
+    assert "Traceback" not in err
+    status, out, err = cli("get", task_id)
+    assert status == 1
+    assert json.loads(out)["error"]["code"] == "generation_failed"
+
+
+def test_validation_errors_exit_2_naming_the_field(cli: Run) -> None:
+    status, _, err = cli("submit", "--provider", "sandbox", "--prompt", "x", "--output-format", "jpeg")
+    assert status == 2
+    assert "output_format: the sandbox makes png only" in one_line(err)
+    status, _, err = cli("submit", "--provider", "nowhere", "--prompt", "x", "--resolution", "1K")
+    assert status == 2
+    assert "provider: unknown provider" in one_line(err)
+    status, _, err = cli(
+        "submit", "--provider", "sandbox", "--prompt", "x", "--notify-url", "ftp://app.example/"
+    )
+    assert status == 2
+    assert "notify_url: must be an http(s) URL" in one_line(err)
+    # Usage errors are one line too.
+    status, _, err = cli("submit", "--provider", "sandbox")
+    assert status == 2
+    assert "the following arguments are required: --prompt" in one_line(err)
+    status, _, err = cli("submit", "--provider", "sandbox", "--prompt", "x", "--seed", "seven")
+    assert status == 2
+    assert "--seed" in one_line(err)
+    status, _, err = cli("submit", "--provider", "sandbox", "--prompt", "x", "--option", "novalue")
+    assert status == 2
+    assert "expected KEY=VALUE" in one_line(err)
+    status, _, err = cli()
+    assert status == 2
+    assert "submit" in err
+
+
+def test_an_unreachable_service_and_a_refused_key_exit_3(cli: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIVER_API_KEY", "not-a-key-of-this-service")
+    for args in (
+        ("tasks",),
+        ("get", "tsk_000000000000000000000000"),
+        ("submit", "--provider", "sandbox", "--prompt", "x"),
+    ):
+        status, _, err = cli(*args)
+        assert status == 3, args
+        assert "refused the API key" in one_line(err)
+    monkeypatch.delenv("RECEIVER_API_KEY")
+    status, _, err = cli("tasks")
+    assert status == 3
+    assert "RECEIVER_API_KEY is not set" in one_line(err)
+    monkeypatch.setenv("RECEIVER_API_KEY", ALICE)
+    monkeypatch.setenv("RECEIVER_URL", f"http://127.0.0.1:{free_port()}")
+    for args in (
+        ("tasks",),
+        ("events", "tsk_000000000000000000000000"),
+        ("submit", "--provider", "sandbox", "--prompt", "x"),
+    ):
+        status, _, err = cli(*args)
+        assert status == 3, args
+        assert "cannot reach the service at http://127.0.0.1:" in one_line(err)
+    monkeypatch.setenv("RECEIVER_URL", "localhost:8000")
+    status, _, err = cli("tasks")
+    assert status == 2
+    assert "RECEIVER_URL must be an http(s) URL" in one_line(err)
+
+
+def test_get_waits_and_exits_by_the_task_outcome(cli: Run, receiver: Receiver) -> None:
+    task = receiver.submit(provider="sandbox", prompt="a boat")
+    status, out, err = cli("get", task["id"], "--wait", "20")
+    assert status == 0, err
+    shown = json.loads(out)
+    assert shown["id"] == task["id"] and shown["status"] == "succeeded"
+    assert len(shown["images"]) == 1
+
+    silent = receiver.submit(
+        provider="sandbox", prompt="never called back", options={"outcome": "no_callback"}
+    )
+    status, out, err = cli("get", silent["id"])
+    assert status == 0
+    assert json.loads(out)["status"] in ("queued", "submitted")
+    status, out, err = cli("get", silent["id"], "--wait", "0.3")
+    assert status == 4
+    assert f"task {silent['id']} is still" in one_line(err)
+    status, out, err = cli(
+        "submit",
+        "--provider",
+        "sandbox",
+        "--prompt",
+        "x",
+        "--option",
+        "outcome=no_callback",
+        "--wait",
+        "--timeout",
+        "0.3",
+    )
+    assert status == 4
+    assert TASK_ID.match(out.strip())
+
+    status, _, err = cli("get", "tsk_000000000000000000000000")
+    assert status == 2
+    assert "no such task" in one_line(err)
+    status, out, err = cli("get", "../../healthz")  # stays a task id, never another path
+    assert (status, out) == (2, "")
+    one_line(err)
+    # Another tenant's task is not found either.
+    bob = receiver.submit(receiver.bob, provider="sandbox", prompt="bob's")
+    assert cli("get", bob["id"])[0] == 2
+
+
+def test_tasks_lists_a_readable_table_with_filters(cli: Run, receiver: Receiver) -> None:
+    made = [receiver.submit(provider="sandbox", prompt=f"picture number {n}")["id"] for n in range(3)]
+    failed = receiver.submit(provider="sandbox", prompt="a failure", options={"outcome": "generation_failed"})
+    for task_id in [*made, failed["id"]]:
+        receiver.wait(task_id)
+    status, out, err = cli("tasks")
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["ID", "STATUS", "PROVIDER", "MODEL", "IMAGES", "CREATED", "PROMPT"]
+    assert [line.split()[0] for line in lines[1:]] == [failed["id"], *reversed(made)]  # newest first
+    assert lines[1].split()[1:5] == ["failed", "sandbox", "sandbox", "0"]
+    assert lines[2].split()[1:5] == ["succeeded", "sandbox", "sandbox", "1"]
+    assert lines[2].endswith("picture number 2")
+    # Columns line up: every row's status starts where the header's does.
+    assert {line.index(line.split()[1]) for line in lines} == {lines[0].index("STATUS")}
+
+    status, out, _ = cli("tasks", "--status", "failed")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [failed["id"]]
+    status, out, _ = cli("tasks", "--limit", "2", "--provider", "sandbox")
+    assert len(out.splitlines()) == 3
+    status, out, _ = cli("tasks", "--json", "--status", "succeeded")
+    assert [json.loads(line)["id"] for line in out.splitlines()] == list(reversed(made))
+    status, _, err = cli("tasks", "--status", "done")
+    assert status == 2
+    assert "status: one of queued" in one_line(err)
+    status, _, err = cli("tasks", "--limit", "0")
+    assert status == 2
+    assert "--limit" in one_line(err)
+
+
+def test_events_lists_what_happened_with_notify_answers(
+    cli: Run,
+    start_receiver: Callable[..., Receiver],
+    hook: Callable[..., AppHook],  # noqa: F811
+) -> None:
+    app = hook(Answer(200, b"got it,\nthanks"))
+    status, out, err = cli(
+        "submit", "--provider", "sandbox", "--prompt", "tell me", "--notify-url", app.url, "--wait"
+    )
+    assert status == 0, err
+    task_id = out.strip()
+    app.wait_for(1)
+    receiver_events: list[dict[str, Any]] = []
+    for _ in range(200):
+        status, out, err = cli("events", "--json", task_id)
+        receiver_events = [json.loads(line) for line in out.splitlines()]
+        if any(event["kind"] == "notify" for event in receiver_events):
+            break
+    assert status == 0, err
+    assert [e["kind"] for e in receiver_events][:2] == ["created", "submit"]
+    status, out, err = cli("events", task_id)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["AT", "KIND", "VERIFIED", "CHANGE", "SUMMARY"]
+    assert "queued for sandbox (sandbox)" in lines[1] and "→queued" in lines[1]
+    assert any("→succeeded" in line for line in lines)
+    notify = next(i for i, line in enumerate(lines) if "attempt 1: delivered, HTTP 200" in line)
+    assert lines[notify + 1] == "    answer: got it, thanks"
+    status, _, err = cli("events", "tsk_000000000000000000000000")
+    assert status == 2
+    assert "no such task" in one_line(err)
+
+
+def flag_of(field: str) -> str:
+    return {"images": "--image", "options": "--option"}.get(field, "--" + field.replace("_", "-"))
+
+
+def test_help_is_complete(cli: Run) -> None:
+    status, out, _ = cli("--help")
+    assert status == 0
+    for command in ("serve", "submit", "get", "tasks", "events"):
+        assert re.search(rf"^\s+{command}\s+\S", out, re.MULTILINE), command
+    for needed in ("RECEIVER_URL", "RECEIVER_API_KEY", "exit status", "0  ", "1  ", "2  ", "3  ", "4  "):
+        assert needed in out, needed
+
+    status, out, _ = cli("submit", "--help")
+    assert status == 0
+    # A flag for every field the API takes, each with its help text.
+    for field in sorted(KNOWN_FIELDS):
+        assert re.search(rf"^\s+{re.escape(flag_of(field))}\b.*\S", out, re.MULTILINE), field
+    for flag in ("--idempotency-key", "--wait", "--timeout", "--out", "--json", "--no-prompt-upsampling"):
+        assert flag in out, flag
+    assert "RECEIVER_API_KEY" in out
+
+    expected = {
+        "get": ("ID", "--wait"),
+        "tasks": ("--status", "--provider", "--limit", "--json"),
+        "events": ("ID", "--json"),
+        "serve": ("--host", "--port"),
+    }
+    for command, flags in expected.items():
+        status, out, _ = cli(command, "--help")
+        assert status == 0, command
+        assert out.startswith(f"usage: receiver {command}"), out
+        for flag in flags:
+            assert flag in out, (command, flag)
+
+
+def test_serve_keeps_its_flags_and_refuses_bad_configuration(
+    cli: Run, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    status, _, err = cli("serve", "--port", "http")
+    assert status == 2
+    assert "not a port number" in one_line(err)
+    monkeypatch.setenv("RECEIVER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RECEIVER_NOTIFY_SCHEDULE", "soon")
+    status, _, err = cli("serve", "--port", str(free_port()))
+    assert status == 2
+    assert "RECEIVER_NOTIFY_SCHEDULE" in one_line(err)

@@ -1,0 +1,111 @@
+"""Pacing: a burst never trips a provider's limits; tasks wait in `queued`, in order."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from receiver.pacing import Limits, Pacer
+from tests.fakes.kie import GENERATE, KEY, KieFake
+from tests.harness import Receiver
+
+
+def test_a_rate_window() -> None:
+    pacer = Pacer({"kie": "kie", "kie-market": "kie"}, {"kie": Limits(per_window=3, window=10.0)})
+    for _ in range(3):
+        assert pacer.try_acquire("kie", "m", {}, now=100.0)
+        pacer.release("kie", "m")
+    assert not pacer.try_acquire("kie-market", "m", {}, now=101.0)  # the group shares one account
+    assert pacer.blocked({}, now=101.0) == {"kie", "kie-market"}
+    assert pacer.next_change(now=101.0) == 9.0
+    assert pacer.try_acquire("kie-market", "m", {}, now=110.5)
+
+
+def test_concurrency_overall_and_per_model() -> None:
+    pacer = Pacer(
+        {"apicore": "apicore"}, {"apicore": Limits(max_concurrent=24, max_concurrent_by_model={"max": 6})}
+    )
+    assert pacer.try_acquire("apicore", "max", {("apicore", "max"): 5, ("apicore", "pro"): 10})
+    assert not pacer.try_acquire(
+        "apicore", "max", {("apicore", "max"): 5, ("apicore", "pro"): 10}
+    )  # 5 + 1 sending
+    assert pacer.try_acquire("apicore", "pro", {("apicore", "max"): 5, ("apicore", "pro"): 10})
+    pacer.release("apicore", "max")
+    pacer.release("apicore", "pro")
+    assert not pacer.try_acquire("apicore", "pro", {("apicore", "max"): 6, ("apicore", "pro"): 18})
+    assert pacer.needs_counts()
+
+
+def test_a_hold_after_a_429() -> None:
+    pacer = Pacer({"fal": "fal"}, {})
+    assert not pacer.needs_counts()
+    pacer.hold("fal", 5.0, now=10.0)
+    assert not pacer.try_acquire("fal", "m", {}, now=12.0)
+    assert pacer.next_change(now=12.0) == 3.0
+    assert pacer.try_acquire("fal", "m", {}, now=15.5)
+
+
+def test_unpaced_providers_are_never_blocked() -> None:
+    pacer = Pacer({"apimart": "apimart"}, {})
+    assert all(pacer.try_acquire("apimart", "m", {}) for _ in range(1000))
+
+
+def test_a_concurrency_cap_keeps_tasks_queued_in_order(start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(SANDBOX_MAX_CONCURRENT=2)
+    ids = [receiver.submit(provider="sandbox", prompt=f"t{i}", options={"delay": 1})["id"] for i in range(6)]
+    receiver.wait_status(ids[1], "submitted")
+    time.sleep(0.2)
+    statuses = [receiver.alice.get(f"/v1/tasks/{i}").json()["status"] for i in ids]
+    assert statuses[:2] == ["submitted", "submitted"]
+    assert statuses[2:] == ["queued"] * 4
+    submitted_at = []
+    for task_id in ids:
+        assert receiver.wait(task_id)["status"] == "succeeded"
+        [event] = [e for e in receiver.events(task_id) if e["kind"] == "submit"]
+        submitted_at.append(event["at"])
+    assert submitted_at == sorted(submitted_at)  # in the order they came
+
+
+def test_kie_takes_twenty_per_ten_seconds(kie: KieFake, kie_receiver: Receiver) -> None:
+    ids = [kie_receiver.submit(provider="kie", prompt=f"b{i}")["id"] for i in range(24)]
+    kie.wait_for(lambda: len(kie.calls(GENERATE)) >= 20)
+    time.sleep(0.5)
+    assert len(kie.calls(GENERATE)) == 20
+    queued = [i for i in ids if kie_receiver.alice.get(f"/v1/tasks/{i}").json()["status"] == "queued"]
+    assert queued == ids[20:]
+
+
+def test_a_429_holds_back_the_whole_provider(kie: KieFake, start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(KIE_API_KEY=KEY, KIE_BASE_URL=kie.url)
+    kie.script(GENERATE, 429, {"code": 429, "msg": "slow down"})
+    # Retry-After comes as a header; the fake's scripted answers are JSON, so use kie's body code 429
+    # with the worker's backoff, and check nothing else was sent while the provider was held back.
+    first = receiver.submit(provider="kie", prompt="first")
+    kie.wait_for(lambda: len(kie.calls(GENERATE)) == 1)
+    others = [receiver.submit(provider="kie", prompt=f"o{i}")["id"] for i in range(3)]
+    for task_id in [first["id"], *others]:
+        assert receiver.wait_status(task_id, "submitted")["status"] == "submitted"
+    calls = kie.calls(GENERATE)
+    assert len(calls) == 5  # the refused one, then all four
+    assert [c.json()["prompt"] for c in calls][:2] == ["first", "first"]
+
+
+def test_documented_defaults_and_overrides(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from receiver.config import load_settings
+    from receiver.worker import build_pacer
+
+    base = {"RECEIVER_DATA_DIR": str(Path(str(tmp_path)) / "d")}
+    pacer = build_pacer(load_settings(base))
+    assert set(pacer.providers_of("kie")) == {"kie", "kie-market"}
+    full = {("apicore", "flux-kontext-pro"): 24}
+    assert not pacer.try_acquire("apicore", "flux-kontext-pro", full)
+    assert not pacer.try_acquire("apicore", "flux-kontext-max", {("apicore", "flux-kontext-max"): 6})
+    assert pacer.try_acquire("apimart", "x", {})  # no documented limit: not paced
+    pacer = build_pacer(
+        load_settings({**base, "APICORE_MAX_CONCURRENT": "30", "APIMART_MAX_PER_MINUTE": "1"})
+    )
+    assert pacer.try_acquire("apicore", "flux-kontext-pro", full)
+    assert pacer.try_acquire("apimart", "x", {})
+    assert not pacer.try_acquire("apimart", "x", {})
