@@ -194,8 +194,6 @@ async def _write_stream(response: httpx.Response, temp: Path, max_bytes: int) ->
             content_type = imageinfo.sniff(head)
             if content_type is None:
                 raise DownloadError("the link did not give a PNG, JPEG or WebP image", permanent=True)
-        handle.flush()
-        os.fsync(handle.fileno())
     with open(temp, "rb") as reader:  # noqa: ASYNC230 - reads a few header bytes
         size_pair = imageinfo.dimensions(reader, content_type)
     width, height = size_pair if size_pair else (None, None)

@@ -20,7 +20,15 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from receiver.models import ErrorCode, Outcome, Status, Submission, TaskError
+from receiver.models import (
+    CallbackRejected,
+    ErrorCode,
+    MalformedCallback,
+    Outcome,
+    Status,
+    Submission,
+    TaskError,
+)
 
 T = TypeVar("T")
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
@@ -93,7 +101,30 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE events ADD COLUMN detail TEXT",
     # Pacing counts the tasks each provider has in flight (status 'submitted').
     "CREATE INDEX tasks_in_flight ON tasks (status, provider, model)",
+    # Ending a task deletes its jobs, and claims look for one kind's due jobs: both must not scan a
+    # jobs table that holds thousands of pending downloads during a burst.
+    """
+    CREATE INDEX jobs_by_task ON jobs (task_id);
+    CREATE INDEX jobs_by_kind_due ON jobs (kind, running, due_at)
+    """,
 )
+
+
+@dataclass(frozen=True)
+class Claimed:
+    jobs: list[Job]
+    next_due: float | None
+    in_flight: dict[tuple[str, str], int]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What became of a callback: accepted, duplicate, pending, or why it was refused."""
+
+    result: (
+        str  # accepted | duplicate | pending | missing | bad_token | bad_signature | malformed | wrong_task
+    )
+    message: str = ""
 
 
 class IdempotencyConflict(Exception):
@@ -330,6 +361,14 @@ class Store:
                 found[row["task_id"]].append(row)
         return found
 
+    async def download_target(self, task_id: str, index: int) -> sqlite3.Row | None:
+        """An image row with its task's status, in one read (the download job's first question)."""
+        rows = await self._fetch(
+            "SELECT i.*, t.status FROM images i JOIN tasks t ON t.id=i.task_id WHERE i.task_id=? AND i.idx=?",
+            (task_id, index),
+        )
+        return rows[0] if rows else None
+
     async def image(self, task_id: str, index: int) -> sqlite3.Row | None:
         rows = await self._fetch("SELECT * FROM images WHERE task_id=? AND idx=?", (task_id, index))
         return rows[0] if rows else None
@@ -364,21 +403,6 @@ class Store:
             "SELECT kind, COUNT(*) AS n FROM jobs WHERE due_at<=? GROUP BY kind", (time.time(),)
         )
         return {row["kind"]: row["n"] for row in rows}
-
-    async def next_due(self, skip_providers: Iterable[str] = ()) -> float | None:
-        """When the next job falls due, not counting submit jobs of paced-out providers."""
-        skip = sorted(skip_providers)
-        if not skip:
-            rows = await self._fetch("SELECT MIN(due_at) AS due FROM jobs WHERE running=0")
-        else:
-            marks = ",".join("?" * len(skip))
-            rows = await self._fetch(
-                "SELECT MIN(due_at) AS due FROM jobs WHERE running=0 AND NOT (kind='submit' AND EXISTS ("  # noqa: S608
-                f" SELECT 1 FROM tasks t WHERE t.id=jobs.task_id AND t.provider IN ({marks})))",
-                skip,
-            )
-        due = rows[0]["due"] if rows else None
-        return float(due) if due is not None else None
 
     # -- writes: tasks ---------------------------------------------------------------------------
 
@@ -461,6 +485,45 @@ class Store:
         `urgent` puts its downloads ahead of the queue (for providers whose links die within minutes)."""
         return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified, urgent))
 
+    async def receive_callback(
+        self, task_id: str, provider: str, judge: Callable[[sqlite3.Row], Outcome], *, urgent: bool = False
+    ) -> Verdict:
+        """Judge a callback against the task's row and apply it, in one transaction.
+
+        `judge` is the provider's pure verification and parsing: it raises CallbackRejected or
+        MalformedCallback, or returns the outcome. Refusals are recorded as events and change nothing."""
+
+        def op(tx: Tx) -> Verdict:
+            row = tx.one("SELECT * FROM tasks WHERE id=?", (task_id,))
+            if row is None:
+                return Verdict("missing", "no such task")
+            if row["provider"] != provider:
+                return Verdict("bad_token", "the callback token is not valid for this provider")
+            try:
+                outcome = judge(row)
+            except CallbackRejected as exc:
+                _event(tx, task_id, "callback", False, f"signature refused: {exc}", None)
+                return Verdict("bad_signature", str(exc))
+            except MalformedCallback as exc:
+                _event(tx, task_id, "callback", True, f"unreadable body: {exc}", None)
+                return Verdict("malformed", str(exc))
+            known = row["provider_task_id"]
+            if outcome.provider_task_id and known and outcome.provider_task_id != known:
+                _event(
+                    tx,
+                    task_id,
+                    "callback",
+                    True,
+                    f"names provider task {outcome.provider_task_id}, not {known}",
+                    None,
+                )
+                return Verdict("wrong_task", "the callback is about another provider task")
+            if _apply(tx, task_id, outcome, "callback", True, urgent, row):
+                return Verdict("accepted")
+            return Verdict("pending" if outcome.state == "pending" else "duplicate")
+
+        return await self.write(op)
+
     async def fail_task(self, task_id: str, error: TaskError, kind: str, job_id: int | None = None) -> str:
         def op(tx: Tx) -> str:
             if job_id is not None:
@@ -528,26 +591,36 @@ class Store:
 
     # -- writes: jobs ----------------------------------------------------------------------------
 
-    async def claim_jobs(self, kind: str, limit: int, skip_providers: Iterable[str] = ()) -> list[Job]:
-        """Mark up to `limit` due jobs of `kind` running, oldest first; skip tasks of paced-out providers."""
-        skip = sorted(skip_providers)
-        skipping = ""
+    async def claim_due(
+        self, slots: Mapping[str, int], skip_submits_of: Iterable[str] = (), count_in_flight: bool = False
+    ) -> Claimed:
+        """One turn of the worker in one operation: mark due jobs running (up to `slots[kind]`, oldest
+        first, leaving alone the submit jobs of providers that pacing holds back), and tell when the
+        next job falls due and (if asked) how many tasks each provider has in flight."""
+        skip = sorted(skip_submits_of)
+        held = ""
         if skip:
-            marks = ",".join("?" * len(skip))
-            skipping = (
-                " AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id=jobs.task_id"  # noqa: S608
-                f" AND t.provider IN ({marks}))"
+            held = (
+                " AND NOT (kind='submit' AND EXISTS (SELECT 1 FROM tasks t WHERE t.id=jobs.task_id"  # noqa: S608
+                f" AND t.provider IN ({','.join('?' * len(skip))})))"
             )
-
-        sql = (
+        claim = (
             "UPDATE jobs SET running=1, attempts=attempts+1 WHERE id IN ("  # noqa: S608 - placeholders only
-            f" SELECT id FROM jobs WHERE running=0 AND kind=? AND due_at<=?{skipping}"
+            f" SELECT id FROM jobs WHERE running=0 AND kind=? AND due_at<=?{held}"
             " ORDER BY due_at, id LIMIT ?) RETURNING id, kind, task_id, arg, attempts"
         )
+        next_due = f"SELECT MIN(due_at) AS due FROM jobs WHERE running=0{held}"  # noqa: S608
 
-        def op(tx: Tx) -> list[Job]:
-            rows = tx.conn.execute(sql, (kind, tx.now, *skip, limit)).fetchall()
-            return [Job(r["id"], r["kind"], r["task_id"], r["arg"], r["attempts"]) for r in rows]
+        def op(tx: Tx) -> Claimed:
+            jobs: list[Job] = []
+            for kind, free in slots.items():
+                if free > 0:
+                    rows = tx.conn.execute(claim, (kind, tx.now, *skip, free)).fetchall()
+                    jobs += [Job(r["id"], r["kind"], r["task_id"], r["arg"], r["attempts"]) for r in rows]
+            due = tx.conn.execute(next_due, skip).fetchone()["due"]
+            return Claimed(
+                jobs, None if due is None else float(due), _in_flight(tx) if count_in_flight else {}
+            )
 
         return await self.write(op)
 
@@ -564,15 +637,7 @@ class Store:
 
         Run on the writer, in order with the commits that accept tasks, so a pacing decision never
         misses a task that was accepted just before it."""
-
-        def op(tx: Tx) -> dict[tuple[str, str], int]:
-            rows = tx.conn.execute(
-                "SELECT provider, model, COUNT(*) AS n FROM tasks WHERE status='submitted'"
-                " GROUP BY provider, model"
-            ).fetchall()
-            return {(row["provider"], row["model"]): row["n"] for row in rows}
-
-        return await self.write(op)
+        return await self.write(_in_flight)
 
     async def retry_job(self, job: Job, delay: float, error: str) -> None:
         def op(tx: Tx) -> None:
@@ -598,6 +663,13 @@ class Store:
 
 
 # -- the rules of a state change, run inside the writer's transaction ---------------------------------
+
+
+def _in_flight(tx: Tx) -> dict[tuple[str, str], int]:
+    rows = tx.conn.execute(
+        "SELECT provider, model, COUNT(*) AS n FROM tasks WHERE status='submitted' GROUP BY provider, model"
+    ).fetchall()
+    return {(row["provider"], row["model"]): row["n"] for row in rows}
 
 
 def _dumps(value: Any) -> str:
@@ -659,15 +731,24 @@ def _finish(tx: Tx, task: sqlite3.Row, status: Status, error: TaskError | None) 
         (tx.now, _dumps(error.as_json()) if error else None, task["id"]),
     )
     # An ended task needs no more work; only its notification (if any) is still to come.
-    tx.run("DELETE FROM jobs WHERE task_id=? AND kind NOT IN ('notify') AND running=0", (task["id"],))
+    # `+running` keeps SQLite on the task_id index instead of scanning every idle job.
+    tx.run("DELETE FROM jobs WHERE task_id=? AND kind <> 'notify' AND +running=0", (task["id"],))
     if task["notify_url"]:
         _add_job(tx, "notify", task["id"], 0, tx.now)
     return change
 
 
-def _apply(tx: Tx, task_id: str, outcome: Outcome, kind: str, verified: bool, urgent: bool = False) -> str:
+def _apply(
+    tx: Tx,
+    task_id: str,
+    outcome: Outcome,
+    kind: str,
+    verified: bool,
+    urgent: bool = False,
+    task: sqlite3.Row | None = None,
+) -> str:
     """Record the news and make the forward-only change it calls for; returns what changed."""
-    task = _task(tx, task_id)
+    task = task if task is not None else _task(tx, task_id)
     if outcome.provider_task_id and not task["provider_task_id"]:
         tx.run("UPDATE tasks SET provider_task_id=? WHERE id=?", (outcome.provider_task_id, task_id))
     change: str | None = None
@@ -682,7 +763,7 @@ def _apply(tx: Tx, task_id: str, outcome: Outcome, kind: str, verified: bool, ur
             due = tx.now - URGENT_LEAD if urgent else tx.now
             for index in range(len(outcome.image_urls)):
                 _add_job(tx, "download", task_id, index, due)
-            tx.run("DELETE FROM jobs WHERE task_id=? AND kind='reconcile' AND running=0", (task_id,))
+            tx.run("DELETE FROM jobs WHERE task_id=? AND kind='reconcile' AND +running=0", (task_id,))
     elif outcome.state == "failed":
         assert outcome.error is not None
         change = _finish(tx, task, Status.FAILED, outcome.error)

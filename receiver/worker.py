@@ -106,28 +106,31 @@ class Worker:
     async def run(self) -> None:
         while not self._stopping:
             self.store.jobs_changed.clear()
-            if self.pacer.needs_counts():
-                self._in_flight = await self.store.in_flight()
+            # Pacing decides from the counts of the previous turn; each submit checks again before it
+            # goes, so a stale count can only delay a task by one turn, never overrun a limit.
             paced_out = self.pacer.blocked(self._in_flight)
-            for kind, (slots, handler) in self.handlers.items():
-                free = slots - len(self._running[kind])
-                if free <= 0:
-                    continue
-                skip = paced_out if kind == "submit" else ()
-                for job in await self.store.claim_jobs(kind, free, skip):
-                    task = asyncio.create_task(self._run_job(handler, job), name=f"job-{kind}-{job.id}")
-                    self._running[kind].add(task)
-                    task.add_done_callback(self._job_done(kind))
-            due = await self.store.next_due(paced_out)
-            wait = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+            slots = {kind: slots - len(self._running[kind]) for kind, (slots, _) in self.handlers.items()}
+            claimed = await self.store.claim_due(slots, paced_out, self.pacer.needs_counts())
+            self._in_flight = claimed.in_flight
+            for job in claimed.jobs:
+                handler = self.handlers[job.kind][1]
+                task = asyncio.create_task(self._run_job(handler, job), name=f"job-{job.kind}-{job.id}")
+                self._running[job.kind].add(task)
+                task.add_done_callback(self._job_done(job.kind))
+            if claimed.jobs:
+                continue  # claim again at once: more may be due, or slots may have freed meanwhile
+            # Nothing claimable: sleep until the next job falls due, a window opens, or (through
+            # jobs_changed) a job is added or finishes. Due jobs waiting for a slot wait for the latter.
+            now = time.time()
+            due = claimed.next_due
+            wait = 1.0 if due is None or due <= now else min(1.0, due - now)
             opens = self.pacer.next_change()
             if opens is not None:
                 wait = min(wait, opens)
-            if wait > 0:
-                try:
-                    await asyncio.wait_for(self.store.jobs_changed.wait(), wait)
-                except TimeoutError:
-                    pass
+            try:
+                await asyncio.wait_for(self.store.jobs_changed.wait(), wait)
+            except TimeoutError:
+                pass
 
     def _job_done(self, kind: str) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
@@ -213,9 +216,8 @@ class Worker:
         await self.store.record_submission(job, submission, urgent=provider.early_download)
 
     async def download(self, job: Job) -> None:
-        row = await self.store.task(job.task_id)
-        image = await self.store.image(job.task_id, job.arg)
-        if row is None or image is None or row["status"] != Status.DOWNLOADING or image["path"] is not None:
+        image = await self.store.download_target(job.task_id, job.arg)
+        if image is None or image["status"] != Status.DOWNLOADING or image["path"] is not None:
             await self.store.finish_job(job)  # already stored, or the task ended
             return
         url = image["source_url"]

@@ -114,9 +114,8 @@ def wait_http(url: str, seconds: float = 20) -> None:
 def process(
     args: list[str], env: dict[str, str] | None = None, url: str | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log = tempfile.NamedTemporaryFile(prefix="receiver-bench-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(args, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log)
     try:
         if url:
             wait_http(url)
@@ -127,6 +126,11 @@ def process(
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+        tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
+        if tail and proc.returncode not in (0, -15):
+            print(f"{args[-3:]} exited {proc.returncode}: " + " | ".join(tail), file=sys.stderr)
+        Path(log.name).unlink()
 
 
 @dataclass
