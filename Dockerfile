@@ -4,7 +4,7 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY receiver ./receiver
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[fast]"
 
 # Runtime stage: no build tools, no tests; a non-root user; data on a volume.
 FROM python:3.11-slim
@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin receiver \
     && mkdir -p /data && chown receiver:receiver /data
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels receiver && rm -rf /wheels
+RUN pip install --no-cache-dir --no-index --find-links=/wheels "receiver[fast]" && rm -rf /wheels
 USER receiver
 VOLUME ["/data"]
 EXPOSE 8000

@@ -51,6 +51,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         settings.sandbox_delay,
     )
     worker = Worker(settings, store, tokens, provider_http, outside_http)
+    worker.callbacks_busy = callbacks.busy
     worker.add_handler("notify", NOTIFY_SLOTS, Notifier(settings, store, tokens, outside_http).deliver)
 
     async def healthz(request: Request) -> Response:

@@ -1,16 +1,15 @@
-"""/callbacks/{provider}/{token}: capped raw body → token → provider signature → parse → store → 2xx.
+"""/callbacks/{provider}/{token}: capped raw body → token → provider signature → parse → inbox → 2xx.
 
-Nothing slow happens before the answer. After the size and token checks, one store operation reads the
-task, has the provider verify and parse the body, and records the news (with the download jobs it calls
-for) in the same transaction: one hand-off to the writer per callback, and no gap between what was
-checked and what is applied. The worker does the rest.
+Nothing that can wait happens before the answer: the task is read by primary key, the provider checks
+the signature and reads the body (pure work), and the verified news is kept as one inbox row, committed
+together with the other callbacks of the moment. The worker applies it right after (state change, image
+rows, download jobs, the event) in the same order the callbacks came.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from typing import Any
 
@@ -20,23 +19,15 @@ from starlette.responses import JSONResponse, Response
 
 from receiver import metrics
 from receiver.config import ProviderSettings, Settings
-from receiver.models import Outcome
+from receiver.models import CallbackRejected, MalformedCallback, TaskSpec
 from receiver.providers import REGISTRY, Context, Provider
-from receiver.store import Store, Verdict
+from receiver.store import Store
 from receiver.tasks import task_spec
 from receiver.tokens import Tokens
 from receiver.web import ApiError, error_response, read_capped
 
 log = logging.getLogger("receiver.callbacks")
-# What a refused callback is answered: a bad token or signature is a 401, a verified but unreadable body
-# a 400, a genuine token for a task we no longer have a 404.
-REFUSALS = {
-    "missing": (404, "not_found"),
-    "bad_token": (401, "bad_token"),
-    "bad_signature": (401, "bad_signature"),
-    "malformed": (400, "malformed"),
-    "wrong_task": (400, "wrong_task"),
-}
+BUSY_WINDOW = 0.05  # seconds after the last callback during which a burst counts as still on
 KEY_SET_TTL = 24 * 3600.0
 KEY_SET_REFRESH = 60.0
 MAX_KEY_SET_BYTES = 256 * 1024
@@ -81,16 +72,26 @@ class Callbacks:
         self.store = store
         self.tokens = tokens
         self.key_sets = key_sets
+        self._answering = 0
+        self._last_answered = 0.0
+
+    def busy(self) -> bool:
+        """Whether callbacks are being answered now or were a moment ago (a burst is on)."""
+        return self._answering > 0 or time.monotonic() - self._last_answered < BUSY_WINDOW
 
     async def receive(self, request: Request) -> Response:
         started = time.perf_counter()
         provider_name = request.path_params["provider"]
         result = "rejected"
+        self._answering += 1
         try:
             response, result = await self._receive(request, provider_name)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message)
             result = f"rejected_{exc.code}"
+        finally:
+            self._answering -= 1
+            self._last_answered = time.monotonic()
         label = provider_name if provider_name in REGISTRY else "unknown"
         metrics.callback_seen(label, result, time.perf_counter() - started)
         return response
@@ -101,36 +102,50 @@ class Callbacks:
         provider = REGISTRY.get(provider_name)
         if task_id is None or provider is None:
             raise ApiError(401, "bad_token", "the callback token is not valid")
+        row = self.store.task_row(task_id)
+        if row is None:
+            raise ApiError(404, "not_found", "no such task")
+        if row["provider"] != provider_name:
+            raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
+        spec = task_spec(row)
         settings = self.settings.provider(provider_name)
         headers = {key.lower(): value for key, value in request.headers.items()}
-        key_url = provider.key_set_url(settings)
-        keys = await self.key_sets.get(key_url) if key_url else None
-        verdict = await self._judge(task_id, provider, settings, headers, raw, keys)
-        if verdict.result == "bad_signature" and key_url:
-            # Keys rotate: fetch the set again (at most once a minute) and judge once more.
-            fresh = await self.key_sets.get(key_url, refresh=True)
-            if fresh is not None and fresh != keys:
-                verdict = await self._judge(task_id, provider, settings, headers, raw, fresh)
-        if verdict.result in REFUSALS:
-            status, code = REFUSALS[verdict.result]
-            raise ApiError(status, code, verdict.message)
-        return JSONResponse({"code": 200, "msg": "success"}), verdict.result
+        try:
+            await self._verify(provider, headers, raw, spec, settings)
+        except CallbackRejected as exc:
+            await self.store.add_event(task_id, "callback", False, f"signature refused: {exc}")
+            raise ApiError(401, "bad_signature", str(exc)) from None
+        try:
+            outcome = provider.parse_callback(raw)
+        except MalformedCallback as exc:
+            await self.store.add_event(task_id, "callback", True, f"unreadable body: {exc}")
+            raise ApiError(400, "malformed", str(exc)) from None
+        known = row["provider_task_id"]
+        if outcome.provider_task_id and known and outcome.provider_task_id != known:
+            await self.store.add_event(
+                task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"
+            )
+            raise ApiError(400, "wrong_task", "the callback is about another provider task")
+        await self.store.record_callback(task_id, outcome, urgent=provider.early_download)
+        return JSONResponse({"code": 200, "msg": "success"}), "accepted"
 
-    async def _judge(
+    async def _verify(
         self,
-        task_id: str,
         provider: Provider,
-        settings: ProviderSettings,
         headers: dict[str, str],
         raw: bytes,
-        keys: Any,
-    ) -> Verdict:
-        def judge(row: sqlite3.Row) -> Outcome:
-            """Pure: the provider's signature check, then its reading of the body."""
-            spec = task_spec(row)
+        spec: TaskSpec,
+        settings: ProviderSettings,
+    ) -> None:
+        url = provider.key_set_url(settings)
+        keys = await self.key_sets.get(url) if url else None
+        try:
             provider.verify_callback(headers, raw, spec, Context(settings, keys=keys), time.time())
-            return provider.parse_callback(raw)
-
-        return await self.store.receive_callback(
-            task_id, provider.name, judge, urgent=provider.early_download
-        )
+        except CallbackRejected:
+            if not url:
+                raise
+            # Keys rotate: fetch the set again (at most once a minute) and try once more.
+            fresh = await self.key_sets.get(url, refresh=True)
+            if fresh is None or fresh == keys:
+                raise
+            provider.verify_callback(headers, raw, spec, Context(settings, keys=fresh), time.time())

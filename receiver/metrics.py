@@ -19,6 +19,12 @@ CALLBACK_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
+CALLBACKS_APPLIED = Counter(
+    "receiver_callbacks_applied_total",
+    "Verified callbacks applied after their answer, by provider and effect (changed, duplicate, pending)",
+    ["provider", "result"],
+    registry=REGISTRY,
+)
 TASKS = Gauge("receiver_tasks", "Tasks by provider and status", ["provider", "status"], registry=REGISTRY)
 JOBS_DUE = Gauge("receiver_jobs_due", "Jobs due now, by kind", ["kind"], registry=REGISTRY)
 

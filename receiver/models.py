@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -68,6 +69,31 @@ class Outcome:
     image_urls: tuple[str, ...] = ()
     error: TaskError | None = None
     detail: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "state": self.state,
+                "provider_task_id": self.provider_task_id,
+                "image_urls": list(self.image_urls),
+                "error": self.error.as_json() if self.error else None,
+                "detail": self.detail,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Outcome:
+        data = json.loads(text)
+        error = data["error"]
+        return cls(
+            state=data["state"],
+            provider_task_id=data["provider_task_id"],
+            image_urls=tuple(data["image_urls"]),
+            error=TaskError(ErrorCode(error["code"]), error["message"], error["provider_code"])
+            if error
+            else None,
+            detail=data["detail"],
+        )
 
     @classmethod
     def pending(cls, provider_task_id: str | None, detail: str = "") -> Outcome:

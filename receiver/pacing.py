@@ -45,7 +45,15 @@ class Pacer:
 
     def needs_counts(self) -> bool:
         """Whether any group caps concurrency (then the worker counts tasks in flight for it)."""
-        return any(g.limits.max_concurrent or g.limits.max_concurrent_by_model for g in self._groups.values())
+        return bool(self.counted_providers())
+
+    def counted_providers(self) -> list[str]:
+        """The providers whose tasks in flight must be counted: those of groups that cap concurrency."""
+        return sorted(
+            provider
+            for provider, name in self._group_of.items()
+            if self._groups[name].limits.max_concurrent or self._groups[name].limits.max_concurrent_by_model
+        )
 
     def blocked(self, in_flight: Mapping[tuple[str, str], int], now: float | None = None) -> set[str]:
         """The providers that cannot take one more task now (for any model, in the simplest case)."""

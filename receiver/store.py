@@ -21,9 +21,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from receiver.models import (
-    CallbackRejected,
     ErrorCode,
-    MalformedCallback,
     Outcome,
     Status,
     Submission,
@@ -107,6 +105,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX jobs_by_task ON jobs (task_id);
     CREATE INDEX jobs_by_kind_due ON jobs (kind, running, due_at)
     """,
+    # Verified callbacks, kept before they are answered and applied right after (see record_callback).
+    """
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        urgent INTEGER NOT NULL DEFAULT 0
+    )
+    """,
 )
 
 
@@ -115,16 +123,8 @@ class Claimed:
     jobs: list[Job]
     next_due: float | None
     in_flight: dict[tuple[str, str], int]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """What became of a callback: accepted, duplicate, pending, or why it was refused."""
-
-    result: (
-        str  # accepted | duplicate | pending | missing | bad_token | bad_signature | malformed | wrong_task
-    )
-    message: str = ""
+    applied: list[tuple[str, str]]  # (provider, what the callback changed or 'duplicate') per inbox row
+    more_news: bool  # the inbox still holds callbacks to apply
 
 
 class IdempotencyConflict(Exception):
@@ -208,7 +208,10 @@ class Store:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receiver-writer")
         self._writer: sqlite3.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._point: sqlite3.Connection | None = None
         self._pending: list[tuple[Callable[[Tx], Any], asyncio.Future[Any]]] = []
+        # Verified callbacks waiting for the next commit: one INSERT for all of them (group commit).
+        self._inbox: list[tuple[tuple[str, str, int], asyncio.Future[None]]] = []
         self._wake_writer = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._task_waiters: dict[str, set[asyncio.Event]] = {}
@@ -222,6 +225,9 @@ class Store:
         await loop.run_in_executor(self._executor, migrate, self._writer)
         # A single process owns the database: jobs marked running by a process that died are free again.
         await loop.run_in_executor(self._executor, self._writer.execute, "UPDATE jobs SET running=0")
+        self._point = sqlite3.connect(self.path, check_same_thread=False)
+        self._point.row_factory = sqlite3.Row
+        self._point.execute("PRAGMA query_only=1")
         self._reader = await aiosqlite.connect(self.path)
         self._reader.row_factory = aiosqlite.Row
         await self._reader.execute("PRAGMA busy_timeout=5000")
@@ -229,7 +235,7 @@ class Store:
 
     async def close(self) -> None:
         if self._writer_task is not None:
-            while self._pending:  # noqa: ASYNC110 - a short drain at shutdown
+            while self._pending or self._inbox:  # noqa: ASYNC110 - a short drain at shutdown
                 await asyncio.sleep(0.01)
             self._writer_task.cancel()
             try:
@@ -238,6 +244,8 @@ class Store:
                 pass
         if self._reader is not None:
             await self._reader.close()
+        if self._point is not None:
+            self._point.close()
         if self._writer is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._writer.close)
         self._executor.shutdown(wait=True)
@@ -264,17 +272,21 @@ class Store:
             await self._wake_writer.wait()
             self._wake_writer.clear()
             batch, self._pending = self._pending, []
-            if not batch:
+            inbox, self._inbox = self._inbox, []
+            if not batch and not inbox:
                 continue
             try:
                 results, changed, jobs_added = await loop.run_in_executor(
-                    self._executor, self._commit_batch, [op for op, _ in batch]
+                    self._executor, self._commit_batch, [op for op, _ in batch], [row for row, _ in inbox]
                 )
             except Exception as exc:  # the commit itself failed: nothing in the batch happened
-                for _, future in batch:
+                for _, future in [*batch, *inbox]:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            for _, done in inbox:
+                if not done.done():
+                    done.set_result(None)
             for (_, future), (ok, value) in zip(batch, results, strict=True):
                 if future.done():
                     continue
@@ -284,13 +296,21 @@ class Store:
                     future.set_exception(value)
             self._announce(changed, jobs_added)
 
-    def _commit_batch(self, ops: list[Callable[[Tx], Any]]) -> tuple[list[tuple[bool, Any]], set[str], bool]:
+    def _commit_batch(
+        self, ops: list[Callable[[Tx], Any]], inbox: list[tuple[str, str, int]]
+    ) -> tuple[list[tuple[bool, Any]], set[str], bool]:
         conn = self._writer
         assert conn is not None
         tx = Tx(conn=conn, now=time.time())
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if inbox:
+                conn.executemany(
+                    "INSERT INTO inbox (task_id, received_at, outcome, urgent) VALUES (?,?,?,?)",
+                    [(task_id, tx.now, outcome, urgent) for task_id, outcome, urgent in inbox],
+                )
+                tx.jobs_added = True
             for op in ops:
                 conn.execute("SAVEPOINT op")
                 before_changed, before_jobs = set(tx.changed), tx.jobs_added
@@ -337,8 +357,7 @@ class Store:
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         assert self._reader is not None
-        async with self._reader.execute(sql, params) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._reader.execute_fetchall(sql, params))  # one hand-off, not three
 
     async def task(self, task_id: str, tenant: str | None = None) -> sqlite3.Row | None:
         if tenant is None:
@@ -485,44 +504,24 @@ class Store:
         `urgent` puts its downloads ahead of the queue (for providers whose links die within minutes)."""
         return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified, urgent))
 
-    async def receive_callback(
-        self, task_id: str, provider: str, judge: Callable[[sqlite3.Row], Outcome], *, urgent: bool = False
-    ) -> Verdict:
-        """Judge a callback against the task's row and apply it, in one transaction.
+    def task_row(self, task_id: str) -> sqlite3.Row | None:
+        """A task by primary key, read on the event loop itself: a point read takes microseconds,
+        less than handing it to a thread and back (the callback path's one read)."""
+        assert self._point is not None
+        row: sqlite3.Row | None = self._point.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return row
 
-        `judge` is the provider's pure verification and parsing: it raises CallbackRejected or
-        MalformedCallback, or returns the outcome. Refusals are recorded as events and change nothing."""
+    async def record_callback(self, task_id: str, outcome: Outcome, *, urgent: bool = False) -> None:
+        """Keep a verified callback durably; the worker applies it right after.
 
-        def op(tx: Tx) -> Verdict:
-            row = tx.one("SELECT * FROM tasks WHERE id=?", (task_id,))
-            if row is None:
-                return Verdict("missing", "no such task")
-            if row["provider"] != provider:
-                return Verdict("bad_token", "the callback token is not valid for this provider")
-            try:
-                outcome = judge(row)
-            except CallbackRejected as exc:
-                _event(tx, task_id, "callback", False, f"signature refused: {exc}", None)
-                return Verdict("bad_signature", str(exc))
-            except MalformedCallback as exc:
-                _event(tx, task_id, "callback", True, f"unreadable body: {exc}", None)
-                return Verdict("malformed", str(exc))
-            known = row["provider_task_id"]
-            if outcome.provider_task_id and known and outcome.provider_task_id != known:
-                _event(
-                    tx,
-                    task_id,
-                    "callback",
-                    True,
-                    f"names provider task {outcome.provider_task_id}, not {known}",
-                    None,
-                )
-                return Verdict("wrong_task", "the callback is about another provider task")
-            if _apply(tx, task_id, outcome, "callback", True, urgent, row):
-                return Verdict("accepted")
-            return Verdict("pending" if outcome.state == "pending" else "duplicate")
-
-        return await self.write(op)
+        This is all a callback waits for before its answer: one row, inserted with every other callback
+        of the moment in one statement and one commit. Applying it (the state change, image rows,
+        download jobs, the event) is the worker's next step, so a kill -9 after the answer loses nothing
+        and the answer stays fast."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox.append(((task_id, outcome.to_json(), int(urgent)), done))
+        self._wake_writer.set()
+        await done
 
     async def fail_task(self, task_id: str, error: TaskError, kind: str, job_id: int | None = None) -> str:
         def op(tx: Tx) -> str:
@@ -592,7 +591,11 @@ class Store:
     # -- writes: jobs ----------------------------------------------------------------------------
 
     async def claim_due(
-        self, slots: Mapping[str, int], skip_submits_of: Iterable[str] = (), count_in_flight: bool = False
+        self,
+        slots: Mapping[str, int],
+        skip_submits_of: Iterable[str] = (),
+        count_for: Sequence[str] = (),
+        inbox_batch: int = 256,
     ) -> Claimed:
         """One turn of the worker in one operation: mark due jobs running (up to `slots[kind]`, oldest
         first, leaving alone the submit jobs of providers that pacing holds back), and tell when the
@@ -612,15 +615,15 @@ class Store:
         next_due = f"SELECT MIN(due_at) AS due FROM jobs WHERE running=0{held}"  # noqa: S608
 
         def op(tx: Tx) -> Claimed:
+            applied, more_news = _apply_inbox(tx, inbox_batch)
             jobs: list[Job] = []
             for kind, free in slots.items():
                 if free > 0:
                     rows = tx.conn.execute(claim, (kind, tx.now, *skip, free)).fetchall()
                     jobs += [Job(r["id"], r["kind"], r["task_id"], r["arg"], r["attempts"]) for r in rows]
             due = tx.conn.execute(next_due, skip).fetchone()["due"]
-            return Claimed(
-                jobs, None if due is None else float(due), _in_flight(tx) if count_in_flight else {}
-            )
+            in_flight = _in_flight(tx, count_for) if count_for else {}
+            return Claimed(jobs, None if due is None else float(due), in_flight, applied, more_news)
 
         return await self.write(op)
 
@@ -632,12 +635,12 @@ class Store:
 
         await self.write(op)
 
-    async def in_flight(self) -> dict[tuple[str, str], int]:
+    async def in_flight(self, providers: Sequence[str]) -> dict[tuple[str, str], int]:
         """Tasks accepted by their provider and not finished, by (provider, model).
 
         Run on the writer, in order with the commits that accept tasks, so a pacing decision never
         misses a task that was accepted just before it."""
-        return await self.write(_in_flight)
+        return await self.write(lambda tx: _in_flight(tx, providers))
 
     async def retry_job(self, job: Job, delay: float, error: str) -> None:
         def op(tx: Tx) -> None:
@@ -665,9 +668,34 @@ class Store:
 # -- the rules of a state change, run inside the writer's transaction ---------------------------------
 
 
-def _in_flight(tx: Tx) -> dict[tuple[str, str], int]:
+def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str]], bool]:
+    """Apply the oldest recorded callbacks, in the order they came; returns what each changed."""
+    rows = tx.conn.execute("SELECT * FROM inbox ORDER BY id LIMIT ?", (limit + 1,)).fetchall()
+    applied: list[tuple[str, str]] = []
+    for row in rows[:limit]:
+        task = tx.one("SELECT * FROM tasks WHERE id=?", (row["task_id"],))
+        if task is not None:
+            outcome = Outcome.from_json(row["outcome"])
+            known = task["provider_task_id"]
+            if outcome.provider_task_id and known and outcome.provider_task_id != known:
+                # Checked when it came too; this catches an id the submit answer set in between.
+                note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
+                _event(tx, task["id"], "callback", True, note, None)
+                applied.append((task["provider"], "ignored"))
+            else:
+                change = _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
+                result = "changed" if change else ("pending" if outcome.state == "pending" else "duplicate")
+                applied.append((task["provider"], result))
+        tx.run("DELETE FROM inbox WHERE id=?", (row["id"],))
+    return applied, len(rows) > limit
+
+
+def _in_flight(tx: Tx, providers: Sequence[str]) -> dict[tuple[str, str], int]:
+    marks = ",".join("?" * len(providers))
     rows = tx.conn.execute(
-        "SELECT provider, model, COUNT(*) AS n FROM tasks WHERE status='submitted' GROUP BY provider, model"
+        "SELECT provider, model, COUNT(*) AS n FROM tasks"  # noqa: S608 - placeholders only
+        f" WHERE status='submitted' AND provider IN ({marks}) GROUP BY provider, model",
+        list(providers),
     ).fetchall()
     return {(row["provider"], row["model"]): row["n"] for row in rows}
 

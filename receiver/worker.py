@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 
+from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import DownloadError, fetch_image
 from receiver.models import ErrorCode, Outcome, ProviderRejected, ProviderUnavailable, Status, TaskError
@@ -29,6 +30,9 @@ log = logging.getLogger("receiver.worker")
 MAX_PROVIDER_ANSWER = 4 * 1024 * 1024
 MAX_RECONCILE_INTERVAL = 600.0
 MAX_STATUS_HOPS = 3
+INBOX_SLICE = 256  # callbacks applied per worker turn
+BUSY_INBOX_SLICE = 32  # … while callbacks are arriving, so no callback's commit waits behind a long one
+BUSY_PAUSE = 0.02  # seconds between worker turns while callbacks are arriving
 
 
 def build_pacer(settings: Settings) -> Pacer:
@@ -92,6 +96,8 @@ class Worker:
         }
         self._running: dict[str, set[asyncio.Task[None]]] = {kind: set() for kind in self.handlers}
         self.pacer = build_pacer(settings)
+        # Set by the app: whether callbacks are arriving right now (then everything else waits a little).
+        self.callbacks_busy: Callable[[], bool] = lambda: False
         self._in_flight: dict[tuple[str, str], int] = {}
         self._stopping = False
         # Our own sandbox's files live under the public URL: the operator's origin, trusted as given.
@@ -109,15 +115,25 @@ class Worker:
             # Pacing decides from the counts of the previous turn; each submit checks again before it
             # goes, so a stale count can only delay a task by one turn, never overrun a limit.
             paced_out = self.pacer.blocked(self._in_flight)
+            busy = self.callbacks_busy()
             slots = {kind: slots - len(self._running[kind]) for kind, (slots, _) in self.handlers.items()}
-            claimed = await self.store.claim_due(slots, paced_out, self.pacer.needs_counts())
+            if busy:
+                # Callbacks first: while they pour in, one download at a time and the inbox in slices.
+                slots["download"] = min(slots.get("download", 0), 1 - len(self._running["download"]))
+            claimed = await self.store.claim_due(
+                slots, paced_out, self.pacer.counted_providers(), BUSY_INBOX_SLICE if busy else INBOX_SLICE
+            )
             self._in_flight = claimed.in_flight
+            for provider, result in claimed.applied:
+                metrics.CALLBACKS_APPLIED.labels(provider, result).inc()
             for job in claimed.jobs:
                 handler = self.handlers[job.kind][1]
                 task = asyncio.create_task(self._run_job(handler, job), name=f"job-{job.kind}-{job.id}")
                 self._running[job.kind].add(task)
                 task.add_done_callback(self._job_done(job.kind))
-            if claimed.jobs:
+            if claimed.jobs or claimed.more_news:
+                if busy:
+                    await asyncio.sleep(BUSY_PAUSE)  # leave the loop (and the writer) to the callbacks
                 continue  # claim again at once: more may be due, or slots may have freed meanwhile
             # Nothing claimable: sleep until the next job falls due, a window opens, or (through
             # jobs_changed) a job is added or finishes. Due jobs waiting for a slot wait for the latter.
@@ -178,7 +194,8 @@ class Worker:
             await self.store.finish_job(job)  # a callback or the deadline got there first
             return
         provider = REGISTRY[row["provider"]]
-        counts = await self.store.in_flight() if self.pacer.needs_counts() else {}
+        counted = self.pacer.counted_providers()
+        counts = await self.store.in_flight(counted) if counted else {}
         if not self.pacer.try_acquire(provider.name, row["model"], counts):
             await self.store.unclaim(job)  # its turn comes when the provider has room again
             return
