@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
 import secrets
 import sqlite3
@@ -17,6 +18,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 
 from receiver.config import Settings
 from receiver.downloads import check_url
+from receiver.logs import event
 from receiver.models import OPTIONAL_FIELDS, Status, TaskRequest
 from receiver.providers import REGISTRY, Provider
 from receiver.store import IdempotencyConflict, NewTask, Store
@@ -25,6 +27,7 @@ from receiver.tokens import Tokens
 from receiver.uploads import NAME, UploadError, decode_data_uri, store_bytes
 from receiver.web import ApiError, read_capped
 
+log = logging.getLogger("receiver.api")
 MAX_PROMPT = 10_000
 MAX_METADATA = 16 * 1024
 MAX_WAIT = 60.0
@@ -104,6 +107,8 @@ class Api:
             raise ApiError(
                 409, "idempotency_conflict", "this Idempotency-Key was used with another body"
             ) from None
+        if created:
+            event(log, "task created", task_id=row["id"], provider=row["provider"], tenant=tenant)
         rendered = render_task(row, await self.store.images(row["id"]), self.tokens)
         return JSONResponse(
             rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row['id']}"}

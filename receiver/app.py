@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -20,6 +20,7 @@ from receiver.callbacks import Callbacks, KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
 from receiver.downloads import clean_partial_files, outside_client
+from receiver.logs import event
 from receiver.models import Status
 from receiver.notify import NOTIFY_SLOTS, Notifier
 from receiver.openapi import openapi_document
@@ -77,8 +78,11 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         for (provider, status), count in counts.items():
             metrics.TASKS.labels(provider, status).set(count)
         metrics.JOBS_DUE.clear()
-        for kind, count in (await store.jobs_due()).items():
+        metrics.OLDEST_DUE.clear()
+        now = time.time()
+        for kind, (count, oldest) in (await store.jobs_due()).items():
             metrics.JOBS_DUE.labels(kind).set(count)
+            metrics.OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def openapi(request: Request) -> Response:
@@ -113,10 +117,12 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
             import asyncio
 
             runner = asyncio.create_task(worker.run(), name="receiver-worker")
+        event(log, "started", public_url=settings.public_url, data_dir=str(settings.data_dir))
         try:
             yield
         finally:
-            await worker.stop(grace=float(os.environ.get("RECEIVER_SHUTDOWN_GRACE", "20")))
+            event(log, "shutting down", running_jobs=worker.running(), grace=settings.shutdown_grace)
+            left = await worker.stop(grace=settings.shutdown_grace)
             if runner is not None:
                 runner.cancel()
                 with contextlib.suppress(BaseException):
@@ -125,6 +131,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
             await provider_http.aclose()
             await outside_http.aclose()
             await store.close()
+            event(log, "stopped", jobs_left_for_next_start=left)
 
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from receiver import metrics
 from receiver.config import ProviderSettings, Settings
+from receiver.logs import event
 from receiver.models import CallbackRejected, MalformedCallback, TaskSpec
 from receiver.providers import REGISTRY, Context, Provider
 from receiver.store import Store
@@ -93,7 +94,16 @@ class Callbacks:
             self._answering -= 1
             self._last_answered = time.monotonic()
         label = provider_name if provider_name in REGISTRY else "unknown"
-        metrics.callback_seen(label, result, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        metrics.callback_seen(label, result, seconds)
+        event(
+            log,
+            f"callback {result}",
+            level=logging.INFO if result == "accepted" else logging.WARNING,
+            task_id=getattr(request.state, "task_id", None),
+            provider=label,
+            ms=round(seconds * 1000, 2),
+        )
         return response
 
     async def _receive(self, request: Request, provider_name: str) -> tuple[Response, str]:
@@ -102,6 +112,7 @@ class Callbacks:
         provider = REGISTRY.get(provider_name)
         if task_id is None or provider is None:
             raise ApiError(401, "bad_token", "the callback token is not valid")
+        request.state.task_id = task_id
         row = self.store.task_row(task_id)
         if row is None:
             raise ApiError(404, "not_found", "no such task")

@@ -20,7 +20,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from receiver import imageinfo
+from receiver import imageinfo, logs
 from receiver.config import ConfigError, Settings, load_settings
 from receiver.models import OPTIONAL_FIELDS
 
@@ -249,6 +249,7 @@ def welcome(settings: Settings) -> str:
         f'    -d \'{{"provider": "sandbox", "prompt": "a red fox"}}\' http://{settings.host}:{settings.port}/v1/tasks\n'
         f"  curl -s -H 'Authorization: Bearer {key}' "
         f"'http://{settings.host}:{settings.port}/v1/tasks/<id>?wait=30'\n"
+        f"or open the console at http://{settings.host}:{settings.port}/ui\n"
     )
 
 
@@ -262,19 +263,17 @@ def serve(args: argparse.Namespace) -> int:
 
     from receiver.app import create_app
 
-    logging.basicConfig(
-        level=os.environ.get("RECEIVER_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(settings.log_level, settings.log_format)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     if settings.dev_api_key_created:
         print(welcome(settings), file=sys.stderr, flush=True)
     uvicorn.run(
         create_app(settings),
         host=args.host,
         port=args.port,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=int(float(os.environ.get("RECEIVER_SHUTDOWN_GRACE", "20"))),
+        log_config=None,  # uvicorn's own lines go through our formatter too
+        access_log=False,  # an access log would print callback tokens and signed links
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
     )
     return 0
 

@@ -55,6 +55,9 @@ class Settings:
     download_concurrency: int = 4
     max_callback_bytes: int = 1024 * 1024
     dev_api_key_created: bool = False
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    shutdown_grace: float = 20.0
 
     @property
     def db_path(self) -> Path:
@@ -108,6 +111,14 @@ def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
+    raw = env.get(name) or default
+    for value in allowed:
+        if raw.lower() == value.lower():
+            return value
+    raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -279,4 +290,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule),
         notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1),
         dev_api_key_created=dev_key_created,
+        log_level=_choice(env, "RECEIVER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
+        log_format=_choice(env, "RECEIVER_LOG_FORMAT", ("auto", "json", "text"), "auto"),
+        shutdown_grace=_number(env, "RECEIVER_SHUTDOWN_GRACE", 20.0),
     )

@@ -30,10 +30,11 @@ class AddressRefused(Exception):
 
 
 class DownloadError(Exception):
-    def __init__(self, reason: str, *, permanent: bool) -> None:
+    def __init__(self, reason: str, *, permanent: bool, kind: str = "network") -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        self.kind = kind  # a short label for metrics: http_404, too_large, not_image, refused, timeout …
 
 
 def is_public(address: str) -> bool:
@@ -139,31 +140,40 @@ TRANSIENT_STATUSES = frozenset({408, 425, 429})
 async def fetch_image(client: httpx.AsyncClient, url: str, dest: Path, max_bytes: int) -> StoredFile:
     """Stream `url` into a temp file beside `dest` (sans extension), check it, then rename it into place."""
     if urlsplit(url).scheme not in ("http", "https"):
-        raise DownloadError("the image link is not an http or https URL", permanent=True)
+        raise DownloadError("the image link is not an http or https URL", permanent=True, kind="not_http")
     dest.parent.mkdir(parents=True, exist_ok=True)
     temp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
     try:
         async with client.stream("GET", url) as response:
             status = response.status_code
             if status in TRANSIENT_STATUSES or status >= 500:
-                raise DownloadError(f"HTTP {status} from the image host", permanent=False)
+                raise DownloadError(
+                    f"HTTP {status} from the image host", permanent=False, kind=f"http_{status}"
+                )
             if status >= 300:
-                raise DownloadError(f"HTTP {status} from the image host", permanent=True)
+                raise DownloadError(
+                    f"HTTP {status} from the image host", permanent=True, kind=f"http_{status}"
+                )
             declared = response.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise DownloadError(
-                    f"the image is {declared} bytes, over the {max_bytes}-byte cap", permanent=True
+                    f"the image is {declared} bytes, over the {max_bytes}-byte cap",
+                    permanent=True,
+                    kind="too_large",
                 )
             stored = await _write_stream(response, temp, max_bytes)
     except AddressRefused as exc:
         _discard(temp)
-        raise DownloadError(f"refused: {exc}", permanent=True) from None
+        raise DownloadError(f"refused: {exc}", permanent=True, kind="refused") from None
     except httpx.TooManyRedirects:
         _discard(temp)
-        raise DownloadError("too many redirects", permanent=True) from None
+        raise DownloadError("too many redirects", permanent=True, kind="redirects") from None
     except (httpx.TransportError, httpx.StreamError) as exc:
         _discard(temp)
-        raise DownloadError(f"{type(exc).__name__}: {exc or 'network error'}", permanent=False) from None
+        kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
+        raise DownloadError(
+            f"{type(exc).__name__}: {exc or 'network error'}", permanent=False, kind=kind
+        ) from None
     except BaseException:
         _discard(temp)
         raise
@@ -181,19 +191,27 @@ async def _write_stream(response: httpx.Response, temp: Path, max_bytes: int) ->
         async for chunk in response.aiter_bytes(65536):
             size += len(chunk)
             if size > max_bytes:
-                raise DownloadError(f"the image is over the {max_bytes}-byte cap", permanent=True)
+                raise DownloadError(
+                    f"the image is over the {max_bytes}-byte cap", permanent=True, kind="too_large"
+                )
             if content_type is None:
                 head += chunk[: imageinfo.SNIFF_BYTES]
                 if len(head) >= imageinfo.SNIFF_BYTES:
                     content_type = imageinfo.sniff(head)
                     if content_type is None:
-                        raise DownloadError("the link did not give a PNG, JPEG or WebP image", permanent=True)
+                        raise DownloadError(
+                            "the link did not give a PNG, JPEG or WebP image",
+                            permanent=True,
+                            kind="not_image",
+                        )
             digest.update(chunk)
             handle.write(chunk)
         if content_type is None:
             content_type = imageinfo.sniff(head)
             if content_type is None:
-                raise DownloadError("the link did not give a PNG, JPEG or WebP image", permanent=True)
+                raise DownloadError(
+                    "the link did not give a PNG, JPEG or WebP image", permanent=True, kind="not_image"
+                )
     with open(temp, "rb") as reader:  # noqa: ASYNC230 - reads a few header bytes
         size_pair = imageinfo.dimensions(reader, content_type)
     width, height = size_pair if size_pair else (None, None)

@@ -15,6 +15,7 @@ import email.utils
 import hashlib
 import hmac
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,13 +23,16 @@ from dataclasses import dataclass
 
 import httpx
 
+from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import AddressRefused, check_url
+from receiver.logs import event, redact_url
 from receiver.models import Status
 from receiver.store import Job, Store
 from receiver.tasks import iso, render_task
 from receiver.tokens import Tokens
 
+log = logging.getLogger("receiver.notify")
 ANSWER_EXCERPT = 2048
 JITTER = 0.1  # each wait is the schedule's step ±10 %, so many apps failing at once do not retry in step
 MAX_RETRY_AFTER = 86_400.0  # an app may ask for a pause, not for the notification to be parked for ever
@@ -134,18 +138,38 @@ class Notifier:
         if attempt.elapsed_ms is not None:
             outcome += f" ({attempt.elapsed_ms} ms)"
         if attempt.status is not None and 200 <= attempt.status < 300:
-            summary, retry_in = f"{number}: delivered, {outcome}", None
+            result, summary, retry_in = "delivered", f"{number}: delivered, {outcome}", None
         elif attempt.status == 410:
-            summary, retry_in = f"{number}: {outcome}; the app said Gone, no more attempts", None
+            result, summary, retry_in = (
+                "gone",
+                f"{number}: {outcome}; the app said Gone, no more attempts",
+                None,
+            )
         elif job.attempts > len(self.settings.notify_schedule):
-            summary, retry_in = f"{number}: {outcome}; gave up, that was the last attempt", None
+            result, summary, retry_in = (
+                "gave_up",
+                f"{number}: {outcome}; gave up, that was the last attempt",
+                None,
+            )
         else:
+            result = "retry"
             step = self.settings.notify_schedule[job.attempts - 1]
             retry_in = step * random.uniform(1 - JITTER, 1 + JITTER)
             if attempt.retry_after is not None and attempt.retry_after > retry_in:
                 retry_in = attempt.retry_after
             summary = f"{number}: {outcome}; next attempt in {retry_in:.{2 if retry_in < 10 else 0}f} s"
         await self.store.record_notify_attempt(job, summary, attempt.answer, retry_in)
+        metrics.NOTIFICATIONS.labels(result).inc()
+        level = logging.INFO if result == "delivered" else logging.WARNING
+        event(
+            log,
+            f"notification {result.replace('_', ' ')}",
+            level=level,
+            task_id=job.task_id,
+            attempt=job.attempts,
+            status=attempt.status,
+            host=redact_url(row["notify_url"]),
+        )
 
     async def post(self, url: str, message: str, body: bytes) -> Attempt:
         """One signed POST: the address guard first, no redirects, `notify_timeout` for all of it."""

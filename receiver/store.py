@@ -123,7 +123,7 @@ class Claimed:
     jobs: list[Job]
     next_due: float | None
     in_flight: dict[tuple[str, str], int]
-    applied: list[tuple[str, str]]  # (provider, what the callback changed or 'duplicate') per inbox row
+    applied: list[tuple[str, str, str]]  # (task, provider, changed|duplicate|pending|ignored) per inbox row
     more_news: bool  # the inbox still holds callbacks to apply
 
 
@@ -417,11 +417,13 @@ class Store:
         )
         return {(row["provider"], row["status"]): row["n"] for row in rows}
 
-    async def jobs_due(self) -> dict[str, int]:
+    async def jobs_due(self) -> dict[str, tuple[int, float]]:
+        """Per kind: how many jobs are due now, and when the oldest of them fell due."""
         rows = await self._fetch(
-            "SELECT kind, COUNT(*) AS n FROM jobs WHERE due_at<=? GROUP BY kind", (time.time(),)
+            "SELECT kind, COUNT(*) AS n, MIN(due_at) AS oldest FROM jobs WHERE due_at<=? GROUP BY kind",
+            (time.time(),),
         )
-        return {row["kind"]: row["n"] for row in rows}
+        return {row["kind"]: (row["n"], row["oldest"]) for row in rows}
 
     # -- writes: tasks ---------------------------------------------------------------------------
 
@@ -668,10 +670,10 @@ class Store:
 # -- the rules of a state change, run inside the writer's transaction ---------------------------------
 
 
-def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str]], bool]:
+def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], bool]:
     """Apply the oldest recorded callbacks, in the order they came; returns what each changed."""
     rows = tx.conn.execute("SELECT * FROM inbox ORDER BY id LIMIT ?", (limit + 1,)).fetchall()
-    applied: list[tuple[str, str]] = []
+    applied: list[tuple[str, str, str]] = []
     for row in rows[:limit]:
         task = tx.one("SELECT * FROM tasks WHERE id=?", (row["task_id"],))
         if task is not None:
@@ -681,11 +683,11 @@ def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str]], bool]:
                 # Checked when it came too; this catches an id the submit answer set in between.
                 note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
                 _event(tx, task["id"], "callback", True, note, None)
-                applied.append((task["provider"], "ignored"))
+                applied.append((task["id"], task["provider"], "ignored"))
             else:
                 change = _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
                 result = "changed" if change else ("pending" if outcome.state == "pending" else "duplicate")
-                applied.append((task["provider"], result))
+                applied.append((task["id"], task["provider"], result))
         tx.run("DELETE FROM inbox WHERE id=?", (row["id"],))
     return applied, len(rows) > limit
 

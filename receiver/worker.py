@@ -19,6 +19,7 @@ import httpx
 from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import DownloadError, fetch_image
+from receiver.logs import event, redact_url
 from receiver.models import ErrorCode, Outcome, ProviderRejected, ProviderUnavailable, Status, TaskError
 from receiver.pacing import Limits, Pacer
 from receiver.providers import REGISTRY, Context, Provider
@@ -124,8 +125,10 @@ class Worker:
                 slots, paced_out, self.pacer.counted_providers(), BUSY_INBOX_SLICE if busy else INBOX_SLICE
             )
             self._in_flight = claimed.in_flight
-            for provider, result in claimed.applied:
+            for task_id, provider, result in claimed.applied:
                 metrics.CALLBACKS_APPLIED.labels(provider, result).inc()
+                level = logging.DEBUG if result == "changed" else logging.INFO
+                event(log, "callback applied", level=level, task_id=task_id, provider=provider, result=result)
             for job in claimed.jobs:
                 handler = self.handlers[job.kind][1]
                 task = asyncio.create_task(self._run_job(handler, job), name=f"job-{job.kind}-{job.id}")
@@ -164,16 +167,22 @@ class Worker:
             log.exception("job %s %s for task %s failed", job.kind, job.id, job.task_id)
             await self.store.retry_job(job, self._backoff(job.attempts), f"{type(exc).__name__}: {exc}")
 
-    async def stop(self, grace: float) -> None:
-        """Stop claiming; give running jobs `grace` seconds, then cancel them and free their rows."""
+    def running(self) -> int:
+        return sum(len(tasks) for tasks in self._running.values())
+
+    async def stop(self, grace: float) -> int:
+        """Stop claiming; give running jobs `grace` seconds, then cancel the rest, which the next start
+        runs again (their rows stay). Returns how many were cut short."""
         self._stopping = True
         self.store.jobs_changed.set()
         running = [task for tasks in self._running.values() for task in tasks]
-        if running:
-            _, pending = await asyncio.wait(running, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not running:
+            return 0
+        _, pending = await asyncio.wait(running, timeout=grace)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)
 
     def _backoff(self, attempts: int, retry_after: float | None = None) -> float:
         delay = self.settings.retry_base * 2.0 ** max(0, attempts - 1)
@@ -208,10 +217,19 @@ class Worker:
         spec = task_spec(row, self.tokens, self.settings.media_dir / "uploads", provider.inline_images)
         try:
             request = provider.build_submit(spec, self._context(row["provider"], row["id"]))
-            response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
+            response = await self._call(provider.name, "submit", request)
             submission = provider.parse_submit(response)
         except ProviderRejected as exc:
             error = TaskError(ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code)
+            event(
+                log,
+                "task failed",
+                level=logging.WARNING,
+                task_id=job.task_id,
+                provider=provider.name,
+                error=str(error.code),
+                provider_code=exc.provider_code,
+            )
             await self.store.fail_task(job.task_id, error, "submit", job.id)
             return
         except (ProviderUnavailable, httpx.HTTPError) as exc:
@@ -220,6 +238,15 @@ class Worker:
                 error = TaskError(
                     ErrorCode.PROVIDER_UNAVAILABLE, f"gave up after {job.attempts} tries: {message}"
                 )
+                event(
+                    log,
+                    "task failed",
+                    level=logging.WARNING,
+                    task_id=job.task_id,
+                    provider=provider.name,
+                    error=str(error.code),
+                    attempts=job.attempts,
+                )
                 await self.store.fail_task(job.task_id, error, "submit", job.id)
                 return
             after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
@@ -227,10 +254,28 @@ class Worker:
             if isinstance(exc, ProviderUnavailable) and exc.rate_limited:
                 # A 429 despite pacing: hold back every task of this provider, not only this one.
                 self.pacer.hold(provider.name, delay)
+            event(
+                log,
+                "submit failed, will retry",
+                level=logging.WARNING,
+                task_id=job.task_id,
+                provider=provider.name,
+                attempt=job.attempts,
+                retry_in=round(delay, 2),
+                reason=message[:200],
+            )
             await self.store.add_event(job.task_id, "submit", True, f"try {job.attempts} failed: {message}")
             await self.store.retry_job(job, delay, message)
             return
         await self.store.record_submission(job, submission, urgent=provider.early_download)
+        event(
+            log,
+            "task submitted",
+            task_id=job.task_id,
+            provider=provider.name,
+            provider_task_id=submission.provider_task_id,
+            synchronous=submission.outcome is not None,
+        )
 
     async def download(self, job: Job) -> None:
         image = await self.store.download_target(job.task_id, job.arg)
@@ -240,20 +285,37 @@ class Worker:
         url = image["source_url"]
         client = self.provider_http if url.startswith(self._own_files) else self.outside_http
         dest = self.settings.media_dir / job.task_id / str(job.arg)
+        started = time.monotonic()
         try:
             stored = await fetch_image(client, url, dest, self.settings.max_image_bytes)
         except DownloadError as exc:
+            metrics.DOWNLOADS.labels(exc.kind).inc()
             delays = self.settings.download_retry_delays
+            fields = {"task_id": job.task_id, "image": job.arg, "host": redact_url(url), "reason": exc.kind}
             if exc.permanent or job.attempts > len(delays):
                 tries = "" if exc.permanent else f" after {job.attempts} tries"
                 error = TaskError(ErrorCode.DOWNLOAD_FAILED, f"image {job.arg}: {exc.reason}{tries}")
+                event(log, "download failed, task failed", level=logging.WARNING, **fields)
                 await self.store.fail_task(job.task_id, error, "download", job.id)
                 return
+            event(log, "download failed, will retry", level=logging.WARNING, attempt=job.attempts, **fields)
             await self.store.add_event(
                 job.task_id, "download", True, f"image {job.arg} try {job.attempts} failed: {exc.reason}"
             )
             await self.store.retry_job(job, delays[job.attempts - 1], exc.reason)
             return
+        metrics.DOWNLOADS.labels("stored").inc()
+        metrics.DOWNLOAD_BYTES.inc(stored.size)
+        metrics.DOWNLOAD_SECONDS.observe(time.monotonic() - started)
+        event(
+            log,
+            "image stored",
+            task_id=job.task_id,
+            image=job.arg,
+            bytes=stored.size,
+            host=redact_url(url),
+            seconds=round(time.monotonic() - started, 3),
+        )
         relative = str(stored.path.relative_to(self.settings.media_dir))
         await self.store.record_image(
             job,
@@ -283,21 +345,48 @@ class Worker:
             for _ in range(MAX_STATUS_HOPS):
                 if not isinstance(answer, httpx.Request):
                     break
-                response = await send_capped(self.provider_http, answer, MAX_PROVIDER_ANSWER)
+                response = await self._call(provider.name, "status", answer)
                 answer = provider.parse_status(response)
             if isinstance(answer, httpx.Request):
                 raise ProviderUnavailable(f"the status query did not settle in {MAX_STATUS_HOPS} requests")
             outcome = answer
         except (ProviderUnavailable, ProviderRejected, httpx.HTTPError) as exc:
             message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            event(
+                log,
+                "status query failed",
+                level=logging.WARNING,
+                task_id=job.task_id,
+                provider=provider.name,
+                reason=message[:200],
+            )
             await self.store.add_event(job.task_id, "poll", True, f"status query failed: {message}")
             await self.store.retry_job(job, max(interval, getattr(exc, "retry_after", None) or 0.0), message)
             return
-        await self.store.apply_outcome(job.task_id, outcome, "poll", urgent=provider.early_download)
+        change = await self.store.apply_outcome(job.task_id, outcome, "poll", urgent=provider.early_download)
+        event(
+            log,
+            "status polled",
+            task_id=job.task_id,
+            provider=provider.name,
+            state=outcome.state,
+            change=change or None,
+        )
         if outcome.state == "pending":
             await self.store.retry_job(job, interval, "still pending")
         else:
             await self.store.finish_job(job)
 
     async def deadline(self, job: Job) -> None:
-        await self.store.fail_task(job.task_id, timed_out(), "deadline", job.id)
+        if await self.store.fail_task(job.task_id, timed_out(), "deadline", job.id):
+            event(log, "task timed out", level=logging.WARNING, task_id=job.task_id)
+
+    async def _call(self, provider: str, endpoint: str, request: httpx.Request) -> httpx.Response:
+        """A request to a provider, counted by provider, endpoint and answer."""
+        try:
+            response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
+        except (httpx.HTTPError, ProviderUnavailable):
+            metrics.PROVIDER_REQUESTS.labels(provider, endpoint, "error").inc()
+            raise
+        metrics.PROVIDER_REQUESTS.labels(provider, endpoint, str(response.status_code)).inc()
+        return response

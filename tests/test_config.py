@@ -27,6 +27,9 @@ from receiver.config import ConfigError, load_settings
         ("RECEIVER_LINK_TTL", "-1"),
         ("KIE_BASE_URL", "not a url"),
         ("APICORE_REQUIRE_SIGNATURE", "yes please"),
+        ("RECEIVER_LOG_FORMAT", "xml"),
+        ("RECEIVER_LOG_LEVEL", "LOUD"),
+        ("RECEIVER_SHUTDOWN_GRACE", "-1"),
         ("RECEIVER_DOWNLOAD_RETRY_DELAYS", "1,x"),
     ],
 )

@@ -52,7 +52,9 @@ def test_unpaced_providers_are_never_blocked() -> None:
 
 def test_a_concurrency_cap_keeps_tasks_queued_in_order(start_receiver: Callable[..., Receiver]) -> None:
     receiver = start_receiver(SANDBOX_MAX_CONCURRENT=1)
-    ids = [receiver.submit(provider="sandbox", prompt=f"t{i}", options={"delay": 0.4})["id"] for i in range(5)]
+    ids = [
+        receiver.submit(provider="sandbox", prompt=f"t{i}", options={"delay": 0.4})["id"] for i in range(5)
+    ]
     receiver.wait_status(ids[0], "submitted")
     time.sleep(0.1)
     statuses = [receiver.alice.get(f"/v1/tasks/{i}").json()["status"] for i in ids]

@@ -1,0 +1,80 @@
+"""One structured line per event: JSON off a terminal, readable on one (RECEIVER_LOG_FORMAT chooses).
+
+Call sites pass facts as keyword fields: `event(log, "callback accepted", task_id=…, provider=…)`.
+Secrets never reach a line: callers log ids, hosts and counts, never keys, tokens or URLs with their
+query strings; `redact_url` keeps only the scheme, host and path, and the formatter drops any field
+whose name says it holds a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+FIELDS = "receiver_fields"
+SECRET_WORDS = ("key", "secret", "token", "signature", "password", "authorization")
+
+
+def event(logger: logging.Logger, message: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """Log `message` with structured fields (task_id, provider, status …)."""
+    if logger.isEnabledFor(level):
+        logger.log(level, message, extra={FIELDS: fields})
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for a log line: no query string (signed links carry their signature there), no user."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    path = parts.path if len(parts.path) <= 80 else parts.path[:77] + "..."
+    return f"{parts.scheme}://{host}{path}"
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    raw = getattr(record, FIELDS, {})
+    return {k: v for k, v in raw.items() if v is not None and not any(w in k.lower() for w in SECRET_WORDS)}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class ReadableFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        fields = " ".join(f"{k}={v}" for k, v in _fields(record).items())
+        text = f"{stamp} {record.levelname:<7} {record.getMessage()}" + (f"  {fields}" if fields else "")
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def configure(level: str = "INFO", fmt: str = "auto", stream: TextIO | None = None) -> None:
+    """Set up the root logger once: `fmt` is json, text, or auto (text on a terminal, JSON elsewhere)."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "text" if stream.isatty() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(ReadableFormatter() if fmt == "text" else JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # httpx logs every request with its full URL (signed links included) at INFO: keep it quiet.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
