@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
     provider_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.http_timeout, connect=10.0))
     outside_http = outside_client(allow_private=settings.allow_private_urls, timeout=settings.http_timeout)
-    key_sets = KeySets(provider_http)
+    key_sets = KeySets(provider_http, settings.key_set_refresh)
     callbacks = Callbacks(settings, store, tokens, key_sets)
     sandbox_settings = settings.provider("sandbox")
     sandbox = SandboxService(

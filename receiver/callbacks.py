@@ -30,7 +30,6 @@ from receiver.web import ApiError, error_response, read_capped
 log = logging.getLogger("receiver.callbacks")
 BUSY_WINDOW = 0.05  # seconds after the last callback during which a burst counts as still on
 KEY_SET_TTL = 24 * 3600.0
-KEY_SET_REFRESH = 60.0
 MAX_KEY_SET_BYTES = 256 * 1024
 
 
@@ -38,8 +37,9 @@ class KeySets:
     """Public key sets (e.g. a JWKS) providers verify with: cached a day, fetched again when no key
     verifies, at most once a minute. When none can be had, callbacks fail closed."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, refresh_interval: float = 60.0) -> None:
         self._client = client
+        self._refresh_interval = refresh_interval
         self._cache: dict[str, tuple[float, Any]] = {}
         self._tried: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -51,7 +51,8 @@ class KeySets:
             return cached[1]
         async with self._lock:
             cached = self._cache.get(url)
-            if now - self._tried.get(url, -KEY_SET_REFRESH) < KEY_SET_REFRESH:
+            tried = self._tried.get(url)
+            if tried is not None and now - tried < self._refresh_interval:
                 return cached[1] if cached else None
             self._tried[url] = now
             try:

@@ -58,6 +58,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "auto"
     shutdown_grace: float = 20.0
+    key_set_refresh: float = 60.0  # least seconds between two fetches of a provider's key set (fal JWKS)
 
     @property
     def db_path(self) -> Path:
@@ -293,4 +294,5 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         log_level=_choice(env, "RECEIVER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         log_format=_choice(env, "RECEIVER_LOG_FORMAT", ("auto", "json", "text"), "auto"),
         shutdown_grace=_number(env, "RECEIVER_SHUTDOWN_GRACE", 20.0),
+        key_set_refresh=_number(env, "RECEIVER_KEY_SET_REFRESH", 60.0),
     )

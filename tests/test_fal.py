@@ -14,7 +14,6 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from receiver import callbacks
 from receiver.config import ProviderSettings
 from receiver.models import (
     CallbackRejected,
@@ -608,10 +607,10 @@ def test_the_real_captured_body_with_a_fresh_signature(fake: FalFake, receiver: 
 
 
 def test_key_rotation_is_accepted_after_a_refetch(
-    fake: FalFake, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    fake: FalFake, start_receiver: Callable[..., Receiver]
 ) -> None:
-    # The shell refetches at most once a minute; shrink that minute so the test need not wait it out.
-    monkeypatch.setattr(callbacks, "KEY_SET_REFRESH", 0.0)
+    # The shell refetches at most once a minute; the setting shrinks that minute for the test.
+    receiver = start_receiver(**fake.receiver_env(), RECEIVER_KEY_SET_REFRESH=0)
     first, first_id = submitted(receiver, fake)
     assert fake.complete(first_id, [fake.host("one.png")]).status_code == 200  # type: ignore[union-attr]
     assert receiver.wait(first)["status"] == "succeeded"
