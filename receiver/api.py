@@ -267,10 +267,10 @@ class Api:
             while not Status(row["status"]).terminal and (left := loop_deadline - _now()) > 0:
                 await self.store.wait_for_change(task_id, left)
                 row = await self._owned(task_id, tenant)
-        return JSONResponse(render_task(row, await self.store.images(task_id), self.tokens))
+        return JSONResponse(render_task(row, self.store.image_rows(task_id), self.tokens))
 
     async def _owned(self, task_id: str, tenant: str | None) -> sqlite3.Row:
-        row = await self.store.task(task_id, tenant) if TASK_ID.match(task_id) else None
+        row = self.store.task_row(task_id, tenant) if TASK_ID.match(task_id) else None
         if row is None:
             raise ApiError(404, "not_found", "no such task")
         return row

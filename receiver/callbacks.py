@@ -28,7 +28,7 @@ from receiver.tokens import Tokens
 from receiver.web import ApiError, error_response, read_capped
 
 log = logging.getLogger("receiver.callbacks")
-BUSY_WINDOW = 0.05  # seconds after the last callback during which a burst counts as still on
+BURST = 8  # callbacks in flight at once from which the worker steps back and lets them go first
 KEY_SET_TTL = 24 * 3600.0
 MAX_KEY_SET_BYTES = 256 * 1024
 
@@ -75,11 +75,10 @@ class Callbacks:
         self.tokens = tokens
         self.key_sets = key_sets
         self._answering = 0
-        self._last_answered = 0.0
 
     def busy(self) -> bool:
-        """Whether callbacks are being answered now or were a moment ago (a burst is on)."""
-        return self._answering > 0 or time.monotonic() - self._last_answered < BUSY_WINDOW
+        """Whether a burst of callbacks is on: many being answered at once, not a steady trickle."""
+        return self._answering >= BURST
 
     async def receive(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -93,7 +92,6 @@ class Callbacks:
             result = f"rejected_{exc.code}"
         finally:
             self._answering -= 1
-            self._last_answered = time.monotonic()
         label = provider_name if provider_name in REGISTRY else "unknown"
         seconds = time.perf_counter() - started
         metrics.callback_seen(label, result, seconds)

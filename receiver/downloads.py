@@ -188,7 +188,7 @@ async def _write_stream(response: httpx.Response, temp: Path, max_bytes: int) ->
     content_type: str | None = None
     head = b""
     with open(temp, "wb") as handle:  # noqa: ASYNC230 - buffered writes of network-sized chunks
-        async for chunk in response.aiter_bytes(65536):
+        async for chunk in response.aiter_bytes():  # as they arrive: no re-chunking copies
             size += len(chunk)
             if size > max_bytes:
                 raise DownloadError(

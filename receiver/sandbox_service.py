@@ -44,10 +44,12 @@ def render_png(prompt: str, seed: int, index: int, width: int, height: int) -> b
         shift = (y * step) % 256
         table = bytes((value + shift) % 256 for value in range(256))
         raw += b"\x00" + base.translate(table)
-    return _png_bytes(width, height, bytes(raw))
+    return encode_png(width, height, bytes(raw))
 
 
-def _png_bytes(width: int, height: int, raw: bytes) -> bytes:
+def encode_png(width: int, height: int, raw: bytes) -> bytes:
+    """A PNG of 8-bit RGB rows, each already prefixed with its filter byte."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -506,12 +506,19 @@ class Store:
         `urgent` puts its downloads ahead of the queue (for providers whose links die within minutes)."""
         return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified, urgent))
 
-    def task_row(self, task_id: str) -> sqlite3.Row | None:
+    def task_row(self, task_id: str, tenant: str | None = None) -> sqlite3.Row | None:
         """A task by primary key, read on the event loop itself: a point read takes microseconds,
-        less than handing it to a thread and back (the callback path's one read)."""
+        less than handing it to a thread and back (the callback and lookup paths use it)."""
         assert self._point is not None
         row: sqlite3.Row | None = self._point.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
+        if row is not None and tenant is not None and row["tenant"] != tenant:
+            return None
         return row
+
+    def image_rows(self, task_id: str) -> list[sqlite3.Row]:
+        """A task's images by primary key, read on the event loop like task_row."""
+        assert self._point is not None
+        return list(self._point.execute("SELECT * FROM images WHERE task_id=? ORDER BY idx", (task_id,)))
 
     async def record_callback(self, task_id: str, outcome: Outcome, *, urgent: bool = False) -> None:
         """Keep a verified callback durably; the worker applies it right after.

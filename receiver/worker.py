@@ -204,7 +204,7 @@ class Worker:
             return
         provider = REGISTRY[row["provider"]]
         counted = self.pacer.counted_providers()
-        counts = await self.store.in_flight(counted) if counted else {}
+        counts = await self.store.in_flight(counted) if provider.name in counted else {}
         if not self.pacer.try_acquire(provider.name, row["model"], counts):
             await self.store.unclaim(job)  # its turn comes when the provider has room again
             return
@@ -220,34 +220,15 @@ class Worker:
             response = await self._call(provider.name, "submit", request)
             submission = provider.parse_submit(response)
         except ProviderRejected as exc:
-            error = TaskError(ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code)
-            event(
-                log,
-                "task failed",
-                level=logging.WARNING,
-                task_id=job.task_id,
-                provider=provider.name,
-                error=str(error.code),
-                provider_code=exc.provider_code,
+            await self._fail_submit(
+                job, provider, ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code
             )
-            await self.store.fail_task(job.task_id, error, "submit", job.id)
             return
         except (ProviderUnavailable, httpx.HTTPError) as exc:
             message = exc.message if isinstance(exc, ProviderUnavailable) else f"{type(exc).__name__}: {exc}"
             if job.attempts > self.settings.submit_retries:
-                error = TaskError(
-                    ErrorCode.PROVIDER_UNAVAILABLE, f"gave up after {job.attempts} tries: {message}"
-                )
-                event(
-                    log,
-                    "task failed",
-                    level=logging.WARNING,
-                    task_id=job.task_id,
-                    provider=provider.name,
-                    error=str(error.code),
-                    attempts=job.attempts,
-                )
-                await self.store.fail_task(job.task_id, error, "submit", job.id)
+                message = f"gave up after {job.attempts} tries: {message}"
+                await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message)
                 return
             after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             delay = self._backoff(job.attempts, after)
@@ -276,6 +257,21 @@ class Worker:
             provider_task_id=submission.provider_task_id,
             synchronous=submission.outcome is not None,
         )
+
+    async def _fail_submit(
+        self, job: Job, provider: Provider, code: ErrorCode, message: str, provider_code: str | None = None
+    ) -> None:
+        event(
+            log,
+            "task failed",
+            level=logging.WARNING,
+            task_id=job.task_id,
+            provider=provider.name,
+            error=str(code),
+            provider_code=provider_code,
+            attempts=job.attempts,
+        )
+        await self.store.fail_task(job.task_id, TaskError(code, message, provider_code), "submit", job.id)
 
     async def download(self, job: Job) -> None:
         image = await self.store.download_target(job.task_id, job.arg)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import struct
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,22 +16,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from receiver.sandbox_service import encode_png
 from tests.harness import Served
 
 
 def png(width: int = 64, height: int = 48, shade: int = 90) -> bytes:
     raw = b"".join(b"\x00" + bytes((shade, 200 - shade % 200, 30)) * width for _ in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
+    return encode_png(width, height, raw)
 
 
 @dataclass
