@@ -101,8 +101,9 @@ class Worker:
         self.callbacks_busy: Callable[[], bool] = lambda: False
         self._in_flight: dict[tuple[str, str], int] = {}
         self._stopping = False
-        # Our own sandbox's files live under the public URL: the operator's origin, trusted as given.
-        self._own_files = f"{settings.public_url}/sandbox/files/"
+        # Links under our own public URL (the built-in provider's results) are the operator's origin,
+        # trusted as given like the provider base URLs; every other link goes through the address guard.
+        self._own_links = f"{settings.public_url}/"
 
     def add_handler(self, kind: str, slots: int, handler: Callable[[Job], Awaitable[None]]) -> None:
         self.handlers[kind] = (slots, handler)
@@ -279,7 +280,7 @@ class Worker:
             await self.store.finish_job(job)  # already stored, or the task ended
             return
         url = image["source_url"]
-        client = self.provider_http if url.startswith(self._own_files) else self.outside_http
+        client = self.provider_http if url.startswith(self._own_links) else self.outside_http
         dest = self.settings.media_dir / job.task_id / str(job.arg)
         started = time.monotonic()
         try:

@@ -8,14 +8,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from receiver import metrics
 from tests.fakes import FAKES
 from tests.fakes.common import ProviderFake, png
 from tests.harness import Receiver
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def metrics_after_the_suite() -> Iterator[None]:
+    """Keep what /metrics shows once the suite has run (tests/artifacts/metrics-after-e2e.txt)."""
+    yield
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "metrics-after-e2e.txt").write_bytes(metrics.render())
 
 
 @pytest.fixture(params=FAKES, ids=lambda fake: fake.name)
