@@ -14,18 +14,32 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from receiver.config import Settings
 from receiver.downloads import check_url
 from receiver.logs import event
-from receiver.models import OPTIONAL_FIELDS, Status, TaskRequest
-from receiver.providers import REGISTRY, Provider
-from receiver.store import IdempotencyConflict, NewTask, Store
-from receiver.tasks import UPLOAD_PREFIX, image_path, render_event, render_task
+from receiver.models import OPTIONAL_FIELDS
+from receiver.models import Status
+from receiver.models import TaskRequest
+from receiver.providers import REGISTRY
+from receiver.providers import Provider
+from receiver.store import IdempotencyConflict
+from receiver.store import NewTask
+from receiver.store import Store
+from receiver.tasks import UPLOAD_PREFIX
+from receiver.tasks import image_path
+from receiver.tasks import render_event
+from receiver.tasks import render_task
 from receiver.tokens import Tokens
-from receiver.uploads import NAME, UploadError, decode_data_uri, store_bytes
-from receiver.web import ApiError, read_capped
+from receiver.uploads import NAME
+from receiver.uploads import UploadError
+from receiver.uploads import decode_data_uri
+from receiver.uploads import store_bytes
+from receiver.web import ApiError
+from receiver.web import read_capped
 
 log = logging.getLogger("receiver.api")
 MAX_PROMPT = 10_000

@@ -11,23 +11,28 @@ import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver import metrics
 from receiver.api import Api
-from receiver.callbacks import Callbacks, KeySets
+from receiver.callbacks import Callbacks
+from receiver.callbacks import KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
-from receiver.downloads import clean_partial_files, outside_client
+from receiver.downloads import clean_partial_files
+from receiver.downloads import outside_client
 from receiver.logs import event
 from receiver.models import Status
-from receiver.notify import NOTIFY_SLOTS, Notifier
+from receiver.notify import NOTIFY_SLOTS
+from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.sandbox_service import SandboxService
 from receiver.store import Store
 from receiver.tokens import Tokens
-from receiver.web import ApiError, error_response
+from receiver.web import ApiError
+from receiver.web import error_response
 from receiver.worker import Worker
 
 log = logging.getLogger("receiver")

@@ -15,17 +15,25 @@ from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from receiver import metrics
-from receiver.config import ProviderSettings, Settings
+from receiver.config import ProviderSettings
+from receiver.config import Settings
 from receiver.logs import event
-from receiver.models import CallbackRejected, MalformedCallback, TaskSpec
-from receiver.providers import REGISTRY, Context, Provider
+from receiver.models import CallbackRejected
+from receiver.models import MalformedCallback
+from receiver.models import TaskSpec
+from receiver.providers import REGISTRY
+from receiver.providers import Context
+from receiver.providers import Provider
 from receiver.store import Store
 from receiver.tasks import task_spec
 from receiver.tokens import Tokens
-from receiver.web import ApiError, error_response, read_capped
+from receiver.web import ApiError
+from receiver.web import error_response
+from receiver.web import read_capped
 
 log = logging.getLogger("receiver.callbacks")
 BURST = 8  # callbacks in flight at once from which the worker steps back and lets them go first

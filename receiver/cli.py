@@ -13,15 +13,21 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
-from urllib.parse import quote, urlsplit
+from typing import Any
+from typing import NoReturn
+from urllib.parse import quote
+from urllib.parse import urlsplit
 
 import httpx
 
-from receiver import imageinfo, logs
-from receiver.config import ConfigError, Settings, load_settings
+from receiver import imageinfo
+from receiver import logs
+from receiver.config import ConfigError
+from receiver.config import Settings
+from receiver.config import load_settings
 from receiver.models import OPTIONAL_FIELDS
 
 EXIT_SUCCEEDED = 0

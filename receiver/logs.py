@@ -12,7 +12,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any
+from typing import TextIO
 from urllib.parse import urlsplit
 
 FIELDS = "receiver_fields"

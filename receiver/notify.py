@@ -18,18 +18,23 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
 
 from receiver import metrics
 from receiver.config import Settings
-from receiver.downloads import AddressRefused, check_url
-from receiver.logs import event, redact_url
+from receiver.downloads import AddressRefused
+from receiver.downloads import check_url
+from receiver.logs import event
+from receiver.logs import redact_url
 from receiver.models import Status
-from receiver.store import Job, Store
-from receiver.tasks import iso, render_task
+from receiver.store import Job
+from receiver.store import Store
+from receiver.tasks import iso
+from receiver.tasks import render_task
 from receiver.tokens import Tokens
 
 log = logging.getLogger("receiver.notify")

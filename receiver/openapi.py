@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from receiver.models import OPTIONAL_FIELDS, ErrorCode, Status
+from receiver.models import OPTIONAL_FIELDS
+from receiver.models import ErrorCode
+from receiver.models import Status
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.providers.sandbox import parse_ratio

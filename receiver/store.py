@@ -12,21 +12,24 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+from typing import TypeVar
 
 import aiosqlite
 
-from receiver.models import (
-    ErrorCode,
-    Outcome,
-    Status,
-    Submission,
-    TaskError,
-)
+from receiver.models import ErrorCode
+from receiver.models import Outcome
+from receiver.models import Status
+from receiver.models import Submission
+from receiver.models import TaskError
 
 T = TypeVar("T")
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"

@@ -11,7 +11,8 @@ import time
 from collections import OrderedDict
 from urllib.parse import urlencode
 
-from itsdangerous import BadSignature, Signer
+from itsdangerous import BadSignature
+from itsdangerous import Signer
 
 
 class Tokens:

@@ -12,18 +12,31 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from collections.abc import Callable
 
 import httpx
 
 from receiver import metrics
 from receiver.config import Settings
-from receiver.downloads import DownloadError, fetch_image
-from receiver.logs import event, redact_url
-from receiver.models import ErrorCode, Outcome, ProviderRejected, ProviderUnavailable, Status, TaskError
-from receiver.pacing import Limits, Pacer
-from receiver.providers import REGISTRY, Context, Provider
-from receiver.store import Job, Store, timed_out
+from receiver.downloads import DownloadError
+from receiver.downloads import fetch_image
+from receiver.logs import event
+from receiver.logs import redact_url
+from receiver.models import ErrorCode
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import Status
+from receiver.models import TaskError
+from receiver.pacing import Limits
+from receiver.pacing import Pacer
+from receiver.providers import REGISTRY
+from receiver.providers import Context
+from receiver.providers import Provider
+from receiver.store import Job
+from receiver.store import Store
+from receiver.store import timed_out
 from receiver.tasks import task_spec
 from receiver.tokens import Tokens
 

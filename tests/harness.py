@@ -9,7 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from receiver.app import create_app
-from receiver.config import Settings, load_settings
+from receiver.config import Settings
+from receiver.config import load_settings
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"

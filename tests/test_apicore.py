@@ -9,28 +9,33 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from receiver.config import ProviderSettings
-from receiver.models import (
-    CallbackRejected,
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    ProviderUnavailable,
-    TaskRequest,
-    TaskSpec,
-)
+from receiver.models import CallbackRejected
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
 from receiver.providers import REGISTRY
 from receiver.providers.apicore import Apicore
 from receiver.providers.base import Context
-from tests.fakes.apicore import GENERATIONS, GET_RESULT, KEY, ApicoreFake, Shape, bfl_signature
-from tests.fakes.common import png, post_callback
+from tests.fakes.apicore import GENERATIONS
+from tests.fakes.apicore import GET_RESULT
+from tests.fakes.apicore import KEY
+from tests.fakes.apicore import ApicoreFake
+from tests.fakes.apicore import Shape
+from tests.fakes.apicore import bfl_signature
+from tests.fakes.common import png
+from tests.fakes.common import post_callback
 from tests.harness import Receiver
 
 BASE = "https://api.apicore.ai"

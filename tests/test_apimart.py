@@ -7,24 +7,28 @@ import base64
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from receiver.config import ProviderSettings
-from receiver.models import (
-    MalformedCallback,
-    ProviderRejected,
-    ProviderUnavailable,
-    TaskRequest,
-    TaskSpec,
-)
+from receiver.models import MalformedCallback
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
 from receiver.providers import REGISTRY
 from receiver.providers.apimart import Apimart
 from receiver.providers.base import Context
-from tests.fakes.apimart import GENERATIONS, KEY, TASKS, ApimartFake, callback_target, error_envelope
+from tests.fakes.apimart import GENERATIONS
+from tests.fakes.apimart import KEY
+from tests.fakes.apimart import TASKS
+from tests.fakes.apimart import ApimartFake
+from tests.fakes.apimart import callback_target
+from tests.fakes.apimart import error_envelope
 from tests.fakes.common import png
 from tests.harness import Receiver
 

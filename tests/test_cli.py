@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,12 @@ import pytest
 from receiver.api import KNOWN_FIELDS
 from receiver.cli import main
 from tests.fakes.common import png
-from tests.harness import ALICE, Receiver, free_port
-from tests.test_notify import Answer, AppHook, hook  # noqa: F401 - the fixture, shared
+from tests.harness import ALICE
+from tests.harness import Receiver
+from tests.harness import free_port
+from tests.test_notify import Answer
+from tests.test_notify import AppHook
+from tests.test_notify import hook  # noqa: F401 - the fixture, shared
 
 Run = Callable[..., tuple[int, str, str]]
 TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")

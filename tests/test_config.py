@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from receiver.config import ConfigError, load_settings
+from receiver.config import ConfigError
+from receiver.config import load_settings
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,11 @@ import pytest
 
 from receiver.downloads import is_public
 from tests.fakes.common import png
-from tests.fakes.kie import KEY, KieFake
-from tests.harness import ALICE, Receiver, ReceiverProcess
+from tests.fakes.kie import KEY
+from tests.fakes.kie import KieFake
+from tests.harness import ALICE
+from tests.harness import Receiver
+from tests.harness import ReceiverProcess
 
 
 def run_task(receiver: Receiver, kie: KieFake, url: str) -> dict[str, object]:

@@ -6,28 +6,34 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from receiver.config import ProviderSettings
-from receiver.models import (
-    CallbackRejected,
-    ErrorCode,
-    MalformedCallback,
-    ProviderRejected,
-    ProviderUnavailable,
-    TaskRequest,
-    TaskSpec,
-)
+from receiver.models import CallbackRejected
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
 from receiver.providers import Context
 from receiver.providers.fal import Fal
 from tests.fakes.common import png
-from tests.fakes.fal import BIG_SEED, KEY, FalFake, QueuedRequest, fal_signature, public_jwk, wire
+from tests.fakes.fal import BIG_SEED
+from tests.fakes.fal import KEY
+from tests.fakes.fal import FalFake
+from tests.fakes.fal import QueuedRequest
+from tests.fakes.fal import fal_signature
+from tests.fakes.fal import public_jwk
+from tests.fakes.fal import wire
 from tests.harness import Receiver
 
 QUEUE = "https://queue.fal.run"

@@ -12,8 +12,12 @@ from typing import Any
 
 import httpx
 
-from tests.fakes.common import png, post_callback
-from tests.fakes.kie import GENERATE, KEY, RECORD_INFO, KieFake
+from tests.fakes.common import png
+from tests.fakes.common import post_callback
+from tests.fakes.kie import GENERATE
+from tests.fakes.kie import KEY
+from tests.fakes.kie import RECORD_INFO
+from tests.fakes.kie import KieFake
 from tests.harness import Receiver
 
 

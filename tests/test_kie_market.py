@@ -6,28 +6,32 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from receiver.config import ProviderSettings
-from receiver.models import (
-    CallbackRejected,
-    ErrorCode,
-    MalformedCallback,
-    ProviderRejected,
-    ProviderUnavailable,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers import REGISTRY, Context
+from receiver.models import CallbackRejected
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers import REGISTRY
+from receiver.providers import Context
 from receiver.providers.kie_market import KieMarket
 from tests.fakes.common import png
-from tests.fakes.kie import HMAC_KEY, KEY, kie_signature
-from tests.fakes.kie_market import CREATE_TASK, RECORD_INFO, KieMarketFake
+from tests.fakes.kie import HMAC_KEY
+from tests.fakes.kie import KEY
+from tests.fakes.kie import kie_signature
+from tests.fakes.kie_market import CREATE_TASK
+from tests.fakes.kie_market import RECORD_INFO
+from tests.fakes.kie_market import KieMarketFake
 from tests.harness import Receiver
 
 MARKET = KieMarket()

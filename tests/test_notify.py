@@ -10,22 +10,30 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from standardwebhooks import Webhook, WebhookVerificationError
+from standardwebhooks import Webhook
+from standardwebhooks import WebhookVerificationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from receiver.config import ConfigError, load_settings
+from receiver.config import ConfigError
+from receiver.config import load_settings
 from receiver.notify import retry_after
-from tests.harness import ALICE, Receiver, ReceiverProcess, Served, free_port
+from tests.harness import ALICE
+from tests.harness import Receiver
+from tests.harness import ReceiverProcess
+from tests.harness import Served
+from tests.harness import free_port
 
 SECRET = "whsec_" + base64.b64encode(b"a notify secret of 32 bytes....!").decode()
 

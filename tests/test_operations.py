@@ -8,15 +8,22 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
+from urllib.parse import urlsplit
 
 import httpx
 
 from receiver.logs import redact_url
 from tests.fakes.common import png
-from tests.fakes.kie import HMAC_KEY, KEY, KieFake
-from tests.harness import ALICE, BOB, Receiver, ReceiverProcess
-from tests.test_notify import AppHook, hook  # noqa: F401 - the fixture
+from tests.fakes.kie import HMAC_KEY
+from tests.fakes.kie import KEY
+from tests.fakes.kie import KieFake
+from tests.harness import ALICE
+from tests.harness import BOB
+from tests.harness import Receiver
+from tests.harness import ReceiverProcess
+from tests.test_notify import AppHook
+from tests.test_notify import hook  # noqa: F401 - the fixture
 
 SECRET_KEY = "s3cr3t-key-for-tokens-and-links-0123456789"
 NOTIFY_SECRET = "whsec_" + base64.b64encode(b"notify-secret-bytes-0123456789ab").decode()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from receiver.pacing import Limits, Pacer
-from tests.fakes.kie import GENERATE, KEY, KieFake
+from receiver.pacing import Limits
+from receiver.pacing import Pacer
+from tests.fakes.kie import GENERATE
+from tests.fakes.kie import KEY
+from tests.fakes.kie import KieFake
 from tests.harness import Receiver
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import pytest
 
 from receiver import metrics
 from tests.fakes import FAKES
-from tests.fakes.common import ProviderFake, png
+from tests.fakes.common import ProviderFake
+from tests.fakes.common import png
 from tests.harness import Receiver
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

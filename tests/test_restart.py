@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 
 from tests.fakes.common import png
-from tests.fakes.kie import KEY, KieFake
-from tests.harness import ALICE, ReceiverProcess
+from tests.fakes.kie import KEY
+from tests.fakes.kie import KieFake
+from tests.harness import ALICE
+from tests.harness import ReceiverProcess
 
 
 def client_for(process: ReceiverProcess) -> httpx.Client:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from receiver.providers.apicore import Apicore
 from receiver.providers.apimart import Apimart
-from receiver.providers.base import Context, Provider
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
 from receiver.providers.fal import Fal
 from receiver.providers.kie import Kie
 from receiver.providers.kie_market import KieMarket

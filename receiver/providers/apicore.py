@@ -16,29 +16,26 @@ from typing import Any
 
 import httpx
 
-from receiver.models import (
-    CallbackRejected,
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    ProviderUnavailable,
-    Submission,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers.base import (
-    Context,
-    Provider,
-    bearer_request,
-    json_object,
-    mapping,
-    raise_for_http_status,
-    response_json,
-    same_origin,
-    text,
-)
+from receiver.models import CallbackRejected
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import Submission
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers.base import KONTEXT_MODELS
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
+from receiver.providers.base import bearer_request
+from receiver.providers.base import json_object
+from receiver.providers.base import mapping
+from receiver.providers.base import raise_for_http_status
+from receiver.providers.base import response_json
+from receiver.providers.base import same_origin
+from receiver.providers.base import text
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16", "9:21")
 OUTPUT_FORMATS = ("jpeg", "png")
@@ -138,7 +135,7 @@ def verify_bfl_signature(headers: Mapping[str, str], raw: bytes, secret: str | N
 class Apicore(Provider):
     name = "apicore"
     key_variable = "APICORE_API_KEY"
-    models = ("flux-kontext-pro", "flux-kontext-max")
+    models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
     fields = frozenset({"model", "images", *BFL_FIELDS, "num_images", "options"})
     max_images = 1

@@ -13,25 +13,24 @@ from urllib.parse import quote
 
 import httpx
 
-from receiver.models import (
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    ProviderUnavailable,
-    Submission,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers.base import (
-    Context,
-    Provider,
-    json_object,
-    mapping,
-    raise_for_http_status,
-    text,
-)
+from receiver.models import OPTIONAL_FIELDS
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import Submission
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers.base import KONTEXT_MODELS
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
+from receiver.providers.base import bearer_request
+from receiver.providers.base import json_object
+from receiver.providers.base import mapping
+from receiver.providers.base import raise_for_http_status
+from receiver.providers.base import text
 
 # apimart's page lists match_input_image, auto, 1:1, 4:3, 3:4, 16:9, 9:16 and then "…"; the rest are the
 # FLUX Kontext ratios (3:7 to 7:3) that apimart-style relays list beside them.
@@ -141,19 +140,10 @@ def task_outcome(task: Mapping[str, Any]) -> Outcome:
 class Apimart(Provider):
     name = "apimart"
     key_variable = "APIMART_API_KEY"
-    models = ("flux-kontext-pro", "flux-kontext-max")
+    models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
-    fields = frozenset(
-        {
-            "model",
-            "images",
-            "aspect_ratio",
-            "output_format",
-            "safety_tolerance",
-            "prompt_upsampling",
-            "options",
-        }
-    )
+    # apimart's generations endpoint has no seed, resolution or image count.
+    fields = frozenset(OPTIONAL_FIELDS) - {"seed", "resolution", "num_images"}
     max_images = 1
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
@@ -186,12 +176,8 @@ class Apimart(Provider):
                 body[name] = params[name]
         # apimart POSTs to webhook + "/callback"; our callback route answers there too.
         body["webhook"] = ctx.callback_url
-        return httpx.Request(
-            "POST",
-            f"{ctx.settings.base_url}/v1/images/generations",
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
-            json=body,
-        )
+        url = f"{ctx.settings.base_url}/v1/images/generations"
+        return bearer_request("POST", url, ctx.settings.api_key, json=body)
 
     def parse_submit(self, response: httpx.Response) -> Submission:
         body = check_apimart_answer(response)
@@ -211,12 +197,8 @@ class Apimart(Provider):
     def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
         if not task.provider_task_id:
             return None
-        return httpx.Request(
-            "GET",
-            f"{ctx.settings.base_url}/v1/tasks/{quote(task.provider_task_id, safe='')}",
-            params={"language": "en"},
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
-        )
+        url = f"{ctx.settings.base_url}/v1/tasks/{quote(task.provider_task_id, safe='')}"
+        return bearer_request("GET", url, ctx.settings.api_key, params={"language": "en"})
 
     def parse_status(self, response: httpx.Response) -> Outcome:
         try:

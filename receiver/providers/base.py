@@ -10,20 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
+from typing import ClassVar
 
 import httpx
 
 from receiver.config import ProviderSettings
-from receiver.models import (
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    ProviderUnavailable,
-    Submission,
-    TaskRequest,
-    TaskSpec,
-)
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import Submission
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,10 @@ class Context:
     settings: ProviderSettings
     callback_url: str = ""
     keys: Any = None
+
+
+# The FLUX Kontext models every reseller of BFL's API sells under these names (CONTRACT.md).
+KONTEXT_MODELS = ("flux-kontext-pro", "flux-kontext-max")
 
 
 class Provider:
@@ -158,6 +161,7 @@ def bearer_request(method: str, url: str, api_key: str | None, **kwargs: Any) ->
 
 
 __all__ = [
+    "KONTEXT_MODELS",
     "Context",
     "Provider",
     "ProviderRejected",

@@ -16,28 +16,24 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from receiver.config import ProviderSettings
-from receiver.models import (
-    OPTIONAL_FIELDS,
-    CallbackRejected,
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    Submission,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers.base import (
-    Context,
-    Provider,
-    json_object,
-    mapping,
-    raise_for_http_status,
-    response_json,
-    same_origin,
-    text,
-)
+from receiver.models import OPTIONAL_FIELDS
+from receiver.models import CallbackRejected
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import Submission
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
+from receiver.providers.base import json_object
+from receiver.providers.base import mapping
+from receiver.providers.base import raise_for_http_status
+from receiver.providers.base import response_json
+from receiver.providers.base import same_origin
+from receiver.providers.base import text
 
 MODEL_ENDPOINTS = {
     "flux-kontext-pro": "fal-ai/flux-pro/kontext",

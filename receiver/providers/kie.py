@@ -10,27 +10,26 @@ from typing import Any
 
 import httpx
 
-from receiver.models import (
-    CallbackRejected,
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    ProviderUnavailable,
-    Submission,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers.base import (
-    Context,
-    Provider,
-    json_object,
-    mapping,
-    raise_for_http_status,
-    response_json,
-    text,
-)
+from receiver.models import OPTIONAL_FIELDS
+from receiver.models import CallbackRejected
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import Submission
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers.base import KONTEXT_MODELS
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
+from receiver.providers.base import bearer_request
+from receiver.providers.base import json_object
+from receiver.providers.base import mapping
+from receiver.providers.base import raise_for_http_status
+from receiver.providers.base import response_json
+from receiver.providers.base import text
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
 SIGNATURE_TOLERANCE = 300
@@ -104,11 +103,11 @@ def kie_status_request(task: TaskSpec, ctx: Context, path: str) -> httpx.Request
     """kie's status queries, both APIs: GET {base}{path}?taskId=…, Bearer; nothing to ask before an id."""
     if not task.provider_task_id:
         return None
-    return httpx.Request(
+    return bearer_request(
         "GET",
         f"{ctx.settings.base_url}{path}",
+        ctx.settings.api_key,
         params={"taskId": task.provider_task_id},
-        headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
     )
 
 
@@ -131,20 +130,10 @@ def failure_code(code: Any) -> ErrorCode:
 class Kie(Provider):
     name = "kie"
     key_variable = "KIE_API_KEY"
-    models = ("flux-kontext-pro", "flux-kontext-max")
+    models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
-    fields = frozenset(
-        {
-            "model",
-            "images",
-            "aspect_ratio",
-            "output_format",
-            "safety_tolerance",
-            "prompt_upsampling",
-            "num_images",
-            "options",
-        }
-    )
+    # kie's Kontext API has no seed and no resolution; num_images is accepted as 1 (validate).
+    fields = frozenset(OPTIONAL_FIELDS) - {"seed", "resolution"}
     max_images = 1
     pace_group = "kie"
     rate_limit = (20, 10.0)  # providers.md §1.5: 20 new generation requests per 10 s per account
@@ -180,12 +169,8 @@ class Kie(Provider):
         if task.images:
             body["inputImage"] = task.images[0]
         body["callBackUrl"] = ctx.callback_url
-        return httpx.Request(
-            "POST",
-            f"{ctx.settings.base_url}/api/v1/flux/kontext/generate",
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
-            json=body,
-        )
+        url = f"{ctx.settings.base_url}/api/v1/flux/kontext/generate"
+        return bearer_request("POST", url, ctx.settings.api_key, json=body)
 
     def parse_submit(self, response: httpx.Response) -> Submission:
         return parse_kie_submit(response)

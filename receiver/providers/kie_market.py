@@ -14,24 +14,25 @@ from typing import Any
 
 import httpx
 
-from receiver.models import (
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderUnavailable,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers.base import Context, Provider, json_object, mapping, text
-from receiver.providers.kie import (
-    failure_code,
-    kie_status_body,
-    kie_status_request,
-    kie_task_id,
-    parse_kie_submit,
-    verify_kie_hmac,
-)
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderUnavailable
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
+from receiver.providers.base import bearer_request
+from receiver.providers.base import json_object
+from receiver.providers.base import mapping
+from receiver.providers.base import text
+from receiver.providers.kie import failure_code
+from receiver.providers.kie import kie_status_body
+from receiver.providers.kie import kie_status_request
+from receiver.providers.kie import kie_task_id
+from receiver.providers.kie import parse_kie_submit
+from receiver.providers.kie import verify_kie_hmac
 
 ASPECT_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "auto")
 RESOLUTIONS = ("1K", "2K")
@@ -143,10 +144,10 @@ class KieMarket(Provider):
                 job_input[field] = task.params[field]
         job_input["input_urls"] = list(task.images)
         job_input["prompt"] = task.prompt
-        return httpx.Request(
+        return bearer_request(
             "POST",
             f"{ctx.settings.base_url}/api/v1/jobs/createTask",
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
+            ctx.settings.api_key,
             json={"model": task.model, "callBackUrl": ctx.callback_url, "input": job_input},
         )
 

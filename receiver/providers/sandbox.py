@@ -9,28 +9,26 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from receiver.models import (
-    ErrorCode,
-    MalformedCallback,
-    Outcome,
-    ProviderRejected,
-    Submission,
-    TaskError,
-    TaskRequest,
-    TaskSpec,
-)
-from receiver.providers.base import (
-    Context,
-    Provider,
-    json_object,
-    mapping,
-    raise_for_http_status,
-    response_json,
-    text,
-)
+from receiver.models import ErrorCode
+from receiver.models import MalformedCallback
+from receiver.models import Outcome
+from receiver.models import ProviderRejected
+from receiver.models import Submission
+from receiver.models import TaskError
+from receiver.models import TaskRequest
+from receiver.models import TaskSpec
+from receiver.providers.base import Context
+from receiver.providers.base import Provider
+from receiver.providers.base import bearer_request
+from receiver.providers.base import json_object
+from receiver.providers.base import mapping
+from receiver.providers.base import raise_for_http_status
+from receiver.providers.base import response_json
+from receiver.providers.base import text
 
 RATIO = re.compile(r"^(\d{1,2}):(\d{1,2})$")
 OUTCOMES = ("succeeded", "generation_failed", "content_moderated", "no_callback")
@@ -81,12 +79,8 @@ class Sandbox(Provider):
             "outcome": task.options.get("outcome", "succeeded"),
             "delay": task.options.get("delay"),
         }
-        return httpx.Request(
-            "POST",
-            f"{ctx.settings.base_url}/sandbox/v1/generate",
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
-            json=body,
-        )
+        url = f"{ctx.settings.base_url}/sandbox/v1/generate"
+        return bearer_request("POST", url, ctx.settings.api_key, json=body)
 
     def parse_submit(self, response: httpx.Response) -> Submission:
         raise_for_http_status(response, response.text[:200])
@@ -101,11 +95,8 @@ class Sandbox(Provider):
     def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
         if not task.provider_task_id:
             return None
-        return httpx.Request(
-            "GET",
-            f"{ctx.settings.base_url}/sandbox/v1/tasks/{task.provider_task_id}",
-            headers={"Authorization": f"Bearer {ctx.settings.api_key}"},
-        )
+        url = f"{ctx.settings.base_url}/sandbox/v1/tasks/{quote(task.provider_task_id, safe='')}"
+        return bearer_request("GET", url, ctx.settings.api_key)
 
     def parse_status(self, response: httpx.Response) -> Outcome:
         raise_for_http_status(response, response.text[:200])

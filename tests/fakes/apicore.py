@@ -9,14 +9,17 @@ import hmac
 import itertools
 import json
 import time
-from typing import Any, Literal
+from typing import Any
+from typing import Literal
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.fakes.common import ProviderFake, post_callback
+from tests.fakes.common import ProviderFake
+from tests.fakes.common import post_callback
 
 GENERATIONS = "/v1/images/generations"
 GET_RESULT = "/v1/get_result"

@@ -10,10 +10,12 @@ from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.fakes.common import ProviderFake, post_callback
+from tests.fakes.common import ProviderFake
+from tests.fakes.common import post_callback
 
 GENERATIONS = "/v1/images/generations"
 TASKS = "/v1/tasks/"

@@ -15,10 +15,12 @@ from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
+from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.fakes.common import ProviderFake, post_callback
+from tests.fakes.common import ProviderFake
+from tests.fakes.common import post_callback
 
 GENERATE = "/api/v1/flux/kontext/generate"
 RECORD_INFO = "/api/v1/flux/kontext/record-info"
