@@ -667,15 +667,6 @@ class Store:
     async def finish_job(self, job: Job) -> None:
         await self.write(lambda tx: _delete_job(tx, job.id))
 
-    async def release_jobs(self, jobs: Iterable[Job]) -> None:
-        ids = [job.id for job in jobs]
-
-        def op(tx: Tx) -> None:
-            tx.conn.executemany("UPDATE jobs SET running=0 WHERE id=?", [(i,) for i in ids])
-
-        if ids:
-            await self.write(op)
-
 
 # -- the rules of a state change, run inside the writer's transaction ---------------------------------
 
