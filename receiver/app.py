@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -24,7 +25,6 @@ from receiver.console import console_routes
 from receiver.downloads import clean_partial_files
 from receiver.downloads import outside_client
 from receiver.logs import event
-from receiver.models import Status
 from receiver.notify import NOTIFY_SLOTS
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
@@ -119,8 +119,6 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
             log.info("removed %d partial downloads left by an earlier process", removed)
         runner = None
         if run_worker:
-            import asyncio
-
             runner = asyncio.create_task(worker.run(), name="receiver-worker")
         event(log, "started", public_url=settings.public_url, data_dir=str(settings.data_dir))
         try:
@@ -154,5 +152,4 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     )
     app.state.store = store
     app.state.settings = settings
-    app.state.statuses = [status.value for status in Status]
     return app

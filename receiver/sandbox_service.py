@@ -25,11 +25,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.providers.sandbox import parse_ratio
+from receiver.web import read_capped
 
 log = logging.getLogger("receiver.sandbox")
 ID = re.compile(r"^sbx_[0-9a-f]{24}$")
 FILE = re.compile(r"^sbx_[0-9a-f]{24}-[0-3]\.png$")
 LONG_SIDE = 768
+MAX_REQUEST = 64 * 1024
 
 
 def render_png(prompt: str, seed: int, index: int, width: int, height: int) -> bytes:
@@ -99,23 +101,27 @@ class SandboxService:
     async def generate(self, request: Request) -> Response:
         if not self._authorized(request):
             return JSONResponse({"error": "bad sandbox key"}, status_code=401)
-        body = await request.json()
-        callback_url = str(body.get("callback_url") or "")
+        try:
+            body = json.loads(await read_capped(request, MAX_REQUEST))
+            callback_url = str(body.get("callback_url") or "")
+            delay = body.get("delay")
+            job: dict[str, Any] = {
+                "prompt": str(body.get("prompt", "")),
+                "seed": int(body.get("seed") or 0),
+                "aspect_ratio": str(body.get("aspect_ratio") or "1:1"),
+                "num_images": int(body.get("num_images") or 1),
+                "outcome": str(body.get("outcome") or "succeeded"),
+                "ready_at": time.time() + (self.default_delay if delay is None else float(delay)),
+            }
+        except (ValueError, TypeError, AttributeError):
+            return JSONResponse({"error": "not a sandbox request"}, status_code=400)
         # Only our own callback URLs: the sandbox must never post anywhere else.
         if not callback_url.startswith(f"{self.public_url}/callbacks/"):
             return JSONResponse({"error": "callback_url must be this service's own"}, status_code=422)
+        if not 1 <= job["num_images"] <= 4 or not 0 <= job["ready_at"] - time.time() <= 600:
+            return JSONResponse({"error": "num_images is 1 to 4, delay 0 to 600 s"}, status_code=422)
         task_id = f"sbx_{secrets.token_hex(12)}"
-        delay = body.get("delay")
-        job = {
-            "id": task_id,
-            "prompt": str(body.get("prompt", "")),
-            "seed": int(body.get("seed") or 0),
-            "aspect_ratio": str(body.get("aspect_ratio") or "1:1"),
-            "num_images": int(body.get("num_images") or 1),
-            "outcome": str(body.get("outcome") or "succeeded"),
-            "ready_at": time.time() + (self.default_delay if delay is None else float(delay)),
-            "callback_url": callback_url,
-        }
+        job.update(id=task_id, callback_url=callback_url)
         self._save(task_id, job)
         task = asyncio.create_task(self._finish_later(job))
         self._running.add(task)

@@ -20,6 +20,21 @@ def kie() -> Iterator[KieFake]:
 
 
 @pytest.fixture
+def start_fake() -> Iterator[Callable[..., Any]]:
+    """Start a provider fake (a class from tests/fakes, with its arguments); stopped after the test."""
+    started: list[Any] = []
+
+    def start(kind: type[Any], *args: Any, **kwargs: Any) -> Any:
+        fake = kind(*args, **kwargs).start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()
+
+
+@pytest.fixture
 def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
     """Start a served receiver; keyword arguments become environment variables."""
     started: list[Receiver] = []

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import httpx
@@ -23,6 +24,9 @@ from starlette.types import ASGIApp
 from receiver.app import create_app
 from receiver.config import Settings
 from receiver.config import load_settings
+
+if TYPE_CHECKING:
+    from tests.fakes.common import ProviderFake
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"
@@ -140,6 +144,12 @@ class Receiver:
             if task["status"] == status or time.monotonic() > deadline:
                 return task
             time.sleep(0.02)
+
+    def submitted(self, fake: ProviderFake, **body: Any) -> tuple[str, str]:
+        """Create a task for `fake`'s provider and wait until it is submitted: (our id, the provider's)."""
+        task = self.submit(provider=fake.name, **{"prompt": "a lighthouse at dusk", **body})
+        self.wait_status(str(task["id"]), "submitted")
+        return str(task["id"]), fake.provider_task_id()
 
     def events(self, task_id: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = self.alice.get(f"/v1/tasks/{task_id}/events").json()["items"]

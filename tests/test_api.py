@@ -275,3 +275,25 @@ def test_openapi_describes_every_route(receiver: Receiver) -> None:
                 served.add((path, method))
     assert described == served
     assert openapi_document("http://x")["servers"] == [{"url": "http://x"}]
+
+
+def test_the_sandbox_endpoint_refuses_what_is_not_its_own(receiver: Receiver) -> None:
+    key = receiver.settings.provider("sandbox").api_key
+    auth = {"Authorization": f"Bearer {key}"}
+    own = receiver.callback_url("sandbox", "tsk_" + "0" * 24)
+    url = "/sandbox/v1/generate"
+    assert receiver.anon.post(url, json={"callback_url": own}).status_code == 401
+    assert receiver.anon.post(url, content=b"{not json", headers=auth).status_code == 400
+    assert receiver.anon.post(url, json={"callback_url": own, "seed": "x"}, headers=auth).status_code == 400
+    assert receiver.anon.post(url, json=["a list"], headers=auth).status_code == 400
+    foreign = {"callback_url": "http://127.0.0.1:9/callbacks/x"}
+    assert receiver.anon.post(url, json=foreign, headers=auth).status_code == 422
+    assert (
+        receiver.anon.post(url, json={"callback_url": own, "num_images": 9}, headers=auth).status_code == 422
+    )
+    assert receiver.anon.post(url, json={"callback_url": own, "delay": 601}, headers=auth).status_code == 422
+    big = b'{"prompt": "' + b"x" * (65 * 1024) + b'"}'
+    assert receiver.anon.post(url, content=big, headers=auth).status_code == 413
+    answer = receiver.anon.post(url, json={"callback_url": own, "outcome": "no_callback"}, headers=auth)
+    assert answer.status_code == 200
+    assert answer.json()["id"].startswith("sbx_")

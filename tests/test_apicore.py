@@ -10,7 +10,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -352,10 +351,8 @@ def test_status_answer_of_section_4_2() -> None:
 
 
 @pytest.fixture
-def apicore() -> Iterator[ApicoreFake]:
-    fake = ApicoreFake().start()
-    yield fake
-    fake.stop()
+def apicore(start_fake: Callable[..., ApicoreFake]) -> ApicoreFake:
+    return start_fake(ApicoreFake)
 
 
 @pytest.fixture
@@ -363,17 +360,10 @@ def receiver(apicore: ApicoreFake, start_receiver: Callable[..., Receiver]) -> R
     return start_receiver(**apicore.receiver_env())
 
 
-def submitted(receiver: Receiver, fake: ApicoreFake, **body: Any) -> tuple[str, str]:
-    task = receiver.submit(provider="apicore", prompt="a donut next to the flour", **body)
-    receiver.wait_status(str(task["id"]), "submitted")
-    return str(task["id"]), fake.provider_task_id()
-
-
 def test_submit_body_and_a_signed_webhook(apicore: ApicoreFake, receiver: Receiver) -> None:
     picture = png(20, 20, shade=10)
     data_uri = "data:image/png;base64," + base64.b64encode(picture).decode()
-    task_id, bfl_id = submitted(
-        receiver,
+    task_id, bfl_id = receiver.submitted(
         apicore,
         images=[data_uri],
         model="flux-kontext-max",
@@ -398,7 +388,7 @@ def test_submit_body_and_a_signed_webhook(apicore: ApicoreFake, receiver: Receiv
     assert done["images"][0]["sha256"] == hashlib.sha256(image).hexdigest()
 
     source = apicore.host("in.png")
-    submitted(receiver, apicore, images=[source])
+    receiver.submitted(apicore, images=[source])
     assert apicore.calls(GENERATIONS)[-1].json()["input_image"] == source  # a URL goes as given
 
 
@@ -429,14 +419,14 @@ def test_both_webhook_shapes(shape: Shape, start_receiver: Callable[..., Receive
     fake = ApicoreFake(shape=shape).start()
     try:
         receiver = start_receiver(**fake.receiver_env())
-        task_id, bfl_id = submitted(receiver, fake)
+        task_id, bfl_id = receiver.submitted(fake)
         pending = fake.send(bfl_id, fake.callback_body(bfl_id, "pending", progress=0.5))
         assert pending.status_code == 200
         assert receiver.alice.get(f"/v1/tasks/{task_id}").json()["status"] == "submitted"
         fake.complete(bfl_id, [fake.host("shape.png")])
         assert receiver.wait(task_id)["status"] == "succeeded"
 
-        task_id, bfl_id = submitted(receiver, fake)
+        task_id, bfl_id = receiver.submitted(fake)
         fake.send(bfl_id, fake.callback_body(bfl_id, "moderated", details="nsfw"))
         done = receiver.wait(task_id)
         assert done["error"]["code"] == "content_moderated"
@@ -454,7 +444,7 @@ def test_require_signature_setting(required: bool, start_receiver: Callable[...,
     try:
         env = {**fake.receiver_env(), "APICORE_REQUIRE_SIGNATURE": "1" if required else "0"}
         receiver = start_receiver(**env)
-        task_id, bfl_id = submitted(receiver, fake)
+        task_id, bfl_id = receiver.submitted(fake)
         body = json.dumps(
             fake.callback_body(bfl_id, "success", result={"sample": fake.host("u.png")})
         ).encode()
@@ -478,7 +468,7 @@ def test_a_foreign_polling_url_is_not_used(
     try:
         apicore.polling_origin = foreign.url
         receiver = start_receiver(**apicore.receiver_env(), RECEIVER_RECONCILE_AFTER=0.1)
-        task_id, bfl_id = submitted(receiver, apicore)
+        task_id, bfl_id = receiver.submitted(apicore)
         apicore.complete(bfl_id, [apicore.host("late.png")], deliver=False)
         assert receiver.wait(task_id)["status"] == "succeeded"
         assert apicore.calls(GET_RESULT)[0].query == {"id": bfl_id}
@@ -491,7 +481,7 @@ def test_webhook_answer_without_polling_url_reconciles_by_id(start_receiver: Cal
     fake = ApicoreFake(webhook_answer=True).start()
     try:
         receiver = start_receiver(**fake.receiver_env(), RECEIVER_RECONCILE_AFTER=0.1)
-        task_id, bfl_id = submitted(receiver, fake)
+        task_id, bfl_id = receiver.submitted(fake)
         fake.fail(bfl_id, False, "ignored", deliver=False)
         done = receiver.wait(task_id)
         assert done["error"]["code"] == "generation_failed"
@@ -505,7 +495,7 @@ def test_the_webhook_secret_is_never_shown(
     apicore: ApicoreFake, receiver: Receiver, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    task_id, bfl_id = submitted(receiver, apicore)
+    task_id, bfl_id = receiver.submitted(apicore)
     secret = apicore.webhook_secret(bfl_id)
     apicore.send(bfl_id, apicore.callback_body(bfl_id, "pending"))
     apicore.complete(bfl_id, [apicore.host("s.png")])
@@ -540,7 +530,7 @@ def test_submit_refusals_and_retries(apicore: ApicoreFake, start_receiver: Calla
     calls = len(apicore.calls(GENERATIONS))
     apicore.script(GENERATIONS, 429, {"detail": "too many active tasks"})
     apicore.script(GENERATIONS, 502, b"bad gateway")
-    submitted(receiver, apicore)
+    receiver.submitted(apicore)
     assert len(apicore.calls(GENERATIONS)) == calls + 3
 
 
@@ -561,7 +551,7 @@ def test_fields_apicore_cannot_take_are_422(apicore: ApicoreFake, receiver: Rece
 
 
 def test_a_callback_for_another_bfl_task_is_refused(apicore: ApicoreFake, receiver: Receiver) -> None:
-    task_id, bfl_id = submitted(receiver, apicore)
+    task_id, bfl_id = receiver.submitted(apicore)
     body = json.dumps(
         {"id": "bfl-99999", "status": "Ready", "result": {"sample": apicore.host("w.png")}}
     ).encode()

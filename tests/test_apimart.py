@@ -8,7 +8,6 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -354,21 +353,13 @@ def test_the_fake_normalises_a_trailing_slash_like_apimart() -> None:
 
 
 @pytest.fixture
-def apimart() -> Iterator[ApimartFake]:
-    fake = ApimartFake().start()
-    yield fake
-    fake.stop()
+def apimart(start_fake: Callable[..., ApimartFake]) -> ApimartFake:
+    return start_fake(ApimartFake)
 
 
 @pytest.fixture
 def receiver(apimart: ApimartFake, start_receiver: Callable[..., Receiver]) -> Receiver:
     return start_receiver(**apimart.receiver_env())
-
-
-def submitted(receiver: Receiver, apimart: ApimartFake, **body: Any) -> tuple[str, str]:
-    task = receiver.submit(provider="apimart", prompt="a lighthouse", **body)
-    receiver.wait_status(str(task["id"]), "submitted")
-    return str(task["id"]), apimart.provider_task_id()
 
 
 def test_requests_apimart_cannot_honour_are_422(receiver: Receiver) -> None:
@@ -390,8 +381,7 @@ def test_submit_and_a_bare_callback_at_webhook_slash_callback(
     apimart: ApimartFake, receiver: Receiver
 ) -> None:
     image = png(60, 30)
-    task_id, apimart_id = submitted(
-        receiver,
+    task_id, apimart_id = receiver.submitted(
         apimart,
         model="flux-kontext-max",
         aspect_ratio="4:3",
@@ -430,12 +420,12 @@ def test_a_wrapped_callback(start_receiver: Callable[..., Receiver]) -> None:
     apimart = ApimartFake(wrapped=True).start()
     try:
         receiver = start_receiver(**apimart.receiver_env())
-        task_id, apimart_id = submitted(receiver, apimart)
+        task_id, apimart_id = receiver.submitted(apimart)
         assert apimart.callback_body(apimart_id)["data"]["id"] == apimart_id
         answer = apimart.complete(apimart_id, [apimart.host("w.png")])
         assert answer is not None and answer.status_code == 200
         assert receiver.wait(task_id)["status"] == "succeeded"
-        second, second_id = submitted(receiver, apimart)
+        second, second_id = receiver.submitted(apimart)
         apimart.fail(second_id, False, "wrapped failure")
         done = receiver.wait(second)
         assert done["error"] == {
@@ -450,7 +440,7 @@ def test_a_wrapped_callback(start_receiver: Callable[..., Receiver]) -> None:
 def test_many_urls_in_one_callback_are_stored_in_order(apimart: ApimartFake, receiver: Receiver) -> None:
     pictures = [png(10 + i, 10, shade=20 * i) for i in range(3)]
     links = [apimart.host(f"m{i}.png", picture) for i, picture in enumerate(pictures)]
-    task_id, apimart_id = submitted(receiver, apimart)
+    task_id, apimart_id = receiver.submitted(apimart)
     apimart.complete_images(apimart_id, [[links[0], links[1]], [links[2]]])
     done = receiver.wait(task_id)
     assert done["status"] == "succeeded", done
@@ -463,7 +453,7 @@ def test_many_urls_in_one_callback_are_stored_in_order(apimart: ApimartFake, rec
 def test_a_data_uri_goes_over_as_one_signed_link(apimart: ApimartFake, receiver: Receiver) -> None:
     picture = png(16, 16, shade=5)
     data_uri = "data:image/png;base64," + base64.b64encode(picture).decode()
-    task_id, apimart_id = submitted(receiver, apimart, images=[data_uri], aspect_ratio="match_input_image")
+    task_id, apimart_id = receiver.submitted(apimart, images=[data_uri], aspect_ratio="match_input_image")
     body = apimart.calls(GENERATIONS)[-1].json()
     [link] = body["image_urls"]
     assert link.startswith(f"{receiver.url}/uploads/")
@@ -500,7 +490,7 @@ def test_a_wrong_key_is_refused_with_apimart_message(
 def test_a_429_is_retried(apimart: ApimartFake, receiver: Receiver) -> None:
     apimart.script(GENERATIONS, 429, error_envelope("too many requests", "rate_limit"))
     apimart.script(GENERATIONS, 500, error_envelope("upstream error"))
-    task_id, apimart_id = submitted(receiver, apimart)
+    task_id, apimart_id = receiver.submitted(apimart)
     assert receiver.alice.get(f"/v1/tasks/{task_id}").json()["provider_task_id"] == apimart_id
     assert len(apimart.calls(GENERATIONS)) == 3
     apimart.complete(apimart_id, [apimart.host("r.png")])
@@ -511,7 +501,7 @@ def test_reconcile_asks_the_task_endpoint_in_english(
     apimart: ApimartFake, start_receiver: Callable[..., Receiver]
 ) -> None:
     receiver = start_receiver(**apimart.receiver_env(), RECEIVER_RECONCILE_AFTER=0.2)
-    task_id, apimart_id = submitted(receiver, apimart)
+    task_id, apimart_id = receiver.submitted(apimart)
     apimart.wait_for(lambda: bool(apimart.calls(TASKS + apimart_id)))
     assert apimart.calls(TASKS + apimart_id)[0].query == {"language": "en"}
     apimart.cancel(apimart_id)

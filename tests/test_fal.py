@@ -7,7 +7,6 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
@@ -528,21 +527,13 @@ def test_the_result_decides() -> None:
 
 
 @pytest.fixture
-def fake() -> Iterator[FalFake]:
-    instance = FalFake().start()
-    yield instance
-    instance.stop()
+def fake(start_fake: Callable[..., FalFake]) -> FalFake:
+    return start_fake(FalFake)
 
 
 @pytest.fixture
 def receiver(fake: FalFake, start_receiver: Callable[..., Receiver]) -> Receiver:
     return start_receiver(**fake.receiver_env(), RECEIVER_RECONCILE_AFTER=0.2)
-
-
-def submitted(receiver: Receiver, fake: FalFake, **body: Any) -> tuple[str, str]:
-    task = receiver.submit(provider="fal", prompt="a lighthouse at dusk", **body)
-    receiver.wait_status(str(task["id"]), "submitted")
-    return str(task["id"]), fake.provider_task_id()
 
 
 def test_models_map_to_endpoints_the_fake_sees(fake: FalFake, receiver: Receiver) -> None:
@@ -560,7 +551,7 @@ def test_models_map_to_endpoints_the_fake_sees(fake: FalFake, receiver: Receiver
         ),
     ]
     for body, path, image in cases:
-        task_id, request_id = submitted(receiver, fake, safety_tolerance=2, seed=BIG_SEED, **body)
+        task_id, request_id = receiver.submitted(fake, safety_tolerance=2, seed=BIG_SEED, **body)
         sent = [r for r in fake.requests if r.method == "POST"][-1]
         assert sent.path == path
         assert sent.headers["authorization"] == f"Key {KEY}"
@@ -598,7 +589,7 @@ def test_requests_fal_cannot_take_are_a_422_naming_the_field(receiver: Receiver)
 
 
 def test_the_real_captured_body_with_a_fresh_signature(fake: FalFake, receiver: Receiver) -> None:
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     url = fake.host("O853qAknYZGU8_2QCbJwd.jpeg")
     body = CAPTURED.replace(b"5057fca7-...", request_id.encode()).replace(
         b"https://v3.fal.media/files/lion/O853qAknYZGU8_2QCbJwd.jpeg", url.encode()
@@ -617,19 +608,19 @@ def test_key_rotation_is_accepted_after_a_refetch(
 ) -> None:
     # The shell refetches at most once a minute; the setting shrinks that minute for the test.
     receiver = start_receiver(**fake.receiver_env(), RECEIVER_KEY_SET_REFRESH=0)
-    first, first_id = submitted(receiver, fake)
+    first, first_id = receiver.submitted(fake)
     assert fake.complete(first_id, [fake.host("one.png")]).status_code == 200  # type: ignore[union-attr]
     assert receiver.wait(first)["status"] == "succeeded"
     assert len(fake.calls("/.well-known/jwks.json")) == 1
 
     fake.rotate()
-    second, second_id = submitted(receiver, fake)
+    second, second_id = receiver.submitted(fake)
     answer = fake.complete(second_id, [fake.host("two.png")])
     assert answer is not None and answer.status_code == 200, answer and answer.text
     assert receiver.wait(second)["status"] == "succeeded"
     assert len(fake.calls("/.well-known/jwks.json")) == 2
     # The retired key no longer verifies anything.
-    third, third_id = submitted(receiver, fake)
+    third, third_id = receiver.submitted(fake)
     body = fake.envelope(third_id, "OK", fake.output([fake.host("three.png")]))
     old = fal_signature(Ed25519PrivateKey.generate(), third_id, body)
     assert fake.deliver(third_id, body, old).status_code == 401
@@ -638,7 +629,7 @@ def test_key_rotation_is_accepted_after_a_refetch(
 
 def test_unreachable_jwks_fails_closed(fake: FalFake, receiver: Receiver) -> None:
     fake.jwks_down = True
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     answer = fake.complete(request_id, [fake.host("x.png")])
     assert answer is not None and answer.status_code == 401
     assert answer.json()["error"]["code"] == "bad_signature"
@@ -649,7 +640,7 @@ def test_unreachable_jwks_fails_closed(fake: FalFake, receiver: Receiver) -> Non
 
 
 def test_signature_refusals_end_to_end(fake: FalFake, receiver: Receiver) -> None:
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     body = fake.envelope(request_id, "OK", fake.output([fake.host("s.png")]))
     good = fake.signed(request_id, body)
     other = fake.envelope("another-request", "OK", fake.output([fake.host("s.png")]))
@@ -669,7 +660,7 @@ def test_signature_refusals_end_to_end(fake: FalFake, receiver: Receiver) -> Non
 
 
 def test_error_callback_with_payload_detail(fake: FalFake, receiver: Receiver) -> None:
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     detail = [
         {"loc": ["body", "image_url"], "msg": "Could not download the image", "type": "file_download_error"}
     ]
@@ -684,7 +675,7 @@ def test_error_callback_with_payload_detail(fake: FalFake, receiver: Receiver) -
 
 
 def test_payload_error_callback(fake: FalFake, receiver: Receiver) -> None:
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     body = fake.envelope(request_id, "OK", None, payload_error="Response payload is not JSON serializable.")
     assert fake.deliver(request_id, body).status_code == 200
     done = receiver.wait(task_id)
@@ -693,7 +684,7 @@ def test_payload_error_callback(fake: FalFake, receiver: Receiver) -> None:
 
 
 def test_completed_with_error_found_by_reconcile(fake: FalFake, receiver: Receiver) -> None:
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     queued = fake.queue[request_id]
     queued.status = "COMPLETED"
     queued.status_extra = {"error": "Request timed out after 300s", "error_type": "request_timeout"}
@@ -707,7 +698,7 @@ def test_completed_with_error_found_by_reconcile(fake: FalFake, receiver: Receiv
 
 
 def test_reconcile_follows_status_to_the_result(fake: FalFake, receiver: Receiver) -> None:
-    task_id, request_id = submitted(receiver, fake)
+    task_id, request_id = receiver.submitted(fake)
     status_path = f"/fal-ai/flux-pro/requests/{request_id}/status"
     fake.wait_for(lambda: bool(fake.calls(status_path)))
     fake.queue[request_id].status = "IN_PROGRESS"

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import json
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -366,10 +365,8 @@ def test_the_registry_offers_it_under_the_kie_key() -> None:
 
 
 @pytest.fixture
-def market() -> Iterator[KieMarketFake]:
-    fake = KieMarketFake().start()
-    yield fake
-    fake.stop()
+def market(start_fake: Callable[..., KieMarketFake]) -> KieMarketFake:
+    return start_fake(KieMarketFake)
 
 
 @pytest.fixture

@@ -144,9 +144,6 @@ def post_callback(url: str, body: Any, headers: dict[str, str] | None = None) ->
     )
 
 
-Answer = Callable[[Recorded], Response]
-
-
 class ProviderFake(FakeProvider):
     """The interface the shared end-to-end suite (tests/test_providers_e2e.py) drives every fake through.
 
