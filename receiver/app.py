@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.responses import Response
 from starlette.routing import Route
 
+from receiver import USER_AGENT
 from receiver import metrics
 from receiver.api import Api
 from receiver.callbacks import Callbacks
@@ -45,7 +46,9 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     )
     api = Api(settings, store, tokens)
     # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
-    provider_http = httpx.AsyncClient(timeout=httpx.Timeout(settings.http_timeout, connect=10.0))
+    provider_http = httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.http_timeout, connect=10.0), headers={"User-Agent": USER_AGENT}
+    )
     outside_http = outside_client(allow_private=settings.allow_private_urls, timeout=settings.http_timeout)
     key_sets = KeySets(provider_http, settings.key_set_refresh)
     callbacks = Callbacks(settings, store, tokens, key_sets)

@@ -53,6 +53,7 @@ class Settings:
     reconcile_interval: float = 60.0
     sandbox_delay: float = 1.0
     http_timeout: float = 30.0
+    sync_timeout: float = 300.0  # a synchronous provider's submit: the whole generation happens in it
     download_concurrency: int = 4
     max_callback_bytes: int = 1024 * 1024
     dev_api_key_created: bool = False
@@ -288,6 +289,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         reconcile_interval=_number(env, "RECEIVER_RECONCILE_INTERVAL", 60.0, minimum=0.01),
         sandbox_delay=_number(env, "RECEIVER_SANDBOX_DELAY", 1.0),
         http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1),
+        sync_timeout=_number(env, "RECEIVER_SYNC_TIMEOUT", 300.0, minimum=0.1),
         download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1),
         notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule),
         notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1),

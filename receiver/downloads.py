@@ -22,6 +22,7 @@ import anyio
 import httpcore
 import httpx
 
+from receiver import USER_AGENT
 from receiver import imageinfo
 
 
@@ -120,7 +121,7 @@ def outside_client(*, allow_private: bool, timeout: float, max_connections: int 
         timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         follow_redirects=True,
         max_redirects=5,
-        headers={"User-Agent": "receiver/0.1"},
+        headers={"User-Agent": USER_AGENT},
     )
 
 

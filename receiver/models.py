@@ -123,6 +123,7 @@ class Submission:
     provider_task_id: str | None
     state: Mapping[str, str] = field(default_factory=dict)
     outcome: Outcome | None = None
+    note: str = ""  # what the submit event says, when it is not a plain acceptance
 
 
 class ProviderRejected(Exception):
@@ -137,11 +138,20 @@ class ProviderRejected(Exception):
 class ProviderUnavailable(Exception):
     """A failure worth retrying later (network, 429, 5xx, maintenance)."""
 
-    def __init__(self, message: str, retry_after: float | None = None, *, rate_limited: bool = False) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        rate_limited: bool = False,
+        maybe_ran: bool = False,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
         self.rate_limited = rate_limited  # a 429: the whole provider is held back, not just this task
+        # The request reached the provider and may have run (and been billed): never blindly sent again.
+        self.maybe_ran = maybe_ran
 
 
 class CallbackRejected(Exception):

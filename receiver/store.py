@@ -491,7 +491,7 @@ class Store:
                 job.task_id,
                 "submit",
                 True,
-                f"accepted by the provider as {submission.provider_task_id or '(no id)'}",
+                submission.note or f"accepted by the provider as {submission.provider_task_id or '(no id)'}",
                 change,
             )
             if submission.outcome is not None:

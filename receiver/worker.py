@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import httpx
 
+from receiver import USER_AGENT
 from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import DownloadError
@@ -28,6 +29,7 @@ from receiver.models import Outcome
 from receiver.models import ProviderRejected
 from receiver.models import ProviderUnavailable
 from receiver.models import Status
+from receiver.models import Submission
 from receiver.models import TaskError
 from receiver.pacing import Limits
 from receiver.pacing import Pacer
@@ -80,12 +82,27 @@ async def send_capped(client: httpx.AsyncClient, request: httpx.Request, cap: in
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > cap:
-                raise ProviderUnavailable(f"the answer is over {cap} bytes")
+                raise ProviderUnavailable(f"the answer is over {cap} bytes", maybe_ran=True)
     finally:
         await response.aclose()
     return httpx.Response(
         response.status_code, headers=response.headers, content=bytes(body), request=request
     )
+
+
+CONNECT_TIMEOUT = 10.0
+# provider_code of a submit whose outcome is unknown: fallback must not send it to another provider.
+OUTCOME_UNKNOWN = "outcome_unknown"
+# Failures after which the request surely never reached the provider: retried freely. Anything else
+# that breaks after sending (read timeout, dropped connection, unreadable answer) may have run.
+NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+def maybe_ran(exc: Exception) -> bool:
+    """Whether a failed submit may have reached the provider and run there (so it must not be resent)."""
+    if isinstance(exc, ProviderUnavailable):
+        return exc.maybe_ran
+    return isinstance(exc, httpx.TransportError) and not isinstance(exc, NEVER_SENT)
 
 
 class Worker:
@@ -229,8 +246,11 @@ class Worker:
 
     async def _submit(self, job: Job, row: sqlite3.Row, provider: Provider) -> None:
         spec = task_spec(row, self.tokens, self.settings.media_dir / "uploads", provider.inline_images)
+        timeout = self.settings.sync_timeout if provider.synchronous else self.settings.http_timeout
         try:
             request = provider.build_submit(spec, self._context(row["provider"], row["id"]))
+            # A synchronous provider generates inside this call: it gets the long timeout.
+            request.extensions["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT).as_dict()
             response = await self._call(provider.name, "submit", request)
             submission = provider.parse_submit(response)
         except ProviderRejected as exc:
@@ -240,6 +260,11 @@ class Worker:
             return
         except (ProviderUnavailable, httpx.HTTPError) as exc:
             message = exc.message if isinstance(exc, ProviderUnavailable) else f"{type(exc).__name__}: {exc}"
+            if maybe_ran(exc):
+                if isinstance(exc, httpx.TimeoutException):
+                    message = f"no answer within {timeout:g} s ({message})"
+                await self._outcome_unknown(job, provider, message)
+                return
             if job.attempts > self.settings.submit_retries:
                 message = f"gave up after {job.attempts} tries: {message}"
                 await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message)
@@ -271,6 +296,32 @@ class Worker:
             provider_task_id=submission.provider_task_id,
             synchronous=submission.outcome is not None,
         )
+
+    async def _outcome_unknown(self, job: Job, provider: Provider, reason: str) -> None:
+        """The request reached the provider and no clear answer came back: it may be running (and
+        billed), so it is never sent again. A provider that calls back names our task in its callback
+        URL, so the task waits for that callback (or reconcile, or the deadline); a synchronous one has
+        nothing to wait for or ask, so the task fails and says the provider may have run it."""
+        event(
+            log,
+            "submit outcome unknown, not sent again",
+            level=logging.WARNING,
+            task_id=job.task_id,
+            provider=provider.name,
+            reason=reason[:200],
+        )
+        if provider.synchronous:
+            message = (
+                f"{reason}; {provider.name} may have run the task (and charged for it) without"
+                " answering, so it is not sent again"
+            )
+            await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message, OUTCOME_UNKNOWN)
+            return
+        note = (
+            f"outcome unknown: {reason}; the provider may have accepted the task, so it is not sent"
+            " again: waiting for its callback (RECEIVER_TASK_DEADLINE ends the task otherwise)"
+        )
+        await self.store.record_submission(job, Submission(provider_task_id=None, note=note))
 
     async def _fail_submit(
         self, job: Job, provider: Provider, code: ErrorCode, message: str, provider_code: str | None = None
@@ -393,6 +444,7 @@ class Worker:
 
     async def _call(self, provider: str, endpoint: str, request: httpx.Request) -> httpx.Response:
         """A request to a provider, counted by provider, endpoint and answer."""
+        request.headers["User-Agent"] = USER_AGENT
         try:
             response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
         except (httpx.HTTPError, ProviderUnavailable):

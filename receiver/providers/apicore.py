@@ -141,6 +141,7 @@ class Apicore(Provider):
     max_images = 1
     inline_images = True  # input_image takes a data URI, so uploads go inline
     early_download = True  # BFL delivery links die 10 minutes after the image is ready
+    synchronous = True  # its usual answer is the images themselves, after the whole generation
     # BFL's limits per key (providers.md §4.2): 24 active tasks, 6 of them FLUX Kontext Max. apicore
     # relays to BFL, so the same numbers are the safe default; APICORE_MAX_CONCURRENT overrides.
     max_concurrent = 24
@@ -176,7 +177,7 @@ class Apicore(Provider):
         )
 
     def parse_submit(self, response: httpx.Response) -> Submission:
-        raise_for_http_status(response, answer_message(response))
+        raise_for_http_status(response, answer_message(response), synchronous=True)
         body = response_json(response)
         data = body.get("data")
         if isinstance(data, list):

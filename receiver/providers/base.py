@@ -51,6 +51,9 @@ class Provider:
     min_images: ClassVar[int] = 0
     inline_images: ClassVar[bool] = False  # True: data URIs are sent inline, not as signed links
     early_download: ClassVar[bool] = False  # True: its result links die fast, fetch them before others
+    # True: the submit answer may carry the result itself, so the whole generation happens inside that
+    # one call; the shell gives it RECEIVER_SYNC_TIMEOUT instead of RECEIVER_HTTP_TIMEOUT.
+    synchronous: ClassVar[bool] = False
     # Pacing defaults from the provider's documented limits; <NAME>_MAX_* variables override them.
     pace_group: ClassVar[str | None] = None  # providers sharing one account's limits share a group
     rate_limit: ClassVar[tuple[int, float] | None] = None  # (new tasks, per seconds)
@@ -122,14 +125,24 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def raise_for_http_status(response: httpx.Response, message: str) -> None:
-    """The HTTP-level rule shared by every provider: 408/429/5xx retry, other 4xx reject for good."""
+# Answers from the door, not from the work: rate limited, or a gateway that could not reach the backend.
+NEVER_STARTED = frozenset({429, 502, 503, 504})
+
+
+def raise_for_http_status(response: httpx.Response, message: str, *, synchronous: bool = False) -> None:
+    """The HTTP-level rule shared by every provider: 408/429/5xx retry, other 4xx reject for good.
+
+    A `synchronous` provider runs the generation inside the submit call, so a 408 or a 5xx other than
+    NEVER_STARTED may come after the work (and the bill): it is reported as `maybe_ran`, never retried."""
     status = response.status_code
     if status < 400:
         return
     if status in (408, 425, 429) or status >= 500:
         limited = status == 429
-        raise ProviderUnavailable(f"HTTP {status}: {message}", retry_after(response), rate_limited=limited)
+        maybe_ran = synchronous and status not in NEVER_STARTED
+        raise ProviderUnavailable(
+            f"HTTP {status}: {message}", retry_after(response), rate_limited=limited, maybe_ran=maybe_ran
+        )
     raise ProviderRejected(f"HTTP {status}: {message}", str(status))
 
 

@@ -110,6 +110,7 @@ class FakeProvider:
         return f"{self.url}/files/{name}"
 
     async def _file(self, request: Request) -> Response:
+        await self.record(request)
         hosted = self.files.get(request.path_params["name"])
         if hosted is None:
             return JSONResponse({"error": "not found"}, status_code=404)
