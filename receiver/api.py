@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from receiver.config import Settings
 from receiver.downloads import check_url
+from receiver.downloads import url_problem
 from receiver.logs import event
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import Status
@@ -39,12 +40,18 @@ from receiver.uploads import UploadError
 from receiver.uploads import decode_data_uri
 from receiver.uploads import store_bytes
 from receiver.web import ApiError
+from receiver.web import deep_field
+from receiver.web import json_problem
 from receiver.web import read_capped
+from receiver.web import small_number
 
 log = logging.getLogger("receiver.api")
 MAX_PROMPT = 10_000
-MAX_METADATA = 16 * 1024
+MAX_METADATA = 16 * 1024  # bytes of compact JSON, as stored
+MAX_OPTIONS = 16 * 1024
 MAX_WAIT = 60.0
+MAX_NAMED_UNKNOWN = 20  # unknown fields named in one answer; a body of thousands gets a short one
+MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
 TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
 KNOWN_FIELDS = frozenset({"provider", "prompt", "notify_url", "metadata", *OPTIONAL_FIELDS})
 
@@ -86,12 +93,16 @@ class Api:
                 "Idempotency-Key must be 1 to 255 characters",
                 {"Idempotency-Key": "1 to 255 characters"},
             )
-        cap = self.settings.max_image_bytes * 4 // 3 + 256 * 1024
-        raw = await read_capped(request, cap)
+        raw = await read_capped(request, body_cap(self.settings.max_image_bytes))
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "invalid_json", "the body is not JSON") from None
+        except RecursionError:
+            field = deep_field(raw) or "body"
+            raise ApiError(
+                422, "invalid", "the request is nested too deeply", {field: "nested too deeply"}
+            ) from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
         task_request, provider = self._validate(body)
@@ -130,9 +141,8 @@ class Api:
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[TaskRequest, Provider]:
         errors: dict[str, str] = {}
-        for name in body:
-            if name not in KNOWN_FIELDS:
-                errors[name] = "unknown field"
+        for name in [name for name in body if name not in KNOWN_FIELDS][:MAX_NAMED_UNKNOWN]:
+            errors[name] = "unknown field"
         provider: Provider | None = None
         provider_name = body.get("provider")
         if not isinstance(provider_name, str) or not provider_name:
@@ -177,28 +187,41 @@ class Api:
         images = body.get("images")
         if images is None:
             images = []
+        most = max(provider.max_images for provider in REGISTRY.values())
         if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
             errors["images"] = "must be a list of URLs or data URIs"
             images = []
+        elif len(images) > most:
+            errors["images"] = f"at most {most} images"
+            images = []
         for index, item in enumerate(images):
-            if not (item.startswith(("http://", "https://")) or item.lower().startswith("data:")):
-                errors[f"images[{index}]"] = "must be an http(s) URL or a data:image/…;base64 URI"
+            if item.lower().startswith("data:"):
+                continue
+            problem = url_problem(item)
+            if problem:
+                errors[f"images[{index}]"] = (
+                    "must be an http(s) URL or a data:image/…;base64 URI"
+                    if problem.startswith("must be")
+                    else problem
+                )
         options = body.get("options") or {}
         if not isinstance(options, dict):
             errors["options"] = "must be an object"
             options = {}
+        elif _json_size(options) > MAX_OPTIONS:
+            errors["options"] = f"at most {MAX_OPTIONS} bytes of JSON"
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict):
             errors["metadata"] = "must be an object"
             metadata = {}
-        elif len(json.dumps(metadata)) > MAX_METADATA:
+        elif _json_size(metadata) > MAX_METADATA:
             errors["metadata"] = f"at most {MAX_METADATA} bytes of JSON"
         notify_url = body.get("notify_url")
-        if notify_url is not None and (
-            not isinstance(notify_url, str) or not notify_url.startswith(("http://", "https://"))
-        ):
-            errors["notify_url"] = "must be an http(s) URL"
-            notify_url = None
+        if notify_url is not None:
+            problem = url_problem(notify_url) if isinstance(notify_url, str) else "must be an http(s) URL"
+            if problem:
+                errors["notify_url"] = problem
+                notify_url = None
         if provider is not None and "provider" not in errors:
             given = {name for name in OPTIONAL_FIELDS if body.get(name) not in (None, [], {})}
             for name in sorted(given - provider.fields):
@@ -214,6 +237,10 @@ class Api:
                 errors["images"] = (
                     f"{provider.name} takes {provider.min_images} to {provider.max_images} images"
                 )
+        for name, value in body.items():
+            problem = json_problem(value)
+            if problem:
+                errors[name] = problem
         if errors:
             raise ApiError(422, "invalid", "the request has invalid fields", errors)
         assert provider is not None and isinstance(prompt, str)
@@ -302,10 +329,11 @@ class Api:
             errors["provider"] = f"one of {', '.join(sorted(REGISTRY))}"
         limit = 50
         if query.get("limit"):
-            if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= 200:
+            given = small_number(query["limit"])
+            if given is None or not 1 <= given <= 200:
                 errors["limit"] = "a whole number from 1 to 200"
             else:
-                limit = int(query["limit"])
+                limit = given
         before: int | None = None
         if query.get("cursor"):
             before = _decode_cursor(query["cursor"])
@@ -342,7 +370,7 @@ class Api:
         )
         tenant = None if signed else self.tenant(request)
         row = await self._owned(task_id, tenant)
-        image = await self.store.image(row["id"], index)
+        image = await self.store.image(row["id"], index) if index < MAX_IMAGE_INDEX else None
         if image is None or image["path"] is None:
             raise ApiError(404, "not_found", "no such image (yet)")
         etag = f'"{image["sha256"]}"'
@@ -395,6 +423,18 @@ def _now() -> float:
     return time.monotonic()
 
 
+def body_cap(max_image_bytes: int) -> int:
+    """The largest create body: one RECEIVER_MAX_IMAGE_BYTES image inline as a data URI, plus room for
+    every other field at its own cap (a 10,000-character prompt escaped, metadata, options, URLs).
+    More or larger inline images go through POST /v1/uploads."""
+    return max_image_bytes * 4 // 3 + 256 * 1024
+
+
+def _json_size(value: Any) -> int:
+    """Bytes of `value` as stored: compact JSON, non-ASCII escaped."""
+    return len(json.dumps(value, separators=(",", ":")))
+
+
 def _encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
 
@@ -404,6 +444,6 @@ def _decode_cursor(cursor: str) -> int | None:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         return None
-    if not text.startswith("seq:") or not text[4:].isdigit():
+    if not text.startswith("seq:"):
         return None
-    return int(text[4:])
+    return small_number(text[4:])

@@ -76,7 +76,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _port(value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) < 65536:
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) < 65536:
         raise argparse.ArgumentTypeError(f"not a port number: {value!r}")
     return int(value)
 
@@ -92,7 +92,7 @@ def _seconds(value: str) -> float:
 
 
 def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
         raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {value!r}")
     return int(value)
 

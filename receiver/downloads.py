@@ -58,13 +58,35 @@ async def resolve_public(host: str, port: int) -> list[str]:
     return addresses
 
 
-async def check_url(url: str, allow_private: bool) -> str | None:
-    """Why `url` may not be fetched or posted to, or None when it may."""
-    parts = urlsplit(url)
+MAX_URL = 8192  # characters in a URL from outside (request fields, result links)
+MAX_HOST = 253  # characters in a DNS name
+
+
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a usable http(s) URL (syntax only, no lookup), or None when it is one."""
+    if len(url) > MAX_URL:
+        return f"a URL of at most {MAX_URL} characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "not a valid URL (its host or port cannot be read)"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http or https URL"
-    if allow_private:
-        return None
+    if len(parts.hostname) > MAX_HOST:
+        return f"a host name of at most {MAX_HOST} characters"
+    if port == 0:
+        return "not a valid URL (port 0)"
+    return None
+
+
+async def check_url(url: str, allow_private: bool) -> str | None:
+    """Why `url` may not be fetched or posted to, or None when it may."""
+    problem = url_problem(url)
+    if problem or allow_private:
+        return problem
+    parts = urlsplit(url)
+    assert parts.hostname is not None
     try:
         await resolve_public(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     except AddressRefused as exc:
@@ -156,7 +178,12 @@ async def fetch_image(client: httpx.AsyncClient, url: str, dest: Path, max_bytes
                     f"HTTP {status} from the image host", permanent=True, kind=f"http_{status}"
                 )
             declared = response.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            if (
+                declared is not None
+                and declared.isascii()
+                and declared.isdigit()
+                and int(declared) > max_bytes
+            ):
                 raise DownloadError(
                     f"the image is {declared} bytes, over the {max_bytes}-byte cap",
                     permanent=True,

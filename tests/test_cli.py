@@ -344,6 +344,9 @@ def test_serve_keeps_its_flags_and_refuses_bad_configuration(
     status, _, err = cli("serve", "--port", "http")
     assert status == 2
     assert "not a port number" in one_line(err)
+    status, _, err = cli("serve", "--port", "²")
+    assert status == 2
+    assert "not a port number" in one_line(err)
     monkeypatch.setenv("RECEIVER_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("RECEIVER_NOTIFY_SCHEDULE", "soon")
     status, _, err = cli("serve", "--port", str(free_port()))

@@ -384,5 +384,5 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after(email.utils.formatdate(now + 90, usegmt=True), now) == 90.0
     assert retry_after(email.utils.formatdate(now - 90, usegmt=True), now) == 0.0
     assert retry_after("99999999", now) == 86_400.0  # a pause, not parking the notification for ever
-    for nonsense in (None, "", "soon", "-5", "1.5e3"):
+    for nonsense in (None, "", "soon", "-5", "1.5e3", "²"):
         assert retry_after(nonsense, now) is None, nonsense
