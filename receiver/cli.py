@@ -12,19 +12,28 @@ import json
 import logging
 import os
 import sys
-import time
+import tempfile
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from typing import NoReturn
-from urllib.parse import quote
-from urllib.parse import urlsplit
+from typing import TextIO
 
-import httpx
-
-from receiver import imageinfo
+from receiver import __version__
 from receiver import logs
+from receiver.client import DEFAULT_URL
+from receiver.client import ENDED
+from receiver.client import ApiError
+from receiver.client import Client
+from receiver.client import LocalFileError
+from receiver.client import ReceiverError
+from receiver.client import ServiceUnreachable
+from receiver.client import Task
+from receiver.client import WaitTimeout
+from receiver.client import base_url
+from receiver.client import image_name
 from receiver.config import ConfigError
 from receiver.config import Settings
 from receiver.config import load_settings
@@ -36,13 +45,6 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_STILL_RUNNING = 4
 EXIT_INTERRUPTED = 130
-DEFAULT_URL = "http://127.0.0.1:8000"
-ENDED = ("succeeded", "failed")
-# The API's long-poll returns at once when the task ends, but not on the intermediate changes
-# (queued → submitted → downloading) that --wait shows: its windows start short and grow to 2 s.
-FIRST_POLL_WINDOW = 0.25
-POLL_WINDOW = 2.0
-MAX_SERVER_WAIT = 60.0
 
 EPILOG = """\
 environment:
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"receiver {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -190,13 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         metavar="SECONDS",
-        help="with --wait: give up waiting after this long (exit 4)",
+        help="with --wait or --out: give up waiting after this long (exit 4)",
     )
     after.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
-        help="save the images as DIR/<task id>-<index>.<ext> (implies --wait)",
+        help="save the images as DIR/<task id>-<index>.<ext> (implies --wait; DIR is checked for "
+        "writing before the task is submitted)",
     )
     after.add_argument("--json", action="store_true", help="print the task JSON instead of its id")
 
@@ -284,173 +288,97 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the HTTP API, as the client commands use it -------------------------------------------------
+# -- the client commands, on receiver.client ---------------------------------------------------------
 
 
-class Service:
-    """A running receiver's API: answers as JSON, every failure as a CliError with its exit status."""
-
-    def __init__(self, url: str, api_key: str) -> None:
-        self.url = url
-        self.http = httpx.Client(
-            base_url=url,
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "receiver-cli/0.1"},
-            timeout=httpx.Timeout(30.0, connect=5.0),
-        )
-
-    @classmethod
-    def from_env(cls) -> Service:
-        url = os.environ.get("RECEIVER_URL") or DEFAULT_URL
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise CliError(f"RECEIVER_URL must be an http(s) URL, got {url!r}", EXIT_USAGE)
-        api_key = os.environ.get("RECEIVER_API_KEY", "").strip()
-        if not api_key:
-            raise CliError(
-                "RECEIVER_API_KEY is not set (receiver serve prints a development key)", EXIT_UNREACHABLE
-            )
-        return cls(url.rstrip("/"), api_key)
-
-    def close(self) -> None:
-        self.http.close()
-
-    def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise CliError(f"the service at {self.url} did not answer in time", EXIT_UNREACHABLE) from None
-        except httpx.HTTPError as exc:
-            reason = str(exc) or type(exc).__name__
-            raise CliError(f"cannot reach the service at {self.url}: {reason}", EXIT_UNREACHABLE) from None
-        check(response, self.url)
-        return response
-
-    def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        response = self.call(method, path, **kwargs)
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise CliError(f"the service at {self.url} gave an answer that is not JSON", EXIT_UNREACHABLE)
-        return body
-
-    def save(self, path: str, dest: Path) -> int:
-        """Stream `path` into `dest` (by way of a temp file beside it); returns the bytes written."""
-        temp = dest.with_name(f".{dest.name}.part")
-        size = 0
-        try:
-            with self.http.stream("GET", path) as response:
-                if response.status_code >= 400:
-                    response.read()
-                check(response, self.url)
-                with open(temp, "wb") as handle:
-                    for chunk in response.iter_bytes():
-                        handle.write(chunk)
-                        size += len(chunk)
-            temp.replace(dest)
-        except httpx.HTTPError as exc:
-            raise CliError(f"cannot fetch {path} from {self.url}: {exc}", EXIT_UNREACHABLE) from None
-        except OSError as exc:
-            raise CliError(f"cannot write {dest}: {exc.strerror or exc}", EXIT_USAGE) from None
-        finally:
-            temp.unlink(missing_ok=True)
-        return size
-
-
-def check(response: httpx.Response, url: str) -> None:
-    """Raise the CliError a refused or failed answer calls for."""
-    status = response.status_code
-    if status < 400:
-        return
-    if status == 401:
-        raise CliError(f"the service at {url} refused the API key (RECEIVER_API_KEY)", EXIT_UNREACHABLE)
-    if status >= 500:
-        raise CliError(f"the service at {url} answered HTTP {status}", EXIT_UNREACHABLE)
-    raise CliError(api_error(response), EXIT_USAGE)
-
-
-def api_error(response: httpx.Response) -> str:
-    """`message: field: problem; field: problem` from the API's error JSON."""
+def connect() -> Client:
+    """The client for RECEIVER_URL and RECEIVER_API_KEY."""
+    url = os.environ.get("RECEIVER_URL") or DEFAULT_URL
     try:
-        error = response.json()["error"]
-        message = str(error["message"])
-        fields = error.get("fields") or {}
-    except (ValueError, KeyError, TypeError):
-        return f"the service answered HTTP {response.status_code}"
-    if isinstance(fields, dict) and fields:
-        message += ": " + "; ".join(f"{name}: {problem}" for name, problem in fields.items())
-    return message
+        url = base_url(url)
+    except ValueError as exc:
+        raise CliError(f"RECEIVER_URL {exc}", EXIT_USAGE) from None
+    api_key = os.environ.get("RECEIVER_API_KEY", "").strip()
+    if not api_key:
+        raise CliError(
+            "RECEIVER_API_KEY is not set (receiver serve prints a development key)", EXIT_UNREACHABLE
+        )
+    return Client(url, api_key)
 
 
-# -- submit, get, tasks, events -----------------------------------------------------------------
+def cli_error(exc: ReceiverError, url: str) -> CliError:
+    """The one line and exit status for a client failure."""
+    if isinstance(exc, ApiError):
+        if exc.status == 401:
+            return CliError(f"the service at {url} refused the API key (RECEIVER_API_KEY)", EXIT_UNREACHABLE)
+        if exc.status >= 500:
+            return CliError(f"the service at {url} answered HTTP {exc.status}", EXIT_UNREACHABLE)
+    if isinstance(exc, ServiceUnreachable):
+        return CliError(exc.message, EXIT_UNREACHABLE)
+    return CliError(exc.message, EXIT_USAGE)
 
 
-def request_body(args: argparse.Namespace, upload: Callable[[Path], str]) -> dict[str, Any]:
-    """The POST /v1/tasks body from the flags; local image files go through `upload`."""
-    body: dict[str, Any] = {"provider": args.provider, "prompt": args.prompt}
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The optional POST /v1/tasks fields from the flags (images are handled apart)."""
+    fields: dict[str, Any] = {}
     for name in (*OPTIONAL_FIELDS, "notify_url"):
         if name in ("images", "options"):  # repeated flags, gathered below
             continue
         value = getattr(args, name)
         if value is not None:
-            body[name] = value
-    if args.image:
-        body["images"] = [
-            value if value.startswith(("http://", "https://", "data:")) else upload(Path(value))
-            for value in args.image
-        ]
+            fields[name] = value
     if args.option:
-        body["options"] = dict(args.option)
+        fields["options"] = dict(args.option)
     if args.metadata:
-        body["metadata"] = dict(args.metadata)
-    return body
+        fields["metadata"] = dict(args.metadata)
+    return fields
 
 
-def upload_file(service: Service, path: Path) -> str:
-    """Upload a local image through /v1/uploads; its signed link stands in for it in `images`."""
+def check_out_dir(out: Path) -> None:
+    """--out must be a directory we can write to, known before anything is paid for."""
     try:
-        data = path.expanduser().read_bytes()
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
     except OSError as exc:
-        raise CliError(f"--image {path}: {exc.strerror or exc}", EXIT_USAGE) from None
-    content_type = imageinfo.sniff(data[: imageinfo.SNIFF_BYTES])
-    if content_type is None:
-        raise CliError(f"--image {path}: not a PNG, JPEG or WebP image", EXIT_USAGE)
-    answer = service.json("POST", "/v1/uploads", content=data, headers={"Content-Type": content_type})
-    return str(answer["url"])
+        raise CliError(f"--out {out}: {exc.strerror or exc}", EXIT_USAGE) from None
 
 
-def wait_for_end(
-    service: Service, task: dict[str, Any], timeout: float | None, progress: bool
-) -> dict[str, Any]:
-    """Long-poll the task until it ends or `timeout` passes; with `progress`, each change on stderr."""
-    started = time.monotonic()
-    shown = None
-    window = FIRST_POLL_WINDOW if progress else MAX_SERVER_WAIT
-    while True:
-        elapsed = time.monotonic() - started
-        if progress and task["status"] != shown:
-            shown = task["status"]
-            print(f"{task['id']}: {shown} ({elapsed:.1f} s)", file=sys.stderr, flush=True)
-        left = None if timeout is None else timeout - elapsed
-        if task["status"] in ENDED or (left is not None and left <= 0):
-            return task
-        wait = window if left is None else min(window, left)
-        task = service.json("GET", task_path(task["id"]), params={"wait": f"{wait:.2f}"}, timeout=wait + 30)
-        if progress:
-            window = min(window * 2, POLL_WINDOW)
+class Progress:
+    """Each status change as a line on stderr; on a terminal, the time waited so far in between."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.live = stream.isatty()
+        self.shown: str | None = None
+        self.ticking = False
+
+    def __call__(self, task: Task, elapsed: float) -> None:
+        if task["status"] != self.shown:
+            self.shown = task["status"]
+            self._clear()
+            print(f"{task['id']}: {self.shown} ({elapsed:.1f} s)", file=self.stream, flush=True)
+        elif self.live and task["status"] not in ENDED:
+            self.stream.write(f"\r  … {self.shown}, {elapsed:.0f} s elapsed")
+            self.stream.flush()
+            self.ticking = True
+
+    def _clear(self) -> None:
+        if self.ticking:
+            self.stream.write("\r\x1b[K")
+            self.ticking = False
+
+    def done(self) -> None:
+        self._clear()
+        self.stream.flush()
 
 
-def task_path(task_id: str) -> str:
-    return f"/v1/tasks/{quote(task_id, safe='')}"
-
-
-def outcome(task: dict[str, Any]) -> int:
+def outcome(task: Task) -> int:
     """The exit status for a task that was waited for, with a line on stderr when it did not succeed."""
     if task["status"] == "succeeded":
         return EXIT_SUCCEEDED
     if task["status"] == "failed":
-        error = task.get("error") or {}
+        error: Mapping[str, Any] = task["error"] or {}
         print(
             f"receiver: task {task['id']} failed: {error.get('code', 'failed')}: {error.get('message', '')}",
             file=sys.stderr,
@@ -460,64 +388,71 @@ def outcome(task: dict[str, Any]) -> int:
     return EXIT_STILL_RUNNING
 
 
-def save_images(service: Service, task: dict[str, Any], out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CliError(f"--out {out}: {exc.strerror or exc}", EXIT_USAGE) from None
+def save_images(client: Client, task: Task, out: Path) -> None:
     for image in task["images"]:
-        extension = imageinfo.EXTENSIONS.get(image["content_type"], "bin")
-        dest = out / f"{task['id']}-{image['index']}.{extension}"
-        service.save(f"/v1/tasks/{task['id']}/images/{image['index']}", dest)
+        dest = out / image_name(task, image)
+        try:
+            client.download(task, image["index"], dest)
+        except OSError as exc:
+            raise CliError(f"cannot write {dest}: {exc.strerror or exc}", EXIT_USAGE) from None
         print(f"saved {dest}", file=sys.stderr)
 
 
-def submit(service: Service, args: argparse.Namespace) -> int:
-    body = request_body(args, lambda path: upload_file(service, path))
-    headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-    task = service.json("POST", "/v1/tasks", json=body, headers=headers)
+def waited(client: Client, task: Task, timeout: float | None, progress: Progress | None) -> Task:
+    """The task once it ended, or as it was when `timeout` ran out."""
+    try:
+        return client.wait(task, timeout=timeout, on_progress=progress)
+    except WaitTimeout as exc:
+        return exc.task
+    finally:
+        if progress is not None:
+            progress.done()
+
+
+def submit(client: Client, args: argparse.Namespace) -> int:
+    waiting = args.wait or args.out is not None
+    if args.timeout is not None and not waiting:
+        raise CliError("--timeout needs --wait (or --out)", EXIT_USAGE)
+    if args.out is not None:
+        check_out_dir(args.out)
+    try:
+        task = client.create(
+            args.provider,
+            args.prompt,
+            images=args.image,
+            idempotency_key=args.idempotency_key,
+            **request_fields(args),
+        )
+    except LocalFileError as exc:
+        raise CliError(f"--image {exc.message}", EXIT_USAGE) from None
     status = EXIT_SUCCEEDED
-    if args.wait or args.out is not None:
+    if waiting:
         try:
-            task = wait_for_end(service, task, args.timeout, progress=True)
+            task = waited(client, task, args.timeout, Progress(sys.stderr))
         except KeyboardInterrupt:
             print(f"receiver: stopped waiting; task {task['id']} goes on", file=sys.stderr)
             print(task["id"])
             return EXIT_INTERRUPTED
         status = outcome(task)
         if args.out is not None and task["status"] == "succeeded":
-            save_images(service, task, args.out)
+            save_images(client, task, args.out)
     print(json.dumps(task, indent=2) if args.json else task["id"])
     return status
 
 
-def get(service: Service, args: argparse.Namespace) -> int:
-    task = service.json("GET", task_path(args.task_id))
-    if args.wait is not None:
-        task = wait_for_end(service, task, args.wait, progress=False)
+def get(client: Client, args: argparse.Namespace) -> int:
+    if args.wait is None:
+        task = client.get(args.task_id)
+    else:
+        task = waited(client, client.get(args.task_id), args.wait, None)
     print(json.dumps(task, indent=2))
     if args.wait is None and task["status"] not in ENDED:
         return EXIT_SUCCEEDED
     return outcome(task)
 
 
-def list_tasks(service: Service, args: argparse.Namespace) -> int:
-    found: list[dict[str, Any]] = []
-    params: dict[str, str] = {}
-    if args.status:
-        params["status"] = args.status
-    if args.provider:
-        params["provider"] = args.provider
-    cursor = None
-    while len(found) < args.limit:
-        page_params = {**params, "limit": str(min(200, args.limit - len(found)))}
-        if cursor:
-            page_params["cursor"] = cursor
-        page = service.json("GET", "/v1/tasks", params=page_params)
-        found.extend(page["items"])
-        cursor = page.get("next_cursor")
-        if not cursor:
-            break
+def list_tasks(client: Client, args: argparse.Namespace) -> int:
+    found = client.list_tasks(status=args.status, provider=args.provider, limit=args.limit)
     if args.json:
         for task in found:
             print(json.dumps(task))
@@ -538,8 +473,8 @@ def list_tasks(service: Service, args: argparse.Namespace) -> int:
     return EXIT_SUCCEEDED
 
 
-def list_events(service: Service, args: argparse.Namespace) -> int:
-    items = service.json("GET", task_path(args.task_id) + "/events")["items"]
+def list_events(client: Client, args: argparse.Namespace) -> int:
+    items = client.events(args.task_id)
     if args.json:
         for event in items:
             print(json.dumps(event))
@@ -560,8 +495,9 @@ def list_events(service: Service, args: argparse.Namespace) -> int:
     out = [lines[0]]
     for line, event in zip(lines[1:], items, strict=True):
         out.append(line)
-        if event.get("detail"):
-            out.append(f"    answer: {_short(event['detail'], 200)}")
+        detail = event.get("detail")
+        if detail:
+            out.append(f"    answer: {_short(detail, 200)}")
     print("\n".join(out))
     return EXIT_SUCCEEDED
 
@@ -584,7 +520,7 @@ def _short(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-CLIENT_COMMANDS: dict[str, Callable[[Service, argparse.Namespace], int]] = {
+CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "submit": submit,
     "get": get,
     "tasks": list_tasks,
@@ -604,19 +540,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    service: Service | None = None
+    client: Client | None = None
     try:
-        service = Service.from_env()
-        return command(service, args)
+        client = connect()
+        status = command(client, args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except ReceiverError as exc:
+        error = cli_error(exc, client.url if client is not None else "")
+        print(f"receiver: {error.message}", file=sys.stderr)
+        return error.status
     except CliError as exc:
         print(f"receiver: {exc.message}", file=sys.stderr)
         return exc.status
+    except BrokenPipeError:
+        # The reader (`receiver tasks | head -1`) has what it wanted: not an error.
+        silence_stdout()
+        return EXIT_SUCCEEDED
     except KeyboardInterrupt:
         print("receiver: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     finally:
-        if service is not None:
-            service.close()
+        if client is not None:
+            client.close()
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no real file (a test's capture): nothing to flush into
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,12 @@ app's longer Retry-After) until the schedule runs out.
 from __future__ import annotations
 
 import asyncio
-import base64
 import email.utils
-import hashlib
-import hmac
 import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -36,45 +32,13 @@ from receiver.store import Store
 from receiver.tasks import iso
 from receiver.tasks import render_task
 from receiver.tokens import Tokens
+from receiver.webhooks import WebhookSigner
 
 log = logging.getLogger("receiver.notify")
 ANSWER_EXCERPT = 2048
 JITTER = 0.1  # each wait is the schedule's step ±10 %, so many apps failing at once do not retry in step
 MAX_RETRY_AFTER = 86_400.0  # an app may ask for a pause, not for the notification to be parked for ever
 NOTIFY_SLOTS = 8
-
-
-class WebhookSigner:
-    """Standard Webhooks v1: base64 HMAC-SHA256 over `{id}.{timestamp}.{body}`, with every secret."""
-
-    def __init__(self, secrets: Sequence[str]) -> None:
-        if not secrets:
-            raise ValueError("at least one whsec_ secret is needed")
-        self._keys = [_secret_bytes(secret) for secret in secrets]
-
-    def signature(self, message_id: str, timestamp: int, body: bytes) -> str:
-        signed = f"{message_id}.{timestamp}.".encode() + body
-        # Several secrets (rotation) give several signatures, space-separated; the app needs to match one.
-        return " ".join(
-            "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-            for key in self._keys
-        )
-
-    def headers(self, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-        return {
-            "content-type": "application/json",
-            "webhook-id": message_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": self.signature(message_id, timestamp, body),
-        }
-
-
-def _secret_bytes(secret: str) -> bytes:
-    text = secret.removeprefix("whsec_")
-    key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    if not key:
-        raise ValueError("an empty webhook secret")
-    return key
 
 
 def message_id(task_id: str) -> str:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import pty
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from receiver import __version__
 from receiver.api import KNOWN_FIELDS
 from receiver.cli import main
 from tests.fakes.common import png
@@ -352,3 +357,84 @@ def test_serve_keeps_its_flags_and_refuses_bad_configuration(
     status, _, err = cli("serve", "--port", str(free_port()))
     assert status == 2
     assert "RECEIVER_NOTIFY_SCHEDULE" in one_line(err)
+
+
+def run_cli(receiver: Receiver, *args: str, **streams: Any) -> subprocess.Popen[bytes]:
+    """`python -m receiver ARGS…` as its own process, against the served receiver."""
+    env = {**os.environ, "RECEIVER_URL": receiver.url, "RECEIVER_API_KEY": ALICE}
+    return subprocess.Popen([sys.executable, "-m", "receiver", *args], env=env, **streams)
+
+
+def test_a_closed_pipe_ends_quietly_with_0(receiver: Receiver) -> None:
+    # `receiver tasks | head -1` once head has gone: the read end of stdout is closed before it writes.
+    for n in range(3):
+        receiver.submit(provider="sandbox", prompt=f"piped {n}")
+    for args in (("tasks",), ("tasks", "--json")):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        process = run_cli(receiver, *args, stdout=write_end, stderr=subprocess.PIPE)
+        os.close(write_end)
+        _, err = process.communicate(timeout=60)
+        assert (process.returncode, err) == (0, b""), err.decode()
+
+
+def test_out_is_checked_before_anything_is_submitted(cli: Run, receiver: Receiver, tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    status, out, err = cli(
+        "submit", "--provider", "sandbox", "--prompt", "x", "--out", str(blocker / "images")
+    )
+    assert (status, out) == (2, "")
+    assert f"--out {blocker / 'images'}: " in one_line(err)
+    assert receiver.alice.get("/v1/tasks").json()["items"] == []  # nothing was paid for
+
+
+def test_timeout_needs_wait_and_version_and_a_v1_url(
+    cli: Run, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status, out, err = cli("submit", "--provider", "sandbox", "--prompt", "x", "--timeout", "5")
+    assert (status, out) == (2, "")
+    assert "--timeout needs --wait" in one_line(err)
+    assert receiver.alice.get("/v1/tasks").json()["items"] == []
+
+    version = subprocess.run(
+        [sys.executable, "-m", "receiver", "--version"], capture_output=True, text=True, check=True
+    )
+    assert version.stdout == f"receiver {__version__}\n"
+
+    monkeypatch.setenv("RECEIVER_URL", receiver.url + "/v1")
+    status, out, err = cli("submit", "--provider", "sandbox", "--prompt", "x")
+    assert status == 0, err
+    assert TASK_ID.match(out.strip())
+    monkeypatch.setenv("RECEIVER_URL", receiver.url + "/api")
+    status, out, err = cli("tasks")
+    assert status == 2
+    assert "no such route (is the URL the receiver's root?)" in one_line(err)
+
+
+def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> None:
+    controller, terminal = pty.openpty()
+    process = run_cli(
+        receiver,
+        *("submit", "--provider", "sandbox", "--prompt", "slow", "--option", "delay=4", "--wait"),
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, shown.decode()
+    task_id = out.decode().strip()
+    screen = shown.decode()
+    assert re.search(r"\r  … submitted, \d+ s elapsed", screen), screen
+    assert f"{task_id}: succeeded (" in screen
+    assert "\x1b[K" in screen  # the ticking line is cleared before the next change is printed
