@@ -156,7 +156,7 @@ def test_validation_errors_exit_2_naming_the_field(cli: Run) -> None:
         "submit", "--provider", "sandbox", "--prompt", "x", "--notify-url", "ftp://app.example/"
     )
     assert status == 2
-    assert "notify_url: must be an http(s) URL" in one_line(err)
+    assert "notify_url: must be an http or https URL" in one_line(err)
     # Usage errors are one line too.
     status, _, err = cli("submit", "--provider", "sandbox")
     assert status == 2
