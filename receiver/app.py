@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.responses import Response
@@ -152,6 +153,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         routes=routes,
         lifespan=lifespan,
         exception_handlers={ApiError: api_error, HTTPException: http_error},
+        middleware=[Middleware(metrics.HttpMetrics)],
     )
     app.state.store = store
     app.state.settings = settings

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -275,17 +276,36 @@ def serve(args: argparse.Namespace) -> int:
 
     logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    try:
+        # Bound before anything is printed or started: a port in use is one line, not a false start.
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(f"receiver: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+        return EXIT_USAGE
     if settings.dev_api_key_created:
         print(welcome(settings), file=sys.stderr, flush=True)
-    uvicorn.run(
-        create_app(settings),
-        host=args.host,
-        port=args.port,
-        log_config=None,  # uvicorn's own lines go through our formatter too
-        access_log=False,  # an access log would print callback tokens and signed links
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings),
+            host=args.host,
+            port=args.port,
+            log_config=None,  # uvicorn's own lines go through our formatter too
+            access_log=False,  # an access log would print callback tokens and signed links
+            timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
+        )
     )
+    with sock:
+        server.run(sockets=[sock])
+    if not server.started:
+        return EXIT_UNREACHABLE  # the start failed (its reason is logged); uvicorn's own status too
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 # -- the client commands, on receiver.client ---------------------------------------------------------

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import platform
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,8 +16,16 @@ from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
 import httpx
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from receiver import __version__
+from receiver import metrics
 from receiver.logs import redact_url
+from receiver.metrics import HttpMetrics
 from tests.fakes.common import png
 from tests.fakes.kie import HMAC_KEY
 from tests.fakes.kie import KEY
@@ -22,6 +34,7 @@ from tests.harness import ALICE
 from tests.harness import BOB
 from tests.harness import Receiver
 from tests.harness import ReceiverProcess
+from tests.harness import Served
 from tests.test_notify import AppHook
 from tests.test_notify import hook  # noqa: F401 - the fixture
 
@@ -219,3 +232,76 @@ def test_sigterm_after_the_grace_leaves_the_rest_for_the_next_start(kie: KieFake
     assert kie.files["cut.png"].fetches == 2
     assert not list((tmp_path / "data" / "media").rglob("*.part"))
     process.terminate()
+
+
+def test_http_requests_by_route_template_build_info_and_process_collectors(
+    start_receiver: Callable[..., Receiver],
+) -> None:
+    receiver = start_receiver()
+    task = receiver.submit(provider="sandbox", prompt="count my requests")
+    assert receiver.wait(task["id"])["status"] == "succeeded"
+    assert receiver.alice.get(f"/v1/tasks/{task['id']}/images/0").status_code == 200
+    assert receiver.anon.get(f"/v1/tasks/{task['id']}").status_code == 401
+    assert receiver.alice.get("/no/such/route/tsk_123").status_code == 404
+    text = receiver.anon.get("/metrics").text
+    for series in (
+        'receiver_http_requests_total{method="POST",route="/v1/tasks",status="202"}',
+        'receiver_http_requests_total{method="GET",route="/v1/tasks/{id}",status="200"}',
+        'receiver_http_requests_total{method="GET",route="/v1/tasks/{id}",status="401"}',
+        'receiver_http_requests_total{method="GET",route="/v1/tasks/{id}/images/{index}",status="200"}',
+        'receiver_http_requests_total{method="POST",route="/callbacks/{provider}/{token}",status="200"}',
+        'receiver_http_requests_total{method="GET",route="unmatched",status="404"}',
+        'receiver_http_request_seconds_count{method="GET",route="/v1/tasks/{id}"}',
+        'receiver_http_request_seconds_bucket{le="0.1",method="POST",route="/v1/tasks"}',
+    ):
+        assert any(line.startswith(series + " ") for line in text.splitlines()), series
+    # Labels carry templates only: no task id, no callback token, no stray path.
+    assert task["id"] not in text and "tsk_123" not in text
+    # The process and Python collectors, the build info, and no `_created` series.
+    for name in (
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
+        "python_info",
+    ):
+        assert f"\n{name}" in text, name
+    assert "python_gc_collections_total" in text
+    assert f'receiver_build_info{{python="{platform.python_version()}",version="{__version__}"}} 1.0' in text
+    assert "_created" not in text
+
+
+def test_an_unhandled_exception_counts_as_a_500() -> None:
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = Starlette(routes=[Route("/broken/{thing}", broken)], middleware=[Middleware(HttpMetrics)])
+    served = Served(app).start()
+    series = 'receiver_http_requests_total{method="GET",route="/broken/{thing}",status="500"}'
+
+    def count() -> float:
+        lines = [line for line in metrics.render().decode().splitlines() if line.startswith(series + " ")]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    try:
+        before = count()
+        assert httpx.get(f"{served.url}/broken/x1", timeout=10).status_code == 500
+        assert count() == before + 1
+    finally:
+        served.stop()
+
+
+def test_a_second_serve_on_a_port_in_use_fails_before_it_says_anything_else(tmp_path: Path) -> None:
+    first = ReceiverProcess(tmp_path / "first", {}).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIVER_")}
+        second = subprocess.run(
+            [sys.executable, "-m", "receiver", "serve", "--port", str(first.port)],
+            env={**env, "RECEIVER_DATA_DIR": str(tmp_path / "second"), "RECEIVER_LOG_FORMAT": "json"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 2, second.stderr
+        assert second.stderr == f"receiver: cannot listen on 127.0.0.1:{first.port}: Address already in use\n"
+    finally:
+        first.terminate()
