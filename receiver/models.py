@@ -71,6 +71,9 @@ class Outcome:
     image_urls: tuple[str, ...] = ()
     error: TaskError | None = None
     detail: str = ""
+    # pending only: the news is that the result is ready to be fetched from the provider's status
+    # endpoint (e.g. fal's payload_error), so reconcile should ask now rather than when it falls due.
+    ask_now: bool = False
 
     def to_json(self) -> str:
         return json.dumps(
@@ -80,6 +83,7 @@ class Outcome:
                 "image_urls": list(self.image_urls),
                 "error": self.error.as_json() if self.error else None,
                 "detail": self.detail,
+                "ask_now": self.ask_now,
             }
         )
 
@@ -95,11 +99,12 @@ class Outcome:
             if error
             else None,
             detail=data["detail"],
+            ask_now=bool(data.get("ask_now", False)),
         )
 
     @classmethod
-    def pending(cls, provider_task_id: str | None, detail: str = "") -> Outcome:
-        return cls("pending", provider_task_id, detail=detail)
+    def pending(cls, provider_task_id: str | None, detail: str = "", *, ask_now: bool = False) -> Outcome:
+        return cls("pending", provider_task_id, detail=detail, ask_now=ask_now)
 
     @classmethod
     def succeeded(cls, provider_task_id: str | None, urls: tuple[str, ...], detail: str = "") -> Outcome:

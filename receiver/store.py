@@ -798,6 +798,13 @@ def _apply(
     elif outcome.state == "failed":
         assert outcome.error is not None
         change = _finish(tx, task, Status.FAILED, outcome.error)
+    elif outcome.ask_now and task["status"] == Status.SUBMITTED:
+        # The provider says the result waits at its status endpoint: reconcile fetches it at once.
+        tx.run(
+            "UPDATE jobs SET due_at=? WHERE task_id=? AND kind='reconcile' AND +running=0",
+            (tx.now, task_id),
+        )
+        tx.jobs_added = True
     summary = outcome.detail or outcome.state
     if outcome.state != "pending" and change is None:
         summary = f"{summary} (duplicate or late: the task is already {task['status']})"

@@ -352,7 +352,7 @@ def test_error_callback_carries_error_and_detail() -> None:
     assert error.message.endswith("The content was flagged by a content checker.")
 
 
-def test_payload_error_is_a_failure_with_its_message() -> None:
+def test_payload_error_asks_the_queue_for_the_result_at_once() -> None:
     message = (
         "Response payload is not JSON serializable. Either return a JSON serializable object or use the "
         "queue endpoint to retrieve the response."
@@ -365,8 +365,9 @@ def test_payload_error_is_a_failure_with_its_message() -> None:
         "payload_error": message,
     }
     outcome = fal.parse_callback(json.dumps(body).encode())
-    assert outcome.state == "failed" and outcome.error is not None
-    assert (outcome.error.code, outcome.error.message) == (ErrorCode.GENERATION_FAILED, message)
+    # fal's webhooks doc: the request succeeded; its result waits at the queue's result endpoint.
+    assert (outcome.state, outcome.ask_now, outcome.provider_task_id) == ("pending", True, REQUEST_ID)
+    assert "not JSON serializable" in outcome.detail
 
 
 @pytest.mark.parametrize(
@@ -674,13 +675,43 @@ def test_error_callback_with_payload_detail(fake: FalFake, receiver: Receiver) -
     }
 
 
-def test_payload_error_callback(fake: FalFake, receiver: Receiver) -> None:
+def test_payload_error_fetches_the_result_from_the_queue_at_once(
+    start_fake: Callable[..., FalFake], start_receiver: Callable[..., Receiver]
+) -> None:
+    fake = start_fake(FalFake, webhook_answer=True)  # and no queue URLs in the submit answer
+    # Reconcile would not run on its own for an hour: only the callback's news can make it ask now.
+    receiver = start_receiver(**fake.receiver_env(), RECEIVER_RECONCILE_AFTER=3600)
     task_id, request_id = receiver.submitted(fake)
-    body = fake.envelope(request_id, "OK", None, payload_error="Response payload is not JSON serializable.")
-    assert fake.deliver(request_id, body).status_code == 200
+    assert (
+        fake.complete_payload_error(request_id, [fake.host("p1.png"), fake.host("p2.png")]).status_code == 200
+    )
     done = receiver.wait(task_id)
-    assert done["error"]["code"] == "generation_failed"
-    assert done["error"]["message"] == "Response payload is not JSON serializable."
+    assert done["status"] == "succeeded", done
+    assert [image["source_url"] for image in done["images"]] == [
+        f"{fake.url}/files/p1.png",
+        f"{fake.url}/files/p2.png",
+    ]
+    # The queue URLs were built from the endpoint (owner/alias only), as fal documents them.
+    assert fake.calls(f"/fal-ai/flux-pro/requests/{request_id}/status")
+    assert fake.calls(f"/fal-ai/flux-pro/requests/{request_id}")
+
+
+def test_flagged_images_are_not_stored(fake: FalFake, receiver: Receiver) -> None:
+    task_id, request_id = receiver.submitted(fake, num_images=2)
+    black, kept = fake.host("black.png"), fake.host("kept.png")
+    assert fake.complete_flagged(request_id, [black, kept], [True, False]).status_code == 200
+    done = receiver.wait(task_id)
+    assert done["status"] == "succeeded"
+    assert [image["source_url"] for image in done["images"]] == [kept]
+    assert fake.files["black.png"].fetches == 0
+
+    task_id, request_id = receiver.submitted(fake)
+    assert fake.complete_flagged(request_id, [fake.host("all-black.png")], [True]).status_code == 200
+    done = receiver.wait(task_id)
+    assert done["error"]["code"] == "content_moderated"
+    assert done["error"]["provider_code"] == "has_nsfw_concepts"
+    assert done["images"] == []
+    assert fake.files["all-black.png"].fetches == 0
 
 
 def test_completed_with_error_found_by_reconcile(fake: FalFake, receiver: Receiver) -> None:

@@ -32,6 +32,7 @@ from receiver.providers.base import Provider
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
+from receiver.providers.base import mentions_moderation
 from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import response_json
 from receiver.providers.base import same_origin
@@ -83,8 +84,10 @@ def bfl_outcome(body: Mapping[str, Any]) -> Outcome:
         error = TaskError(ErrorCode.CONTENT_MODERATED, bfl_message(body) or f"apicore: {status}", status)
         return Outcome.failed(task_id, error, detail)
     if folded in FAILURE_STATUSES:
-        error = TaskError(ErrorCode.GENERATION_FAILED, bfl_message(body) or f"apicore: {status}", status)
-        return Outcome.failed(task_id, error, detail)
+        # BFL's `Error` also carries content-policy refusals, told apart only by the reason given.
+        message = bfl_message(body) or f"apicore: {status}"
+        kind = ErrorCode.CONTENT_MODERATED if mentions_moderation(message) else ErrorCode.GENERATION_FAILED
+        return Outcome.failed(task_id, TaskError(kind, message, status), detail)
     if folded in PENDING_STATUSES:
         return Outcome.pending(task_id, detail)
     # A status this module does not know changes nothing; reconcile and the deadline still apply.

@@ -29,6 +29,7 @@ from receiver.providers.base import Provider
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
+from receiver.providers.base import mentions_moderation
 from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import text
 
@@ -39,20 +40,6 @@ MATCH_INPUT = ("match_input_image", "auto")
 # Ours (and BFL's) spell it jpeg, apimart's `response_format` spells it jpg.
 RESPONSE_FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}
 SAFETY_TOLERANCE = range(0, 7)
-# apimart's failure object has no moderation code of its own; these words in its code, type or message
-# (English or, with language=zh, Chinese) mean the content was refused rather than the generation broken.
-MODERATION_WORDS = (
-    "moderat",
-    "content policy",
-    "content_policy",
-    "nsfw",
-    "safety system",
-    "flagged",
-    "sensitive",
-    "审核",
-    "违规",
-    "敏感",
-)
 
 
 def apimart_error(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -116,12 +103,9 @@ def failure(task: Mapping[str, Any], status: str) -> TaskError:
             f"apimart cancelled the task{': ' + message if message else ''}",
             code,
         )
-    said = " ".join((text(error.get("code")), text(error.get("type")), message)).lower()
-    kind = (
-        ErrorCode.CONTENT_MODERATED
-        if any(word in said for word in MODERATION_WORDS)
-        else ErrorCode.GENERATION_FAILED
-    )
+    # apimart's failure object has no moderation code of its own: its code, type or message say it.
+    said = " ".join((text(error.get("code")), text(error.get("type")), message))
+    kind = ErrorCode.CONTENT_MODERATED if mentions_moderation(said) else ErrorCode.GENERATION_FAILED
     return TaskError(kind, message or "apimart reported a failure", code)
 
 

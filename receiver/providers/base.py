@@ -155,6 +155,35 @@ def text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def present(value: Any) -> str:
+    """`text(value)`, except that the string "null" (kie writes absent fields that way) is nothing."""
+    spelled = text(value)
+    return "" if spelled.strip().lower() == "null" else spelled
+
+
+# Words with which a failure message says a content checker stopped the task, where the provider gives
+# no machine-readable reason (kie-market's failMsg, apimart's error object, BFL's `Error` with a reason):
+# English, and Chinese for apimart's language=zh messages.
+MODERATION_WORDS = (
+    "moderat",
+    "content polic",
+    "content_polic",
+    "nsfw",
+    "safety system",
+    "safety filter",
+    "flagged",
+    "sensitive",
+    "审核",
+    "违规",
+    "敏感",
+)
+
+
+def mentions_moderation(message: str) -> bool:
+    lowered = message.lower()
+    return any(word in lowered for word in MODERATION_WORDS)
+
+
 def same_origin(url: str, base: str) -> bool:
     """Whether `url` has the scheme, host and port of `base`: a provider-supplied URL we would send our
     API key to must stay on the operator's configured host."""
@@ -182,6 +211,8 @@ __all__ = [
     "bearer_request",
     "json_object",
     "mapping",
+    "mentions_moderation",
+    "present",
     "raise_for_http_status",
     "response_json",
     "retry_after",

@@ -118,17 +118,24 @@ def fal_error(messages: list[str], types: list[str], fallback: str) -> TaskError
 
 
 def result_outcome(request_id: str | None, payload: Mapping[str, Any], detail: str) -> Outcome:
-    """The model's output JSON: every image link, in order."""
+    """The model's output JSON: every image link, in order, except the ones fal's safety checker flagged
+    (`has_nsfw_concepts[i]` true: fal sends a black image in their place). All flagged is
+    content_moderated, not a success with black images."""
     images = payload.get("images")
-    urls = tuple(
-        text(mapping(image).get("url"))
-        for image in (images if isinstance(images, list) else [])
-        if mapping(image).get("url")
-    )
-    flagged = payload.get("has_nsfw_concepts")
-    if isinstance(flagged, list) and any(flag is True for flag in flagged):
+    flags = payload.get("has_nsfw_concepts")
+    flagged = flags if isinstance(flags, list) else []
+    urls: list[str] = []
+    for index, image in enumerate(images if isinstance(images, list) else []):
+        url = text(mapping(image).get("url"))
+        if url and not (index < len(flagged) and flagged[index] is True):
+            urls.append(url)
+    if any(flag is True for flag in flagged):
         detail = f"{detail}, has_nsfw_concepts {flagged}"
-    return Outcome.succeeded(request_id, urls, detail)
+        if not urls:
+            message = "fal's safety checker flagged the result (has_nsfw_concepts); it sent a black image"
+            error = TaskError(ErrorCode.CONTENT_MODERATED, message, "has_nsfw_concepts")
+            return Outcome.failed(request_id, error, detail)
+    return Outcome.succeeded(request_id, tuple(urls), detail)
 
 
 @functools.lru_cache(maxsize=32)
@@ -288,9 +295,11 @@ class Fal(Provider):
         payload = body.get("payload")
         if status == "OK":
             if payload is None:
-                message = text(body.get("payload_error")) or "fal sent no payload"
-                error = TaskError(ErrorCode.GENERATION_FAILED, message, "payload_error")
-                return Outcome.failed(request_id, error, "status OK, payload null")
+                # The request succeeded but its output could not ride in the webhook: it waits in the
+                # queue's result endpoint, which reconcile reads (fal webhooks doc, payload_error).
+                reason = text(body.get("payload_error")) or "no payload_error given"
+                said = f"status OK, payload null ({reason[:200]}): the result is fetched from the queue"
+                return Outcome.pending(request_id, said, ask_now=True)
             if not isinstance(payload, Mapping):
                 raise MalformedCallback("payload is not an object")
             return result_outcome(request_id, payload, "status OK")

@@ -27,6 +27,7 @@ from receiver.providers.base import Provider
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
+from receiver.providers.base import present
 from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import response_json
 from receiver.providers.base import text
@@ -50,15 +51,26 @@ def kie_task_id(body: Mapping[str, Any]) -> str | None:
     return None
 
 
+def kie_code(value: Any) -> int | None:
+    """kie's numeric codes, which some of its answers spell as strings ("200", "1")."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value.strip())
+    return None
+
+
 def check_kie_code(body: Mapping[str, Any]) -> None:
     """Turn a body-level error code into the shared exceptions; code 200 passes."""
-    code = body.get("code")
+    code = kie_code(body.get("code"))
     if code == 200:
         return
-    message = text(body.get("msg")) or "no message"
-    if isinstance(code, int) and code in TRANSIENT_CODES:
+    message = present(body.get("msg")) or "no message"
+    if code is not None and code in TRANSIENT_CODES:
         raise ProviderUnavailable(f"kie code {code}: {message}", rate_limited=code == 429)
-    raise ProviderRejected(message, text(code) or None)
+    raise ProviderRejected(message, text(body.get("code")) or None)
 
 
 def parse_kie_submit(response: httpx.Response) -> Submission:
@@ -184,16 +196,17 @@ class Kie(Provider):
         body = json_object(raw)
         if "code" not in body:
             raise MalformedCallback("no code in the callback")
-        code = body.get("code")
+        code = kie_code(body.get("code"))
         task_id = kie_task_id(body)
         data = mapping(body.get("data"))
         info = mapping(data.get("info"))
-        message = text(body.get("msg"))
+        message = present(body.get("msg"))
         if code == 200:
-            url = text(info.get("resultImageUrl"))
+            url = present(info.get("resultImageUrl"))
             return Outcome.succeeded(task_id, (url,) if url else (), detail=f"code 200: {message}")
-        error = TaskError(failure_code(code), message or "kie reported a failure", text(code))
-        return Outcome.failed(task_id, error, detail=f"code {code}: {message}")
+        spelled = text(body.get("code"))
+        error = TaskError(failure_code(spelled), message or "kie reported a failure", spelled)
+        return Outcome.failed(task_id, error, detail=f"code {spelled}: {message}")
 
     def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
         return kie_status_request(task, ctx, "/api/v1/flux/kontext/record-info")
@@ -202,18 +215,18 @@ class Kie(Provider):
         body = kie_status_body(response, "record-info")
         data = mapping(body.get("data"))
         task_id = kie_task_id(body)
-        flag = data.get("successFlag")
+        # Real answers spell absent fields as the string "null" and times and flags as strings.
+        flag = kie_code(data.get("successFlag"))
         detail = f"successFlag {flag}"
         if flag == 1:
             result = mapping(data.get("response"))
-            url = text(result.get("resultImageUrl"))
+            url = present(result.get("resultImageUrl"))
             return Outcome.succeeded(task_id, (url,) if url else (), detail)
         if flag in (2, 3):
-            message = text(data.get("errorMessage")) or (
+            message = present(data.get("errorMessage")) or (
                 "kie could not create the task" if flag == 2 else "kie could not generate the image"
             )
-            code = ErrorCode.PROVIDER_REJECTED if flag == 2 else failure_code(data.get("errorCode"))
-            return Outcome.failed(
-                task_id, TaskError(code, message, text(data.get("errorCode")) or None), detail
-            )
+            error_code = present(data.get("errorCode"))
+            code = ErrorCode.PROVIDER_REJECTED if flag == 2 else failure_code(error_code)
+            return Outcome.failed(task_id, TaskError(code, message, error_code or None), detail)
         return Outcome.pending(task_id, detail)

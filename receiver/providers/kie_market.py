@@ -26,8 +26,11 @@ from receiver.providers.base import Provider
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
+from receiver.providers.base import mentions_moderation
+from receiver.providers.base import present
 from receiver.providers.base import text
 from receiver.providers.kie import failure_code
+from receiver.providers.kie import kie_code
 from receiver.providers.kie import kie_status_body
 from receiver.providers.kie import kie_status_request
 from receiver.providers.kie import kie_task_id
@@ -41,18 +44,14 @@ PROMPT_LENGTH = (3, 5000)
 FLUX2_MODEL = re.compile(r"^flux-2/[a-z0-9][a-z0-9.-]*$")
 # Fields this module spells from the request itself; options may not set them behind its back.
 SPELLED_INPUT = frozenset({"input_urls", "prompt"})
-# kie publishes no list of moderation failCodes. Its Kontext API says "400" for a flagged prompt
-# (§1.3, kie.failure_code); Market failures may carry another code with a message that says so.
-MODERATION_WORDS = ("content polic", "nsfw", "flagged", "sensitive content", "moderat")
 
 
 def market_failure_code(code: str, message: str) -> ErrorCode:
     """content_moderated for kie's flagged code "400" or a message that names moderation, else
-    generation_failed."""
-    if failure_code(code) is ErrorCode.CONTENT_MODERATED:
-        return ErrorCode.CONTENT_MODERATED
-    lowered = message.lower()
-    if any(word in lowered for word in MODERATION_WORDS):
+    generation_failed. kie publishes no list of moderation failCodes: its Kontext API says "400" for a
+    flagged prompt (§1.3, kie.failure_code); Market failures may carry another code with a message that
+    says so."""
+    if failure_code(code) is ErrorCode.CONTENT_MODERATED or mentions_moderation(message):
         return ErrorCode.CONTENT_MODERATED
     return ErrorCode.GENERATION_FAILED
 
@@ -74,9 +73,10 @@ def result_urls(value: Any) -> tuple[str, ...]:
     urls = parsed.get("resultUrls")
     if urls is None:
         return ()
-    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+    # Real answers carry `null` entries for images that did not come out: skipped, order kept.
+    if not isinstance(urls, list) or not all(url is None or isinstance(url, str) for url in urls):
         raise MalformedCallback("resultJson.resultUrls is not a list of strings")
-    return tuple(url for url in urls if url)
+    return tuple(url for url in urls if url and present(url))
 
 
 def job_outcome(data: Mapping[str, Any], task_id: str | None, top_code: str, top_msg: str) -> Outcome:
@@ -91,8 +91,8 @@ def job_outcome(data: Mapping[str, Any], task_id: str | None, top_code: str, top
         return Outcome.succeeded(task_id, result_urls(data.get("resultJson")), detail)
     if top_code == "200" and state != "fail":
         return Outcome.pending(task_id, detail)
-    provider_code = text(data.get("failCode")) or (top_code if top_code != "200" else "")
-    message = text(data.get("failMsg")) or top_msg or "kie reported a failed job"
+    provider_code = present(data.get("failCode")) or (top_code if top_code != "200" else "")
+    message = present(data.get("failMsg")) or top_msg or "kie reported a failed job"
     error = TaskError(market_failure_code(provider_code, message), message, provider_code or None)
     return Outcome.failed(task_id, error, detail)
 
@@ -162,7 +162,9 @@ class KieMarket(Provider):
         data = body.get("data")
         if data is not None and not isinstance(data, Mapping):
             raise MalformedCallback("data in the callback is not an object")
-        return job_outcome(mapping(data), kie_task_id(body), text(body["code"]), text(body.get("msg")))
+        code = kie_code(body["code"])
+        top_code = text(body["code"]) if code is None else str(code)
+        return job_outcome(mapping(data), kie_task_id(body), top_code, present(body.get("msg")))
 
     def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
         return kie_status_request(task, ctx, "/api/v1/jobs/recordInfo")

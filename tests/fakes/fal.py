@@ -70,7 +70,10 @@ class FalFake(ProviderFake):
     signs = True
     submit_path = "/fal-ai/flux-pro/kontext/text-to-image"
 
-    def __init__(self) -> None:
+    def __init__(self, webhook_answer: bool = False) -> None:
+        # fal's answer to a submit with fal_webhook, per its webhooks doc: only request_id and
+        # gateway_request_id, no queue URLs (providers.md §5.1).
+        self.webhook_answer = webhook_answer
         self.signing_key = Ed25519PrivateKey.generate()
         self.published: list[Ed25519PrivateKey] = [self.signing_key]  # keys the JWKS lists
         self.jwks_down = False
@@ -116,6 +119,8 @@ class FalFake(ProviderFake):
         )
         self.order.append(request_id)
         await self.held()
+        if self.webhook_answer:
+            return JSONResponse({"request_id": request_id, "gateway_request_id": request_id})
         return JSONResponse(
             {
                 "status": "IN_QUEUE",
@@ -222,6 +227,25 @@ class FalFake(ProviderFake):
         queued = self.queue[task_id]
         queued.status, queued.result = "COMPLETED", (200, self.output(urls))
         return self.deliver(task_id, self.envelope(task_id, "OK", self.output(urls))) if deliver else None
+
+    def complete_flagged(self, task_id: str, urls: list[str], flags: list[bool]) -> httpx.Response:
+        """Success as fal reports it when its safety checker flags images: `has_nsfw_concepts[i]` true
+        and a black image in their place (gokayfem/ComfyUI-fal-API issue 4)."""
+        output = {**self.output(urls), "has_nsfw_concepts": flags}
+        queued = self.queue[task_id]
+        queued.status, queued.result = "COMPLETED", (200, output)
+        return self.deliver(task_id, self.envelope(task_id, "OK", output))
+
+    def complete_payload_error(self, task_id: str, urls: list[str]) -> httpx.Response:
+        """Success whose output could not ride in the webhook: `payload: null` and `payload_error`; the
+        result waits at the queue's result endpoint (fal webhooks doc)."""
+        queued = self.queue[task_id]
+        queued.status, queued.result = "COMPLETED", (200, self.output(urls))
+        error = (
+            "Response payload is not JSON serializable. Either return a JSON serializable object or use "
+            "the queue endpoint to retrieve the response."
+        )
+        return self.deliver(task_id, self.envelope(task_id, "OK", None, payload_error=error))
 
     def fail(
         self, task_id: str, moderated: bool, message: str, deliver: bool = True

@@ -41,8 +41,12 @@ class KieFamilyFake(ProviderFake):
     signs = True
     status_path = ""
 
-    def __init__(self, hmac_key: str | None = HMAC_KEY) -> None:
+    def __init__(self, hmac_key: str | None = HMAC_KEY, real_world: bool = False) -> None:
         self.hmac_key = hmac_key
+        # Spell answers the way real integrations saw them rather than as documented: `code` as a
+        # string, absent record-info fields as the string "null", times as strings (providers.md,
+        # "Evidence from real integrations").
+        self.real_world = real_world
         self.ids = itertools.count(1)
         self.callback_urls: dict[str, str] = {}  # kie task id -> our callBackUrl
         self.records: dict[str, dict[str, Any]] = {}  # kie task id -> record-info data
@@ -71,7 +75,8 @@ class KieFamilyFake(ProviderFake):
         self.records[task_id] = self.new_record(task_id, recorded.json())
         self.callback_urls[task_id] = recorded.json()["callBackUrl"]
         await self.held()
-        return JSONResponse({"code": 200, "msg": "success", "data": {"taskId": task_id}})
+        code = "200" if self.real_world else 200
+        return JSONResponse({"code": code, "msg": "success", "data": {"taskId": task_id}})
 
     async def record_info(self, request: Request) -> Response:
         await self.record(request)
@@ -138,12 +143,17 @@ class KieFake(KieFamilyFake):
         return {"taskId": task_id, "successFlag": 0, "response": None, "errorCode": None, "errorMessage": ""}
 
     def status_data(self, record: dict[str, Any]) -> dict[str, Any]:
-        return {**record, "paramJson": "{}", "createTime": 1710000000000, "completeTime": None}
+        data = {**record, "paramJson": "{}", "createTime": 1710000000000, "completeTime": None}
+        if self.real_world:
+            data.update(createTime="2026-01-06 08:16:51", completeTime="2026-01-06 08:17:04")
+            data.update({key: "null" for key in ("errorCode", "errorMessage") if not data.get(key)})
+            if data.get("response"):
+                data["response"] = {**data["response"], "originImageUrl": "null"}
+        return data
 
-    @staticmethod
-    def success_body(task_id: str, url: str) -> dict[str, Any]:
+    def success_body(self, task_id: str, url: str) -> dict[str, Any]:
         return {
-            "code": 200,
+            "code": "200" if self.real_world else 200,
             "msg": "BFL image generated successfully.",
             "data": {"taskId": task_id, "info": {"originImageUrl": url + "?origin", "resultImageUrl": url}},
         }

@@ -80,6 +80,27 @@ class KieMarketFake(KieFamilyFake):
             creditsConsumed=0,
         )
 
+    def complete_with_gaps(self, task_id: str, urls: list[str | None]) -> httpx.Response:
+        """Success whose `resultUrls` holds `null` entries, in the older callback envelope that carries
+        `consumeCredits`/`remainedCredits` (a kie docs mirror and real receivers, e.g. a Go struct with
+        both fields) instead of `creditsConsumed`."""
+        result = json.dumps({"resultUrls": urls})
+        self.records[task_id].update(state="success", resultJson=result, completeTime=CREATED_AT + 9000)
+        body = self.callback_body(
+            task_id,
+            200,
+            "Playground task completed successfully.",
+            "success",
+            resultJson=result,
+            consumeCredits=5,
+            remainedCredits=2510330,
+            costTime=8,
+            completeTime=CREATED_AT + 9000,
+            createTime=CREATED_AT,
+            updateTime=CREATED_AT + 9000,
+        )
+        return self.send(task_id, body)
+
     def complete(self, task_id: str, urls: list[str], deliver: bool = True) -> httpx.Response | None:
         self.records[task_id].update(
             state="success", resultJson=json.dumps({"resultUrls": urls}), completeTime=CREATED_AT + 15000
