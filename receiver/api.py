@@ -14,14 +14,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import FileResponse
 from starlette.responses import JSONResponse
+from starlette.responses import RedirectResponse
 from starlette.responses import Response
+from starlette.responses import StreamingResponse
 
 from receiver.config import Settings
 from receiver.downloads import check_url
 from receiver.downloads import url_problem
 from receiver.logs import event
+from receiver.media import Media
+from receiver.media import MediaError
+from receiver.media import MediaMissing
+from receiver.media import one_chunk
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import Status
 from receiver.models import TaskRequest
@@ -34,11 +39,12 @@ from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
 from receiver.tasks import render_event
 from receiver.tasks import render_task
+from receiver.tasks import upload_type
 from receiver.tokens import Tokens
 from receiver.uploads import NAME
 from receiver.uploads import UploadError
 from receiver.uploads import decode_data_uri
-from receiver.uploads import store_bytes
+from receiver.uploads import keep_upload
 from receiver.web import ApiError
 from receiver.web import deep_field
 from receiver.web import json_problem
@@ -52,16 +58,17 @@ MAX_OPTIONS = 16 * 1024
 MAX_WAIT = 60.0
 MAX_NAMED_UNKNOWN = 20  # unknown fields named in one answer; a body of thousands gets a short one
 MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
+PRESIGN_SECONDS = 300  # a redirect's presigned URL: long enough to start the download, no longer
 TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
 KNOWN_FIELDS = frozenset({"provider", "prompt", "notify_url", "metadata", *OPTIONAL_FIELDS})
 
 
 class Api:
-    def __init__(self, settings: Settings, store: Store, tokens: Tokens) -> None:
+    def __init__(self, settings: Settings, store: Store, tokens: Tokens, media: Media) -> None:
         self.settings = settings
+        self.media = media
         self.store = store
         self.tokens = tokens
-        self.uploads = settings.media_dir / "uploads"
         self._keys = {
             hashlib.sha256(key.encode()).digest(): tenant for key, tenant in settings.api_keys.items()
         }
@@ -108,7 +115,7 @@ class Api:
         task_request, provider = self._validate(body)
         await self._check_urls(task_request)
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-        images = [self._keep_image(index, value) for index, value in enumerate(task_request.images)]
+        images = [await self._keep_image(index, value) for index, value in enumerate(task_request.images)]
         new = NewTask(
             id=f"tsk_{secrets.token_hex(12)}",
             tenant=tenant,
@@ -275,13 +282,15 @@ class Api:
         if errors:
             raise ApiError(422, "invalid", "a URL in the request is not allowed", errors)
 
-    def _keep_image(self, index: int, value: str) -> str:
+    async def _keep_image(self, index: int, value: str) -> str:
         """A data URI is stored now and referenced as an upload; a URL is kept as given."""
         if not value.lower().startswith("data:"):
             return value
         try:
             data = decode_data_uri(value)
-            name, _ = store_bytes(self.uploads, data, self.settings.max_image_bytes)
+            name, _, _ = await keep_upload(self.media, one_chunk(data), self.settings.max_image_bytes)
+        except MediaError:
+            raise _media_unavailable() from None
         except UploadError as exc:
             raise ApiError(
                 422, "invalid", "an image is not usable", {f"images[{index}]": exc.message}
@@ -374,12 +383,30 @@ class Api:
         if image is None or image["path"] is None:
             raise ApiError(404, "not_found", "no such image (yet)")
         etag = f'"{image["sha256"]}"'
-        headers = {"ETag": etag, "Cache-Control": "private, max-age=86400, immutable"}
+        return await self._serve(request, image["path"], image["content_type"], etag)
+
+    async def _serve(self, request: Request, key: str, content_type: str, etag: str) -> Response:
+        """A stored object: streamed with its length, or with RECEIVER_MEDIA_REDIRECT a 302 to a
+        presigned URL of the bucket."""
+        headers = {
+            "ETag": etag,
+            "Cache-Control": "private, max-age=86400, immutable",
+            "X-Content-Type-Options": "nosniff",
+        }
         if etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
-        return FileResponse(
-            self.settings.media_dir / image["path"], media_type=image["content_type"], headers=headers
-        )
+        try:
+            if self.settings.media_redirect:
+                url = await self.media.presign(key, PRESIGN_SECONDS)
+                if url is not None:
+                    return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+            stored = await self.media.open(key)
+        except MediaMissing:
+            raise ApiError(404, "not_found", "no such image") from None
+        except MediaError:
+            raise _media_unavailable() from None
+        headers["Content-Length"] = str(stored.size)
+        return StreamingResponse(stored.chunks, media_type=content_type, headers=headers)
 
     # -- uploads ---------------------------------------------------------------------------------
 
@@ -388,9 +415,14 @@ class Api:
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith("image/"):
             raise ApiError(415, "unsupported_media_type", "send the raw image with Content-Type: image/…")
-        data = await read_capped(request, self.settings.max_image_bytes)
+        cap = self.settings.max_image_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > cap:
+            raise ApiError(413, "too_large", f"the image is over RECEIVER_MAX_IMAGE_BYTES ({cap} bytes)")
         try:
-            name, kind = store_bytes(self.uploads, data, self.settings.max_image_bytes)
+            name, kind, size = await keep_upload(self.media, request.stream(), cap)
+        except MediaError:
+            raise _media_unavailable() from None
         except UploadError as exc:
             raise ApiError(
                 exc.status, "unsupported_media_type" if exc.status == 415 else "too_large", exc.message
@@ -400,23 +432,25 @@ class Api:
                 "url": self.tokens.signed_link(f"/uploads/{name}"),
                 "sha256": name.split(".")[0],
                 "content_type": kind,
-                "size": len(data),
+                "size": size,
             },
             status_code=201,
         )
 
     async def get_upload(self, request: Request) -> Response:
         name = request.path_params["name"]
-        path = self.uploads / name
         valid = self.tokens.link_valid(
             f"/uploads/{name}", request.query_params.get("expires"), request.query_params.get("signature")
         )
         if not valid:
             raise ApiError(401, "unauthorized", "this link is not signed, or has expired")
-        if not NAME.match(name) or not path.exists():
+        if not NAME.match(name):
             raise ApiError(404, "not_found", "no such upload")
-        kind = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[name.rsplit(".", 1)[1]]
-        return FileResponse(path, media_type=kind, headers={"ETag": f'"{name.split(".")[0]}"'})
+        return await self._serve(request, f"uploads/{name}", upload_type(name), f'"{name.split(".")[0]}"')
+
+
+def _media_unavailable() -> ApiError:
+    return ApiError(503, "media_unavailable", "the media store cannot be reached right now; try again")
 
 
 def _now() -> float:

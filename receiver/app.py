@@ -24,9 +24,9 @@ from receiver.callbacks import Callbacks
 from receiver.callbacks import KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
-from receiver.downloads import clean_partial_files
 from receiver.downloads import outside_client
 from receiver.logs import event
+from receiver.media import open_media
 from receiver.notify import NOTIFY_SLOTS
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
@@ -45,7 +45,8 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     store = Store(
         settings.db_path, reconcile_after=settings.reconcile_after, task_deadline=settings.task_deadline
     )
-    api = Api(settings, store, tokens)
+    media = open_media(settings.media_url, settings.data_dir, settings.aws)
+    api = Api(settings, store, tokens, media)
     # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
     provider_http = httpx.AsyncClient(
         timeout=httpx.Timeout(settings.http_timeout, connect=10.0), headers={"User-Agent": USER_AGENT}
@@ -60,7 +61,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         sandbox_settings.api_key or "",
         settings.sandbox_delay,
     )
-    worker = Worker(settings, store, tokens, provider_http, outside_http)
+    worker = Worker(settings, store, tokens, provider_http, outside_http, media)
     worker.callbacks_busy = callbacks.busy
     worker.add_handler("notify", NOTIFY_SLOTS, Notifier(settings, store, tokens, outside_http).deliver)
 
@@ -71,12 +72,9 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         problems = []
         if not await store.writable():
             problems.append("the database is not writable")
-        probe = settings.media_dir / ".ready"
-        try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError:
-            problems.append("the media directory is not writable")
+        media_problem = await media.ready()
+        if media_problem:
+            problems.append(media_problem)
         if problems:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
@@ -118,7 +116,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
-        removed = clean_partial_files(settings.media_dir)
+        removed = await media.clean_partial()
         if removed:
             log.info("removed %d partial downloads left by an earlier process", removed)
         runner = None
@@ -157,4 +155,5 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     )
     app.state.store = store
     app.state.settings = settings
+    app.state.media = media
     return app

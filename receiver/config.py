@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,6 +62,9 @@ class Settings:
     log_format: str = "auto"
     shutdown_grace: float = 20.0
     key_set_refresh: float = 60.0  # least seconds between two fetches of a provider's key set (fal JWKS)
+    media_url: str | None = None  # s3://bucket[/prefix]; None: the media directory under data_dir
+    media_redirect: bool = False
+    aws: Mapping[str, str] = field(default_factory=dict)  # the AWS_* variables the bucket is reached with
 
     @property
     def db_path(self) -> Path:
@@ -138,6 +142,46 @@ def _url(name: str, raw: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+# S3's rules for a bucket name; a prefix is a plain relative path.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*$")
+
+
+def _media(env: Mapping[str, str]) -> tuple[str | None, bool, dict[str, str]]:
+    """RECEIVER_MEDIA_URL, RECEIVER_MEDIA_REDIRECT and the AWS_* variables, checked together."""
+    raw = env.get("RECEIVER_MEDIA_URL") or ""
+    redirect = _flag(env, "RECEIVER_MEDIA_REDIRECT")
+    aws = {name: env[name] for name in AWS_VARIABLES if env.get(name)}
+    if not raw:
+        if redirect:
+            raise ConfigError(
+                "RECEIVER_MEDIA_REDIRECT=1 needs RECEIVER_MEDIA_URL (a bucket to presign links for)"
+            )
+        return None, False, {}
+    parts = urlsplit(raw)
+    prefix = parts.path.strip("/")
+    if (
+        parts.scheme != "s3"
+        or not _BUCKET.match(parts.netloc)
+        or (prefix and (not _PREFIX.match(prefix) or ".." in prefix.split("/")))
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(f"RECEIVER_MEDIA_URL must be s3://bucket or s3://bucket/prefix, got {raw!r}")
+    if "AWS_ENDPOINT_URL" in aws:
+        aws["AWS_ENDPOINT_URL"] = _url("AWS_ENDPOINT_URL", aws["AWS_ENDPOINT_URL"])
+    if ("AWS_ACCESS_KEY_ID" in aws) != ("AWS_SECRET_ACCESS_KEY" in aws):
+        raise ConfigError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together")
+    return f"s3://{parts.netloc}" + (f"/{prefix}" if prefix else ""), redirect, aws
 
 
 def _api_keys(raw: str) -> dict[str, str]:
@@ -265,6 +309,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         api_key=sandbox_key, base_url=public_url, max_concurrent=concurrent, max_per_minute=per_minute
     )
 
+    media_url, media_redirect, aws = _media(env)
     reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0)
     task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0)
     return Settings(
@@ -298,4 +343,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         log_format=_choice(env, "RECEIVER_LOG_FORMAT", ("auto", "json", "text"), "auto"),
         shutdown_grace=_number(env, "RECEIVER_SHUTDOWN_GRACE", 20.0),
         key_set_refresh=_number(env, "RECEIVER_KEY_SET_REFRESH", 60.0),
+        media_url=media_url,
+        media_redirect=media_redirect,
+        aws=aws,
     )

@@ -1,4 +1,5 @@
-"""Safe fetching of URLs that come from outside: an address guard, a size cap, real images only.
+"""Safe fetching of URLs that come from outside: an address guard, a size cap, real images only,
+streamed into the media store.
 
 The guard sits in the connection layer, so it sees the address actually connected to, for the first
 request and for every redirect: the host is resolved here, every address it resolves to must be public,
@@ -7,15 +8,10 @@ and the connection goes to the address that was checked (TLS still verifies the 
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import os
-import secrets
 import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
@@ -23,7 +19,11 @@ import httpcore
 import httpx
 
 from receiver import USER_AGENT
-from receiver import imageinfo
+from receiver.intake import ImageRefused
+from receiver.intake import StoredImage
+from receiver.intake import store_image
+from receiver.media import Media
+from receiver.media import MediaError
 
 
 class AddressRefused(Exception):
@@ -147,25 +147,15 @@ def outside_client(*, allow_private: bool, timeout: float, max_connections: int 
     )
 
 
-@dataclass(frozen=True)
-class StoredFile:
-    path: Path
-    content_type: str
-    size: int
-    sha256: str
-    width: int | None
-    height: int | None
-
-
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
 
-async def fetch_image(client: httpx.AsyncClient, url: str, dest: Path, max_bytes: int) -> StoredFile:
-    """Stream `url` into a temp file beside `dest` (sans extension), check it, then rename it into place."""
+async def fetch_image(
+    client: httpx.AsyncClient, url: str, media: Media, stem: str, max_bytes: int
+) -> StoredImage:
+    """Stream `url` into the media store at `stem`.<ext>; it appears there only once every check passed."""
     if urlsplit(url).scheme not in ("http", "https"):
         raise DownloadError("the image link is not an http or https URL", permanent=True, kind="not_http")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
     try:
         async with client.stream("GET", url) as response:
             status = response.status_code
@@ -189,74 +179,19 @@ async def fetch_image(client: httpx.AsyncClient, url: str, dest: Path, max_bytes
                     permanent=True,
                     kind="too_large",
                 )
-            stored = await _write_stream(response, temp, max_bytes)
+            # As they arrive: no re-chunking copies.
+            return await store_image(media, stem, response.aiter_bytes(), max_bytes)
+    except ImageRefused as exc:
+        reason = "the link did not give a PNG, JPEG or WebP image" if exc.kind == "not_image" else exc.reason
+        raise DownloadError(reason, permanent=True, kind=exc.kind) from None
+    except MediaError as exc:
+        raise DownloadError(f"storing the image failed: {exc}", permanent=False, kind="media") from None
     except AddressRefused as exc:
-        _discard(temp)
         raise DownloadError(f"refused: {exc}", permanent=True, kind="refused") from None
     except httpx.TooManyRedirects:
-        _discard(temp)
         raise DownloadError("too many redirects", permanent=True, kind="redirects") from None
     except (httpx.TransportError, httpx.StreamError) as exc:
-        _discard(temp)
         kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
         raise DownloadError(
             f"{type(exc).__name__}: {exc or 'network error'}", permanent=False, kind=kind
         ) from None
-    except BaseException:
-        _discard(temp)
-        raise
-    final = dest.with_suffix("." + imageinfo.EXTENSIONS[stored.content_type])
-    os.replace(temp, final)
-    return StoredFile(final, stored.content_type, stored.size, stored.sha256, stored.width, stored.height)
-
-
-async def _write_stream(response: httpx.Response, temp: Path, max_bytes: int) -> StoredFile:
-    digest = hashlib.sha256()
-    size = 0
-    content_type: str | None = None
-    head = b""
-    with open(temp, "wb") as handle:  # noqa: ASYNC230 - buffered writes of network-sized chunks
-        async for chunk in response.aiter_bytes():  # as they arrive: no re-chunking copies
-            size += len(chunk)
-            if size > max_bytes:
-                raise DownloadError(
-                    f"the image is over the {max_bytes}-byte cap", permanent=True, kind="too_large"
-                )
-            if content_type is None:
-                head += chunk[: imageinfo.SNIFF_BYTES]
-                if len(head) >= imageinfo.SNIFF_BYTES:
-                    content_type = imageinfo.sniff(head)
-                    if content_type is None:
-                        raise DownloadError(
-                            "the link did not give a PNG, JPEG or WebP image",
-                            permanent=True,
-                            kind="not_image",
-                        )
-            digest.update(chunk)
-            handle.write(chunk)
-        if content_type is None:
-            content_type = imageinfo.sniff(head)
-            if content_type is None:
-                raise DownloadError(
-                    "the link did not give a PNG, JPEG or WebP image", permanent=True, kind="not_image"
-                )
-    with open(temp, "rb") as reader:  # noqa: ASYNC230 - reads a few header bytes
-        size_pair = imageinfo.dimensions(reader, content_type)
-    width, height = size_pair if size_pair else (None, None)
-    return StoredFile(temp, content_type, size, digest.hexdigest(), width, height)
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def clean_partial_files(media: Path) -> int:
-    """Remove temp files a killed process left behind; their jobs fetch them again."""
-    removed = 0
-    for part in media.rglob(".*.part"):
-        _discard(part)
-        removed += 1
-    return removed

@@ -5,10 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+from collections.abc import Mapping
 from collections.abc import Sequence
 from datetime import UTC
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from receiver.models import TaskSpec
@@ -70,10 +70,17 @@ def render_event(row: sqlite3.Row) -> dict[str, Any]:
     }
 
 
+def uploads_of(row: sqlite3.Row) -> list[str]:
+    """The names of our own uploads among the task's input images."""
+    refs = json.loads(row["request"]).get("images", [])
+    return [ref[len(UPLOAD_PREFIX) :] for ref in refs if ref.startswith(UPLOAD_PREFIX)]
+
+
 def task_spec(
-    row: sqlite3.Row, tokens: Tokens | None = None, uploads: Path | None = None, inline: bool = False
+    row: sqlite3.Row, tokens: Tokens | None = None, inline: Mapping[str, bytes] | None = None
 ) -> TaskSpec:
-    """What the provider sees. With `tokens`, our uploads become signed links (or data URIs if `inline`)."""
+    """What the provider sees. With `tokens`, our uploads become signed links, or data URIs of the
+    bytes in `inline` (upload name -> bytes) for a provider that takes images inline."""
     request = json.loads(row["request"])
     images: list[str] = []
     for ref in request.get("images", []):
@@ -81,8 +88,8 @@ def task_spec(
             images.append(ref)
             continue
         name = ref[len(UPLOAD_PREFIX) :]
-        if inline and uploads is not None:
-            images.append(data_uri(uploads / name))
+        if inline is not None and name in inline:
+            images.append(data_uri(name, inline[name]))
         else:
             images.append(tokens.signed_link(f"/uploads/{name}"))
     return TaskSpec(
@@ -97,6 +104,9 @@ def task_spec(
     )
 
 
-def data_uri(path: Path) -> str:
-    kind = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[path.suffix.lstrip(".")]
-    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+def upload_type(name: str) -> str:
+    return {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}[name.rsplit(".", 1)[-1]]
+
+
+def data_uri(name: str, data: bytes) -> str:
+    return f"data:{upload_type(name)};base64,{base64.b64encode(data).decode()}"

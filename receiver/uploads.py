@@ -1,16 +1,15 @@
-"""Images an app hands us (raw uploads and data URIs), kept by content hash under media/uploads."""
+"""Images an app hands us (raw uploads and data URIs), kept by content hash under uploads/ of the media."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import os
 import re
-import secrets
-from pathlib import Path
+from collections.abc import AsyncIterable
 
-from receiver import imageinfo
+from receiver.intake import ImageRefused
+from receiver.intake import store_image
+from receiver.media import Media
 
 NAME = re.compile(r"^[0-9a-f]{64}\.(png|jpg|webp)$")
 DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[^,]*)?;base64,", re.IGNORECASE)
@@ -23,21 +22,18 @@ class UploadError(Exception):
         self.status = status
 
 
-def store_bytes(uploads: Path, data: bytes, max_bytes: int) -> tuple[str, str]:
-    """Keep an image; returns (name, content type). Raises UploadError (413 or 415)."""
-    if len(data) > max_bytes:
-        raise UploadError(f"the image is over RECEIVER_MAX_IMAGE_BYTES ({max_bytes} bytes)", 413)
-    content_type = imageinfo.sniff(data[: imageinfo.SNIFF_BYTES])
-    if content_type is None:
-        raise UploadError("the body is not a PNG, JPEG or WebP image", 415)
-    name = f"{hashlib.sha256(data).hexdigest()}.{imageinfo.EXTENSIONS[content_type]}"
-    path = uploads / name
-    if not path.exists():
-        uploads.mkdir(parents=True, exist_ok=True)
-        temp = uploads / f".{name}.{secrets.token_hex(4)}.part"
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    return name, content_type
+async def keep_upload(media: Media, chunks: AsyncIterable[bytes], max_bytes: int) -> tuple[str, str, int]:
+    """Keep an image streamed in; returns (name, content type, size). Raises UploadError (413 or 415),
+    MediaError when the store fails."""
+    try:
+        stored = await store_image(media, None, chunks, max_bytes, folder="uploads")
+    except ImageRefused as exc:
+        if exc.kind == "too_large":
+            raise UploadError(
+                f"the image is over RECEIVER_MAX_IMAGE_BYTES ({max_bytes} bytes)", 413
+            ) from None
+        raise UploadError("the body is not a PNG, JPEG or WebP image", 415) from None
+    return stored.key.rsplit("/", 1)[-1], stored.content_type, stored.size
 
 
 def decode_data_uri(value: str) -> bytes:

@@ -24,6 +24,8 @@ from receiver.downloads import DownloadError
 from receiver.downloads import fetch_image
 from receiver.logs import event
 from receiver.logs import redact_url
+from receiver.media import Media
+from receiver.media import MediaError
 from receiver.models import ErrorCode
 from receiver.models import Outcome
 from receiver.models import ProviderRejected
@@ -40,6 +42,7 @@ from receiver.store import Job
 from receiver.store import Store
 from receiver.store import timed_out
 from receiver.tasks import task_spec
+from receiver.tasks import uploads_of
 from receiver.tokens import Tokens
 
 log = logging.getLogger("receiver.worker")
@@ -113,8 +116,10 @@ class Worker:
         tokens: Tokens,
         provider_http: httpx.AsyncClient,
         outside_http: httpx.AsyncClient,
+        media: Media,
     ) -> None:
         self.settings = settings
+        self.media = media
         self.store = store
         self.tokens = tokens
         self.provider_http = provider_http
@@ -245,9 +250,12 @@ class Worker:
             self.pacer.release(provider.name, row["model"])
 
     async def _submit(self, job: Job, row: sqlite3.Row, provider: Provider) -> None:
-        spec = task_spec(row, self.tokens, self.settings.media_dir / "uploads", provider.inline_images)
         timeout = self.settings.sync_timeout if provider.synchronous else self.settings.http_timeout
         try:
+            inline = None
+            if provider.inline_images:
+                inline = {name: await self.media.read(f"uploads/{name}") for name in uploads_of(row)}
+            spec = task_spec(row, self.tokens, inline)
             request = provider.build_submit(spec, self._context(row["provider"], row["id"]))
             # A synchronous provider generates inside this call: it gets the long timeout.
             request.extensions["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT).as_dict()
@@ -258,7 +266,7 @@ class Worker:
                 job, provider, ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code
             )
             return
-        except (ProviderUnavailable, httpx.HTTPError) as exc:
+        except (ProviderUnavailable, httpx.HTTPError, MediaError) as exc:
             message = exc.message if isinstance(exc, ProviderUnavailable) else f"{type(exc).__name__}: {exc}"
             if maybe_ran(exc):
                 if isinstance(exc, httpx.TimeoutException):
@@ -345,10 +353,11 @@ class Worker:
             return
         url = image["source_url"]
         client = self.provider_http if url.startswith(self._own_links) else self.outside_http
-        dest = self.settings.media_dir / job.task_id / str(job.arg)
         started = time.monotonic()
         try:
-            stored = await fetch_image(client, url, dest, self.settings.max_image_bytes)
+            stored = await fetch_image(
+                client, url, self.media, f"{job.task_id}/{job.arg}", self.settings.max_image_bytes
+            )
         except DownloadError as exc:
             metrics.DOWNLOADS.labels(exc.kind).inc()
             delays = self.settings.download_retry_delays
@@ -377,10 +386,9 @@ class Worker:
             host=redact_url(url),
             seconds=round(time.monotonic() - started, 3),
         )
-        relative = str(stored.path.relative_to(self.settings.media_dir))
         await self.store.record_image(
             job,
-            path=relative,
+            path=stored.key,
             content_type=stored.content_type,
             size=stored.size,
             sha256=stored.sha256,
