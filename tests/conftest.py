@@ -10,6 +10,7 @@ import pytest
 from tests.fakes.kie import KEY as KIE_KEY
 from tests.fakes.kie import KieFake
 from tests.harness import Receiver
+from tests.s3 import MotoS3
 
 
 @pytest.fixture
@@ -52,3 +53,11 @@ def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
 @pytest.fixture
 def kie_receiver(kie: KieFake, start_receiver: Callable[..., Receiver]) -> Receiver:
     return start_receiver(KIE_API_KEY=KIE_KEY, KIE_BASE_URL=kie.url)
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[MotoS3]:
+    """moto's S3 server on loopback, shared by the session; each test makes its own bucket."""
+    server = MotoS3().start()
+    yield server
+    server.stop()
