@@ -45,6 +45,7 @@ from receiver.uploads import NAME
 from receiver.uploads import UploadError
 from receiver.uploads import decode_data_uri
 from receiver.uploads import keep_upload
+from receiver.web import MEDIA_HEADERS
 from receiver.web import ApiError
 from receiver.web import deep_field
 from receiver.web import json_problem
@@ -391,7 +392,7 @@ class Api:
         headers = {
             "ETag": etag,
             "Cache-Control": "private, max-age=86400, immutable",
-            "X-Content-Type-Options": "nosniff",
+            **MEDIA_HEADERS,
         }
         if etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import httpx
 from starlette.applications import Starlette
@@ -14,7 +17,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.responses import RedirectResponse
 from starlette.responses import Response
+from starlette.routing import Match
 from starlette.routing import Route
 
 from receiver import USER_AGENT
@@ -79,7 +84,18 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
             return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    metrics_digest = (
+        hashlib.sha256(settings.metrics_token.encode()).digest() if settings.metrics_token else None
+    )
+
     async def metrics_endpoint(request: Request) -> Response:
+        if metrics_digest is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            offered = hashlib.sha256(given.strip().encode()).digest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, metrics_digest):
+                raise ApiError(
+                    401, "unauthorized", "/metrics wants 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'"
+                )
         counts = await store.task_counts()
         metrics.TASKS.clear()
         for (provider, status), count in counts.items():
@@ -144,8 +160,24 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            other = slash_twin(request)
+            if other is not None:
+                return RedirectResponse(other, status_code=307)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    def slash_twin(request: Request) -> str | None:
+        """`/path/` ↔ `/path` when that one is served: under RECEIVER_PUBLIC_URL, never the Host header."""
+        path = request.url.path
+        if path == "/":
+            return None
+        twin = path.rstrip("/") if path.endswith("/") else path + "/"
+        scope = {**request.scope, "path": twin}
+        if not any(route.matches(scope)[0] != Match.NONE for route in app.router.routes):
+            return None
+        query = request.url.query
+        return f"{settings.public_url}{quote(twin)}" + (f"?{query}" if query else "")
 
     app = Starlette(
         routes=routes,
@@ -153,6 +185,8 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         exception_handlers={ApiError: api_error, HTTPException: http_error},
         middleware=[Middleware(metrics.HttpMetrics)],
     )
+    # Starlette's own slash redirect builds its Location from the Host header; ours (above) does not.
+    app.router.redirect_slashes = False
     app.state.store = store
     app.state.settings = settings
     app.state.media = media

@@ -65,6 +65,7 @@ class Settings:
     media_url: str | None = None  # s3://bucket[/prefix]; None: the media directory under data_dir
     media_redirect: bool = False
     aws: Mapping[str, str] = field(default_factory=dict)  # the AWS_* variables the bucket is reached with
+    metrics_token: str | None = None  # RECEIVER_METRICS_TOKEN: when set, /metrics wants it as a bearer
 
     @property
     def db_path(self) -> Path:
@@ -346,4 +347,12 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         media_url=media_url,
         media_redirect=media_redirect,
         aws=aws,
+        metrics_token=_metrics_token(env),
     )
+
+
+def _metrics_token(env: Mapping[str, str]) -> str | None:
+    token = env.get("RECEIVER_METRICS_TOKEN") or None
+    if token is not None and len(token) < 16:
+        raise ConfigError("RECEIVER_METRICS_TOKEN must be at least 16 characters")
+    return token

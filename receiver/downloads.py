@@ -38,10 +38,26 @@ class DownloadError(Exception):
         self.kind = kind  # a short label for metrics: http_404, too_large, not_image, refused, timeout …
 
 
+# IPv6 ranges whose low 32 bits are an IPv4 address a gateway or the host itself may reach:
+# NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48), IPv4-compatible (::/96, deprecated),
+# and SIIT's IPv4-translated ::ffff:0:0:0/96. The embedded address is the one that is judged.
+EMBEDS_IPV4 = tuple(
+    ipaddress.IPv6Network(net) for net in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")
+)
+SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")  # deprecated, yet still routed inside some networks
+
+
 def is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in SITE_LOCAL:
+            return False
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
+        elif any(ip in net for net in EMBEDS_IPV4):
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return ip.is_global and not ip.is_multicast
 
 
@@ -154,8 +170,9 @@ async def fetch_image(
     client: httpx.AsyncClient, url: str, media: Media, stem: str, max_bytes: int
 ) -> StoredImage:
     """Stream `url` into the media store at `stem`.<ext>; it appears there only once every check passed."""
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise DownloadError("the image link is not an http or https URL", permanent=True, kind="not_http")
+    problem = url_problem(url)
+    if problem:
+        raise DownloadError(f"the image link: {problem}", permanent=True, kind="bad_url")
     try:
         async with client.stream("GET", url) as response:
             status = response.status_code
@@ -190,6 +207,12 @@ async def fetch_image(
         raise DownloadError(f"refused: {exc}", permanent=True, kind="refused") from None
     except httpx.TooManyRedirects:
         raise DownloadError("too many redirects", permanent=True, kind="redirects") from None
+    except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.RemoteProtocolError) as exc:
+        # A redirect off http(s) (file://, gopher://) or to a URL that cannot be read: asking again
+        # gives the same answer. (A RemoteProtocolError before any redirect is a broken answer.)
+        if isinstance(exc, httpx.RemoteProtocolError) and "location" not in str(exc).lower():
+            raise DownloadError(f"{type(exc).__name__}: {exc}", permanent=False, kind="network") from None
+        raise DownloadError(f"refused: {exc}", permanent=True, kind="refused") from None
     except (httpx.TransportError, httpx.StreamError) as exc:
         kind = "timeout" if isinstance(exc, httpx.TimeoutException) else "network"
         raise DownloadError(

@@ -28,10 +28,16 @@ def event(logger: logging.Logger, message: str, *, level: int = logging.INFO, **
 
 def redact_url(url: str) -> str:
     """A URL fit for a log line: no query string (signed links carry their signature there), no user."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "(a URL that cannot be read)"
     host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
+    if len(host) > 80:
+        host = host[:77] + "..."
+    if port:
+        host = f"{host}:{port}"
     path = parts.path if len(parts.path) <= 80 else parts.path[:77] + "..."
     return f"{parts.scheme}://{host}{path}"
 

@@ -25,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.providers.sandbox import parse_ratio
+from receiver.web import MEDIA_HEADERS
 from receiver.web import read_capped
 
 log = logging.getLogger("receiver.sandbox")
@@ -142,7 +143,7 @@ class SandboxService:
         path = self.directory / name
         if not FILE.match(name) or not path.exists():
             return JSONResponse({"error": "no such file"}, status_code=404)
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type="image/png", headers=MEDIA_HEADERS)
 
     async def _finish_later(self, job: dict[str, Any]) -> None:
         await asyncio.sleep(max(0.0, job["ready_at"] - time.time()))

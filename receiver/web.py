@@ -22,6 +22,14 @@ MAX_DEPTH = 32  # levels of JSON nesting a stored value may have (CONTRACT.md v2
 SMALL_NUMBER = re.compile(r"[0-9]{1,18}")
 
 
+# Stored images and uploads are someone else's bytes: never sniffed into HTML, never run as a page.
+MEDIA_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Disposition": "inline",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, fields: Mapping[str, str] | None = None) -> None:
         super().__init__(message)

@@ -55,6 +55,32 @@ def test_three_failures_then_success(kie: KieFake, kie_receiver: Receiver) -> No
     ]
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1", "http://example.com:99999/a.png", "http://" + "a" * 70_000 + "/a.png", "ftp://x/a.png"],
+    ids=["bracket", "port", "long-host", "ftp"],
+)
+def test_a_result_link_that_cannot_be_parsed_fails_the_task_at_once(
+    kie: KieFake, kie_receiver: Receiver, url: str
+) -> None:
+    done = run_task(kie_receiver, kie, url)
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "download_failed"  # type: ignore[index]
+    tries = [e for e in kie_receiver.events(str(done["id"])) if e["kind"] == "download"]
+    assert len(tries) == 1, tries  # failed on the first try, never retried
+
+
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "gopher://example.com/", "http://[::1/x"])
+def test_a_redirect_off_http_is_a_refusal_not_a_retry(
+    kie: KieFake, kie_receiver: Receiver, location: str
+) -> None:
+    done = run_task(kie_receiver, kie, kie.host("moved.png", redirect=location))
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "download_failed"  # type: ignore[index]
+    assert "refused" in done["error"]["message"]  # type: ignore[index]
+    assert kie.files["moved.png"].fetches == 1
+
+
 def test_transient_failures_give_up_after_the_schedule(kie: KieFake, kie_receiver: Receiver) -> None:
     url = kie.host("down.png", failures=deque([503] * 10))
     done = run_task(kie_receiver, kie, url)
@@ -92,6 +118,21 @@ def test_result_links_on_private_addresses_are_refused(
         ("::ffff:127.0.0.1", False),
         ("::ffff:8.8.8.8", True),
         ("224.0.0.1", False),
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("64:ff9b:1::a00:1", False),  # local-use NAT64 of 10.0.0.1
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2002:c0a8:101::1", False),  # 6to4 of 192.168.1.1
+        ("2002:808:808::1", True),  # 6to4 of 8.8.8.8
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("::10.0.0.1", False),
+        ("::8.8.8.8", True),
+        ("::ffff:0:127.0.0.1", False),  # IPv4-translated (SIIT)
+        ("::ffff:0:a9fe:a9fe", False),
+        ("fec0::1", False),  # site-local
+        ("fee0::1", False),
+        ("::", False),
     ],
 )
 def test_the_address_rule(address: str, public: bool) -> None:

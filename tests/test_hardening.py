@@ -8,10 +8,13 @@ import socket
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from receiver.config import ConfigError
+from receiver.config import load_settings
 from tests.fakes.common import png
 from tests.harness import Receiver
 
@@ -190,3 +193,62 @@ def test_only_the_canonical_token_and_signature_verify(receiver: Receiver) -> No
         answer = receiver.anon.post(token_url + tail, json=body)
         assert answer.status_code == 401, (tail, answer.text)
         assert answer.json()["error"]["code"] == "bad_token"
+
+
+def test_images_and_uploads_are_never_sniffed_or_run(receiver: Receiver) -> None:
+    task = receiver.wait(receiver.submit(provider="sandbox", prompt="x")["id"])
+    upload = receiver.alice.post("/v1/uploads", content=png(8, 8), headers={"Content-Type": "image/png"})
+    for answer in (
+        receiver.anon.get(task["images"][0]["url"]),
+        receiver.alice.get(f"/v1/tasks/{task['id']}/images/0"),
+        receiver.anon.get(upload.json()["url"]),
+    ):
+        assert answer.status_code == 200
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["content-disposition"] == "inline"
+        assert answer.headers["content-security-policy"] == "default-src 'none'; sandbox"
+
+
+def test_a_slash_redirect_points_at_the_public_url_only(start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(RECEIVER_PUBLIC_URL="https://receiver.example")
+    answer = receiver.alice.get("/v1/tasks/?limit=2", headers={"Host": "evil.example"})
+    assert answer.status_code == 307
+    assert answer.headers["location"] == "https://receiver.example/v1/tasks?limit=2"
+    answer = receiver.anon.get("/healthz/", headers={"Host": "evil.example", "X-Forwarded-Host": "evil"})
+    assert answer.headers["location"] == "https://receiver.example/healthz"
+    assert receiver.anon.get("/nothing/here/").status_code == 404
+
+
+def test_metrics_want_their_token_when_one_is_set(start_receiver: Callable[..., Receiver]) -> None:
+    token = "metrics-0123456789abcdef"
+    receiver = start_receiver(RECEIVER_METRICS_TOKEN=token)
+    for headers in ({}, {"Authorization": "Bearer nope-nope-nope-nope"}, {"Authorization": f"Basic {token}"}):
+        answer = receiver.anon.get("/metrics", headers=headers)
+        assert answer.status_code == 401, headers
+        assert answer.json()["error"]["code"] == "unauthorized"
+    assert receiver.alice.get("/metrics").status_code == 401  # an API key is not the metrics token
+    answer = receiver.anon.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200
+    assert "receiver_tasks" in answer.text or "receiver_callbacks_total" in answer.text
+
+
+def test_the_starlette_floor_is_past_cve_2025_62727() -> None:
+    import importlib.metadata
+    import re
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    floors = [re.fullmatch(r"starlette>=([0-9.]+)", dep) for dep in project["dependencies"]]
+    floor = next(match.group(1) for match in floors if match)
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"[0-9]+", text)[:3])
+
+    assert version(floor) >= (0, 49, 1)  # the release that fixed FileResponse's Range parsing
+    assert version(importlib.metadata.version("starlette")) >= version(floor)
+
+
+def test_a_short_metrics_token_stops_the_start(tmp_path: Path) -> None:
+    env = {"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_METRICS_TOKEN": "short"}
+    with pytest.raises(ConfigError, match="RECEIVER_METRICS_TOKEN"):
+        load_settings(env)

@@ -48,6 +48,7 @@ class HostedFile:
     failures: deque[int] = field(default_factory=deque)  # HTTP statuses to answer first, one per fetch
     fetches: int = 0
     chunk_delay: float = 0.0
+    redirect: str | None = None  # answer every fetch with a 302 to this Location
 
 
 class FakeProvider:
@@ -115,6 +116,8 @@ class FakeProvider:
         if hosted is None:
             return JSONResponse({"error": "not found"}, status_code=404)
         hosted.fetches += 1
+        if hosted.redirect is not None:
+            return Response(status_code=302, headers={"Location": hosted.redirect})
         if hosted.failures:
             return Response(b"try later", status_code=hosted.failures.popleft())
         if hosted.chunk_delay:
