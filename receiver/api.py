@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.responses import RedirectResponse
@@ -47,6 +48,7 @@ from receiver.uploads import decode_data_uri
 from receiver.uploads import keep_upload
 from receiver.web import MEDIA_HEADERS
 from receiver.web import ApiError
+from receiver.web import client_gone
 from receiver.web import deep_field
 from receiver.web import json_problem
 from receiver.web import read_capped
@@ -422,6 +424,8 @@ class Api:
             raise ApiError(413, "too_large", f"the image is over RECEIVER_MAX_IMAGE_BYTES ({cap} bytes)")
         try:
             name, kind, size = await keep_upload(self.media, request.stream(), cap)
+        except ClientDisconnect:
+            raise client_gone(request) from None
         except MediaError:
             raise _media_unavailable() from None
         except UploadError as exc:

@@ -125,7 +125,12 @@ async def read_capped(request: Request, cap: int) -> bytes:
             if len(body) > cap:
                 raise ApiError(413, "too_large", f"the body is over {cap} bytes")
     except ClientDisconnect:
-        # Nobody is left to answer: not a fault of ours, so no traceback (the answer goes nowhere).
-        event(log, "client went away mid-body", method=request.method, received=len(body))
-        raise ApiError(400, "client_disconnected", "the client went away before its body ended") from None
+        raise client_gone(request) from None
     return bytes(body)
+
+
+def client_gone(request: Request) -> ApiError:
+    """A client that disconnected mid-body: nobody is left to answer and it is no fault of ours, so an
+    INFO line and an error whose answer goes nowhere, never a traceback."""
+    event(log, "client went away mid-body", method=request.method)
+    return ApiError(400, "client_disconnected", "the client went away before its body ended")

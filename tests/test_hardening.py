@@ -166,7 +166,7 @@ def test_a_client_leaving_mid_body_is_not_an_error(
         "\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", receiver.served.port)) as sock:
-        sock.sendall(head.encode() + b'{"provider": "sandbox"')
+        sock.sendall(head.encode() + png(64, 64)[:200])  # a real image's start, then gone
     deadline = time.monotonic() + 10
     while not any("went away" in record.getMessage() for record in log_records.records):
         assert time.monotonic() < deadline, [record.getMessage() for record in log_records.records]
