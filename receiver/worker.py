@@ -362,7 +362,10 @@ class Worker:
             metrics.DOWNLOADS.labels(exc.kind).inc()
             delays = self.settings.download_retry_delays
             fields = {"task_id": job.task_id, "image": job.arg, "host": redact_url(url), "reason": exc.kind}
-            if exc.permanent or job.attempts > len(delays):
+            # Our own media store being down is not the image's fault: such a download keeps trying at
+            # the last delay until the bucket is back or the task's deadline ends it.
+            ours = exc.kind == "media"
+            if exc.permanent or (job.attempts > len(delays) and not ours):
                 tries = "" if exc.permanent else f" after {job.attempts} tries"
                 error = TaskError(ErrorCode.DOWNLOAD_FAILED, f"image {job.arg}: {exc.reason}{tries}")
                 event(log, "download failed, task failed", level=logging.WARNING, **fields)
@@ -372,7 +375,8 @@ class Worker:
             await self.store.add_event(
                 job.task_id, "download", True, f"image {job.arg} try {job.attempts} failed: {exc.reason}"
             )
-            await self.store.retry_job(job, delays[job.attempts - 1], exc.reason)
+            delay = delays[min(job.attempts, len(delays)) - 1] if delays else 1.0
+            await self.store.retry_job(job, delay, exc.reason)
             return
         metrics.DOWNLOADS.labels("stored").inc()
         metrics.DOWNLOAD_BYTES.inc(stored.size)
