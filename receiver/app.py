@@ -61,7 +61,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     callbacks = Callbacks(settings, store, tokens, key_sets)
     sandbox_settings = settings.provider("sandbox")
     sandbox = SandboxService(
-        settings.media_dir / "sandbox",
+        media,
         settings.public_url,
         sandbox_settings.api_key or "",
         settings.sandbox_delay,

@@ -1,5 +1,6 @@
 """The sandbox provider's far side, served by this app under /sandbox: it makes a real PNG locally and
-calls our own callback URL over HTTP, so the whole path runs with no key and no network."""
+calls our own callback URL over HTTP, so the whole path runs with no key and no network. Its tasks and
+pictures live in the media store under sandbox/, so any replica can answer for them."""
 
 from __future__ import annotations
 
@@ -8,22 +9,24 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import struct
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import httpx
 from starlette.requests import Request
-from starlette.responses import FileResponse
 from starlette.responses import JSONResponse
 from starlette.responses import Response
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from receiver.media import Media
+from receiver.media import MediaError
+from receiver.media import MediaMissing
+from receiver.media import one_chunk
 from receiver.providers.sandbox import parse_ratio
 from receiver.web import MEDIA_HEADERS
 from receiver.web import read_capped
@@ -75,13 +78,12 @@ def image_size(aspect_ratio: str) -> tuple[int, int]:
 
 
 class SandboxService:
-    def __init__(self, directory: Path, public_url: str, api_key: str, default_delay: float) -> None:
-        self.directory = directory
+    def __init__(self, media: Media, public_url: str, api_key: str, default_delay: float) -> None:
+        self.media = media
         self.public_url = public_url
         self.api_key = api_key
         self.default_delay = default_delay
         self._running: set[asyncio.Task[None]] = set()
-        directory.mkdir(parents=True, exist_ok=True)
 
     def routes(self) -> list[Route]:
         return [
@@ -123,7 +125,10 @@ class SandboxService:
             return JSONResponse({"error": "num_images is 1 to 4, delay 0 to 600 s"}, status_code=422)
         task_id = f"sbx_{secrets.token_hex(12)}"
         job.update(id=task_id, callback_url=callback_url)
-        self._save(task_id, job)
+        try:
+            await self._save(task_id, job)
+        except MediaError:
+            return _unavailable()
         task = asyncio.create_task(self._finish_later(job))
         self._running.add(task)
         task.add_done_callback(self._running.discard)
@@ -133,23 +138,36 @@ class SandboxService:
         if not self._authorized(request):
             return JSONResponse({"error": "bad sandbox key"}, status_code=401)
         task_id = request.path_params["id"]
-        job = self._load(task_id) if ID.match(task_id) else None
-        if job is None:
-            return JSONResponse({"error": "no such task"}, status_code=404)
-        return JSONResponse(self._result(job))
+        try:
+            job = await self._load(task_id) if ID.match(task_id) else None
+            if job is None:
+                return JSONResponse({"error": "no such task"}, status_code=404)
+            return JSONResponse(await self._result(job))
+        except MediaError:
+            return _unavailable()
 
     async def file(self, request: Request) -> Response:
         name = request.path_params["name"]
-        path = self.directory / name
-        if not FILE.match(name) or not path.exists():
+        if not FILE.match(name):
             return JSONResponse({"error": "no such file"}, status_code=404)
-        return FileResponse(path, media_type="image/png", headers=MEDIA_HEADERS)
+        try:
+            stored = await self.media.open(f"sandbox/{name}")
+        except MediaMissing:
+            return JSONResponse({"error": "no such file"}, status_code=404)
+        except MediaError:
+            return _unavailable()
+        headers = {**MEDIA_HEADERS, "Content-Length": str(stored.size)}
+        return StreamingResponse(stored.chunks, media_type="image/png", headers=headers)
 
     async def _finish_later(self, job: dict[str, Any]) -> None:
         await asyncio.sleep(max(0.0, job["ready_at"] - time.time()))
         if job["outcome"] == "no_callback":
             return
-        payload = json.dumps(self._result(job)).encode()
+        try:
+            payload = json.dumps(await self._result(job)).encode()
+        except MediaError as exc:
+            log.warning("sandbox callback skipped, the status query will tell: %s", exc)
+            return
         async with httpx.AsyncClient(timeout=10.0) as client:
             for attempt in range(3):
                 try:
@@ -162,7 +180,7 @@ class SandboxService:
                     log.warning("sandbox callback failed: %s", type(exc).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
 
-    def _result(self, job: dict[str, Any]) -> dict[str, Any]:
+    async def _result(self, job: dict[str, Any]) -> dict[str, Any]:
         """The task as the sandbox reports it; images are made on first need, so a restart loses nothing."""
         if time.time() < job["ready_at"]:
             return {"id": job["id"], "status": "running"}
@@ -181,20 +199,22 @@ class SandboxService:
         width, height = image_size(job["aspect_ratio"])
         for index in range(job["num_images"]):
             name = f"{job['id']}-{index}.png"
-            path = self.directory / name
-            if not path.exists():
-                temp = path.with_suffix(".part")
-                temp.write_bytes(render_png(job["prompt"], job["seed"], index, width, height))
-                os.replace(temp, path)
+            if not await self.media.exists(f"sandbox/{name}"):
+                picture = render_png(job["prompt"], job["seed"], index, width, height)
+                await self.media.put(f"sandbox/{name}", one_chunk(picture))
             urls.append(f"{self.public_url}/sandbox/files/{name}")
         return {"id": job["id"], "status": "succeeded", "images": urls}
 
-    def _save(self, task_id: str, job: dict[str, Any]) -> None:
-        (self.directory / f"{task_id}.json").write_text(json.dumps(job))
+    async def _save(self, task_id: str, job: dict[str, Any]) -> None:
+        await self.media.put(f"sandbox/{task_id}.json", one_chunk(json.dumps(job).encode()))
 
-    def _load(self, task_id: str) -> dict[str, Any] | None:
+    async def _load(self, task_id: str) -> dict[str, Any] | None:
         try:
-            loaded: dict[str, Any] = json.loads((self.directory / f"{task_id}.json").read_text())
-        except FileNotFoundError:
+            loaded: dict[str, Any] = json.loads(await self.media.read(f"sandbox/{task_id}.json"))
+        except MediaMissing:
             return None
         return loaded
+
+
+def _unavailable() -> Response:
+    return JSONResponse({"error": "the media store is unavailable"}, status_code=503)

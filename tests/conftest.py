@@ -61,3 +61,12 @@ def s3() -> Iterator[MotoS3]:
     server = MotoS3().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["dir", "s3"])
+def media_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The media settings of each backend the shared suites run on: the data dir, and a bucket."""
+    if request.param == "dir":
+        return {}
+    s3: MotoS3 = request.getfixturevalue("s3")
+    return s3.env(s3.new_bucket(), "e2e")

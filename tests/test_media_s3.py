@@ -167,3 +167,20 @@ def test_local_media_is_readable_by_the_service_user_only(
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for folder in (media, media / task["id"], media / "uploads"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_the_sandbox_keeps_its_tasks_in_the_bucket_for_every_replica(
+    s3: MotoS3, start_receiver: Callable[..., Receiver]
+) -> None:
+    bucket = s3.new_bucket()
+    first = start_receiver("one", **s3.env(bucket))
+    task = first.wait(first.submit(provider="sandbox", prompt="shared")["id"])
+    assert task["status"] == "succeeded", task
+    sandbox_id = task["provider_task_id"]
+    assert set(s3.keys(bucket, "sandbox/")) == {f"sandbox/{sandbox_id}.json", f"sandbox/{sandbox_id}-0.png"}
+    # Another replica on the same bucket serves the sandbox's picture, byte for byte.
+    second = start_receiver("two", **s3.env(bucket))
+    picture = second.anon.get(f"/sandbox/files/{sandbox_id}-0.png")
+    assert picture.status_code == 200
+    assert picture.content == s3.body(bucket, f"sandbox/{sandbox_id}-0.png")
+    assert picture.content == first.anon.get(task["images"][0]["url"]).content

@@ -40,8 +40,10 @@ def fake(request: pytest.FixtureRequest) -> Iterator[ProviderFake]:
 
 
 @pytest.fixture
-def receiver(fake: ProviderFake, start_receiver: Callable[..., Receiver]) -> Receiver:
-    return start_receiver(**fake.receiver_env(), RECEIVER_RECONCILE_AFTER=0.3)
+def receiver(
+    fake: ProviderFake, start_receiver: Callable[..., Receiver], media_env: dict[str, str]
+) -> Receiver:
+    return start_receiver(**fake.receiver_env(), **media_env, RECEIVER_RECONCILE_AFTER=0.3)
 
 
 def submit(receiver: Receiver, fake: ProviderFake, image: bool = False) -> tuple[str, str]:
