@@ -1,11 +1,12 @@
 """Every shell and Python example in README.md runs as shown, in order, against the served receiver.
 
 The receiver runs as a real process (`python -m receiver serve`, what scripts/serve starts) with
-RECEIVER_ALLOW_PRIVATE_URLS=1, as the README's notification example asks. Each ```sh block runs in bash
-(`set -eu`), each ```python block in the virtualenv's Python, all in one scratch directory, with
-RECEIVER_API_KEY set (so the README's `export RECEIVER_API_KEY=dev_...` lines, whose value a reader pastes,
-are left out) and the README's ports 8000 and 9000 mapped to free ones. A Python block whose first line
-is `# NAME.py: …` is a file the README asks to save. A block right after a
+RECEIVER_ALLOW_PRIVATE_URLS=1, as the README's notification example asks. Each ```sh block runs in
+bash (`set -eu`), each ```python block in the virtualenv's Python, all in one scratch directory.
+RECEIVER_API_KEY, RECEIVER_NOTIFY_SECRET and RECEIVER_METRICS_TOKEN are set as for the service (so the
+README's `export RECEIVER_API_KEY=dev_...` lines, whose value a reader pastes, are left out), and the
+README's ports 8000 and 9000 are mapped to free ones. A Python block whose first line is
+`# NAME.py: …` is a file the README asks to save. A block right after a
 `<!-- not run by tests/test_readme.py: … -->` line is skipped (starting the service itself, Docker).
 """
 
@@ -63,13 +64,14 @@ def test_the_examples_are_found() -> None:
 def test_every_example_runs_as_shown(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    service = ReceiverProcess(work / "data", {"RECEIVER_NOTIFY_SECRET": SECRET}).start()
+    secrets = {"RECEIVER_NOTIFY_SECRET": SECRET, "RECEIVER_METRICS_TOKEN": "metrics-token-0123456789"}
+    service = ReceiverProcess(work / "data", secrets).start()
     hook_port = free_port()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "RECEIVER_API_KEY": ALICE,
-        "RECEIVER_NOTIFY_SECRET": SECRET,
+        **secrets,
     }
     env["RECEIVER_URL"] = service.url  # the command line's default, http://127.0.0.1:8000, mapped too
     sessions: list[int] = []
