@@ -15,6 +15,7 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
+from starlette.responses import FileResponse
 from starlette.responses import JSONResponse
 from starlette.responses import RedirectResponse
 from starlette.responses import Response
@@ -389,8 +390,8 @@ class Api:
         return await self._serve(request, image["path"], image["content_type"], etag)
 
     async def _serve(self, request: Request, key: str, content_type: str, etag: str) -> Response:
-        """A stored object: streamed with its length, or with RECEIVER_MEDIA_REDIRECT a 302 to a
-        presigned URL of the bucket."""
+        """A stored object: a file from the media directory (with ranges, as before there was a bucket);
+        from a bucket streamed with its length, or with RECEIVER_MEDIA_REDIRECT a 302 to a presigned URL."""
         headers = {
             "ETag": etag,
             "Cache-Control": "private, max-age=86400, immutable",
@@ -398,6 +399,11 @@ class Api:
         }
         if etag in request.headers.get("if-none-match", ""):
             return Response(status_code=304, headers=headers)
+        path = self.media.local_path(key)
+        if path is not None:
+            if not path.is_file():
+                raise ApiError(404, "not_found", "no such image")
+            return FileResponse(path, media_type=content_type, headers=headers)
         try:
             if self.settings.media_redirect:
                 url = await self.media.presign(key, PRESIGN_SECONDS)

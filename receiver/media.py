@@ -68,6 +68,9 @@ class Media(Protocol):
     async def presign(self, key: str, seconds: int) -> str | None:
         """A URL that serves the object for `seconds` without our credentials, or None if there is none."""
 
+    def local_path(self, key: str) -> Path | None:
+        """The object's file when the store is a directory (served as a file: ranges, sendfile)."""
+
     async def ready(self) -> str | None:
         """Why the store cannot take writes now, or None when it can."""
 
@@ -183,6 +186,9 @@ class LocalMedia:
 
     async def presign(self, key: str, seconds: int) -> str | None:
         return None
+
+    def local_path(self, key: str) -> Path | None:
+        return self._path(key)
 
     async def ready(self) -> str | None:
         probe = self.root / f".ready.{secrets.token_hex(4)}"
@@ -308,6 +314,9 @@ class S3Media:
             return await obstore.sign_async(self.store, "GET", _checked_key(key), timedelta(seconds=seconds))
         except STORE_ERRORS as exc:
             raise MediaError(f"cannot sign a link: {_reason(exc)}") from None
+
+    def local_path(self, key: str) -> Path | None:
+        return None
 
     async def ready(self) -> str | None:
         probe = f".ready/{secrets.token_hex(8)}"

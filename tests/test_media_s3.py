@@ -161,6 +161,9 @@ def test_local_media_is_readable_by_the_service_user_only(
     assert task["status"] == "succeeded", task
     upload = receiver.alice.post("/v1/uploads", content=png(5, 5), headers={"Content-Type": "image/png"})
     assert upload.status_code == 201
+    part = receiver.anon.get(task["images"][0]["url"], headers={"Range": "bytes=0-7"})
+    assert part.status_code == 206  # a file from the directory still answers ranges
+    assert part.content == b"\x89PNG\r\n\x1a\n"
     media = tmp_path / "data" / "media"
     stored = [media / task["id"] / "0.png", media / "uploads" / f"{upload.json()['sha256']}.png"]
     for path in stored:
