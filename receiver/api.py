@@ -124,7 +124,7 @@ class Api:
             id=f"tsk_{secrets.token_hex(12)}",
             tenant=tenant,
             provider=provider.name,
-            model=task_request.model or provider.default_model,
+            model=task_request.model or provider.model_for(bool(task_request.images)),
             prompt=task_request.prompt,
             request={
                 "images": images,
@@ -234,20 +234,9 @@ class Api:
                 errors["notify_url"] = problem
                 notify_url = None
         if provider is not None and "provider" not in errors:
-            given = {name for name in OPTIONAL_FIELDS if body.get(name) not in (None, [], {})}
-            for name in sorted(given - provider.fields):
-                errors[name] = f"{provider.name} does not take this field"
-            if (
-                model is not None
-                and "model" not in errors
-                and not provider.accepts_any_model
-                and (model not in provider.models)
-            ):
-                errors["model"] = f"{provider.name} takes one of {', '.join(provider.models)}"
-            if "images" not in errors and not provider.min_images <= len(images) <= provider.max_images:
-                errors["images"] = (
-                    f"{provider.name} takes {provider.min_images} to {provider.max_images} images"
-                )
+            draft = TaskRequest(provider.name, "", model, tuple(images), params, options, None, {})
+            for name, problem in provider.problems(draft).items():
+                errors.setdefault(name, problem)
         for name, value in body.items():
             problem = json_problem(value)
             if problem:

@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from receiver.config import Settings
 from receiver.providers import REGISTRY
+from receiver.providers import Provider
 from receiver.web import ApiError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -65,18 +66,53 @@ def provider_list(settings: Settings) -> list[dict[str, Any]]:
         provider = REGISTRY[name]
         if not settings.provider(name).api_key:
             continue
-        offered.append(
-            {
-                "name": provider.name,
-                "models": list(provider.models),
-                "default_model": provider.default_model,
-                "accepts_any_model": provider.accepts_any_model,
-                "fields": sorted(provider.fields),
-                "min_images": provider.min_images,
-                "max_images": provider.max_images,
-            }
-        )
+        offered.append(provider_entry(provider, settings))
     return offered
+
+
+def provider_entry(provider: Provider, settings: Settings) -> dict[str, Any]:
+    """One provider as apps and the console build their forms from it: what it sells, what each model
+    takes, and the limits the receiver paces it by (a pace group's are its owner's, as in pacing)."""
+    owner = REGISTRY.get(provider.pace_group or provider.name, provider)
+    configured = settings.provider(owner.name)
+    per_window, window = owner.rate_limit or (None, None)
+    if configured.max_per_minute:
+        per_window, window = configured.max_per_minute, 60.0
+    models = {}
+    for model in (*provider.models, *provider.native_models):
+        least, most = provider.image_range(model)
+        models[model] = {
+            "min_images": least,
+            "max_images": most,
+            # The provider's own id for it, without and with input images (a native id is itself).
+            "text_to_image": provider.native_model(model, False) if least == 0 else None,
+            "edit": provider.native_model(model, True) if most > 0 else None,
+        }
+    return {
+        "name": provider.name,
+        "models": list(provider.models),
+        "native_models": list(provider.native_models),
+        "other_models": provider.native_hint or None,
+        "default_model": provider.default_model,
+        "accepts_any_model": provider.accepts_any_model,
+        "model_inputs": models,
+        "fields": sorted(provider.fields),
+        "min_images": provider.min_images,
+        "max_images": provider.max_images,
+        "data_uris": "sent inline" if provider.inline_images else "sent as signed links",
+        "synchronous": provider.synchronous,
+        "limits": {
+            "max_concurrent": configured.max_concurrent or owner.max_concurrent,
+            "max_concurrent_by_model": dict(provider.max_concurrent_by_model),
+            "new_tasks_per_window": per_window,
+            "window_seconds": window,
+            "shared_with": sorted(
+                other.name
+                for other in REGISTRY.values()
+                if provider.pace_group and other.pace_group == provider.pace_group and other is not provider
+            ),
+        },
+    }
 
 
 class _Asset:

@@ -195,6 +195,11 @@ class TaskRequest:
     notify_url: str | None
     metadata: Mapping[str, Any]
 
+    def given(self) -> set[str]:
+        """The optional fields this request sets (what a provider must be able to honour)."""
+        named = {"model": self.model is not None, "images": bool(self.images), "options": bool(self.options)}
+        return {name for name, set_ in named.items() if set_} | set(self.params)
+
 
 @dataclass(frozen=True)
 class TaskSpec:

@@ -135,6 +135,47 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                 },
                 "min_images": {"type": "integer"},
                 "max_images": {"type": "integer"},
+                "native_models": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "the provider's own ids, also taken as given",
+                },
+                "other_models": {
+                    "type": ["string", "null"],
+                    "description": "how other native ids it takes look (accepts_any_model)",
+                },
+                "model_inputs": {
+                    "type": "object",
+                    "description": "per model: image count; the provider's id without and with images",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {
+                            "min_images": {"type": "integer"},
+                            "max_images": {"type": "integer"},
+                            "text_to_image": {"type": ["string", "null"]},
+                            "edit": {"type": ["string", "null"]},
+                        },
+                    },
+                },
+                "data_uris": {"type": "string", "enum": ["sent inline", "sent as signed links"]},
+                "synchronous": {"type": "boolean", "description": "generates inside the submit call"},
+                "limits": {
+                    "type": "object",
+                    "properties": {
+                        "max_concurrent": {"type": ["integer", "null"]},
+                        "max_concurrent_by_model": {
+                            "type": "object",
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "new_tasks_per_window": {"type": ["integer", "null"]},
+                        "window_seconds": {"type": ["number", "null"]},
+                        "shared_with": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "providers paced together with it (one account)",
+                        },
+                    },
+                },
             },
         },
     }

@@ -124,7 +124,7 @@ def test_it_is_registered_under_its_name_and_key() -> None:
     assert isinstance(REGISTRY["apimart"], Apimart)
     assert PROVIDER.key_variable == "APIMART_API_KEY"
     assert PROVIDER.default_model == "flux-kontext-pro"
-    assert PROVIDER.models == ("flux-kontext-pro", "flux-kontext-max")
+    assert PROVIDER.models == ("flux-kontext-pro", "flux-kontext-max", "flux-2-pro", "flux-2-flex")
     assert not PROVIDER.inline_images  # data URIs go over as signed links
 
 
@@ -369,7 +369,7 @@ def test_requests_apimart_cannot_honour_are_422(receiver: Receiver) -> None:
         ({"safety_tolerance": 7}, "safety_tolerance", "0 to 6"),
         ({"seed": 7}, "seed", "does not take"),
         ({"num_images": 2}, "num_images", "does not take"),
-        ({"model": "flux-2-pro"}, "model", "flux-kontext-pro"),
+        ({"model": "flux-2-max"}, "model", "flux-kontext-pro, flux-kontext-max, flux-2-pro, flux-2-flex"),
     ]
     for extra, field, says in cases:
         answer = receiver.alice.post("/v1/tasks", json={"provider": "apimart", "prompt": "p", **extra})

@@ -75,11 +75,25 @@ def test_providers_lists_what_this_deployment_offers(start_receiver: Callable[..
     assert items["sandbox"] == {
         "name": "sandbox",
         "models": ["sandbox"],
+        "native_models": [],
+        "other_models": None,
         "default_model": "sandbox",
         "accepts_any_model": False,
+        "model_inputs": {
+            "sandbox": {"min_images": 0, "max_images": 1, "text_to_image": "sandbox", "edit": "sandbox"}
+        },
         "fields": ["aspect_ratio", "images", "model", "num_images", "options", "output_format", "seed"],
         "min_images": 0,
         "max_images": 1,
+        "data_uris": "sent as signed links",
+        "synchronous": False,
+        "limits": {
+            "max_concurrent": None,
+            "max_concurrent_by_model": {},
+            "new_tasks_per_window": None,
+            "window_seconds": None,
+            "shared_with": [],
+        },
     }
     assert items["kie"]["default_model"] == "flux-kontext-pro"
     assert "flux-kontext-max" in items["kie"]["models"]
@@ -235,7 +249,7 @@ def test_console_uploads_a_file_and_shows_field_errors(
     page.fill("#model", "flux-kontext-max")
     page.click("#submit-task")
     page.wait_for_selector("[data-field=model] .field-error:not([hidden])")
-    assert "sandbox takes one of sandbox" in page.text_content("[data-field=model] .field-error")
+    assert "sandbox sells sandbox" in page.text_content("[data-field=model] .field-error")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "console-form.png"), full_page=True)
     page.fill("#model", "sandbox")

@@ -339,7 +339,6 @@ def test_valid_requests_pass() -> None:
         (request(prompt="x" * 5001), "prompt", "3 to 5000"),
         (request(model="flux-kontext-pro"), "model", "flux-2/"),
         (request(model="flux-2/Pro image"), "model", "flux-2/"),
-        (request(model="flux-2/pro-text-to-image"), "model", "image-to-image"),
         (request(aspect_ratio="21:9"), "aspect_ratio", "3:2"),
         (request(resolution="4K"), "resolution", "1K, 2K"),
         (request(num_images=2), "num_images", "one image"),
@@ -356,7 +355,13 @@ def test_the_registry_offers_it_under_the_kie_key() -> None:
     provider = REGISTRY["kie-market"]
     assert isinstance(provider, KieMarket)
     assert provider.key_variable == "KIE_API_KEY"
-    assert (provider.min_images, provider.max_images) == (1, 8)
+    assert (provider.min_images, provider.max_images) == (0, 8)
+    # Image-to-image ids need 1 to 8 images, text-to-image ids none; shared names follow the images.
+    assert provider.image_range("flux-2/flex-image-to-image") == (1, 8)
+    assert provider.image_range("flux-2/pro-text-to-image") == (0, 0)
+    assert provider.native_model("flux-2-flex", True) == "flux-2/flex-image-to-image"
+    assert provider.native_model("flux-2-pro", False) == "flux-2/pro-text-to-image"
+    assert provider.model_for(True) == "flux-2/pro-image-to-image"  # the v1 default, unchanged
     assert not provider.inline_images  # data URIs become signed links
     assert provider.pace_group == REGISTRY["kie"].name  # one kie account: one rate limit for both APIs
 
@@ -433,7 +438,8 @@ def test_fields_the_market_cannot_take_are_refused(market: KieMarketFake, market
         ({"images": [image], "output_format": "png"}, "output_format"),
         ({"images": [image], "safety_tolerance": 2}, "safety_tolerance"),
         ({"images": [image], "prompt_upsampling": True}, "prompt_upsampling"),
-        ({}, "images"),
+        ({"model": "flux-2/pro-image-to-image"}, "images"),
+        ({"model": "flux-2/flex-text-to-image", "images": [image]}, "images"),
         ({"images": [image] * 9}, "images"),
         ({"images": [image], "prompt": "ab"}, "prompt"),
         ({"images": [image], "model": "flux-kontext-pro"}, "model"),

@@ -23,7 +23,7 @@ from receiver.models import Submission
 from receiver.models import TaskError
 from receiver.models import TaskRequest
 from receiver.models import TaskSpec
-from receiver.providers.base import KONTEXT_MODELS
+from receiver.providers.base import SHARED_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
 from receiver.providers.base import bearer_request
@@ -124,7 +124,8 @@ def task_outcome(task: Mapping[str, Any]) -> Outcome:
 class Apimart(Provider):
     name = "apimart"
     key_variable = "APIMART_API_KEY"
-    models = KONTEXT_MODELS
+    # FLUX 2 ids as listed by apimart's GET /v1/models in a real probe (README, apimart).
+    models = SHARED_MODELS
     default_model = "flux-kontext-pro"
     # apimart's generations endpoint has no seed, resolution or image count.
     fields = frozenset(OPTIONAL_FIELDS) - {"seed", "resolution", "num_images"}

@@ -34,8 +34,12 @@ class Context:
     keys: Any = None
 
 
-# The FLUX Kontext models every reseller of BFL's API sells under these names (CONTRACT.md).
+# One model vocabulary (CONTRACT.md, "Models, fallback and limits"): each name means the same model on
+# every provider that sells it; each provider maps it to its own id, text-to-image or editing by whether
+# images are given.
 KONTEXT_MODELS = ("flux-kontext-pro", "flux-kontext-max")
+FLUX2_MODELS = ("flux-2-pro", "flux-2-flex")
+SHARED_MODELS = (*KONTEXT_MODELS, *FLUX2_MODELS)
 
 
 class Provider:
@@ -43,9 +47,11 @@ class Provider:
 
     name: ClassVar[str]
     key_variable: ClassVar[str | None] = None  # the env variable that must be set to offer it
-    models: ClassVar[tuple[str, ...]] = ()
+    models: ClassVar[tuple[str, ...]] = ()  # the shared names it sells (SHARED_MODELS), or its own
+    native_models: ClassVar[tuple[str, ...]] = ()  # its own ids, also taken as given
     default_model: ClassVar[str] = ""
-    accepts_any_model: ClassVar[bool] = False
+    accepts_any_model: ClassVar[bool] = False  # other native ids too, checked by validate()
+    native_hint: ClassVar[str] = ""  # how those other ids look, for listings and error messages
     fields: ClassVar[frozenset[str]] = frozenset()  # optional request fields it honours
     max_images: ClassVar[int] = 1
     min_images: ClassVar[int] = 0
@@ -63,6 +69,46 @@ class Provider:
     def validate(self, request: TaskRequest) -> dict[str, str]:
         """Field errors for values this provider cannot take; the shell already checked types."""
         return {}
+
+    # -- models and inputs ---------------------------------------------------------------------------
+
+    def model_for(self, has_images: bool) -> str:
+        """The model a request without one gets."""
+        return self.default_model
+
+    def native_model(self, model: str, has_images: bool) -> str:
+        """The provider's own id for `model`: a shared name translated (text-to-image or editing by
+        `has_images`), a native id as given."""
+        return model
+
+    def image_range(self, model: str) -> tuple[int, int]:
+        """How many input images `model` takes here."""
+        return self.min_images, self.max_images
+
+    def sells(self) -> str:
+        """What it sells, for listings and for the 422 that names `model`."""
+        listed = ", ".join((*self.models, *self.native_models))
+        return f"{listed} or {self.native_hint}" if self.native_hint else listed
+
+    def problems(self, request: TaskRequest) -> dict[str, str]:
+        """The shape checks every provider shares: fields it does not take, a model it does not sell,
+        an image count out of range. `validate` checks the values after these pass."""
+        errors = {
+            name: f"{self.name} does not take this field" for name in sorted(request.given() - self.fields)
+        }
+        model = request.model or self.model_for(bool(request.images))
+        if model not in (*self.models, *self.native_models) and not self.accepts_any_model:
+            errors["model"] = f"{self.name} sells {self.sells()}"
+        elif "images" not in errors:
+            least, most = self.image_range(model)
+            if not least <= len(request.images) <= most:
+                errors["images"] = f"{self.name} takes {least} to {most} images with {model}"
+        return errors
+
+    def refusals(self, request: TaskRequest) -> dict[str, str]:
+        """Every reason this provider cannot honour `request`, the same checks the chosen provider gets;
+        a fallback chain is validated whole with it before anything is sent."""
+        return self.problems(request) or self.validate(request)
 
     def new_state(self) -> dict[str, str]:
         """Per-task values generated once at creation and kept secret (e.g. a webhook secret)."""
@@ -203,7 +249,9 @@ def bearer_request(method: str, url: str, api_key: str | None, **kwargs: Any) ->
 
 
 __all__ = [
+    "FLUX2_MODELS",
     "KONTEXT_MODELS",
+    "SHARED_MODELS",
     "Context",
     "Provider",
     "ProviderRejected",

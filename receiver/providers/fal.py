@@ -26,6 +26,7 @@ from receiver.models import Submission
 from receiver.models import TaskError
 from receiver.models import TaskRequest
 from receiver.models import TaskSpec
+from receiver.providers.base import KONTEXT_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
 from receiver.providers.base import json_object
@@ -35,10 +36,19 @@ from receiver.providers.base import response_json
 from receiver.providers.base import same_origin
 from receiver.providers.base import text
 
+# Shared model names → (text-to-image endpoint, editing endpoint). Kontext edits take one `image_url`;
+# FLUX 2 edits take `image_urls`, a list (fal's FLUX 2 model pages).
 MODEL_ENDPOINTS = {
-    "flux-kontext-pro": "fal-ai/flux-pro/kontext",
-    "flux-kontext-max": "fal-ai/flux-pro/kontext/max",
+    "flux-kontext-pro": ("fal-ai/flux-pro/kontext/text-to-image", "fal-ai/flux-pro/kontext"),
+    "flux-kontext-max": ("fal-ai/flux-pro/kontext/max/text-to-image", "fal-ai/flux-pro/kontext/max"),
+    "flux-2-pro": ("fal-ai/flux-2-pro", "fal-ai/flux-2-pro/edit"),
+    "flux-2-flex": ("fal-ai/flux-2-flex", "fal-ai/flux-2-flex/edit"),
 }
+# Endpoints whose input images go in `image_urls` (a list) rather than `image_url`.
+LIST_IMAGE_ENDPOINTS = re.compile(r".*/(multi|edit)$")
+# FLUX 2 takes up to 8 reference images at BFL (Flux2Inputs: input_image … input_image_8); fal's limit
+# is not published, so the same 8 is assumed.
+FLUX2_MAX_IMAGES = 8
 # A fal endpoint id is owner/alias[/path…]; it becomes part of the URL our key is sent to, so only
 # plain path segments are taken (no dot-segments, no query, no percent-escapes).
 ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)+")
@@ -57,12 +67,12 @@ TRANSIENT_FETCH = frozenset({408, 425, 429})
 
 
 def fal_endpoint(model: str, has_image: bool) -> str:
-    """Our model names map to Kontext endpoints (text-to-image without an input image); a full fal
-    endpoint id is used as given."""
-    base = MODEL_ENDPOINTS.get(model)
-    if base is None:
+    """A shared model name maps to its text-to-image or editing endpoint; a fal endpoint id is used as
+    given."""
+    pair = MODEL_ENDPOINTS.get(model)
+    if pair is None:
         return model
-    return base if has_image else f"{base}/text-to-image"
+    return pair[1] if has_image else pair[0]
 
 
 def is_endpoint_id(model: str) -> bool:
@@ -199,20 +209,28 @@ class Fal(Provider):
     models = tuple(MODEL_ENDPOINTS)
     default_model = "flux-kontext-pro"
     accepts_any_model = True  # a full fal endpoint id, checked in validate
+    native_hint = "a fal endpoint id such as fal-ai/flux-pro/kontext/max/multi"
     # Kontext on fal has no resolution; its prompt enhancer is `enhance_prompt` [I], left to options.
     fields = frozenset(OPTIONAL_FIELDS) - {"resolution", "prompt_upsampling"}
-    max_images = 1
+    max_images = FLUX2_MAX_IMAGES
     inline_images = True  # fal takes data URIs in image_url: no need for it to reach our uploads
+
+    def native_model(self, model: str, has_images: bool) -> str:
+        return fal_endpoint(model, has_images)
+
+    def image_range(self, model: str) -> tuple[int, int]:
+        if model in KONTEXT_MODELS:
+            return 0, 1
+        if model in MODEL_ENDPOINTS or LIST_IMAGE_ENDPOINTS.fullmatch(model):
+            return 0, FLUX2_MAX_IMAGES
+        return 0, 1  # another endpoint id: one image_url
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
         errors: dict[str, str] = {}
         params = request.params
         model = request.model
         if model is not None and model not in MODEL_ENDPOINTS and not is_endpoint_id(model):
-            errors["model"] = (
-                "fal takes flux-kontext-pro, flux-kontext-max or a fal endpoint id such as "
-                "fal-ai/flux-pro/kontext/max/multi"
-            )
+            errors["model"] = f"fal sells {self.sells()}"
         if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
             errors["aspect_ratio"] = f"fal takes one of {', '.join(ASPECT_RATIOS)}"
         if "output_format" in params and params["output_format"] not in ("jpeg", "png"):
@@ -241,7 +259,7 @@ class Fal(Provider):
             body["safety_tolerance"] = str(task.params["safety_tolerance"])  # fal's enum is "1".."6"
         endpoint = fal_endpoint(task.model, bool(task.images))
         if task.images:
-            if endpoint.endswith("/multi"):
+            if LIST_IMAGE_ENDPOINTS.fullmatch(endpoint):
                 body["image_urls"] = list(task.images)
             else:
                 body["image_url"] = task.images[0]

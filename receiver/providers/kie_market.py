@@ -21,6 +21,7 @@ from receiver.models import ProviderUnavailable
 from receiver.models import TaskError
 from receiver.models import TaskRequest
 from receiver.models import TaskSpec
+from receiver.providers.base import FLUX2_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
 from receiver.providers.base import bearer_request
@@ -40,8 +41,9 @@ from receiver.providers.kie import verify_kie_hmac
 ASPECT_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "auto")
 RESOLUTIONS = ("1K", "2K")
 PROMPT_LENGTH = (3, 5000)
-# Market model ids are `<family>/<variant>`; this provider sends FLUX 2 image-to-image jobs only.
+# Market model ids are `<family>/<variant>`; this provider sends FLUX 2 jobs only.
 FLUX2_MODEL = re.compile(r"^flux-2/[a-z0-9][a-z0-9.-]*$")
+MARKET_KINDS = ("text-to-image", "image-to-image")
 # Fields this module spells from the request itself; options may not set them behind its back.
 SPELLED_INPUT = frozenset({"input_urls", "prompt"})
 
@@ -100,14 +102,33 @@ def job_outcome(data: Mapping[str, Any], task_id: str | None, top_code: str, top
 class KieMarket(Provider):
     name = "kie-market"
     key_variable = "KIE_API_KEY"
-    models = ("flux-2/pro-image-to-image", "flux-2/flex-image-to-image")
+    models = FLUX2_MODELS
+    native_models = tuple(f"flux-2/{tier}-{kind}" for tier in ("pro", "flex") for kind in MARKET_KINDS)
     default_model = "flux-2/pro-image-to-image"
     accepts_any_model = True  # other FLUX 2 Market ids by id; validate() keeps them to flux-2/…
+    native_hint = "another FLUX 2 Market id (flux-2/<variant>)"
     # No seed, output_format, safety_tolerance or prompt_upsampling in the Market schema (§2.1).
     fields = frozenset({"model", "images", "aspect_ratio", "resolution", "num_images", "options"})
-    min_images = 1
     max_images = 8
     pace_group = "kie"  # one kie account, one limit for both APIs (§1.5); the group's limits are kie's
+
+    def model_for(self, has_images: bool) -> str:
+        # The v1 default (pro image-to-image) when images are given, its text-to-image twin otherwise.
+        return self.native_model("flux-2-pro", has_images)
+
+    def native_model(self, model: str, has_images: bool) -> str:
+        if model in FLUX2_MODELS:
+            tier = model.removeprefix("flux-2-")
+            return f"flux-2/{tier}-{MARKET_KINDS[1] if has_images else MARKET_KINDS[0]}"
+        return model
+
+    def image_range(self, model: str) -> tuple[int, int]:
+        # An image-to-image job needs 1 to 8 input_urls (§2.1); a text-to-image job takes none.
+        if model.endswith(MARKET_KINDS[0]):
+            return 0, 0
+        if model.endswith(MARKET_KINDS[1]):
+            return 1, self.max_images
+        return 0, self.max_images
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -115,14 +136,8 @@ class KieMarket(Provider):
         if not shortest <= len(request.prompt) <= longest:
             errors["prompt"] = f"kie-market takes {shortest} to {longest} characters"
         model = request.model
-        if model is not None:
-            if not FLUX2_MODEL.match(model):
-                errors["model"] = (
-                    "kie-market takes FLUX 2 Market model ids such as "
-                    f"{', '.join(self.models)} (flux-2/<variant>)"
-                )
-            elif model.endswith("text-to-image"):
-                errors["model"] = "kie-market sends image-to-image jobs; use a flux-2/…-image-to-image id"
+        if model is not None and model not in FLUX2_MODELS and not FLUX2_MODEL.match(model):
+            errors["model"] = f"kie-market sells {self.sells()}"
         params = request.params
         if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
             errors["aspect_ratio"] = f"kie-market takes one of {', '.join(ASPECT_RATIOS)}"
@@ -142,13 +157,15 @@ class KieMarket(Provider):
         for field in ("aspect_ratio", "resolution"):
             if field in task.params:
                 job_input[field] = task.params[field]
-        job_input["input_urls"] = list(task.images)
+        if task.images:
+            job_input["input_urls"] = list(task.images)
         job_input["prompt"] = task.prompt
+        model = self.native_model(task.model, bool(task.images))
         return bearer_request(
             "POST",
             f"{ctx.settings.base_url}/api/v1/jobs/createTask",
             ctx.settings.api_key,
-            json={"model": task.model, "callBackUrl": ctx.callback_url, "input": job_input},
+            json={"model": model, "callBackUrl": ctx.callback_url, "input": job_input},
         )
 
     # kie's submit answer and callback signature are the same for both of its APIs.
