@@ -27,7 +27,8 @@ from obstore.exceptions import BaseError
 from obstore.store import S3Store
 
 CHUNK = 64 * 1024
-PART_SIZE = 8 * 1024 * 1024  # parts of a multipart upload; smaller objects go up in one PUT
+PART_SIZE = 5 * 1024 * 1024  # S3's smallest part; an object up to this size goes up in one PUT
+PARTS_IN_FLIGHT = 2  # parts uploading at once: what a download holds in memory stays near 2 parts
 PARTIAL_AGE = 3600.0  # a temp left this long is a killed writer's, never one still being written
 STORE_ERRORS = (BaseError, OSError)  # obstore maps a missing object to FileNotFoundError
 
@@ -264,7 +265,13 @@ class S3Media:
             else:
                 # An error raised by `chunks` comes out of put_async as itself, after obstore has
                 # aborted the multipart upload: no object appears, and no parts are left behind.
-                await obstore.put_async(self.store, key, _chain(head, stream), chunk_size=PART_SIZE)
+                await obstore.put_async(
+                    self.store,
+                    key,
+                    _chain(head, stream),
+                    chunk_size=PART_SIZE,
+                    max_concurrency=PARTS_IN_FLIGHT,
+                )
         except STORE_ERRORS as exc:
             raise MediaError(f"the bucket refused the write: {_reason(exc)}") from None
 

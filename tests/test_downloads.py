@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from receiver.downloads import is_public
-from tests.fakes.common import png
+from tests.fakes.common import big_png
 from tests.fakes.kie import KEY
 from tests.fakes.kie import KieFake
 from tests.harness import ALICE
@@ -146,25 +146,20 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _big_png(size: int) -> bytes:
-    head = png(4000, 3000)[:33]  # signature and IHDR (4000 x 3000), then filler to the size
-    return head + bytes(size - len(head))
-
-
-def test_memory_stays_flat_for_big_and_oversized_images(kie: KieFake, tmp_path: Path) -> None:
-    process = ReceiverProcess(
-        tmp_path / "data",
-        {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url, "RECEIVER_MAX_IMAGE_BYTES": str(40 * 1024 * 1024)},
-    ).start()
+def test_memory_stays_flat_for_big_and_oversized_images(
+    kie: KieFake, tmp_path: Path, media_env: dict[str, str]
+) -> None:
+    env = {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url, "RECEIVER_MAX_IMAGE_BYTES": str(40 * 1024 * 1024)}
+    process = ReceiverProcess(tmp_path / "data", {**env, **media_env}).start()
     try:
         assert process.process is not None
         client = httpx.Client(base_url=process.url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=30)
         client.get("/v1/tasks")  # warm up
         before = _peak_rss_kib(process.process.pid)
         cases = {
-            "fits.png": (_big_png(35 * 1024 * 1024), "succeeded"),
-            "declared.png": (_big_png(60 * 1024 * 1024), "failed"),  # refused on Content-Length
-            "streamed.png": (_big_png(60 * 1024 * 1024), "failed"),  # no length: capped while streaming
+            "fits.png": (big_png(35 * 1024 * 1024), "succeeded"),
+            "declared.png": (big_png(60 * 1024 * 1024), "failed"),  # refused on Content-Length
+            "streamed.png": (big_png(60 * 1024 * 1024), "failed"),  # no length: capped while streaming
         }
         for name, (body, expected) in cases.items():
             url = kie.host(name, body)

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from tests.fakes.common import big_png
 from tests.fakes.common import png
 from tests.fakes.kie import KEY
 from tests.fakes.kie import KieFake
@@ -19,11 +20,6 @@ from tests.harness import free_port
 from tests.s3 import MotoS3
 
 MiB = 1024 * 1024
-
-
-def _big_png(size: int) -> bytes:
-    head = png(4000, 3000)[:33]  # signature and IHDR (4000 x 3000), then filler to the size
-    return head + bytes(size - len(head))
 
 
 def _finish(receiver: Receiver, kie: KieFake, url: str) -> dict[str, Any]:
@@ -43,7 +39,7 @@ def test_downloads_and_uploads_land_in_the_bucket(
 ) -> None:
     bucket = s3.new_bucket()
     receiver = _kie_on_s3(start_receiver, kie, s3.env(bucket, "prod/images"))
-    small, large = png(320, 200), _big_png(9 * MiB)  # one PUT, and a multipart upload
+    small, large = png(320, 200), big_png(9 * MiB)  # one PUT, and a multipart upload
     for name, body in (("small.png", small), ("large.png", large)):
         task = _finish(receiver, kie, kie.host(name, body))
         assert task["status"] == "succeeded", task
@@ -81,7 +77,7 @@ def test_a_download_refused_midway_leaves_no_object(
 ) -> None:
     bucket = s3.new_bucket()
     receiver = _kie_on_s3(start_receiver, kie, s3.env(bucket), RECEIVER_MAX_IMAGE_BYTES=str(10 * MiB))
-    over = kie.host("over.png", _big_png(12 * MiB))
+    over = kie.host("over.png", big_png(12 * MiB))
     kie.files["over.png"].chunk_delay = 0.000001  # streamed without Content-Length: refused past the cap
     text = kie.host("text.png", b"<html>" + bytes(2 * MiB))
     for url, reason in ((over, "cap"), (text, "PNG, JPEG or WebP")):
@@ -91,7 +87,7 @@ def test_a_download_refused_midway_leaves_no_object(
         assert reason in task["error"]["message"]
         assert s3.keys(bucket, f"{task['id']}/") == {}
     assert kie.files["over.png"].fetches == 1
-    assert s3.open_uploads(bucket) == []  # the multipart upload of the first 8 MiB was aborted
+    assert s3.open_uploads(bucket) == []  # the multipart upload begun past 5 MiB was aborted
     too_big = receiver.alice.post(
         "/v1/uploads", content=bytes(11 * MiB), headers={"Content-Type": "image/png"}
     )

@@ -29,6 +29,12 @@ def png(width: int = 64, height: int = 48, shade: int = 90) -> bytes:
     return encode_png(width, height, raw)
 
 
+def big_png(size: int) -> bytes:
+    """`size` bytes that start as a 4000 x 3000 PNG (signature and IHDR), then filler."""
+    head = png(4000, 3000)[:33]
+    return head + bytes(size - len(head))
+
+
 @dataclass
 class Recorded:
     method: str
