@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -25,12 +26,14 @@ from typing import TypeVar
 
 import aiosqlite
 
+from receiver.logs import event
 from receiver.models import ErrorCode
 from receiver.models import Outcome
 from receiver.models import Status
 from receiver.models import Submission
 from receiver.models import TaskError
 
+log = logging.getLogger("receiver.store")
 T = TypeVar("T")
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
 
@@ -143,6 +146,29 @@ class Job:
     attempts: int
 
 
+@dataclass(frozen=True)
+class Ended:
+    """A task that reached succeeded or failed, for its one log line."""
+
+    task_id: str
+    provider: str
+    status: Status
+    error: TaskError | None
+    seconds: float  # from creation to the end
+
+    def log(self) -> None:
+        error = self.error
+        event(
+            log,
+            f"task {self.status}",
+            task_id=self.task_id,
+            provider=self.provider,
+            error=str(error.code) if error else None,
+            provider_code=error.provider_code if error else None,
+            seconds=round(self.seconds, 3),
+        )
+
+
 @dataclass
 class Tx:
     """An open write transaction, handed to one operation; it notes which tasks changed."""
@@ -151,6 +177,7 @@ class Tx:
     now: float
     changed: set[str] = field(default_factory=set)
     jobs_added: bool = False
+    ended: list[Ended] = field(default_factory=list)  # tasks this transaction ended, logged once committed
 
     def one(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
@@ -316,13 +343,14 @@ class Store:
                 tx.jobs_added = True
             for op in ops:
                 conn.execute("SAVEPOINT op")
-                before_changed, before_jobs = set(tx.changed), tx.jobs_added
+                before_changed, before_jobs, before_ended = set(tx.changed), tx.jobs_added, len(tx.ended)
                 try:
                     value = op(tx)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     tx.changed, tx.jobs_added = before_changed, before_jobs
+                    del tx.ended[before_ended:]
                     results.append((False, exc))
                 else:
                     conn.execute("RELEASE op")
@@ -332,12 +360,14 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        for ended in tx.ended:  # committed: now it is true
+            ended.log()
         return results, tx.changed, tx.jobs_added
 
     def _announce(self, changed: Iterable[str], jobs_added: bool) -> None:
         for task_id in changed:
-            for event in self._task_waiters.get(task_id, ()):
-                event.set()
+            for waiter in self._task_waiters.get(task_id, ()):
+                waiter.set()
         if jobs_added:
             self.jobs_changed.set()
 
@@ -766,6 +796,8 @@ def _finish(tx: Tx, task: sqlite3.Row, status: Status, error: TaskError | None) 
     tx.run("DELETE FROM jobs WHERE task_id=? AND kind <> 'notify' AND +running=0", (task["id"],))
     if task["notify_url"]:
         _add_job(tx, "notify", task["id"], 0, tx.now)
+    # Every end of every task passes here (download, callback, poll, submit, deadline): its one log line.
+    tx.ended.append(Ended(task["id"], task["provider"], status, error, tx.now - task["created_at"]))
     return change
 
 

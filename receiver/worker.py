@@ -262,9 +262,7 @@ class Worker:
             response = await self._call(provider.name, "submit", request)
             submission = provider.parse_submit(response)
         except ProviderRejected as exc:
-            await self._fail_submit(
-                job, provider, ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code
-            )
+            await self._fail_submit(job, ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code)
             return
         except (ProviderUnavailable, httpx.HTTPError, MediaError) as exc:
             message = exc.message if isinstance(exc, ProviderUnavailable) else f"{type(exc).__name__}: {exc}"
@@ -275,7 +273,7 @@ class Worker:
                 return
             if job.attempts > self.settings.submit_retries:
                 message = f"gave up after {job.attempts} tries: {message}"
-                await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message)
+                await self._fail_submit(job, ErrorCode.PROVIDER_UNAVAILABLE, message)
                 return
             after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             delay = self._backoff(job.attempts, after)
@@ -323,7 +321,7 @@ class Worker:
                 f"{reason}; {provider.name} may have run the task (and charged for it) without"
                 " answering, so it is not sent again"
             )
-            await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message, OUTCOME_UNKNOWN)
+            await self._fail_submit(job, ErrorCode.PROVIDER_UNAVAILABLE, message, OUTCOME_UNKNOWN)
             return
         note = (
             f"outcome unknown: {reason}; the provider may have accepted the task, so it is not sent"
@@ -332,18 +330,9 @@ class Worker:
         await self.store.record_submission(job, Submission(provider_task_id=None, note=note))
 
     async def _fail_submit(
-        self, job: Job, provider: Provider, code: ErrorCode, message: str, provider_code: str | None = None
+        self, job: Job, code: ErrorCode, message: str, provider_code: str | None = None
     ) -> None:
-        event(
-            log,
-            "task failed",
-            level=logging.WARNING,
-            task_id=job.task_id,
-            provider=provider.name,
-            error=str(code),
-            provider_code=provider_code,
-            attempts=job.attempts,
-        )
+        # The task's end is logged where it is recorded (the store's one "task failed" line).
         await self.store.fail_task(job.task_id, TaskError(code, message, provider_code), "submit", job.id)
 
     async def download(self, job: Job) -> None:
@@ -368,7 +357,7 @@ class Worker:
             if exc.permanent or (job.attempts > len(delays) and not ours):
                 tries = "" if exc.permanent else f" after {job.attempts} tries"
                 error = TaskError(ErrorCode.DOWNLOAD_FAILED, f"image {job.arg}: {exc.reason}{tries}")
-                event(log, "download failed, task failed", level=logging.WARNING, **fields)
+                event(log, "download failed, giving up", level=logging.WARNING, **fields)
                 await self.store.fail_task(job.task_id, error, "download", job.id)
                 return
             event(log, "download failed, will retry", level=logging.WARNING, attempt=job.attempts, **fields)
@@ -451,8 +440,7 @@ class Worker:
             await self.store.finish_job(job)
 
     async def deadline(self, job: Job) -> None:
-        if await self.store.fail_task(job.task_id, timed_out(), "deadline", job.id):
-            event(log, "task timed out", level=logging.WARNING, task_id=job.task_id)
+        await self.store.fail_task(job.task_id, timed_out(), "deadline", job.id)
 
     async def _call(self, provider: str, endpoint: str, request: httpx.Request) -> httpx.Response:
         """A request to a provider, counted by provider, endpoint and answer."""

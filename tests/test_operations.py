@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs
 from urllib.parse import urlsplit
 
@@ -305,3 +306,56 @@ def test_a_second_serve_on_a_port_in_use_fails_before_it_says_anything_else(tmp_
         assert second.stderr == f"receiver: cannot listen on 127.0.0.1:{first.port}: Address already in use\n"
     finally:
         first.terminate()
+
+
+def test_every_task_end_is_one_info_line_whatever_the_path(tmp_path: Path) -> None:
+    kie = KieFake(hmac_key=None).start()
+    env = {**kie.receiver_env(), "RECEIVER_LOG_FORMAT": "json"}
+    process = ReceiverProcess(tmp_path / "data", env).start()
+    late_process = ReceiverProcess(tmp_path / "late", {**env, "RECEIVER_TASK_DEADLINE": "1"})
+    expected: dict[str, str | None] = {}
+    try:
+        with client_for(process) as client:
+
+            def create(**body: Any) -> str:
+                response = client.post("/v1/tasks", json={"prompt": "one line", **body})
+                assert response.status_code == 202, response.text
+                return str(response.json()["id"])
+
+            expected[create(provider="sandbox")] = None  # succeeded: stored by the download
+            expected[create(provider="sandbox", options={"outcome": "generation_failed"})] = (
+                "generation_failed"
+            )
+            kie.script(kie.submit_path, 200, {"code": 402, "msg": "Credits insufficient"})
+            expected[create(provider="kie")] = "provider_rejected"  # failed at submit
+            missing = create(provider="kie")
+            wait_until(lambda: client.get(f"/v1/tasks/{missing}").json()["status"] == "submitted")
+            kie.succeed(kie.last_task_id(), f"{kie.url}/files/nothing.png")
+            expected[missing] = "download_failed"
+            for task_id in expected:
+                task = client.get(f"/v1/tasks/{task_id}", params={"wait": "30"}).json()
+                assert task["status"] in ("succeeded", "failed"), task
+        late_process.start()
+        with client_for(late_process) as client:
+            late = client.post(
+                "/v1/tasks",
+                json={"provider": "sandbox", "prompt": "never", "options": {"outcome": "no_callback"}},
+            ).json()["id"]
+            assert client.get(f"/v1/tasks/{late}", params={"wait": "30"}).json()["status"] == "failed"
+            expected[late] = "timed_out"  # failed by the deadline
+    finally:
+        process.terminate()
+        if late_process.process is not None:
+            late_process.terminate()
+        kie.stop()
+    lines = [
+        json.loads(line) for log in (process.log, late_process.log) for line in log.read_text().splitlines()
+    ]
+    ends = [line for line in lines if line.get("message") in ("task succeeded", "task failed")]
+    assert sorted(line["task_id"] for line in ends) == sorted(expected)  # each task once, and only once
+    for line in ends:
+        assert line["level"] == "info", line
+        code = expected[line["task_id"]]
+        assert line["message"] == ("task succeeded" if code is None else "task failed"), line
+        assert line.get("error") == code, line
+        assert line["provider"] in ("sandbox", "kie") and line["seconds"] >= 0
