@@ -194,7 +194,14 @@ def test_pagination_and_filters(receiver: Receiver) -> None:
         assert set(error_fields(answer)) == set(params)
 
 
-def test_images_by_key_and_by_signed_link(receiver: Receiver) -> None:
+@pytest.fixture
+def media_receiver(start_receiver: Callable[..., Receiver], media_env: dict[str, str]) -> Receiver:
+    """The receiver on each media store (the data dir, a bucket), for the tests of images and uploads."""
+    return start_receiver(**media_env)
+
+
+def test_images_by_key_and_by_signed_link(media_receiver: Receiver) -> None:
+    receiver = media_receiver
     done = receiver.wait(receiver.submit(provider="sandbox", prompt="pic", aspect_ratio="9:16")["id"])
     [image] = done["images"]
     assert (image["width"], image["height"]) == (432, 768)
@@ -213,7 +220,8 @@ def test_images_by_key_and_by_signed_link(receiver: Receiver) -> None:
     assert receiver.alice.get(f"/v1/tasks/{done['id']}/images/1").status_code == 404
 
 
-def test_uploads(receiver: Receiver) -> None:
+def test_uploads(media_receiver: Receiver) -> None:
+    receiver = media_receiver
     picture = png(30, 20)
     answer = receiver.alice.post("/v1/uploads", content=picture, headers={"Content-Type": "image/png"})
     assert answer.status_code == 201
@@ -239,8 +247,8 @@ def test_uploads(receiver: Receiver) -> None:
     ] == ("succeeded")
 
 
-def test_upload_over_the_cap(start_receiver: Callable[..., Receiver]) -> None:
-    receiver = start_receiver(RECEIVER_MAX_IMAGE_BYTES=4096)
+def test_upload_over_the_cap(start_receiver: Callable[..., Receiver], media_env: dict[str, str]) -> None:
+    receiver = start_receiver(RECEIVER_MAX_IMAGE_BYTES=4096, **media_env)
     big = png(400, 400, shade=3) + b"\x00" * 8000
     answer = receiver.alice.post("/v1/uploads", content=big, headers={"Content-Type": "image/png"})
     assert answer.status_code == 413

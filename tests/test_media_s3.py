@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import stat
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from tests.fakes.apicore import ApicoreFake
 from tests.fakes.common import big_png
 from tests.fakes.common import png
 from tests.fakes.kie import KEY
@@ -183,3 +185,16 @@ def test_the_sandbox_keeps_its_tasks_in_the_bucket_for_every_replica(
     assert picture.status_code == 200
     assert picture.content == s3.body(bucket, f"sandbox/{sandbox_id}-0.png")
     assert picture.content == first.anon.get(task["images"][0]["url"]).content
+
+
+def test_an_upload_goes_inline_from_the_bucket(
+    s3: MotoS3, start_fake: Callable[..., ApicoreFake], start_receiver: Callable[..., Receiver]
+) -> None:
+    apicore = start_fake(ApicoreFake)
+    receiver = start_receiver(**apicore.receiver_env(), **s3.env(s3.new_bucket()))
+    picture = png(20, 20, shade=10)
+    data_uri = "data:image/png;base64," + base64.b64encode(picture).decode()
+    receiver.submitted(apicore, images=[data_uri])
+    assert (
+        apicore.calls("/v1/images/generations")[0].json()["input_image"] == data_uri
+    )  # read back from the bucket
