@@ -138,7 +138,13 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         runner = None
         if run_worker:
             runner = asyncio.create_task(worker.run(), name="receiver-worker")
-        event(log, "started", public_url=settings.public_url, data_dir=str(settings.data_dir))
+        event(
+            log,
+            "started",
+            public_url=settings.public_url,
+            data_dir=str(settings.data_dir),
+            media=media.description,
+        )
         try:
             yield
         finally:

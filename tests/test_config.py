@@ -32,6 +32,10 @@ from receiver.config import load_settings
         ("RECEIVER_LOG_LEVEL", "LOUD"),
         ("RECEIVER_SHUTDOWN_GRACE", "-1"),
         ("RECEIVER_DOWNLOAD_RETRY_DELAYS", "1,x"),
+        ("RECEIVER_MEDIA_URL", "https://bucket.example"),
+        ("RECEIVER_MEDIA_URL", "s3://Not_A_Bucket"),
+        ("RECEIVER_MEDIA_URL", "s3://media/../elsewhere"),
+        ("RECEIVER_MEDIA_REDIRECT", "1"),  # without a bucket there is nothing to presign
     ],
 )
 def test_bad_values_stop_serve_with_one_line(tmp_path: Path, name: str, value: str) -> None:
@@ -97,3 +101,15 @@ def test_serve_prints_a_dev_key_and_a_curl_example(tmp_path: Path) -> None:
     key = (tmp_path / "dev_api_key").read_text().strip()
     assert key in text
     assert "curl" in text and '"provider": "sandbox"' in text
+
+
+def test_media_settings(tmp_path: Path) -> None:
+    base = {"RECEIVER_DATA_DIR": str(tmp_path / "data"), "RECEIVER_MEDIA_URL": "s3://media-bucket/a/b/"}
+    settings = load_settings({**base, "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"})
+    assert settings.media_url == "s3://media-bucket/a/b"
+    assert dict(settings.aws) == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "eu-west-1"}
+    assert load_settings({"RECEIVER_DATA_DIR": str(tmp_path / "data")}).media_url is None
+    with pytest.raises(ConfigError, match="AWS_ENDPOINT_URL"):
+        load_settings({**base, "AWS_ENDPOINT_URL": "minio:9000"})
+    with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        load_settings({**base, "AWS_ACCESS_KEY_ID": "only-the-id"})
