@@ -11,6 +11,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -29,6 +30,7 @@ from receiver.media import Media
 from receiver.media import MediaError
 from receiver.media import MediaMissing
 from receiver.media import one_chunk
+from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import Status
 from receiver.models import TaskRequest
@@ -64,7 +66,21 @@ MAX_NAMED_UNKNOWN = 20  # unknown fields named in one answer; a body of thousand
 MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
 PRESIGN_SECONDS = 300  # a redirect's presigned URL: long enough to start the download, no longer
 TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
-KNOWN_FIELDS = frozenset({"provider", "prompt", "notify_url", "metadata", *OPTIONAL_FIELDS})
+KNOWN_FIELDS = frozenset({"provider", "prompt", "notify_url", "metadata", "fallback", *OPTIONAL_FIELDS})
+
+
+def fallback_chain(fallback: list[str] | None, request: TaskRequest) -> dict[str, Any]:
+    """What a hop needs, fixed at creation: the chain, and for each fallback provider the model it
+    will use (the app's, or that provider's default) and its own per-task state (e.g. apicore's
+    webhook secret), kept with the task like the first provider's."""
+    if not fallback:
+        return {}
+    chain = {}
+    for name in fallback:
+        provider = REGISTRY[name]
+        model = request.model or provider.model_for(bool(request.images))
+        chain[name] = {"model": model, "state": provider.new_state()}
+    return {"fallback": list(fallback), "chain": chain}
 
 
 class Api:
@@ -130,6 +146,7 @@ class Api:
                 "images": images,
                 "params": dict(task_request.params),
                 "options": dict(task_request.options),
+                **fallback_chain(body.get("fallback"), task_request),
             },
             provider_state=provider.new_state(),
             metadata=task_request.metadata,
@@ -255,9 +272,39 @@ class Api:
             metadata=metadata,
         )
         errors = provider.validate(task_request)
+        errors.update(self._fallback_problems(body.get("fallback"), task_request))
         if errors:
             raise ApiError(422, "invalid", "the request has values the provider cannot take", errors)
         return task_request, provider
+
+    def _fallback_problems(self, fallback: Any, request: TaskRequest) -> dict[str, str]:
+        """The whole chain is checked up front: each fallback provider must exist, be configured, not
+        repeat one before it, and honour this very request (the same checks the first one gets)."""
+        if fallback is None:
+            return {}
+        if not isinstance(fallback, list):
+            return {"fallback": "must be a list of provider names"}
+        if len(fallback) > MAX_FALLBACKS:
+            return {"fallback": f"at most {MAX_FALLBACKS} providers"}
+        errors: dict[str, str] = {}
+        seen = {request.provider}
+        for index, name in enumerate(fallback):
+            field = f"fallback[{index}]"
+            provider = REGISTRY.get(name) if isinstance(name, str) else None
+            if provider is None:
+                errors[field] = f"unknown provider; one of {', '.join(sorted(REGISTRY))}"
+            elif name in seen:
+                errors[field] = f"{name} is already in the chain"
+            elif provider.key_variable and not self.settings.provider(name).api_key:
+                errors[field] = f"{name} is not configured: set {provider.key_variable}"
+            else:
+                refusals = provider.refusals(replace(request, provider=name))
+                if refusals:
+                    said = "; ".join(f"{key}: {value}" for key, value in refusals.items())
+                    errors[field] = f"{name} cannot honour this request ({said})"
+            if isinstance(name, str):
+                seen.add(name)
+        return errors
 
     async def _check_urls(self, task_request: TaskRequest) -> None:
         errors: dict[str, str] = {}

@@ -9,8 +9,10 @@ rows, download jobs, the event) in the same order the callbacks came.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -124,7 +126,14 @@ class Callbacks:
         if row is None:
             raise ApiError(404, "not_found", "no such task")
         if row["provider"] != provider_name:
-            raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
+            left = {attempt.get("provider") for attempt in json.loads(row["attempts"] or "[]")}
+            if provider_name not in left:
+                raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
+            # A provider the task has left (fallback) reports late: recorded, changes nothing, and
+            # answered 2xx so it stops retrying.
+            summary = f"late callback from {provider_name} (the task moved to {row['provider']}): ignored"
+            await self.store.add_event(task_id, "callback", False, summary)
+            return JSONResponse({"code": 200, "msg": "success"}), "late"
         spec = task_spec(row)
         settings = self.settings.provider(provider_name)
         headers = {key.lower(): value for key, value in request.headers.items()}
@@ -144,6 +153,7 @@ class Callbacks:
                 task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"
             )
             raise ApiError(400, "wrong_task", "the callback is about another provider task")
+        outcome = replace(outcome, provider=provider_name)  # stale if the task moves on before it applies
         await self.store.record_callback(task_id, outcome, urgent=provider.early_download)
         return JSONResponse({"code": 200, "msg": "success"}), "accepted"
 

@@ -48,6 +48,12 @@ HTTP_SECONDS = Histogram(
 )
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+FALLBACKS = Counter(
+    "receiver_fallbacks_total",
+    "Tasks moved to their next fallback provider, by the provider left, the one taken and why",
+    ["from_provider", "to_provider", "reason"],
+    registry=REGISTRY,
+)
 CALLBACKS = Counter(
     "receiver_callbacks_total",
     "Callbacks received, by provider and result",

@@ -58,6 +58,40 @@ class TaskError:
     def as_json(self) -> dict[str, Any]:
         return {"code": str(self.code), "message": self.message, "provider_code": self.provider_code}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TaskError:
+        return cls(ErrorCode(data["code"]), data["message"], data.get("provider_code"))
+
+
+# provider_code of a submit whose outcome is unknown (it may have run and been billed): such a task is
+# never sent again, to this provider or to a fallback.
+OUTCOME_UNKNOWN = "outcome_unknown"
+# Refusals that are not the request's fault, by provider_code (HTTP status or kie's body code): the
+# account, not the request, is the problem, so another provider may take the task (CONTRACT.md).
+ACCOUNT_REFUSALS = {
+    "401": "bad_key",
+    "403": "bad_key",
+    "402": "no_credits",
+    "433": "no_credits",  # kie: a sub-key's usage limit
+    "455": "maintenance",  # kie
+    "505": "maintenance",  # kie: the feature is switched off
+}
+MAX_FALLBACKS = 4
+
+
+def fallback_reason(error: TaskError) -> str | None:
+    """Why a task with this error may move to its next fallback provider, or None when it must end:
+    refusals of the account (no credits, bad key, maintenance), a provider unavailable after its
+    retries, and generation failures move on; moderation, request errors, downloads, the deadline and
+    a submit that may have run end the task."""
+    if error.code is ErrorCode.GENERATION_FAILED:
+        return "generation_failed"
+    if error.code is ErrorCode.PROVIDER_UNAVAILABLE:
+        return None if error.provider_code == OUTCOME_UNKNOWN else "unavailable"
+    if error.code is ErrorCode.PROVIDER_REJECTED:
+        return ACCOUNT_REFUSALS.get(error.provider_code or "")
+    return None
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -71,6 +105,9 @@ class Outcome:
     image_urls: tuple[str, ...] = ()
     error: TaskError | None = None
     detail: str = ""
+    # Which provider said it (set by the shell where news arrives): news from a provider the task has
+    # since left is recorded and changes nothing.
+    provider: str = ""
     # pending only: the news is that the result is ready to be fetched from the provider's status
     # endpoint (e.g. fal's payload_error), so reconcile should ask now rather than when it falls due.
     ask_now: bool = False
@@ -83,6 +120,7 @@ class Outcome:
                 "image_urls": list(self.image_urls),
                 "error": self.error.as_json() if self.error else None,
                 "detail": self.detail,
+                "provider": self.provider,
                 "ask_now": self.ask_now,
             }
         )
@@ -95,10 +133,9 @@ class Outcome:
             state=data["state"],
             provider_task_id=data["provider_task_id"],
             image_urls=tuple(data["image_urls"]),
-            error=TaskError(ErrorCode(error["code"]), error["message"], error["provider_code"])
-            if error
-            else None,
+            error=TaskError.from_json(error) if error else None,
             detail=data["detail"],
+            provider=data.get("provider", ""),
             ask_now=bool(data.get("ask_now", False)),
         )
 

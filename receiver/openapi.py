@@ -66,6 +66,13 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                 "options": {"type": "object", "description": "provider-native fields, passed through"},
                 "notify_url": {"type": "string", "format": "uri"},
                 "metadata": {"type": "object", "description": "echoed back, at most 16 KiB"},
+                "fallback": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "maxItems": 4,
+                    "description": "providers to move the task to, in order, when the current one refuses"
+                    " it for a reason not the request's fault or fails the generation",
+                },
             },
         },
         "Image": {
@@ -103,6 +110,25 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                             },
                         },
                     ]
+                },
+                "fallback": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "the providers still ahead of the task",
+                },
+                "attempts": {
+                    "type": "array",
+                    "description": "each provider the task moved away from, in order, with its error",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "provider": {"type": "string"},
+                            "model": {"type": "string"},
+                            "provider_task_id": {"type": ["string", "null"]},
+                            "error": {"type": "object"},
+                            "at": {"type": "string", "format": "date-time"},
+                        },
+                    },
                 },
                 "metadata": {"type": "object"},
                 "created_at": {"type": "string", "format": "date-time"},

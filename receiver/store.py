@@ -20,18 +20,21 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from typing import TypeVar
 
 import aiosqlite
 
+from receiver import metrics
 from receiver.logs import event
 from receiver.models import ErrorCode
 from receiver.models import Outcome
 from receiver.models import Status
 from receiver.models import Submission
 from receiver.models import TaskError
+from receiver.models import fallback_reason
 
 log = logging.getLogger("receiver.store")
 T = TypeVar("T")
@@ -121,6 +124,8 @@ MIGRATIONS: tuple[str, ...] = (
         urgent INTEGER NOT NULL DEFAULT 0
     )
     """,
+    # Fallback: each provider the task left, with the error that made it leave (JSON list).
+    "ALTER TABLE tasks ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",
 )
 
 
@@ -178,6 +183,7 @@ class Tx:
     changed: set[str] = field(default_factory=set)
     jobs_added: bool = False
     ended: list[Ended] = field(default_factory=list)  # tasks this transaction ended, logged once committed
+    hops: list[tuple[str, str, str]] = field(default_factory=list)  # fallback moves: (from, to, reason)
 
     def one(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.conn.execute(sql, params).fetchone()
@@ -343,7 +349,8 @@ class Store:
                 tx.jobs_added = True
             for op in ops:
                 conn.execute("SAVEPOINT op")
-                before_changed, before_jobs, before_ended = set(tx.changed), tx.jobs_added, len(tx.ended)
+                before_changed, before_jobs = set(tx.changed), tx.jobs_added
+                before_ended, before_hops = len(tx.ended), len(tx.hops)
                 try:
                     value = op(tx)
                 except Exception as exc:
@@ -351,6 +358,7 @@ class Store:
                     conn.execute("RELEASE op")
                     tx.changed, tx.jobs_added = before_changed, before_jobs
                     del tx.ended[before_ended:]
+                    del tx.hops[before_hops:]
                     results.append((False, exc))
                 else:
                     conn.execute("RELEASE op")
@@ -362,6 +370,8 @@ class Store:
             raise
         for ended in tx.ended:  # committed: now it is true
             ended.log()
+        for origin, target, reason in tx.hops:
+            metrics.FALLBACKS.labels(origin, target, reason).inc()
         return results, tx.changed, tx.jobs_added
 
     def _announce(self, changed: Iterable[str], jobs_added: bool) -> None:
@@ -503,11 +513,22 @@ class Store:
 
         return await self.write(op)
 
-    async def record_submission(self, job: Job, submission: Submission, *, urgent: bool = False) -> None:
+    async def record_submission(
+        self, job: Job, submission: Submission, *, urgent: bool = False, provider: str = ""
+    ) -> None:
         """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result."""
 
         def op(tx: Tx) -> None:
             task = _task(tx, job.task_id)
+            if provider and task["provider"] != provider:
+                # The task moved to a fallback while this submit was in flight (a failure callback came
+                # first): the late answer is recorded, and the new provider gets its own submit.
+                _delete_job(tx, job.id)
+                note = f"{provider}'s submit answer came after the task moved to {task['provider']}: ignored"
+                _event(tx, job.task_id, "submit", True, note, None)
+                if task["status"] == Status.QUEUED:
+                    _add_job(tx, "submit", job.task_id, 0, tx.now)
+                return
             state = {**json.loads(task["provider_state"]), **submission.state}
             tx.run(
                 "UPDATE tasks SET provider_task_id=COALESCE(provider_task_id, ?), provider_state=?,"
@@ -525,7 +546,9 @@ class Store:
                 change,
             )
             if submission.outcome is not None:
-                _apply(tx, job.task_id, submission.outcome, "submit", True, urgent)
+                _apply(
+                    tx, job.task_id, replace(submission.outcome, provider=provider), "submit", True, urgent
+                )
             elif _task(tx, job.task_id)["status"] == Status.SUBMITTED:
                 _add_job(tx, "reconcile", job.task_id, 0, tx.now + self.reconcile_after)
 
@@ -565,11 +588,17 @@ class Store:
         self._wake_writer.set()
         await done
 
-    async def fail_task(self, task_id: str, error: TaskError, kind: str, job_id: int | None = None) -> str:
+    async def fail_task(
+        self, task_id: str, error: TaskError, kind: str, job_id: int | None = None, provider: str = ""
+    ) -> str:
+        """End a task with `error` (or move it to its next fallback, by the same rule as any failure).
+        `provider`, when given, is the provider the failure is about: stale once the task has left it."""
+
         def op(tx: Tx) -> str:
             if job_id is not None:
                 _delete_job(tx, job_id)
-            return _apply(tx, task_id, Outcome.failed(None, error, error.message), kind, True)
+            outcome = Outcome.failed(None, error, error.message)
+            return _apply(tx, task_id, replace(outcome, provider=provider), kind, True)
 
         return await self.write(op)
 
@@ -783,7 +812,57 @@ def _move(tx: Tx, task: sqlite3.Row, new: Status) -> str | None:
     return f"{old}→{new}"
 
 
+def _fallback(tx: Tx, task: sqlite3.Row, error: TaskError) -> str | None:
+    """The fallback rule, once for every way a failure arrives: a failure that is not the request's
+    fault moves the task to the next provider of its chain with the same request, instead of ending it.
+    The provider left is recorded in `attempts` with its error; the task is queued again (a new submit,
+    the new provider's own state and default model), its deadline kept; no notification is due yet."""
+    reason = fallback_reason(error)
+    if reason is None or Status(task["status"]) not in (Status.QUEUED, Status.SUBMITTED):
+        return None  # a task with results on the way (or ended) stays where it is
+    request = json.loads(task["request"])
+    attempts = json.loads(task["attempts"])
+    remaining = (request.get("fallback") or [])[len(attempts) :]
+    if not remaining:
+        return None
+    origin, target = task["provider"], remaining[0]
+    attempts.append(
+        {
+            "provider": origin,
+            "model": task["model"],
+            "provider_task_id": task["provider_task_id"],
+            "error": error.as_json(),
+            "at": tx.now,
+        }
+    )
+    chain = request.get("chain") or {}
+    tx.run(
+        "UPDATE tasks SET provider=?, model=?, provider_state=?, provider_task_id=NULL, submitted_at=NULL,"
+        " image_count=NULL, status=?, attempts=?, updated_at=? WHERE id=?",
+        (
+            target,
+            chain.get(target, {}).get("model") or task["model"],
+            _dumps(chain.get(target, {}).get("state") or {}),
+            Status.QUEUED,
+            _dumps(attempts),
+            tx.now,
+            task["id"],
+        ),
+    )
+    tx.run("DELETE FROM jobs WHERE task_id=? AND kind <> 'deadline' AND +running=0", (task["id"],))
+    _add_job(tx, "submit", task["id"], 0, tx.now)
+    tx.changed.add(task["id"])
+    tx.hops.append((origin, target, reason))
+    summary = f"moved from {origin} to {target} ({reason}): {error.code}: {error.message}"
+    _event(tx, task["id"], "fallback", True, summary, f"{task['status']}→{Status.QUEUED}")
+    return f"{origin}→{target}"
+
+
 def _finish(tx: Tx, task: sqlite3.Row, status: Status, error: TaskError | None) -> str | None:
+    if status is Status.FAILED and error is not None:
+        moved = _fallback(tx, task, error)
+        if moved is not None:
+            return moved
     change = _move(tx, task, status)
     if change is None:
         return None
@@ -812,6 +891,15 @@ def _apply(
 ) -> str:
     """Record the news and make the forward-only change it calls for; returns what changed."""
     task = task if task is not None else _task(tx, task_id)
+    if outcome.provider and outcome.provider != task["provider"]:
+        # News from a provider the task has left (fallback): recorded, changes nothing.
+        summary = (
+            f"late news from {outcome.provider} (the task moved to {task['provider']}): {outcome.detail}"
+        )
+        _event(tx, task_id, kind, verified, summary, None)
+        if task["status"] == Status.QUEUED:
+            _add_job(tx, "submit", task_id, 0, tx.now)  # in case the left provider's job held its slot
+        return ""
     if outcome.provider_task_id and not task["provider_task_id"]:
         tx.run("UPDATE tasks SET provider_task_id=? WHERE id=?", (outcome.provider_task_id, task_id))
     change: str | None = None

@@ -51,11 +51,28 @@ def render_task(row: sqlite3.Row, images: Sequence[sqlite3.Row], tokens: Tokens)
             if image["path"] is not None
         ],
         "error": json.loads(row["error"]) if row["error"] else None,
+        "fallback": remaining_fallback(row),
+        "attempts": [
+            {
+                "provider": attempt["provider"],
+                "model": attempt["model"],
+                "provider_task_id": attempt["provider_task_id"],
+                "error": attempt["error"],
+                "at": iso(attempt["at"]),
+            }
+            for attempt in json.loads(row["attempts"])
+        ],
         "metadata": json.loads(row["metadata"]),
         "created_at": iso(row["created_at"]),
         "updated_at": iso(row["updated_at"]),
         "completed_at": iso(row["completed_at"]),
     }
+
+
+def remaining_fallback(row: sqlite3.Row) -> list[str]:
+    """The providers still ahead of the task: its chain, less the hops already made."""
+    chain: list[str] = json.loads(row["request"]).get("fallback") or []
+    return chain[len(json.loads(row["attempts"])) :]
 
 
 def render_event(row: sqlite3.Row) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable
 from collections.abc import Callable
+from dataclasses import replace
 
 import httpx
 
@@ -26,6 +27,7 @@ from receiver.logs import event
 from receiver.logs import redact_url
 from receiver.media import Media
 from receiver.media import MediaError
+from receiver.models import OUTCOME_UNKNOWN
 from receiver.models import ErrorCode
 from receiver.models import Outcome
 from receiver.models import ProviderRejected
@@ -94,8 +96,6 @@ async def send_capped(client: httpx.AsyncClient, request: httpx.Request, cap: in
 
 
 CONNECT_TIMEOUT = 10.0
-# provider_code of a submit whose outcome is unknown: fallback must not send it to another provider.
-OUTCOME_UNKNOWN = "outcome_unknown"
 # Failures after which the request surely never reached the provider: retried freely. Anything else
 # that breaks after sending (read timeout, dropped connection, unreadable answer) may have run.
 NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
@@ -262,7 +262,9 @@ class Worker:
             response = await self._call(provider.name, "submit", request)
             submission = provider.parse_submit(response)
         except ProviderRejected as exc:
-            await self._fail_submit(job, ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code)
+            await self._fail_submit(
+                job, provider, ErrorCode.PROVIDER_REJECTED, exc.message, exc.provider_code
+            )
             return
         except (ProviderUnavailable, httpx.HTTPError, MediaError) as exc:
             message = exc.message if isinstance(exc, ProviderUnavailable) else f"{type(exc).__name__}: {exc}"
@@ -273,7 +275,7 @@ class Worker:
                 return
             if job.attempts > self.settings.submit_retries:
                 message = f"gave up after {job.attempts} tries: {message}"
-                await self._fail_submit(job, ErrorCode.PROVIDER_UNAVAILABLE, message)
+                await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message)
                 return
             after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             delay = self._backoff(job.attempts, after)
@@ -293,7 +295,9 @@ class Worker:
             await self.store.add_event(job.task_id, "submit", True, f"try {job.attempts} failed: {message}")
             await self.store.retry_job(job, delay, message)
             return
-        await self.store.record_submission(job, submission, urgent=provider.early_download)
+        await self.store.record_submission(
+            job, submission, urgent=provider.early_download, provider=provider.name
+        )
         event(
             log,
             "task submitted",
@@ -321,19 +325,22 @@ class Worker:
                 f"{reason}; {provider.name} may have run the task (and charged for it) without"
                 " answering, so it is not sent again"
             )
-            await self._fail_submit(job, ErrorCode.PROVIDER_UNAVAILABLE, message, OUTCOME_UNKNOWN)
+            await self._fail_submit(job, provider, ErrorCode.PROVIDER_UNAVAILABLE, message, OUTCOME_UNKNOWN)
             return
         note = (
             f"outcome unknown: {reason}; the provider may have accepted the task, so it is not sent"
             " again: waiting for its callback (RECEIVER_TASK_DEADLINE ends the task otherwise)"
         )
-        await self.store.record_submission(job, Submission(provider_task_id=None, note=note))
+        await self.store.record_submission(
+            job, Submission(provider_task_id=None, note=note), provider=provider.name
+        )
 
     async def _fail_submit(
-        self, job: Job, code: ErrorCode, message: str, provider_code: str | None = None
+        self, job: Job, provider: Provider, code: ErrorCode, message: str, provider_code: str | None = None
     ) -> None:
         # The task's end is logged where it is recorded (the store's one "task failed" line).
-        await self.store.fail_task(job.task_id, TaskError(code, message, provider_code), "submit", job.id)
+        error = TaskError(code, message, provider_code)
+        await self.store.fail_task(job.task_id, error, "submit", job.id, provider=provider.name)
 
     async def download(self, job: Job) -> None:
         image = await self.store.download_target(job.task_id, job.arg)
@@ -425,6 +432,7 @@ class Worker:
             await self.store.add_event(job.task_id, "poll", True, f"status query failed: {message}")
             await self.store.retry_job(job, max(interval, getattr(exc, "retry_after", None) or 0.0), message)
             return
+        outcome = replace(outcome, provider=provider.name)  # stale if the task moved on meanwhile
         change = await self.store.apply_outcome(job.task_id, outcome, "poll", urgent=provider.early_download)
         event(
             log,

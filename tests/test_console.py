@@ -311,3 +311,33 @@ def test_console_follows_a_running_task_in_the_list_and_shows_errors(
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "console-failed.png"), full_page=True)
     assert problems == []
+
+
+def test_the_task_page_shows_the_fallback_hops(start_fake: Callable[..., Any], tmp_path: Any) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"chromium not found ({CHROMIUM}): install Debian's chromium package to run it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from tests.fakes.kie import GENERATE
+    from tests.fakes.kie import KieFake
+    from tests.harness import served_receiver
+
+    kie = start_fake(KieFake)
+    kie.script(GENERATE, 200, {"code": 402, "msg": "Insufficient credits"})
+    with served_receiver(
+        tmp_path / "hops", {**kie.receiver_env(), "RECEIVER_SANDBOX_DELAY": "0.05"}
+    ) as receiver:
+        task = receiver.submit(provider="kie", prompt="a quiet harbour", fallback=["sandbox"])
+        assert receiver.wait(str(task["id"]))["provider"] == "sandbox"
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(15_000)
+                sign_in(page, receiver)
+                page.goto(f"{receiver.url}/ui#/tasks/{task['id']}")
+                page.wait_for_selector("#task-attempts")
+                tried = page.text_content("#task-attempts")
+                assert "kie" in tried and "provider_rejected: Insufficient credits" in tried
+                assert "moved from kie to sandbox" in page.text_content("#task-events")
+            finally:
+                browser.close()

@@ -469,12 +469,32 @@
         row("Provider", task.provider),
         row("Model", el("span", { class: "mono", text: task.model })),
         row("Provider task", task.provider_task_id ? el("span", { class: "mono", text: task.provider_task_id }) : el("span", { class: "muted", text: "none" })),
+        (task.attempts || []).length ? row("Tried before", attemptList(task.attempts)) : [],
+        (task.fallback || []).length ? row("Fallback", el("span", { id: "task-fallback", text: task.fallback.join(" → ") })) : [],
         row("Created", timeNode(task.created_at)),
         row("Updated", timeNode(task.updated_at)),
         row("Completed", timeNode(task.completed_at), task.completed_at ? el("span", { class: "muted", text: ` after ${seconds(task.created_at, task.completed_at)}` }) : null),
         metadata ? row("Metadata", el("pre", { text: metadata })) : [],
       ),
     ];
+  }
+
+  // Each provider the task moved away from (fallback), in order, with the error that made it move.
+  function attemptList(attempts) {
+    return el(
+      "ol",
+      { class: "attempts", id: "task-attempts" },
+      attempts.map((attempt) =>
+        el(
+          "li",
+          {},
+          el("span", { class: "mono", text: `${attempt.provider} · ${attempt.model}` }),
+          el("span", { class: "muted", text: ` — ${attempt.error.code}: ${attempt.error.message}` }),
+          el("span", { class: "muted small", text: " " }),
+          timeNode(attempt.at),
+        ),
+      ),
+    );
   }
 
   function eventList(events) {
