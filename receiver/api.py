@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -51,6 +52,7 @@ from receiver.uploads import decode_data_uri
 from receiver.uploads import keep_upload
 from receiver.web import MEDIA_HEADERS
 from receiver.web import ApiError
+from receiver.web import body_too_slow
 from receiver.web import client_gone
 from receiver.web import deep_field
 from receiver.web import json_problem
@@ -120,7 +122,7 @@ class Api:
                 "Idempotency-Key must be 1 to 255 characters",
                 {"Idempotency-Key": "1 to 255 characters"},
             )
-        raw = await read_capped(request, body_cap(self.settings.max_image_bytes))
+        raw = await read_capped(request, body_cap(self.settings.max_image_bytes), self.settings.body_timeout)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
@@ -465,9 +467,12 @@ class Api:
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > cap:
             raise ApiError(413, "too_large", f"the image is over RECEIVER_MAX_IMAGE_BYTES ({cap} bytes)")
         try:
-            name, kind, size = await keep_upload(self.media, request.stream(), cap)
+            async with asyncio.timeout(self.settings.body_timeout):
+                name, kind, size = await keep_upload(self.media, request.stream(), cap)
         except ClientDisconnect:
             raise client_gone(request) from None
+        except TimeoutError:
+            raise body_too_slow(self.settings.body_timeout) from None
         except MediaError:
             raise _media_unavailable() from None
         except UploadError as exc:

@@ -194,6 +194,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     # Starlette's own slash redirect builds its Location from the Host header; ours (above) does not.
     app.router.redirect_slashes = False
     app.state.store = store
+    app.state.callbacks = callbacks
     app.state.settings = settings
     app.state.media = media
     return app

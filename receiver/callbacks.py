@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import replace
 from typing import Any
@@ -87,21 +88,20 @@ class Callbacks:
         self._answering = 0
 
     def busy(self) -> bool:
-        """Whether a burst of callbacks is on: many being answered at once, not a steady trickle."""
+        """Whether a burst of callbacks is on: many verified ones being answered at once, not a steady
+        trickle. Only callbacks past their token and signature count, so connections that drip a body
+        (or carry no valid token) cannot make downloads step back."""
         return self._answering >= BURST
 
     async def receive(self, request: Request) -> Response:
         started = time.perf_counter()
         provider_name = request.path_params["provider"]
         result = "rejected"
-        self._answering += 1
         try:
             response, result = await self._receive(request, provider_name)
         except ApiError as exc:
             response = error_response(exc.status, exc.code, exc.message)
             result = f"rejected_{exc.code}"
-        finally:
-            self._answering -= 1
         label = provider_name if provider_name in REGISTRY else "unknown"
         seconds = time.perf_counter() - started
         metrics.callback_seen(label, result, seconds)
@@ -116,7 +116,7 @@ class Callbacks:
         return response
 
     async def _receive(self, request: Request, provider_name: str) -> tuple[Response, str]:
-        raw = await read_capped(request, self.settings.max_callback_bytes)
+        raw = await read_capped(request, self.settings.max_callback_bytes, self.settings.body_timeout)
         task_id = self.tokens.task_of(request.path_params["token"])
         provider = REGISTRY.get(provider_name)
         if task_id is None or provider is None:
@@ -142,6 +142,16 @@ class Callbacks:
         except CallbackRejected as exc:
             await self.store.add_event(task_id, "callback", False, f"signature refused: {exc}")
             raise ApiError(401, "bad_signature", str(exc)) from None
+        self._answering += 1
+        try:
+            return await self._accept(task_id, row, provider, spec, raw)
+        finally:
+            self._answering -= 1
+
+    async def _accept(
+        self, task_id: str, row: sqlite3.Row, provider: Provider, spec: TaskSpec, raw: bytes
+    ) -> tuple[Response, str]:
+        """A verified callback: parsed, checked against the task, kept."""
         try:
             outcome = provider.parse_callback(raw)
         except MalformedCallback as exc:
@@ -153,7 +163,16 @@ class Callbacks:
                 task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"
             )
             raise ApiError(400, "wrong_task", "the callback is about another provider task")
-        outcome = replace(outcome, provider=provider_name)  # stale if the task moves on before it applies
+        most = spec.params.get("num_images") or provider.max_outputs
+        if len(outcome.image_urls) > most:
+            await self.store.add_event(
+                task_id,
+                "callback",
+                True,
+                f"names {len(outcome.image_urls)} images, the task has at most {most}",
+            )
+            raise ApiError(400, "too_many_images", f"the task can have at most {most} images")
+        outcome = replace(outcome, provider=provider.name)  # stale if the task moves on before it applies
         await self.store.record_callback(task_id, outcome, urgent=provider.early_download)
         return JSONResponse({"code": 200, "msg": "success"}), "accepted"
 

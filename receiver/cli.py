@@ -264,7 +264,18 @@ def welcome(settings: Settings) -> str:
     )
 
 
+def http_limits(settings: Settings) -> dict[str, Any]:
+    """uvicorn's bounds on what one client may hold: idle keep-alive, open connections (more are
+    answered 503 at once), and the bytes of an unfinished request head (h11)."""
+    return {
+        "timeout_keep_alive": settings.keep_alive,
+        "limit_concurrency": settings.max_connections,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
+
+
 def serve(args: argparse.Namespace) -> int:
+    os.umask(0o077)  # every file the service makes (database, media, kept secrets) is its user's only
     try:
         settings = load_settings(os.environ, host=args.host, port=args.port)
     except ConfigError as exc:
@@ -293,6 +304,7 @@ def serve(args: argparse.Namespace) -> int:
             log_config=None,  # uvicorn's own lines go through our formatter too
             access_log=False,  # an access log would print callback tokens and signed links
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
+            **http_limits(settings),
         )
     )
     with sock:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -66,6 +67,11 @@ class Settings:
     media_redirect: bool = False
     aws: Mapping[str, str] = field(default_factory=dict)  # the AWS_* variables the bucket is reached with
     metrics_token: str | None = None  # RECEIVER_METRICS_TOKEN: when set, /metrics wants it as a bearer
+    # What one client may hold of the server (uvicorn's limits, and the body read in the app).
+    body_timeout: float = 30.0
+    keep_alive: float = 5.0
+    max_connections: int | None = None
+    max_header_bytes: int = 16 * 1024
 
     @property
     def db_path(self) -> Path:
@@ -259,6 +265,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         raise ConfigError(f"RECEIVER_DATA_DIR {str(data_dir)!r} cannot be created: {exc.strerror}") from None
     if not os.access(data_dir, os.W_OK):
         raise ConfigError(f"RECEIVER_DATA_DIR {str(data_dir)!r} is not writable")
+    _private(data_dir)
 
     public_url = _url("RECEIVER_PUBLIC_URL", env.get("RECEIVER_PUBLIC_URL") or f"http://{host}:{port}")
 
@@ -348,7 +355,24 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         media_redirect=media_redirect,
         aws=aws,
         metrics_token=_metrics_token(env),
+        body_timeout=_number(env, "RECEIVER_BODY_TIMEOUT", 30.0, minimum=0.1),
+        keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1),
+        max_connections=_integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, minimum=0) or None,
+        max_header_bytes=_integer(env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
     )
+
+
+def _private(data_dir: Path) -> None:
+    """The database holds per-task webhook secrets, media holds tenants' images: the service's user
+    only. The data and media directories become 0700 and the database file 0600 (made here, empty,
+    if new: SQLite keeps its mode for the -wal and -shm files). `serve` also sets umask 077."""
+    for folder in (data_dir, data_dir / "media"):
+        with contextlib.suppress(PermissionError):  # not ours to change: the operator chose its modes
+            folder.chmod(0o700)
+    database = data_dir / "receiver.db"
+    with contextlib.suppress(PermissionError):
+        os.close(os.open(database, os.O_CREAT | os.O_WRONLY, 0o600))
+        database.chmod(0o600)
 
 
 def _metrics_token(env: Mapping[str, str]) -> str | None:

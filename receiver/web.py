@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse
 from receiver.logs import event
 
 log = logging.getLogger("receiver.web")
+BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive, whole (RECEIVER_BODY_TIMEOUT)
 MAX_DEPTH = 32  # levels of JSON nesting a stored value may have (CONTRACT.md v2, request limits)
 # A whole number as a query parameter or signed-link expiry: ASCII digits only (str.isdigit() also
 # takes '²'), few enough that int() never meets Python's digit limit and SQLite's 64-bit range holds.
@@ -110,8 +112,9 @@ def _encodable(text: str) -> bool:
     return True
 
 
-async def read_capped(request: Request, cap: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes `cap` bytes; never buffered past the cap."""
+async def read_capped(request: Request, cap: int, timeout: float = BODY_TIMEOUT) -> bytes:
+    """The whole body, refused (413) as soon as it passes `cap` bytes (never buffered past the cap),
+    or (408) when it has not all come within `timeout` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not (declared.isascii() and declared.isdigit()):
@@ -120,13 +123,20 @@ async def read_capped(request: Request, cap: int) -> bytes:
             raise ApiError(413, "too_large", f"the body is over {cap} bytes")
     body = bytearray()
     try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > cap:
-                raise ApiError(413, "too_large", f"the body is over {cap} bytes")
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > cap:
+                    raise ApiError(413, "too_large", f"the body is over {cap} bytes")
     except ClientDisconnect:
         raise client_gone(request) from None
+    except TimeoutError:
+        raise body_too_slow(timeout) from None
     return bytes(body)
+
+
+def body_too_slow(timeout: float) -> ApiError:
+    return ApiError(408, "body_timeout", f"the body did not arrive within {timeout:g} seconds")
 
 
 def client_gone(request: Request) -> ApiError:

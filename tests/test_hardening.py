@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import importlib.util
 import logging
 import socket
+import stat
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +19,9 @@ import pytest
 from receiver.config import ConfigError
 from receiver.config import load_settings
 from tests.fakes.common import png
+from tests.harness import ALICE
 from tests.harness import Receiver
+from tests.harness import ReceiverProcess
 
 
 @pytest.fixture
@@ -252,3 +257,141 @@ def test_a_short_metrics_token_stops_the_start(tmp_path: Path) -> None:
     env = {"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_METRICS_TOKEN": "short"}
     with pytest.raises(ConfigError, match="RECEIVER_METRICS_TOKEN"):
         load_settings(env)
+
+
+def held_task(receiver: Receiver, **body: Any) -> str:
+    """A sandbox task that is submitted and gets no callback of its own: the test sends them."""
+    task = receiver.submit(provider="sandbox", prompt="x", options={"outcome": "no_callback"}, **body)
+    assert receiver.wait_status(task["id"], "submitted")["status"] == "submitted"
+    return str(task["id"])
+
+
+@pytest.mark.parametrize(("num_images", "most"), [(None, 4), (2, 2), (1, 1)])
+def test_a_callback_naming_more_images_than_the_task_can_have_changes_nothing(
+    receiver: Receiver, num_images: int | None, most: int
+) -> None:
+    task_id = held_task(receiver, **({"num_images": num_images} if num_images else {}))
+    url = receiver.callback_url("sandbox", task_id)
+    provider_task_id = receiver.alice.get(f"/v1/tasks/{task_id}").json()["provider_task_id"]
+    links = [f"{receiver.url}/nowhere/{index}.png" for index in range(most + 1)]
+    for count in (most + 1, 300):
+        body = {"id": provider_task_id, "status": "succeeded", "images": (links * 300)[:count]}
+        answer = receiver.anon.post(url, json=body)
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "too_many_images"
+    task = receiver.alice.get(f"/v1/tasks/{task_id}").json()
+    assert task["status"] == "submitted"
+    assert task["images"] == []
+
+
+def wait_until(predicate: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_dripping_callbacks_do_not_count_as_a_burst(receiver: Receiver) -> None:
+    task_id = held_task(receiver)
+    path = httpx.URL(receiver.callback_url("sandbox", task_id)).path
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    server = receiver.served.server
+    before = len(server.server_state.tasks)
+    socks = [socket.create_connection(("127.0.0.1", receiver.served.port)) for _ in range(12)]
+    try:
+        for sock in socks:
+            sock.sendall(head.encode() + b'{"id": ')  # a valid token, a body that never ends
+        wait_until(lambda: len(server.server_state.tasks) >= before + 12, "the 12 requests are not in")
+
+        async def busy() -> bool:
+            return bool(receiver.app.state.callbacks.busy())
+
+        assert receiver.served.call(busy) is False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(RECEIVER_BODY_TIMEOUT="0.3")
+    key = receiver.alice.headers["authorization"]
+    task_id = held_task(receiver)
+    callback = httpx.URL(receiver.callback_url("sandbox", task_id)).path
+    for path, kind in (("/v1/tasks", "application/json"), ("/v1/uploads", "image/png"), (callback, "x/y")):
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {key}\r\nContent-Type: {kind}\r\n"
+            "Content-Length: 100000\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", receiver.served.port)) as sock:
+            sock.sendall(head.encode() + png(64, 64)[:100])
+            sock.settimeout(30)
+            answer = ""
+            while '"body_timeout"' not in answer and (chunk := sock.recv(65536)):
+                answer += chunk.decode(errors="replace")
+        assert answer.startswith("HTTP/1.1 408"), (path, answer)
+        assert '"body_timeout"' in answer
+
+
+def test_files_are_for_the_service_user_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    process = ReceiverProcess(data, {}).start()
+    try:
+        with httpx.Client(base_url=process.url, headers={"Authorization": f"Bearer {ALICE}"}) as client:
+            task = client.post("/v1/tasks", json={"provider": "sandbox", "prompt": "x"}).json()
+            deadline = time.monotonic() + 30
+            while task["status"] != "succeeded" and time.monotonic() < deadline:
+                task = client.get(f"/v1/tasks/{task['id']}", params={"wait": "5"}).json()
+            assert task["status"] == "succeeded"
+            headers = {"Content-Type": "image/png"}
+            assert client.post("/v1/uploads", content=png(8, 8), headers=headers).status_code == 201
+    finally:
+        process.terminate()
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    made = list(data.rglob("*"))
+    assert any(path.suffix == ".png" for path in made) and (data / "receiver.db") in made
+    for path in made:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o077 == 0, (path, oct(mode))
+
+
+def test_an_existing_data_dir_is_closed_at_start(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "media").mkdir(parents=True, mode=0o755)
+    (data / "receiver.db").write_bytes(b"")
+    (data / "receiver.db").chmod(0o644)
+    load_settings({"RECEIVER_DATA_DIR": str(data)})
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "media").stat().st_mode) == 0o700
+    assert stat.S_IMODE((data / "receiver.db").stat().st_mode) == 0o600
+
+
+def test_serve_bounds_connections_and_idle_keep_alive(tmp_path: Path) -> None:
+    env = {"RECEIVER_MAX_CONNECTIONS": "3", "RECEIVER_KEEP_ALIVE": "0.5", "RECEIVER_MAX_HEADER_BYTES": "2048"}
+    process = ReceiverProcess(tmp_path / "data", env).start()
+    port = int(httpx.URL(process.url).port or 0)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(30)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            while sock.recv(65536):  # the server closes the idle connection after RECEIVER_KEEP_ALIVE
+                pass
+        if importlib.util.find_spec("httptools") is None:  # the limit is h11's; httptools has its own
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.settimeout(30)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4096)  # unfinished
+                assert sock.recv(65536).startswith(b"HTTP/1.1 400")  # over RECEIVER_MAX_HEADER_BYTES
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            wait_until(
+                lambda: httpx.get(f"{process.url}/healthz").status_code == 503, "a 4th connection is refused"
+            )
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: httpx.get(f"{process.url}/healthz").status_code == 200, "room again")
+    finally:
+        process.terminate()

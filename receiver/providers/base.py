@@ -54,6 +54,7 @@ class Provider:
     native_hint: ClassVar[str] = ""  # how those other ids look, for listings and error messages
     fields: ClassVar[frozenset[str]] = frozenset()  # optional request fields it honours
     max_images: ClassVar[int] = 1
+    max_outputs: ClassVar[int] = 1  # images one task can make; a callback naming more is refused
     min_images: ClassVar[int] = 0
     inline_images: ClassVar[bool] = False  # True: data URIs are sent inline, not as signed links
     early_download: ClassVar[bool] = False  # True: its result links die fast, fetch them before others
