@@ -22,6 +22,8 @@ ERRORS = {
     "404": _json(_ref("Error"), "no such task for this tenant"),
     "422": _json(_ref("Error"), "invalid fields, named in error.fields"),
 }
+# The sandbox's own endpoints answer like a provider would: {"error": "..."} (or our Error body).
+SANDBOX_ERROR = _json({"type": "object", "required": ["error"]}, "refused")
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 TASK_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
@@ -384,7 +386,10 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                 }
             },
             "/metrics": {
-                "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text"}}}
+                "get": {
+                    "summary": "Prometheus metrics (with RECEIVER_METRICS_TOKEN set, for that bearer only)",
+                    "responses": {"200": {"description": "text"}, "401": ERRORS["401"]},
+                }
             },
             "/openapi.json": {
                 "get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}
@@ -392,14 +397,20 @@ def openapi_document(server_url: str) -> dict[str, Any]:
             "/sandbox/v1/generate": {
                 "post": {
                     "summary": "The sandbox provider's submit (used by the worker)",
-                    "responses": {"200": {"description": "accepted"}},
+                    "responses": {
+                        "200": {"description": "accepted"},
+                        **{status: SANDBOX_ERROR for status in ("400", "401", "408", "413", "422", "503")},
+                    },
                 }
             },
             "/sandbox/v1/tasks/{id}": {
                 "get": {
                     "summary": "The sandbox provider's status",
                     "parameters": [TASK_ID],
-                    "responses": {"200": {"description": "status"}},
+                    "responses": {
+                        "200": {"description": "status"},
+                        **{status: SANDBOX_ERROR for status in ("401", "404", "503")},
+                    },
                 }
             },
             "/sandbox/files/{name}": {
@@ -408,7 +419,10 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                     "parameters": [
                         {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
                     ],
-                    "responses": {"200": {"description": "PNG"}},
+                    "responses": {
+                        "200": {"description": "PNG"},
+                        **{status: SANDBOX_ERROR for status in ("404", "503")},
+                    },
                 }
             },
             "/v1/providers": {
