@@ -4,6 +4,10 @@ Each provider belongs to a pace group (kie and kie-market share one kie account)
 rate (N new tasks per window), a concurrency cap (tasks accepted and not yet finished, optionally per
 model), and a hold after a 429 that still came (until its Retry-After). While a group cannot take
 another task its submit jobs stay queued, in order; the worker does not claim them.
+
+After a hold the group sends one task alone first, the oldest waiting (the one the 429 refused keeps its
+place, so it is that one): the probe. Only once the probe is answered without another 429 do the
+others follow. So a task held back by a 429 is never overtaken by tasks that came after it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ class _Group:
     sent: deque[float] = field(default_factory=deque)
     sending: dict[str, int] = field(default_factory=dict)  # model -> submits in flight right now
     held_until: float = 0.0
+    holds: int = 0  # 429s seen, to tell whether the probe's answer was another one
+    probe: str = ""  # "" none, "needed" after a hold, "sent" while the probe is out
+    probe_holds: int = 0
 
 
 class Pacer:
@@ -61,9 +68,24 @@ class Pacer:
         now = time.monotonic() if now is None else now
         blocked: set[str] = set()
         for name, group in self._groups.items():
-            if not self._open(group, name, None, in_flight, now):
+            if group.probe or not self._open(group, name, None, in_flight, now):
                 blocked.update(self.providers_of(name))
         return blocked
+
+    def probes_due(self, now: float | None = None) -> list[str]:
+        """Groups whose hold is over and whose probe is still to be sent: the worker claims their
+        oldest submit alone (a turn of its own), since `blocked` keeps them out of ordinary claims."""
+        now = time.monotonic() if now is None else now
+        return sorted(
+            name
+            for name, group in self._groups.items()
+            if group.probe == "needed" and group.held_until <= now and not any(group.sending.values())
+        )
+
+    def no_probe_needed(self, group: str) -> None:
+        """Nothing of the group was waiting: there is nobody to probe with, the group is open again."""
+        if self._groups[group].probe == "needed":
+            self._groups[group].probe = ""
 
     def next_change(self, now: float | None = None) -> float | None:
         """Seconds until a rate window or a hold frees a slot, if one is closed."""
@@ -86,6 +108,8 @@ class Pacer:
         group = self._groups[name]
         if not self._open(group, name, model, in_flight, now):
             return False
+        if group.probe == "needed":
+            group.probe, group.probe_holds = "sent", group.holds
         if group.limits.per_window:
             group.sent.append(now)
         group.sending[model] = group.sending.get(model, 0) + 1
@@ -95,12 +119,17 @@ class Pacer:
         """A submit finished (accepted or not): it no longer counts as being sent."""
         group = self._groups[self._group_of[provider]]
         group.sending[model] = max(0, group.sending.get(model, 0) - 1)
+        if group.probe == "sent":  # the probe went alone, so this is its answer
+            group.probe = "needed" if group.holds > group.probe_holds else ""
 
     def hold(self, provider: str, seconds: float, now: float | None = None) -> None:
         """A 429 came anyway: hold the whole group back for `seconds`."""
         now = time.monotonic() if now is None else now
         group = self._groups[self._group_of[provider]]
         group.held_until = max(group.held_until, now + seconds)
+        group.holds += 1
+        if group.probe != "sent":
+            group.probe = "needed"
 
     def _open(
         self,
@@ -112,6 +141,8 @@ class Pacer:
     ) -> bool:
         if group.held_until > now:
             return False
+        if group.probe and any(group.sending.values()):
+            return False  # probing: one at a time
         limits = group.limits
         if limits.per_window:
             while group.sent and group.sent[0] <= now - limits.window:

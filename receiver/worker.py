@@ -135,6 +135,7 @@ class Worker:
         # Set by the app: whether callbacks are arriving right now (then everything else waits a little).
         self.callbacks_busy: Callable[[], bool] = lambda: False
         self._in_flight: dict[tuple[str, str], int] = {}
+        self._probes: dict[str, asyncio.Task[None]] = {}  # pace group -> its probe after a 429 hold
         self._stopping = False
         # Links under our own public URL (the built-in provider's results) are the operator's origin,
         # trusted as given like the provider base URLs; every other link goes through the address guard.
@@ -157,6 +158,9 @@ class Worker:
             if busy:
                 # Callbacks first: while they pour in, one download at a time and the inbox in slices.
                 slots["download"] = min(slots.get("download", 0), 1 - len(self._running["download"]))
+            if slots.get("submit", 0) > 0:
+                await self._send_probes()
+                slots["submit"] = self.handlers["submit"][0] - len(self._running["submit"])
             claimed = await self.store.claim_due(
                 slots, paced_out, self.pacer.counted_providers(), BUSY_INBOX_SLICE if busy else INBOX_SLICE
             )
@@ -166,10 +170,7 @@ class Worker:
                 level = logging.DEBUG if result == "changed" else logging.INFO
                 event(log, "callback applied", level=level, task_id=task_id, provider=provider, result=result)
             for job in claimed.jobs:
-                handler = self.handlers[job.kind][1]
-                task = asyncio.create_task(self._run_job(handler, job), name=f"job-{job.kind}-{job.id}")
-                self._running[job.kind].add(task)
-                task.add_done_callback(self._job_done(job.kind))
+                self._start(job)
             if claimed.jobs or claimed.more_news:
                 if busy:
                     await asyncio.sleep(BUSY_PAUSE)  # leave the loop (and the writer) to the callbacks
@@ -186,6 +187,35 @@ class Worker:
                 await asyncio.wait_for(self.store.jobs_changed.wait(), wait)
             except TimeoutError:
                 pass
+
+    def _start(self, job: Job) -> asyncio.Task[None]:
+        handler = self.handlers[job.kind][1]
+        task = asyncio.create_task(self._run_job(handler, job), name=f"job-{job.kind}-{job.id}")
+        self._running[job.kind].add(task)
+        task.add_done_callback(self._job_done(job.kind))
+        return task
+
+    async def _send_probes(self) -> None:
+        """After a 429 hold, each held group's oldest waiting submit goes alone (see receiver.pacing):
+        claimed in a turn of its own, since ordinary claims leave the held group's submits alone."""
+        for group in self.pacer.probes_due():
+            if group in self._probes:
+                continue
+            members = set(self.pacer.providers_of(group))
+            others = sorted(name for name in REGISTRY if name not in members)
+            claimed = await self.store.claim_due({"submit": 1}, others, (), 0)
+            if not claimed.jobs:
+                self.pacer.no_probe_needed(group)
+            for job in claimed.jobs:
+                probe = self._start(job)
+                self._probes[group] = probe
+                probe.add_done_callback(self._probe_done(group))
+
+    def _probe_done(self, group: str) -> Callable[[asyncio.Task[None]], None]:
+        def done(task: asyncio.Task[None]) -> None:
+            self._probes.pop(group, None)
+
+        return done
 
     def _job_done(self, kind: str) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
@@ -279,7 +309,8 @@ class Worker:
                 return
             after = exc.retry_after if isinstance(exc, ProviderUnavailable) else None
             delay = self._backoff(job.attempts, after)
-            if isinstance(exc, ProviderUnavailable) and exc.rate_limited:
+            limited = isinstance(exc, ProviderUnavailable) and exc.rate_limited
+            if limited:
                 # A 429 despite pacing: hold back every task of this provider, not only this one.
                 self.pacer.hold(provider.name, delay)
             event(
@@ -293,7 +324,11 @@ class Worker:
                 reason=message[:200],
             )
             await self.store.add_event(job.task_id, "submit", True, f"try {job.attempts} failed: {message}")
-            await self.store.retry_job(job, delay, message)
+            if limited:
+                # It keeps its place in the queue and goes first (alone) when the hold ends.
+                await self.store.unclaim(job)
+            else:
+                await self.store.retry_job(job, delay, message)
             return
         await self.store.record_submission(
             job, submission, urgent=provider.early_download, provider=provider.name

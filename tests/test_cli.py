@@ -76,7 +76,8 @@ def test_submit_waits_shows_progress_and_saves_the_images(
     task_id = out.strip()
     assert TASK_ID.match(task_id), out
     progress = [line for line in err.splitlines() if line.startswith(task_id)]
-    assert re.match(rf"^{task_id}: queued \(0\.\d s\)$", progress[0]), err
+    # The first state seen: on a busy machine the worker may have sent the task before the first look.
+    assert re.match(rf"^{task_id}: (queued|submitted) \(\d+\.\d s\)$", progress[0]), err
     assert re.match(rf"^{task_id}: succeeded \(\d+\.\d s\)$", progress[-1]), err
     assert "submitted" in err  # the second the sandbox takes is long enough to be seen
     task = receiver.alice.get(f"/v1/tasks/{task_id}").json()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import pytest
+
 from receiver.pacing import Limits
 from receiver.pacing import Pacer
 from tests.fakes.kie import GENERATE
@@ -48,6 +50,37 @@ def test_a_hold_after_a_429() -> None:
     assert pacer.try_acquire("fal", "m", {}, now=15.5)
 
 
+def test_after_a_hold_one_probe_goes_alone_and_a_second_429_holds_again() -> None:
+    pacer = Pacer({"kie": "kie", "kie-market": "kie"}, {})
+    assert pacer.try_acquire("kie", "m", {}, now=0.0)  # two in flight when the 429 comes
+    assert pacer.try_acquire("kie", "m", {}, now=0.0)
+    pacer.hold("kie", 5.0, now=1.0)
+    pacer.release("kie", "m")
+    assert pacer.blocked({}, now=2.0) == {"kie", "kie-market"}
+    assert pacer.probes_due(now=6.0) == []  # one is still being sent
+    pacer.release("kie", "m")
+    assert pacer.probes_due(now=2.0) == []  # still held
+    assert pacer.probes_due(now=6.0) == ["kie"]
+    assert pacer.blocked({}, now=6.0) == {"kie", "kie-market"}  # ordinary claims leave it alone
+    assert pacer.try_acquire("kie-market", "m", {}, now=6.0)  # the probe
+    assert not pacer.try_acquire("kie", "m", {}, now=6.0)  # alone
+    assert pacer.probes_due(now=6.0) == []
+    pacer.hold("kie", 1.0, now=6.5)  # the probe got a 429 too
+    pacer.release("kie-market", "m")
+    assert pacer.probes_due(now=7.0) == []
+    assert pacer.probes_due(now=7.6) == ["kie"]
+    assert pacer.try_acquire("kie", "m", {}, now=7.6)
+    pacer.release("kie", "m")  # answered without a 429: open again
+    assert pacer.blocked({}, now=7.7) == set()
+    assert pacer.try_acquire("kie", "m", {}, now=7.7)
+    assert pacer.try_acquire("kie", "m", {}, now=7.7)
+    pacer.hold("kie", 1.0, now=8.0)
+    pacer.release("kie", "m")
+    pacer.release("kie", "m")
+    pacer.no_probe_needed("kie")  # nothing was waiting
+    assert pacer.blocked({}, now=9.5) == set()
+
+
 def test_unpaced_providers_are_never_blocked() -> None:
     pacer = Pacer({"apimart": "apimart"}, {})
     assert all(pacer.try_acquire("apimart", "m", {}) for _ in range(1000))
@@ -58,16 +91,14 @@ def test_a_concurrency_cap_keeps_tasks_queued_in_order(start_receiver: Callable[
     ids = [
         receiver.submit(provider="sandbox", prompt=f"t{i}", options={"delay": 0.4})["id"] for i in range(5)
     ]
-    receiver.wait_status(ids[0], "submitted")
-    time.sleep(0.1)
-    statuses = [receiver.alice.get(f"/v1/tasks/{i}").json()["status"] for i in ids]
-    assert statuses == ["submitted"] + ["queued"] * 4
-    submitted_at = []
+    sent, left = [], []  # event ids (one sequence for all tasks): when each was sent, when it left
     for task_id in ids:
         assert receiver.wait(task_id)["status"] == "succeeded"
-        [event] = [e for e in receiver.events(task_id) if e["kind"] == "submit"]
-        submitted_at.append(event["at"])
-    assert submitted_at == sorted(submitted_at)  # one at a time, in the order they came
+        events = receiver.events(task_id)
+        sent += [e["id"] for e in events if e["change"] == "queued→submitted"]
+        left += [e["id"] for e in events if (e["change"] or "").startswith("submitted→")]
+    assert sent == sorted(sent) and len(sent) == 5  # in the order they came
+    assert all(sent[i + 1] > left[i] for i in range(4))  # one at a time: each after the one before left
 
 
 def test_kie_takes_twenty_per_ten_seconds(kie: KieFake, kie_receiver: Receiver) -> None:
@@ -79,19 +110,25 @@ def test_kie_takes_twenty_per_ten_seconds(kie: KieFake, kie_receiver: Receiver) 
     assert queued == ids[20:]
 
 
-def test_a_429_holds_back_the_whole_provider(kie: KieFake, start_receiver: Callable[..., Receiver]) -> None:
+@pytest.mark.parametrize("refusals", [1, 3])
+def test_a_429_holds_back_the_whole_provider(
+    kie: KieFake, start_receiver: Callable[..., Receiver], refusals: int
+) -> None:
+    """The task a 429 refused keeps its place: when the hold ends it goes alone, first, however the
+    tasks created meanwhile were timed; only its acceptance lets the others go."""
     receiver = start_receiver(KIE_API_KEY=KEY, KIE_BASE_URL=kie.url)
-    kie.script(GENERATE, 429, {"code": 429, "msg": "slow down"})
+    for _ in range(refusals):
+        kie.script(GENERATE, 429, {"code": 429, "msg": "slow down"})
     # Retry-After comes as a header; the fake's scripted answers are JSON, so use kie's body code 429
-    # with the worker's backoff, and check nothing else was sent while the provider was held back.
+    # with the worker's backoff.
     first = receiver.submit(provider="kie", prompt="first")
     kie.wait_for(lambda: len(kie.calls(GENERATE)) == 1)
     others = [receiver.submit(provider="kie", prompt=f"o{i}")["id"] for i in range(3)]
     for task_id in [first["id"], *others]:
         assert receiver.wait_status(task_id, "submitted")["status"] == "submitted"
-    calls = kie.calls(GENERATE)
-    assert len(calls) == 5  # the refused one, then all four
-    assert [c.json()["prompt"] for c in calls][:2] == ["first", "first"]
+    prompts = [c.json()["prompt"] for c in kie.calls(GENERATE)]
+    assert prompts[: refusals + 1] == ["first"] * (refusals + 1)  # refused, refused…, then accepted
+    assert sorted(prompts[refusals + 1 :]) == ["o0", "o1", "o2"]
 
 
 def test_documented_defaults_and_overrides(tmp_path: object) -> None:
