@@ -54,7 +54,9 @@ class Provider:
     native_hint: ClassVar[str] = ""  # how those other ids look, for listings and error messages
     fields: ClassVar[frozenset[str]] = frozenset()  # optional request fields it honours
     max_images: ClassVar[int] = 1
-    max_outputs: ClassVar[int] = 1  # images one task can make; a callback naming more is refused
+    # Images one task can make when it gives no num_images (apimart answers several URLs for one task;
+    # fal and the sandbox take num_images up to 4): a callback naming more is refused.
+    max_outputs: ClassVar[int] = 4
     min_images: ClassVar[int] = 0
     inline_images: ClassVar[bool] = False  # True: data URIs are sent inline, not as signed links
     early_download: ClassVar[bool] = False  # True: its result links die fast, fetch them before others

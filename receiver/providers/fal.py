@@ -213,7 +213,6 @@ class Fal(Provider):
     # Kontext on fal has no resolution; its prompt enhancer is `enhance_prompt` [I], left to options.
     fields = frozenset(OPTIONAL_FIELDS) - {"resolution", "prompt_upsampling"}
     max_images = FLUX2_MAX_IMAGES
-    max_outputs = 4  # num_images 1 to 4
     inline_images = True  # fal takes data URIs in image_url: no need for it to reach our uploads
 
     def native_model(self, model: str, has_images: bool) -> str:

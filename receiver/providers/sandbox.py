@@ -50,7 +50,6 @@ class Sandbox(Provider):
     default_model = "sandbox"
     fields = frozenset({"model", "images", "aspect_ratio", "output_format", "seed", "num_images", "options"})
     max_images = 1
-    max_outputs = 4  # num_images 1 to 4
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
         errors: dict[str, str] = {}
