@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -129,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--http",
+        choices=("auto", "h11", "httptools"),
+        default="auto",
+        help="HTTP parser (default auto: httptools when the `fast` extra is installed, else h11)",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (default auto: uvloop when the `fast` extra is installed, else asyncio)",
+    )
 
     submit = commands.add_parser(
         "submit",
@@ -281,6 +294,10 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
         return 2
+    for chosen in (args.http, args.loop):
+        if chosen in ("httptools", "uvloop") and importlib.util.find_spec(chosen) is None:
+            print(f"receiver: {chosen} is not installed (pip install 'receiver[fast]')", file=sys.stderr)
+            return EXIT_USAGE
     import uvicorn
 
     from receiver.app import create_app
@@ -301,6 +318,8 @@ def serve(args: argparse.Namespace) -> int:
             create_app(settings),
             host=args.host,
             port=args.port,
+            http=args.http,
+            loop=args.loop,
             log_config=None,  # uvicorn's own lines go through our formatter too
             access_log=False,  # an access log would print callback tokens and signed links
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
