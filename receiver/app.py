@@ -29,7 +29,6 @@ from receiver.callbacks import Callbacks
 from receiver.callbacks import KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
-from receiver.downloads import outside_client
 from receiver.logs import event
 from receiver.media import open_media
 from receiver.notify import NOTIFY_SLOTS
@@ -38,6 +37,7 @@ from receiver.openapi import openapi_document
 from receiver.sandbox_service import SandboxService
 from receiver.store import Store
 from receiver.tokens import Tokens
+from receiver.transport import outside_client
 from receiver.web import ApiError
 from receiver.web import error_response
 from receiver.worker import Worker

@@ -1,24 +1,21 @@
 """Safe fetching of URLs that come from outside: an address guard, a size cap, real images only,
 streamed into the media store.
 
-The guard sits in the connection layer, so it sees the address actually connected to, for the first
-request and for every redirect: the host is resolved here, every address it resolves to must be public,
-and the connection goes to the address that was checked (TLS still verifies the host name).
+The guard sits in the connection layer (receiver/transport.py), so it sees the address actually
+connected to, for the first request and for every redirect: every address a host resolves to must be
+public, and the connection goes to an address that was checked (TLS still verifies the host name).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
-import ssl
-from collections.abc import Iterable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import anyio
-import httpcore
 import httpx
 
-from receiver import USER_AGENT
 from receiver.intake import ImageRefused
 from receiver.intake import StoredImage
 from receiver.intake import store_image
@@ -61,15 +58,15 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def resolve_public(host: str, port: int) -> list[str]:
-    """Every address `host` resolves to, or AddressRefused if any of them is not public."""
+async def resolve_public(host: str, port: int, public: Callable[[str], bool] = is_public) -> list[str]:
+    """Every address `host` resolves to, or AddressRefused if any of them is not `public`."""
     try:
         infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise AddressRefused(f"{host} does not resolve ({exc.strerror or exc})") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for address in addresses:
-        if not is_public(address):
+        if not public(address):
             raise AddressRefused(f"{host} resolves to the non-public address {address}")
     return addresses
 
@@ -108,59 +105,6 @@ async def check_url(url: str, allow_private: bool) -> str | None:
     except AddressRefused as exc:
         return str(exc)
     return None
-
-
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self) -> None:
-        self._inner = httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        addresses = await resolve_public(host, port)
-        stream = await self._inner.connect_tcp(
-            addresses[0], port, timeout=timeout, local_address=local_address, socket_options=socket_options
-        )
-        peer = stream.get_extra_info("server_addr")
-        if peer is not None and not is_public(str(peer[0])):
-            await stream.aclose()
-            raise AddressRefused(f"{host} connected to the non-public address {peer[0]}")
-        return stream
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise AddressRefused("unix sockets are never fetched")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-def outside_client(*, allow_private: bool, timeout: float, max_connections: int = 32) -> httpx.AsyncClient:
-    """An httpx client for URLs that come from outside; guarded unless private URLs are allowed."""
-    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=max_connections))
-    if not allow_private:
-        # httpx builds its pool without a way to pass a network backend; rebuild it with ours.
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl.create_default_context(),
-            max_connections=max_connections,
-            network_backend=GuardedBackend(),
-        )
-    return httpx.AsyncClient(
-        transport=transport,
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-        follow_redirects=True,
-        max_redirects=5,
-        headers={"User-Agent": USER_AGENT},
-    )
 
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})

@@ -313,7 +313,7 @@ class Images:
     def callback(self, provider: str, provider_id: str, url: str) -> tuple[dict[str, str], bytes]:
         """The headers and body the provider sends when `provider_id` finished with the image at `url`."""
         if provider == "kie":
-            body = json.dumps(KieFake.success_body(provider_id, url)).encode()
+            body = json.dumps(self.kie.success_body(provider_id, url)).encode()
             return {"Content-Type": "application/json", **kie_signature(HMAC_KEY, provider_id)}, body
         body = FalFake.envelope(provider_id, "OK", FalFake.output([url]))
         return {"Content-Type": "application/json", **self.fal.signed(provider_id, body)}, body
