@@ -189,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--notify-url", metavar="URL", help="where to POST a signed notification when it ends"
     )
     request.add_argument(
+        "--fallback",
+        action="append",
+        default=[],
+        metavar="PROVIDER",
+        help="a provider to move the task to when the current one refuses it for a reason not the "
+        "request's fault (no credits, bad key, down) or fails the generation; repeat, in order (at most 4)",
+    )
+    request.add_argument(
         "--metadata",
         type=_pair,
         action="append",
@@ -382,6 +390,8 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         fields["options"] = dict(args.option)
     if args.metadata:
         fields["metadata"] = dict(args.metadata)
+    if args.fallback:
+        fields["fallback"] = list(args.fallback)
     return fields
 
 

@@ -158,6 +158,13 @@ def test_validation_errors_exit_2_naming_the_field(cli: Run) -> None:
     )
     assert status == 2
     assert "notify_url: must be an http or https URL" in one_line(err)
+    status, _, err = cli(
+        "submit", "--provider", "sandbox", "--prompt", "x", "--fallback", "sandbox", "--fallback", "fal"
+    )
+    assert status == 2
+    line = one_line(err)
+    assert "fallback[0]: sandbox is already in the chain" in line
+    assert "fallback[1]: fal is not configured: set FAL_KEY" in line
     # Usage errors are one line too.
     status, _, err = cli("submit", "--provider", "sandbox")
     assert status == 2
