@@ -65,6 +65,8 @@ MAX_METADATA = 16 * 1024  # bytes of compact JSON, as stored
 MAX_OPTIONS = 16 * 1024
 MAX_WAIT = 60.0
 MAX_NAMED_UNKNOWN = 20  # unknown fields named in one answer; a body of thousands gets a short one
+EVENTS_PAGE = 100  # events per page of /events unless ?limit= says otherwise
+MAX_EVENTS_PAGE = 500
 MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
 PRESIGN_SECONDS = 300  # a redirect's presigned URL: long enough to start the download, no longer
 TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
@@ -378,18 +380,7 @@ class Api:
         provider = query.get("provider") or None
         if provider is not None and provider not in REGISTRY:
             errors["provider"] = f"one of {', '.join(sorted(REGISTRY))}"
-        limit = 50
-        if query.get("limit"):
-            given = small_number(query["limit"])
-            if given is None or not 1 <= given <= 200:
-                errors["limit"] = "a whole number from 1 to 200"
-            else:
-                limit = given
-        before: int | None = None
-        if query.get("cursor"):
-            before = _decode_cursor(query["cursor"])
-            if before is None:
-                errors["cursor"] = "not a cursor this service gave"
+        limit, before = _paging(query, "seq", 50, 200, errors)
         if errors:
             raise ApiError(422, "invalid", "the query has invalid parameters", errors)
         rows = await self.store.tasks(
@@ -397,7 +388,7 @@ class Api:
         )
         page = rows[:limit]
         images = await self.store.images_of([row["id"] for row in page])
-        next_cursor = _encode_cursor(page[-1]["seq"]) if len(rows) > limit else None
+        next_cursor = _encode_cursor("seq", page[-1]["seq"]) if len(rows) > limit else None
         return JSONResponse(
             {
                 "items": [render_task(row, images[row["id"]], self.tokens) for row in page],
@@ -408,8 +399,14 @@ class Api:
     async def task_events(self, request: Request) -> Response:
         tenant = self.tenant(request)
         row = await self._owned(request.path_params["id"], tenant)
-        events = await self.store.events(row["id"])
-        return JSONResponse({"items": [render_event(event) for event in events]})
+        errors: dict[str, str] = {}
+        limit, after = _paging(request.query_params, "evt", EVENTS_PAGE, MAX_EVENTS_PAGE, errors)
+        if errors:
+            raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+        events = await self.store.events(row["id"], after=after or 0, limit=limit + 1)
+        page = events[:limit]
+        next_cursor = _encode_cursor("evt", page[-1]["id"]) if len(events) > limit else None
+        return JSONResponse({"items": [render_event(event) for event in page], "next_cursor": next_cursor})
 
     async def task_image(self, request: Request) -> Response:
         task_id = request.path_params["id"]
@@ -521,15 +518,34 @@ def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":")))
 
 
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+def _paging(
+    query: Mapping[str, str], kind: str, default: int, most: int, errors: dict[str, str]
+) -> tuple[int, int | None]:
+    """`limit` and `cursor` of a list (tasks: `seq`, events: `evt`); a bad one is named in `errors`."""
+    limit = default
+    if query.get("limit"):
+        given = small_number(query["limit"])
+        if given is None or not 1 <= given <= most:
+            errors["limit"] = f"a whole number from 1 to {most}"
+        else:
+            limit = given
+    position: int | None = None
+    if query.get("cursor"):
+        position = _decode_cursor(kind, query["cursor"])
+        if position is None:
+            errors["cursor"] = "not a cursor this service gave"
+    return limit, position
 
 
-def _decode_cursor(cursor: str) -> int | None:
+def _encode_cursor(kind: str, position: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(kind: str, cursor: str) -> int | None:
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
         return None
-    if not text.startswith("seq:"):
+    if not text.startswith(f"{kind}:"):
         return None
-    return small_number(text[4:])
+    return small_number(text[len(kind) + 1 :])

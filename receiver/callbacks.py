@@ -132,7 +132,7 @@ class Callbacks:
             # A provider the task has left (fallback) reports late: recorded, changes nothing, and
             # answered 2xx so it stops retrying.
             summary = f"late callback from {provider_name} (the task moved to {row['provider']}): ignored"
-            await self.store.add_event(task_id, "callback", False, summary)
+            await self.store.add_refusal(task_id, "callback", False, summary)
             return JSONResponse({"code": 200, "msg": "success"}), "late"
         spec = task_spec(row)
         settings = self.settings.provider(provider_name)
@@ -140,7 +140,7 @@ class Callbacks:
         try:
             await self._verify(provider, headers, raw, spec, settings)
         except CallbackRejected as exc:
-            await self.store.add_event(task_id, "callback", False, f"signature refused: {exc}")
+            await self.store.add_refusal(task_id, "callback", False, f"signature refused: {exc}")
             raise ApiError(401, "bad_signature", str(exc)) from None
         self._answering += 1
         try:
@@ -155,17 +155,17 @@ class Callbacks:
         try:
             outcome = provider.parse_callback(raw)
         except MalformedCallback as exc:
-            await self.store.add_event(task_id, "callback", True, f"unreadable body: {exc}")
+            await self.store.add_refusal(task_id, "callback", True, f"unreadable body: {exc}")
             raise ApiError(400, "malformed", str(exc)) from None
         known = row["provider_task_id"]
         if outcome.provider_task_id and known and outcome.provider_task_id != known:
-            await self.store.add_event(
+            await self.store.add_refusal(
                 task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"
             )
             raise ApiError(400, "wrong_task", "the callback is about another provider task")
         most = spec.params.get("num_images") or provider.max_outputs
         if len(outcome.image_urls) > most:
-            await self.store.add_event(
+            await self.store.add_refusal(
                 task_id,
                 "callback",
                 True,

@@ -142,6 +142,7 @@ class Event(TypedDict):
     summary: str
     change: str | None
     detail: str | None
+    repeats: int
 
 
 class Upload(TypedDict):
@@ -294,8 +295,16 @@ def _page(
 
 
 def _events(task_id: str) -> _Operation[list[Event]]:
-    answer = yield _Call("GET", f"{task_path(task_id)}/events")
-    return cast(list[Event], answer["items"])
+    """Every event of the task, page after page."""
+    events: list[Event] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "500", **({"cursor": cursor} if cursor else {})}
+        answer = yield _Call("GET", f"{task_path(task_id)}/events", params=params)
+        events += cast(list[Event], answer["items"])
+        cursor = answer.get("next_cursor")
+        if not cursor:
+            return events
 
 
 def _page_size(limit: int | None, seen: int, page_size: int) -> int:

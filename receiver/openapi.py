@@ -147,6 +147,11 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                 "verified": {"type": "boolean"},
                 "summary": {"type": "string"},
                 "change": {"type": ["string", "null"]},
+                "repeats": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "refused callbacks in a row are one event: how many came",
+                },
             },
         },
         "Provider": {
@@ -307,16 +312,27 @@ def openapi_document(server_url: str) -> dict[str, Any]:
             },
             "/v1/tasks/{id}/events": {
                 "get": {
-                    "summary": "Every callback, poll and change of the task",
+                    "summary": "Every callback, poll and change of the task, oldest first, a page at a time",
                     "security": BEARER,
-                    "parameters": [TASK_ID],
+                    "parameters": [
+                        TASK_ID,
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
+                        },
+                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    ],
                     "responses": {
                         "200": _json(
                             {
                                 "type": "object",
-                                "properties": {"items": {"type": "array", "items": _ref("Event")}},
+                                "properties": {
+                                    "items": {"type": "array", "items": _ref("Event")},
+                                    "next_cursor": {"type": ["string", "null"]},
+                                },
                             },
-                            "the events",
+                            "a page of events",
                         ),
                         **ERRORS,
                     },

@@ -126,6 +126,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # Fallback: each provider the task left, with the error that made it leave (JSON list).
     "ALTER TABLE tasks ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",
+    # Refused callbacks in a row are one event: how many came (NULL for every other event).
+    "ALTER TABLE events ADD COLUMN repeats INTEGER",
 )
 
 
@@ -451,8 +453,11 @@ class Store:
         sql = f"SELECT * FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT ?"  # noqa: S608
         return await self._fetch(sql, [*params, limit])
 
-    async def events(self, task_id: str) -> list[sqlite3.Row]:
-        return await self._fetch("SELECT * FROM events WHERE task_id=? ORDER BY id", (task_id,))
+    async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[sqlite3.Row]:
+        """A task's events in order, from the one after event id `after`, at most `limit`."""
+        return await self._fetch(
+            "SELECT * FROM events WHERE task_id=? AND id>? ORDER BY id LIMIT ?", (task_id, after, limit)
+        )
 
     async def task_counts(self) -> dict[tuple[str, str], int]:
         rows = await self._fetch(
@@ -604,6 +609,26 @@ class Store:
 
     async def add_event(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
         await self.write(lambda tx: _event(tx, task_id, kind, verified, summary, None))
+
+    async def add_refusal(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
+        """A refused callback. Refusals in a row are one event that counts them (its time and summary
+        the latest), so a flood of bad callbacks cannot grow a task's events without bound."""
+
+        def op(tx: Tx) -> None:
+            last = tx.one(
+                "SELECT id, repeats FROM events WHERE task_id=? ORDER BY id DESC LIMIT 1", (task_id,)
+            )
+            if last is not None and last["repeats"] is not None:
+                tx.run(
+                    "UPDATE events SET repeats=repeats+1, at=?, kind=?, verified=?, summary=? WHERE id=?",
+                    (tx.now, kind, int(verified), summary[:500], last["id"]),
+                )
+                tx.changed.add(task_id)
+                return
+            _event(tx, task_id, kind, verified, summary, None)
+            tx.run("UPDATE events SET repeats=1 WHERE id=last_insert_rowid()")
+
+        await self.write(op)
 
     async def record_notify_attempt(
         self, job: Job, summary: str, detail: str | None, retry_in: float | None

@@ -84,6 +84,7 @@ def render_event(row: sqlite3.Row) -> dict[str, Any]:
         "summary": row["summary"],
         "change": row["change"],
         "detail": row["detail"],
+        "repeats": row["repeats"] or 1,  # refused callbacks in a row are one event
     }
 
 

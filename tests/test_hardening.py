@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import logging
 import socket
 import stat
@@ -395,3 +396,46 @@ def test_serve_bounds_connections_and_idle_keep_alive(tmp_path: Path) -> None:
         wait_until(lambda: httpx.get(f"{process.url}/healthz").status_code == 200, "room again")
     finally:
         process.terminate()
+
+
+def test_refused_callbacks_in_a_row_are_one_event(receiver: Receiver) -> None:
+    task_id = held_task(receiver)
+    url = receiver.callback_url("sandbox", task_id)
+    before = receiver.events(task_id)
+    many = {"id": "x", "status": "succeeded", "images": ["http://a/b.png"] * 50}
+    for index in range(120):
+        body = b"{not json" if index % 2 else json.dumps(many).encode()
+        assert receiver.anon.post(url, content=body).status_code == 400
+    events = receiver.alice.get(f"/v1/tasks/{task_id}/events", params={"limit": 500}).json()["items"]
+    assert len(events) == len(before) + 1
+    refused = events[-1]
+    assert refused["kind"] == "callback" and refused["repeats"] == 120
+    assert refused["summary"].startswith("unreadable body")  # the latest one's reason
+    assert all(event["repeats"] == 1 for event in events[:-1])
+    # A verified callback that changes the task is an event of its own; refusals after it start anew.
+    provider_task_id = receiver.alice.get(f"/v1/tasks/{task_id}").json()["provider_task_id"]
+    assert receiver.anon.post(url, json={"id": provider_task_id, "status": "running"}).status_code < 300
+    wait_until(lambda: len(receiver.events(task_id)) == len(events) + 1, "the pending callback's event")
+    assert receiver.anon.post(url, content=b"{not json").status_code == 400
+    assert [event["repeats"] for event in receiver.events(task_id)[-3:]] == [120, 1, 1]
+
+
+def test_events_come_a_page_at_a_time(receiver: Receiver) -> None:
+    task = receiver.wait(receiver.submit(provider="sandbox", prompt="x")["id"])
+    every = receiver.alice.get(f"/v1/tasks/{task['id']}/events").json()
+    assert every["next_cursor"] is None and len(every["items"]) >= 4
+    seen, cursor = [], None
+    while True:
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = receiver.alice.get(f"/v1/tasks/{task['id']}/events", params=params).json()
+        assert len(page["items"]) <= 2
+        seen += page["items"]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == every["items"]
+    tasks_cursor = cursor_of("seq:1")
+    for query, field in (("limit=0", "limit"), ("limit=501", "limit"), (f"cursor={tasks_cursor}", "cursor")):
+        answer = receiver.alice.get(f"/v1/tasks/{task['id']}/events?{query}")
+        assert answer.status_code == 422, query
+        assert list(answer.json()["error"]["fields"]) == [field]

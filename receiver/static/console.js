@@ -399,13 +399,13 @@
 
     let [task, events] = await Promise.all([
       api(`v1/tasks/${encodeURIComponent(id)}`, { signal }),
-      api(`v1/tasks/${encodeURIComponent(id)}/events`, { signal }),
+      api(`v1/tasks/${encodeURIComponent(id)}/events?limit=500`, { signal }),
     ]);
     show(task, events.items);
     while (!TERMINAL.has(task.status)) {
       task = await longPoll(id, signal);
       try {
-        events = await api(`v1/tasks/${encodeURIComponent(id)}/events`, { signal });
+        events = await api(`v1/tasks/${encodeURIComponent(id)}/events?limit=500`, { signal });
       } catch (failure) {
         if (signal.aborted || failure instanceof ApiFailure) throw failure; // else: keep the last timeline
       }
