@@ -203,6 +203,18 @@ class _Call:
     headers: Mapping[str, str] | None = None
     wait: float = 0.0  # seconds the service may hold the answer (long-poll), added to the timeout
 
+    def arguments(self, timeout: float) -> dict[str, Any]:
+        """httpx's request() arguments for this call."""
+        return {
+            "method": self.method,
+            "url": self.path,
+            "params": self.params,
+            "json": self.json,
+            "content": self.content,
+            "headers": self.headers,
+            "timeout": timeout + self.wait,
+        }
+
 
 @dataclass(frozen=True)
 class _ReadFile:
@@ -381,7 +393,8 @@ def _read_file(path: Path) -> bytes:
         raise LocalFileError(f"{path}: {exc.strerror or exc}") from None
 
 
-def _settings(url: str | None, api_key: str | None) -> tuple[str, str]:
+def _settings(url: str | None, api_key: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
+    """The service's root URL, and the httpx client options (base URL, bearer key, timeout) for it."""
     try:
         url = base_url(url or os.environ.get("RECEIVER_URL") or DEFAULT_URL)
     except ValueError as exc:
@@ -389,11 +402,8 @@ def _settings(url: str | None, api_key: str | None) -> tuple[str, str]:
     api_key = (api_key if api_key is not None else os.environ.get("RECEIVER_API_KEY", "")).strip()
     if not api_key:
         raise ReceiverError("no API key: pass api_key or set RECEIVER_API_KEY (receiver serve prints one)")
-    return url, api_key
-
-
-def _headers(api_key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}", "User-Agent": f"receiver-client/{__version__}"}
+    headers = {"Authorization": f"Bearer {api_key}", "User-Agent": f"receiver-client/{__version__}"}
+    return url, {"base_url": url, "headers": headers, "timeout": httpx.Timeout(timeout)}
 
 
 def _temp(dest: Path) -> Path:
@@ -415,11 +425,9 @@ class Client:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url, key = _settings(url, api_key)
+        self.url, options = _settings(url, api_key, timeout)
         self.timeout = timeout
-        self.http = httpx.Client(
-            base_url=self.url, headers=_headers(key), timeout=httpx.Timeout(timeout), transport=transport
-        )
+        self.http = httpx.Client(**options, transport=transport)
 
     def __enter__(self) -> Client:
         return self
@@ -439,15 +447,7 @@ class Client:
                     answer = _read_file(step.path)
                     continue
                 with _reaching(self.url):
-                    response = self.http.request(
-                        step.method,
-                        step.path,
-                        params=step.params,
-                        json=step.json,
-                        content=step.content,
-                        headers=step.headers,
-                        timeout=self.timeout + step.wait,
-                    )
+                    response = self.http.request(**step.arguments(self.timeout))
                 answer = _json(response)
         except StopIteration as done:
             return cast(T, done.value)
@@ -562,11 +562,9 @@ class AsyncClient:
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url, key = _settings(url, api_key)
+        self.url, options = _settings(url, api_key, timeout)
         self.timeout = timeout
-        self.http = httpx.AsyncClient(
-            base_url=self.url, headers=_headers(key), timeout=httpx.Timeout(timeout), transport=transport
-        )
+        self.http = httpx.AsyncClient(**options, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -586,15 +584,7 @@ class AsyncClient:
                     answer = await anyio.to_thread.run_sync(_read_file, step.path)
                     continue
                 with _reaching(self.url):
-                    response = await self.http.request(
-                        step.method,
-                        step.path,
-                        params=step.params,
-                        json=step.json,
-                        content=step.content,
-                        headers=step.headers,
-                        timeout=self.timeout + step.wait,
-                    )
+                    response = await self.http.request(**step.arguments(self.timeout))
                 answer = _json(response)
         except StopIteration as done:
             return cast(T, done.value)

@@ -46,15 +46,19 @@ def test_create_with_an_upload_wait_and_download(receiver: Receiver, tmp_path: P
     picture.write_bytes(png(48, 32))
     seen: list[tuple[str, float]] = []
     with Client(receiver.url, ALICE) as client:
-        task = client.create(
-            "sandbox",
-            "put a donut next to the flour",
-            images=[picture],
-            idempotency_key="order-1",
-            aspect_ratio="16:9",
-            seed=7,
-            metadata={"order": 1},
-        )
+
+        def order() -> Task:
+            return client.create(
+                "sandbox",
+                "put a donut next to the flour",
+                images=[picture],
+                idempotency_key="order-1",
+                aspect_ratio="16:9",
+                seed=7,
+                metadata={"order": 1},
+            )
+
+        task = order()
         assert task["status"] == "queued" and task["metadata"] == {"order": 1}
         done = client.wait(task["id"], timeout=30, on_progress=lambda t, s: seen.append((t["status"], s)))
         assert done["status"] == "succeeded", done
@@ -69,15 +73,7 @@ def test_create_with_an_upload_wait_and_download(receiver: Receiver, tmp_path: P
         assert client.get(task["id"]) == client.get(task["id"], wait=5)
 
         # Idempotency: the same key and body give the same task; another body is a 409.
-        again = client.create(
-            "sandbox",
-            "put a donut next to the flour",
-            images=[picture],
-            idempotency_key="order-1",
-            aspect_ratio="16:9",
-            seed=7,
-            metadata={"order": 1},
-        )
+        again = order()
         assert again["id"] == task["id"]
         with pytest.raises(ApiError) as conflict:
             client.create("sandbox", "another prompt", idempotency_key="order-1")
