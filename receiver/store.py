@@ -527,12 +527,10 @@ class Store:
             task = _task(tx, job.task_id)
             if provider and task["provider"] != provider:
                 # The task moved to a fallback while this submit was in flight (a failure callback came
-                # first): the late answer is recorded, and the new provider gets its own submit.
+                # first): the late answer is recorded; the new provider has its own submit job.
                 _delete_job(tx, job.id)
                 note = f"{provider}'s submit answer came after the task moved to {task['provider']}: ignored"
                 _event(tx, job.task_id, "submit", True, note, None)
-                if task["status"] == Status.QUEUED:
-                    _add_job(tx, "submit", job.task_id, 0, tx.now)
                 return
             state = {**json.loads(task["provider_state"]), **submission.state}
             tx.run(
@@ -875,7 +873,9 @@ def _fallback(tx: Tx, task: sqlite3.Row, error: TaskError) -> str | None:
         ),
     )
     tx.run("DELETE FROM jobs WHERE task_id=? AND kind <> 'deadline' AND +running=0", (task["id"],))
-    _add_job(tx, "submit", task["id"], 0, tx.now)
+    # Its own submit job, numbered by the hop: a submit of the provider left may still be running, and
+    # the worker drops any submit job whose number is not the task's current hop.
+    _add_job(tx, "submit", task["id"], len(attempts), tx.now)
     tx.changed.add(task["id"])
     tx.hops.append((origin, target, reason))
     summary = f"moved from {origin} to {target} ({reason}): {error.code}: {error.message}"
@@ -922,8 +922,6 @@ def _apply(
             f"late news from {outcome.provider} (the task moved to {task['provider']}): {outcome.detail}"
         )
         _event(tx, task_id, kind, verified, summary, None)
-        if task["status"] == Status.QUEUED:
-            _add_job(tx, "submit", task_id, 0, tx.now)  # in case the left provider's job held its slot
         return ""
     if outcome.provider_task_id and not task["provider_task_id"]:
         tx.run("UPDATE tasks SET provider_task_id=? WHERE id=?", (outcome.provider_task_id, task_id))

@@ -8,6 +8,7 @@ leaves rows behind, and the next start runs them again.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import sqlite3
@@ -265,8 +266,10 @@ class Worker:
 
     async def submit(self, job: Job) -> None:
         row = await self.store.task(job.task_id)
-        if row is None or row["status"] != Status.QUEUED:
-            await self.store.finish_job(job)  # a callback or the deadline got there first
+        if row is None or row["status"] != Status.QUEUED or job.arg != len(json.loads(row["attempts"])):
+            # A callback or the deadline got there first, or the task has moved to a fallback provider
+            # since this job was made (each hop has its own submit job, numbered by the hop).
+            await self.store.finish_job(job)
             return
         provider = REGISTRY[row["provider"]]
         counted = self.pacer.counted_providers()

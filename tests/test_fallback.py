@@ -5,6 +5,7 @@ callback from a provider the task left changes nothing; the app is notified once
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -172,3 +173,29 @@ def test_the_chain_is_validated_up_front(
         fields = answer.json()["error"]["fields"]
         assert says in fields.get(field, ""), (extra, fields)
     assert chain[0].calls(GENERATE) == []
+
+
+def test_a_failure_before_the_submit_answer_moves_on_and_the_late_answer_is_ignored(
+    chain: tuple[KieFake, FalFake, ApicoreFake], start_receiver: Callable[..., Receiver]
+) -> None:
+    kie, fal, _ = chain
+    # A long timeout: the move must not wait for kie's held submit to give up.
+    receiver = start_receiver(**kie.receiver_env(), **fal.receiver_env(), RECEIVER_HTTP_TIMEOUT=60)
+    kie.hold = threading.Event()  # kie takes the task but its answer to the submit is held back
+    try:
+        task = receiver.submit(provider="kie", prompt="p", fallback=["fal"])
+        kie.wait_for(lambda: bool(kie.callback_urls))
+        kie_id = kie.last_task_id()
+        # kie's failure callback arrives before its submit answer (CONTRACT: it still counts).
+        failed = kie.send(kie_id, kie.failure_body(kie_id, 501, "Image generation task failed"))
+        assert failed.status_code == 200
+        request_id = fal.provider_task_id()  # the task moved on without waiting for kie's answer
+    finally:
+        kie.hold.set()
+    fal.complete(request_id, [fal.host("after.png")])
+    done = receiver.wait(str(task["id"]))
+    assert (done["status"], done["provider"], done["provider_task_id"]) == ("succeeded", "fal", request_id)
+    assert [a["provider"] for a in done["attempts"]] == ["kie"]
+    summaries = [e["summary"] for e in receiver.events(str(task["id"]))]
+    assert any("kie's submit answer came after the task moved to fal" in s for s in summaries), summaries
+    assert len(fal.order) == 1 and len(kie.calls(GENERATE)) == 1
