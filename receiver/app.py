@@ -11,7 +11,6 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
-import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -22,7 +21,6 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.routing import Route
 
-from receiver import USER_AGENT
 from receiver import metrics
 from receiver.api import Api
 from receiver.callbacks import Callbacks
@@ -38,6 +36,7 @@ from receiver.sandbox_service import SandboxService
 from receiver.store import Store
 from receiver.tokens import Tokens
 from receiver.transport import outside_client
+from receiver.transport import provider_client
 from receiver.web import ApiError
 from receiver.web import error_response
 from receiver.worker import Worker
@@ -53,9 +52,7 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     media = open_media(settings.media_url, settings.data_dir, settings.aws)
     api = Api(settings, store, tokens, media)
     # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
-    provider_http = httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.http_timeout, connect=10.0), headers={"User-Agent": USER_AGENT}
-    )
+    provider_http = provider_client(timeout=settings.http_timeout, connect=10.0)
     outside_http = outside_client(allow_private=settings.allow_private_urls, timeout=settings.http_timeout)
     key_sets = KeySets(provider_http, settings.key_set_refresh)
     callbacks = Callbacks(settings, store, tokens, key_sets)

@@ -21,8 +21,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from receiver.downloads import AddressRefused
+from receiver.transport import AiohttpTransport
 from receiver.transport import GuardedResolver
-from receiver.transport import GuardedTransport
 from tests.harness import Served
 
 BODY = os.urandom(3 * 1024 * 1024 + 17)  # several reads' worth, an odd size
@@ -72,7 +72,7 @@ def internal() -> Iterator[Host]:
 
 
 async def fetch(url: str, method: str = "GET", content: bytes | None = None) -> httpx.Response:
-    transport = GuardedTransport(guard=True, public=only_127_0_0_2)
+    transport = AiohttpTransport(guard=True, public=only_127_0_0_2)
     async with httpx.AsyncClient(transport=transport, follow_redirects=True, trust_env=False) as client:
         response = await client.request(method, url, content=content)
         await response.aread()
@@ -150,3 +150,17 @@ def test_the_resolver_itself_returns_only_checked_addresses() -> None:
         asyncio.run(resolver.resolve("localhost", 80))
     trusting = GuardedResolver(frozenset({"localhost"}), only_127_0_0_2)  # a proxy named by the operator
     assert "127.0.0.1" in [r["host"] for r in asyncio.run(trusting.resolve("localhost", 80))]
+
+
+def test_the_peer_is_checked_again_after_connecting(internet: Host) -> None:
+    # An address judged public when looked up, but not by the time the answer comes (as when a name
+    # is re-pointed between the check and the connection): the answer is refused, not used.
+    verdicts = iter([True])
+
+    async def run() -> None:
+        transport = AiohttpTransport(guard=True, public=lambda address: next(verdicts, False))
+        async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+            await client.get(f"{internet.url}/image")
+
+    with pytest.raises(AddressRefused, match=r"connected to the non-public address 127\.0\.0\.2"):
+        asyncio.run(run())
