@@ -9,7 +9,6 @@ import json
 import logging
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -40,6 +39,7 @@ from receiver.providers import Provider
 from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
+from receiver.store import TaskRecord
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
 from receiver.tasks import render_event
@@ -165,10 +165,10 @@ class Api:
                 409, "idempotency_conflict", "this Idempotency-Key was used with another body"
             ) from None
         if created:
-            event(log, "task created", task_id=row["id"], provider=row["provider"], tenant=tenant)
-        rendered = render_task(row, await self.store.images(row["id"]), self.tokens)
+            event(log, "task created", task_id=row.id, provider=row.provider, tenant=tenant)
+        rendered = render_task(row, await self.store.images(row.id), self.tokens)
         return JSONResponse(
-            rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row['id']}"}
+            rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row.id}"}
         )
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[TaskRequest, Provider]:
@@ -358,13 +358,13 @@ class Api:
                     422, "invalid", "wait must be 0 to 60 seconds", {"wait": "a number from 0 to 60"}
                 )
             loop_deadline = _now() + seconds
-            while not Status(row["status"]).terminal and (left := loop_deadline - _now()) > 0:
+            while not row.status.terminal and (left := loop_deadline - _now()) > 0:
                 await self.store.wait_for_change(task_id, left)
                 row = await self._owned(task_id, tenant)
-        return JSONResponse(render_task(row, self.store.image_rows(task_id), self.tokens))
+        return JSONResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
 
-    async def _owned(self, task_id: str, tenant: str | None) -> sqlite3.Row:
-        row = self.store.task_row(task_id, tenant) if TASK_ID.match(task_id) else None
+    async def _owned(self, task_id: str, tenant: str | None) -> TaskRecord:
+        row = await self.store.task_row(task_id, tenant) if TASK_ID.match(task_id) else None
         if row is None:
             raise ApiError(404, "not_found", "no such task")
         return row
@@ -387,11 +387,11 @@ class Api:
             tenant, status=status, provider=provider, limit=limit + 1, before_seq=before
         )
         page = rows[:limit]
-        images = await self.store.images_of([row["id"] for row in page])
-        next_cursor = _encode_cursor("seq", page[-1]["seq"]) if len(rows) > limit else None
+        images = await self.store.images_of([row.id for row in page])
+        next_cursor = _encode_cursor("seq", page[-1].seq) if len(rows) > limit else None
         return JSONResponse(
             {
-                "items": [render_task(row, images[row["id"]], self.tokens) for row in page],
+                "items": [render_task(row, images[row.id], self.tokens) for row in page],
                 "next_cursor": next_cursor,
             }
         )
@@ -403,9 +403,9 @@ class Api:
         limit, after = _paging(request.query_params, "evt", EVENTS_PAGE, MAX_EVENTS_PAGE, errors)
         if errors:
             raise ApiError(422, "invalid", "the query has invalid parameters", errors)
-        events = await self.store.events(row["id"], after=after or 0, limit=limit + 1)
+        events = await self.store.events(row.id, after=after or 0, limit=limit + 1)
         page = events[:limit]
-        next_cursor = _encode_cursor("evt", page[-1]["id"]) if len(events) > limit else None
+        next_cursor = _encode_cursor("evt", page[-1].id) if len(events) > limit else None
         return JSONResponse({"items": [render_event(event) for event in page], "next_cursor": next_cursor})
 
     async def task_image(self, request: Request) -> Response:
@@ -418,11 +418,11 @@ class Api:
         )
         tenant = None if signed else self.tenant(request)
         row = await self._owned(task_id, tenant)
-        image = await self.store.image(row["id"], index) if index < MAX_IMAGE_INDEX else None
-        if image is None or image["path"] is None:
+        image = await self.store.image(row.id, index) if index < MAX_IMAGE_INDEX else None
+        if image is None or image.path is None or image.content_type is None:
             raise ApiError(404, "not_found", "no such image (yet)")
-        etag = f'"{image["sha256"]}"'
-        return await self._serve(request, image["path"], image["content_type"], etag)
+        etag = f'"{image.sha256}"'
+        return await self._serve(request, image.path, image.content_type, etag)
 
     async def _serve(self, request: Request, key: str, content_type: str, etag: str) -> Response:
         """A stored object: a file from the media directory (with ranges, as before there was a bucket);

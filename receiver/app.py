@@ -33,7 +33,8 @@ from receiver.notify import NOTIFY_SLOTS
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.sandbox_service import SandboxService
-from receiver.store import Store
+from receiver.store import StoreUnavailable
+from receiver.store import make_store
 from receiver.tokens import Tokens
 from receiver.transport import outside_client
 from receiver.transport import provider_client
@@ -44,11 +45,11 @@ from receiver.worker import Worker
 log = logging.getLogger("receiver")
 
 
-def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
+def create_app(settings: Settings, *, role: str = "all") -> Starlette:
+    """`role`: "api" serves HTTP only, "worker" runs the jobs (and answers health checks), "all" both."""
+    run_worker = role in ("all", "worker")
     tokens = Tokens(settings.secret_key, settings.public_url, settings.link_ttl)
-    store = Store(
-        settings.db_path, reconcile_after=settings.reconcile_after, task_deadline=settings.task_deadline
-    )
+    store = make_store(settings)
     media = open_media(settings.media_url, settings.data_dir, settings.aws)
     api = Api(settings, store, tokens, media)
     # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
@@ -108,7 +109,12 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     async def openapi(request: Request) -> Response:
         return JSONResponse(openapi_document(settings.public_url))
 
-    routes = [
+    service_routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
+    api_routes = [
         Route("/v1/tasks", api.create_task, methods=["POST"]),
         Route("/v1/tasks", api.list_tasks, methods=["GET"]),
         Route("/v1/tasks/{id}", api.get_task, methods=["GET"]),
@@ -118,13 +124,12 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
         Route("/uploads/{name}", api.get_upload, methods=["GET"]),
         Route("/callbacks/{provider}/{token}", callbacks.receive, methods=["POST"]),
         Route("/callbacks/{provider}/{token}/callback", callbacks.receive, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *sandbox.routes(),
         *console_routes(settings, api.tenant),
     ]
+    # A worker alone answers only the health checks and /metrics; the API lives in the other roles.
+    routes = service_routes if role == "worker" else [*api_routes, *service_routes]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -134,10 +139,12 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
             log.info("removed %d partial downloads left by an earlier process", removed)
         runner = None
         if run_worker:
+            await store.claim_worker()
             runner = asyncio.create_task(worker.run(), name="receiver-worker")
         event(
             log,
             "started",
+            role=role,
             public_url=settings.public_url,
             data_dir=str(settings.data_dir),
             media=media.description,
@@ -160,6 +167,15 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     async def api_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         return error_response(exc.status, exc.code, exc.message, exc.fields)
+
+    async def store_unavailable(request: Request, exc: Exception) -> Response:
+        # A provider retries a callback answered 503; an app retries its call. Nothing was changed.
+        event(
+            log, "database unavailable", level=logging.WARNING, path=request.url.path, reason=str(exc)[:200]
+        )
+        return error_response(
+            503, "database_unavailable", "the database cannot be reached right now; try again"
+        )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -185,7 +201,11 @@ def create_app(settings: Settings, *, run_worker: bool = True) -> Starlette:
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={ApiError: api_error, HTTPException: http_error},
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            StoreUnavailable: store_unavailable,
+        },
         middleware=[Middleware(metrics.HttpMetrics)],
     )
     # Starlette's own slash redirect builds its Location from the Host header; ours (above) does not.

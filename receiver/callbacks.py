@@ -9,9 +9,7 @@ rows, download jobs, the event) in the same order the callbacks came.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sqlite3
 import time
 from dataclasses import replace
 from typing import Any
@@ -32,6 +30,7 @@ from receiver.providers import REGISTRY
 from receiver.providers import Context
 from receiver.providers import Provider
 from receiver.store import Store
+from receiver.store import TaskRecord
 from receiver.tasks import task_spec
 from receiver.tokens import Tokens
 from receiver.web import ApiError
@@ -122,16 +121,16 @@ class Callbacks:
         if task_id is None or provider is None:
             raise ApiError(401, "bad_token", "the callback token is not valid")
         request.state.task_id = task_id
-        row = self.store.task_row(task_id)
+        row = await self.store.task_row(task_id)
         if row is None:
             raise ApiError(404, "not_found", "no such task")
-        if row["provider"] != provider_name:
-            left = {attempt.get("provider") for attempt in json.loads(row["attempts"] or "[]")}
+        if row.provider != provider_name:
+            left = {attempt.get("provider") for attempt in row.attempts}
             if provider_name not in left:
                 raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
             # A provider the task has left (fallback) reports late: recorded, changes nothing, and
             # answered 2xx so it stops retrying.
-            summary = f"late callback from {provider_name} (the task moved to {row['provider']}): ignored"
+            summary = f"late callback from {provider_name} (the task moved to {row.provider}): ignored"
             await self.store.add_refusal(task_id, "callback", False, summary)
             return JSONResponse({"code": 200, "msg": "success"}), "late"
         spec = task_spec(row)
@@ -149,7 +148,7 @@ class Callbacks:
             self._answering -= 1
 
     async def _accept(
-        self, task_id: str, row: sqlite3.Row, provider: Provider, spec: TaskSpec, raw: bytes
+        self, task_id: str, row: TaskRecord, provider: Provider, spec: TaskSpec, raw: bytes
     ) -> tuple[Response, str]:
         """A verified callback: parsed, checked against the task, kept."""
         try:
@@ -157,7 +156,7 @@ class Callbacks:
         except MalformedCallback as exc:
             await self.store.add_refusal(task_id, "callback", True, f"unreadable body: {exc}")
             raise ApiError(400, "malformed", str(exc)) from None
-        known = row["provider_task_id"]
+        known = row.provider_task_id
         if outcome.provider_task_id and known and outcome.provider_task_id != known:
             await self.store.add_refusal(
                 task_id, "callback", True, f"names provider task {outcome.provider_task_id}, not {known}"

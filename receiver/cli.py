@@ -63,6 +63,9 @@ exit status:
 """
 
 
+ROLES = ("all", "api", "worker")
+
+
 class CliError(Exception):
     """A failure for one line on stderr, with the exit status it calls for."""
 
@@ -141,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "asyncio", "uvloop"),
         default="auto",
         help="event loop (default auto: uvloop when the `fast` extra is installed, else asyncio)",
+    )
+    serve.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help="api: the HTTP API, callbacks and console; worker: the jobs; all: both (default)",
     )
 
     submit = commands.add_parser(
@@ -309,6 +318,15 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver.app import create_app
+    from receiver.store import RoleTaken
+    from receiver.store.sqlite import lock_worker
+
+    if args.role != "api" and settings.database_url is None:
+        try:
+            lock_worker(settings.data_dir)  # before anything starts: a refused worker says so in one line
+        except RoleTaken as exc:
+            print(f"receiver: {exc}", file=sys.stderr)
+            return 2
 
     logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
@@ -323,7 +341,7 @@ def serve(args: argparse.Namespace) -> int:
         print(welcome(settings), file=sys.stderr, flush=True)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings),
+            create_app(settings, role=args.role),
             host=args.host,
             port=args.port,
             http=args.http,

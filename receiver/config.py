@@ -6,6 +6,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import importlib.util
 import os
 import re
 import secrets
@@ -72,6 +73,8 @@ class Settings:
     keep_alive: float = 5.0
     max_connections: int | None = None
     max_header_bytes: int = 16 * 1024
+    database_url: str | None = None  # postgresql://…; None: SQLite in the data dir
+    job_lease: float = 60.0  # seconds a claimed job stays with its process before others may take it
 
     @property
     def db_path(self) -> Path:
@@ -238,6 +241,24 @@ def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tu
     return values
 
 
+def _database_url(raw: str) -> str:
+    """A PostgreSQL URL; the message never repeats it (it may hold a password)."""
+    parts = urlsplit(raw)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        shown = f"{parts.scheme}://…" if parts.scheme else "a value that is not a URL"
+        raise ConfigError(
+            f"RECEIVER_DATABASE_URL must be postgresql://user:password@host:port/dbname, got {shown}"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise ConfigError("RECEIVER_DATABASE_URL has a port that is not a number") from None
+    return raw
+
+
+SHARED_SECRETS = ("RECEIVER_SECRET_KEY", "RECEIVER_NOTIFY_SECRET", "RECEIVER_API_KEYS")
+
+
 def _base64_key(text: str) -> bytes:
     """The key bytes of a whsec_ secret (standard base64, padding optional); empty when it is not one."""
     try:
@@ -266,6 +287,16 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
     if not os.access(data_dir, os.W_OK):
         raise ConfigError(f"RECEIVER_DATA_DIR {str(data_dir)!r} is not writable")
     _private(data_dir)
+
+    database_url = _database_url(env["RECEIVER_DATABASE_URL"]) if env.get("RECEIVER_DATABASE_URL") else None
+    if database_url is not None and importlib.util.find_spec("asyncpg") is None:
+        raise ConfigError("RECEIVER_DATABASE_URL needs asyncpg: pip install 'flux-receiver[postgres]'")
+    missing = [name for name in SHARED_SECRETS if not env.get(name)]
+    if database_url is not None and missing:
+        # Replicas cannot each generate their own: a link signed by one must verify on every other.
+        raise ConfigError(
+            f"with RECEIVER_DATABASE_URL, set {' and '.join(missing)} (shared by every replica)"
+        )
 
     public_url = _url("RECEIVER_PUBLIC_URL", env.get("RECEIVER_PUBLIC_URL") or f"http://{host}:{port}")
 
@@ -359,6 +390,8 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1),
         max_connections=_integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, minimum=0) or None,
         max_header_bytes=_integer(env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
+        database_url=database_url,
+        job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0),
     )
 
 

@@ -1,7 +1,7 @@
 """Notifications to the app: Standard Webhooks signing and the durable `notify` job that delivers them.
 
-A task that ends with a `notify_url` gets a `notify` job in the same transaction (store._finish), so a
-restart loses nothing. Each attempt is one POST, signed afresh, never redirected, over in
+A task that ends with a `notify_url` gets a `notify` job in the same transaction (store/rules.py,
+_finish), so a restart loses nothing. Each attempt is one POST, signed afresh, never redirected, over in
 `notify_timeout` seconds; it is recorded as a task event with the first 2 KB of the app's answer. A 2xx
 ends the job, a 410 stops it for good, anything else waits for the next step of the schedule (or the
 app's longer Retry-After) until the schedule runs out.
@@ -26,7 +26,6 @@ from receiver.downloads import AddressRefused
 from receiver.downloads import check_url
 from receiver.logs import event
 from receiver.logs import redact_url
-from receiver.models import Status
 from receiver.store import Job
 from receiver.store import Store
 from receiver.tasks import iso
@@ -92,15 +91,15 @@ class Notifier:
     async def deliver(self, job: Job) -> None:
         """The `notify` job: one attempt, then done, stopped, given up, or due again later."""
         row = await self.store.task(job.task_id)
-        if row is None or not row["notify_url"] or not Status(row["status"]).terminal:
+        if row is None or not row.notify_url or not row.status.terminal:
             await self.store.finish_job(job)
             return
         task = render_task(row, await self.store.images(job.task_id), self.tokens)
         body = json.dumps(
-            {"type": f"task.{row['status']}", "timestamp": iso(row["completed_at"]), "data": task},
+            {"type": f"task.{row.status}", "timestamp": iso(row.completed_at), "data": task},
             separators=(",", ":"),
         ).encode()
-        attempt = await self.post(row["notify_url"], message_id(job.task_id), body)
+        attempt = await self.post(row.notify_url, message_id(job.task_id), body)
 
         number = f"attempt {job.attempts}"
         outcome = attempt.problem or f"HTTP {attempt.status}"
@@ -137,7 +136,7 @@ class Notifier:
             task_id=job.task_id,
             attempt=job.attempts,
             status=attempt.status,
-            host=redact_url(row["notify_url"]),
+            host=redact_url(row.notify_url),
         )
 
     async def post(self, url: str, message: str, body: bytes) -> Attempt:

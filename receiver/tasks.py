@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-import sqlite3
 from collections.abc import Mapping
 from collections.abc import Sequence
 from datetime import UTC
@@ -12,6 +10,9 @@ from datetime import datetime
 from typing import Any
 
 from receiver.models import TaskSpec
+from receiver.store.records import EventRecord
+from receiver.store.records import ImageRecord
+from receiver.store.records import TaskRecord
 from receiver.tokens import Tokens
 
 UPLOAD_PREFIX = "upload:"
@@ -27,30 +28,30 @@ def image_path(task_id: str, index: int) -> str:
     return f"/v1/tasks/{task_id}/images/{index}"
 
 
-def render_task(row: sqlite3.Row, images: Sequence[sqlite3.Row], tokens: Tokens) -> dict[str, Any]:
+def render_task(row: TaskRecord, images: Sequence[ImageRecord], tokens: Tokens) -> dict[str, Any]:
     """The task JSON of CONTRACT.md; images appear once they are stored, each with a signed link."""
     return {
-        "id": row["id"],
-        "status": row["status"],
-        "provider": row["provider"],
-        "model": row["model"],
-        "prompt": row["prompt"],
-        "provider_task_id": row["provider_task_id"],
+        "id": row.id,
+        "status": str(row.status),
+        "provider": row.provider,
+        "model": row.model,
+        "prompt": row.prompt,
+        "provider_task_id": row.provider_task_id,
         "images": [
             {
-                "index": image["idx"],
-                "url": tokens.signed_link(image_path(row["id"], image["idx"])),
-                "content_type": image["content_type"],
-                "size": image["size"],
-                "sha256": image["sha256"],
-                "width": image["width"],
-                "height": image["height"],
-                "source_url": image["source_url"],
+                "index": image.idx,
+                "url": tokens.signed_link(image_path(row.id, image.idx)),
+                "content_type": image.content_type,
+                "size": image.size,
+                "sha256": image.sha256,
+                "width": image.width,
+                "height": image.height,
+                "source_url": image.source_url,
             }
             for image in images
-            if image["path"] is not None
+            if image.path is not None
         ],
-        "error": json.loads(row["error"]) if row["error"] else None,
+        "error": dict(row.error) if row.error else None,
         "fallback": remaining_fallback(row),
         "attempts": [
             {
@@ -60,46 +61,46 @@ def render_task(row: sqlite3.Row, images: Sequence[sqlite3.Row], tokens: Tokens)
                 "error": attempt["error"],
                 "at": iso(attempt["at"]),
             }
-            for attempt in json.loads(row["attempts"])
+            for attempt in row.attempts
         ],
-        "metadata": json.loads(row["metadata"]),
-        "created_at": iso(row["created_at"]),
-        "updated_at": iso(row["updated_at"]),
-        "completed_at": iso(row["completed_at"]),
+        "metadata": dict(row.metadata),
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+        "completed_at": iso(row.completed_at),
     }
 
 
-def remaining_fallback(row: sqlite3.Row) -> list[str]:
+def remaining_fallback(row: TaskRecord) -> list[str]:
     """The providers still ahead of the task: its chain, less the hops already made."""
-    chain: list[str] = json.loads(row["request"]).get("fallback") or []
-    return chain[len(json.loads(row["attempts"])) :]
+    chain: list[str] = list(row.request.get("fallback") or [])
+    return chain[len(row.attempts) :]
 
 
-def render_event(row: sqlite3.Row) -> dict[str, Any]:
+def render_event(row: EventRecord) -> dict[str, Any]:
     return {
-        "id": row["id"],
-        "at": iso(row["at"]),
-        "kind": row["kind"],
-        "verified": bool(row["verified"]),
-        "summary": row["summary"],
-        "change": row["change"],
-        "detail": row["detail"],
-        "repeats": row["repeats"] or 1,  # refused callbacks in a row are one event
+        "id": row.id,
+        "at": iso(row.at),
+        "kind": row.kind,
+        "verified": row.verified,
+        "summary": row.summary,
+        "change": row.change,
+        "detail": row.detail,
+        "repeats": row.repeats or 1,  # refused callbacks in a row are one event
     }
 
 
-def uploads_of(row: sqlite3.Row) -> list[str]:
+def uploads_of(row: TaskRecord) -> list[str]:
     """The names of our own uploads among the task's input images."""
-    refs = json.loads(row["request"]).get("images", [])
+    refs = row.request.get("images", [])
     return [ref[len(UPLOAD_PREFIX) :] for ref in refs if ref.startswith(UPLOAD_PREFIX)]
 
 
 def task_spec(
-    row: sqlite3.Row, tokens: Tokens | None = None, inline: Mapping[str, bytes] | None = None
+    row: TaskRecord, tokens: Tokens | None = None, inline: Mapping[str, bytes] | None = None
 ) -> TaskSpec:
     """What the provider sees. With `tokens`, our uploads become signed links, or data URIs of the
     bytes in `inline` (upload name -> bytes) for a provider that takes images inline."""
-    request = json.loads(row["request"])
+    request = row.request
     images: list[str] = []
     for ref in request.get("images", []):
         if not ref.startswith(UPLOAD_PREFIX) or tokens is None:
@@ -111,14 +112,14 @@ def task_spec(
         else:
             images.append(tokens.signed_link(f"/uploads/{name}"))
     return TaskSpec(
-        id=row["id"],
-        model=row["model"],
-        prompt=row["prompt"],
+        id=row.id,
+        model=row.model,
+        prompt=row.prompt,
         images=tuple(images),
         params=request.get("params", {}),
         options=request.get("options", {}),
-        provider_task_id=row["provider_task_id"],
-        state=json.loads(row["provider_state"]),
+        provider_task_id=row.provider_task_id,
+        state=dict(row.provider_state),
     )
 
 

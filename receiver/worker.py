@@ -8,10 +8,8 @@ leaves rows behind, and the next start runs them again.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Awaitable
 from collections.abc import Callable
@@ -43,6 +41,7 @@ from receiver.providers import Context
 from receiver.providers import Provider
 from receiver.store import Job
 from receiver.store import Store
+from receiver.store import TaskRecord
 from receiver.store import timed_out
 from receiver.tasks import task_spec
 from receiver.tasks import uploads_of
@@ -55,6 +54,7 @@ MAX_STATUS_HOPS = 3
 INBOX_SLICE = 256  # callbacks applied per worker turn
 BUSY_INBOX_SLICE = 32  # … while callbacks are arriving, so no callback's commit waits behind a long one
 BUSY_PAUSE = 0.02  # seconds between worker turns while callbacks are arriving
+DATABASE_RETRY = 1.0  # seconds between claims while the database cannot be reached
 
 
 def build_pacer(settings: Settings) -> Pacer:
@@ -132,6 +132,7 @@ class Worker:
             "deadline": (4, self.deadline),
         }
         self._running: dict[str, set[asyncio.Task[None]]] = {kind: set() for kind in self.handlers}
+        self._held: dict[int, Job] = {}  # claimed and running here: their leases are kept alive
         self.pacer = build_pacer(settings)
         # Set by the app: whether callbacks are arriving right now (then everything else waits a little).
         self.callbacks_busy: Callable[[], bool] = lambda: False
@@ -149,6 +150,23 @@ class Worker:
     # -- the loop --------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(), name="receiver-lease-heartbeat")
+        try:
+            await self._run()
+        finally:
+            heartbeat.cancel()
+
+    async def _heartbeat(self) -> None:
+        """Extend the leases of the jobs running here, so only a dead or hung process loses them."""
+        every = self.settings.job_lease / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.store.extend_leases(list(self._held.values()))
+            except Exception as exc:  # the database is away: the next beat tries again
+                event(log, "lease heartbeat failed", level=logging.WARNING, reason=str(exc)[:200])
+
+    async def _run(self) -> None:
         while not self._stopping:
             self.store.jobs_changed.clear()
             # Pacing decides from the counts of the previous turn; each submit checks again before it
@@ -162,9 +180,17 @@ class Worker:
             if slots.get("submit", 0) > 0:
                 await self._send_probes()
                 slots["submit"] = self.handlers["submit"][0] - len(self._running["submit"])
-            claimed = await self.store.claim_due(
-                slots, paced_out, self.pacer.counted_providers(), BUSY_INBOX_SLICE if busy else INBOX_SLICE
-            )
+            try:
+                claimed = await self.store.claim_due(
+                    slots,
+                    paced_out,
+                    self.pacer.counted_providers(),
+                    BUSY_INBOX_SLICE if busy else INBOX_SLICE,
+                )
+            except Exception as exc:  # the database is away: jobs wait in it, try again shortly
+                event(log, "cannot claim jobs", level=logging.WARNING, reason=str(exc)[:200])
+                await asyncio.sleep(DATABASE_RETRY)
+                continue
             self._in_flight = claimed.in_flight
             for task_id, provider, result in claimed.applied:
                 metrics.CALLBACKS_APPLIED.labels(provider, result).inc()
@@ -193,7 +219,8 @@ class Worker:
         handler = self.handlers[job.kind][1]
         task = asyncio.create_task(self._run_job(handler, job), name=f"job-{job.kind}-{job.id}")
         self._running[job.kind].add(task)
-        task.add_done_callback(self._job_done(job.kind))
+        self._held[job.id] = job
+        task.add_done_callback(self._job_done(job))
         return task
 
     async def _send_probes(self) -> None:
@@ -218,9 +245,10 @@ class Worker:
 
         return done
 
-    def _job_done(self, kind: str) -> Callable[[asyncio.Task[None]], None]:
+    def _job_done(self, job: Job) -> Callable[[asyncio.Task[None]], None]:
         def done(task: asyncio.Task[None]) -> None:
-            self._running[kind].discard(task)
+            self._running[job.kind].discard(task)
+            self._held.pop(job.id, None)
             self.store.jobs_changed.set()
 
         return done
@@ -232,7 +260,10 @@ class Worker:
             raise
         except Exception as exc:  # a bug must not kill the loop; the job runs again later
             log.exception("job %s %s for task %s failed", job.kind, job.id, job.task_id)
-            await self.store.retry_job(job, self._backoff(job.attempts), f"{type(exc).__name__}: {exc}")
+            try:
+                await self.store.retry_job(job, self._backoff(job.attempts), f"{type(exc).__name__}: {exc}")
+            except Exception:  # the database is away too: the job's lease runs out and it runs again
+                log.warning("job %s %s left to its lease: cannot record the failure", job.kind, job.id)
 
     def running(self) -> int:
         return sum(len(tasks) for tasks in self._running.values())
@@ -266,30 +297,30 @@ class Worker:
 
     async def submit(self, job: Job) -> None:
         row = await self.store.task(job.task_id)
-        if row is None or row["status"] != Status.QUEUED or job.arg != len(json.loads(row["attempts"])):
+        if row is None or row.status != Status.QUEUED or job.arg != len(row.attempts):
             # A callback or the deadline got there first, or the task has moved to a fallback provider
             # since this job was made (each hop has its own submit job, numbered by the hop).
             await self.store.finish_job(job)
             return
-        provider = REGISTRY[row["provider"]]
+        provider = REGISTRY[row.provider]
         counted = self.pacer.counted_providers()
         counts = await self.store.in_flight(counted) if provider.name in counted else {}
-        if not self.pacer.try_acquire(provider.name, row["model"], counts):
+        if not self.pacer.try_acquire(provider.name, row.model, counts):
             await self.store.unclaim(job)  # its turn comes when the provider has room again
             return
         try:
             await self._submit(job, row, provider)
         finally:
-            self.pacer.release(provider.name, row["model"])
+            self.pacer.release(provider.name, row.model)
 
-    async def _submit(self, job: Job, row: sqlite3.Row, provider: Provider) -> None:
+    async def _submit(self, job: Job, row: TaskRecord, provider: Provider) -> None:
         timeout = self.settings.sync_timeout if provider.synchronous else self.settings.http_timeout
         try:
             inline = None
             if provider.inline_images:
                 inline = {name: await self.media.read(f"uploads/{name}") for name in uploads_of(row)}
             spec = task_spec(row, self.tokens, inline)
-            request = provider.build_submit(spec, self._context(row["provider"], row["id"]))
+            request = provider.build_submit(spec, self._context(row.provider, row.id))
             # A synchronous provider generates inside this call: it gets the long timeout.
             request.extensions["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT).as_dict()
             response = await self._call(provider.name, "submit", request)
@@ -381,11 +412,11 @@ class Worker:
         await self.store.fail_task(job.task_id, error, "submit", job.id, provider=provider.name)
 
     async def download(self, job: Job) -> None:
-        image = await self.store.download_target(job.task_id, job.arg)
-        if image is None or image["status"] != Status.DOWNLOADING or image["path"] is not None:
+        target = await self.store.download_target(job.task_id, job.arg)
+        if target is None or target.status != Status.DOWNLOADING or target.image.path is not None:
             await self.store.finish_job(job)  # already stored, or the task ended
             return
-        url = image["source_url"]
+        url = target.image.source_url
         client = self.provider_http if url.startswith(self._own_links) else self.outside_http
         started = time.monotonic()
         try:
@@ -436,14 +467,14 @@ class Worker:
 
     async def reconcile(self, job: Job) -> None:
         row = await self.store.task(job.task_id)
-        if row is None or row["status"] != Status.SUBMITTED:
+        if row is None or row.status != Status.SUBMITTED:
             await self.store.finish_job(job)
             return
-        provider = REGISTRY[row["provider"]]
+        provider = REGISTRY[row.provider]
         interval = min(
             self.settings.reconcile_interval * 2 ** max(0, job.attempts - 1), MAX_RECONCILE_INTERVAL
         )
-        request = provider.build_status(task_spec(row), self._context(row["provider"], row["id"]))
+        request = provider.build_status(task_spec(row), self._context(row.provider, row.id))
         if request is None:
             await self.store.retry_job(job, interval, "nothing to ask yet")
             return

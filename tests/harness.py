@@ -174,8 +174,11 @@ def served_receiver(data_dir: Path, env: Mapping[str, str] | None = None) -> Ite
 class ReceiverProcess:
     """The receiver as a real process (`python -m receiver serve`), for kill -9 and SIGTERM tests."""
 
-    def __init__(self, data_dir: Path, env: Mapping[str, str], port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, env: Mapping[str, str], port: int | None = None, role: str = "all"
+    ) -> None:
         self.port = port or free_port()
+        self.role = role
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **make_env(data_dir, self.url, **dict(env))}
         self.process: subprocess.Popen[bytes] | None = None
@@ -184,7 +187,7 @@ class ReceiverProcess:
     def start(self) -> ReceiverProcess:
         handle = open(self.log, "ab")  # noqa: SIM115 - the child keeps it
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "receiver", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "receiver", "serve", "--port", str(self.port), "--role", self.role],
             env=self.env,
             stdout=handle,
             stderr=subprocess.STDOUT,

@@ -13,6 +13,17 @@ from receiver.config import ConfigError
 from receiver.config import load_settings
 
 
+def serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`receiver serve` as a process that is expected to stop at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "receiver", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -36,17 +47,13 @@ from receiver.config import load_settings
         ("RECEIVER_MEDIA_URL", "s3://Not_A_Bucket"),
         ("RECEIVER_MEDIA_URL", "s3://media/../elsewhere"),
         ("RECEIVER_MEDIA_REDIRECT", "1"),  # without a bucket there is nothing to presign
+        ("RECEIVER_DATABASE_URL", "mysql://user:pw@db/receiver"),
+        ("RECEIVER_DATABASE_URL", "postgresql://user:pw@db:port/receiver"),
+        ("RECEIVER_JOB_LEASE", "0"),
     ],
 )
 def test_bad_values_stop_serve_with_one_line(tmp_path: Path, name: str, value: str) -> None:
-    env = {**os.environ, "RECEIVER_DATA_DIR": str(tmp_path / "data"), name: value}
-    result = subprocess.run(
-        [sys.executable, "-m", "receiver", "serve", "--port", "1"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = serve_once({**os.environ, "RECEIVER_DATA_DIR": str(tmp_path / "data"), name: value})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -113,3 +120,31 @@ def test_media_settings(tmp_path: Path) -> None:
         load_settings({**base, "AWS_ENDPOINT_URL": "minio:9000"})
     with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
         load_settings({**base, "AWS_ACCESS_KEY_ID": "only-the-id"})
+
+
+def test_postgres_demands_the_shared_secrets(tmp_path: Path) -> None:
+    """Replicas cannot each generate their own secrets: without them `serve` stops with one line."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RECEIVER_SECRET_KEY", "RECEIVER_NOTIFY_SECRET", "RECEIVER_API_KEYS")
+    }
+    env |= {
+        "RECEIVER_DATA_DIR": str(tmp_path / "data"),
+        "RECEIVER_DATABASE_URL": "postgresql://receiver:hunter2-password@127.0.0.1:1/receiver",
+        "RECEIVER_API_KEYS": "alice:alice-key-0123456789abcdef",
+    }
+    result = serve_once(env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "receiver: with RECEIVER_DATABASE_URL, set RECEIVER_SECRET_KEY and RECEIVER_NOTIFY_SECRET"
+        " (shared by every replica)"
+    ]
+    assert not (tmp_path / "data" / "secret_key").exists()  # nothing generated on the way
+
+
+def test_a_bad_database_url_never_shows_its_password(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_DATABASE_URL": "mysql://u:hunter2@db/x"})
+    assert "hunter2" not in str(caught.value)
+    assert "RECEIVER_DATABASE_URL" in str(caught.value)

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import pytest
 
+from tests.conftest import database_settings
 from tests.fakes.common import png
 from tests.fakes.common import post_callback
 from tests.fakes.kie import GENERATE
@@ -19,6 +21,12 @@ from tests.fakes.kie import KEY
 from tests.fakes.kie import RECORD_INFO
 from tests.fakes.kie import KieFake
 from tests.harness import Receiver
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Every test here runs on both backends."""
+    return database_settings(request, request.param)
 
 
 def submitted(receiver: Receiver, kie: KieFake, **body: Any) -> tuple[dict[str, Any], str]:

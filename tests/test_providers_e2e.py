@@ -16,6 +16,8 @@ import httpx
 import pytest
 
 from receiver import metrics
+from tests.conftest import database_settings
+from tests.conftest import media_settings
 from tests.fakes import FAKES
 from tests.fakes.common import ProviderFake
 from tests.fakes.common import png
@@ -30,6 +32,17 @@ def metrics_after_the_suite() -> Iterator[None]:
     yield
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "metrics-after-e2e.txt").write_bytes(metrics.render())
+
+
+@pytest.fixture
+def database_env(request: pytest.FixtureRequest, stack: str) -> dict[str, str]:
+    """Every test here runs on SQLite with a media directory, and on PostgreSQL with a bucket."""
+    return database_settings(request, stack.split("+")[0])
+
+
+@pytest.fixture
+def media_env(request: pytest.FixtureRequest, stack: str) -> dict[str, str]:
+    return media_settings(request, stack.split("+")[1])
 
 
 @pytest.fixture(params=FAKES, ids=lambda fake: fake.name)

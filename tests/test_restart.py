@@ -27,17 +27,24 @@ def wait_until(predicate: Any, seconds: float = 10) -> None:
         time.sleep(0.01)
 
 
+def start_a_slow_download(
+    kie: KieFake, process: ReceiverProcess, media: Path
+) -> tuple[dict[str, Any], bytes, str]:
+    """A task whose ~2 MiB image is served slowly, once its download is being written: (task, image, url)."""
+    image = png(300, 200) + bytes(2 * 1024 * 1024)  # valid header, ~2 MiB, served slowly
+    url = kie.host("slow.png", image, chunk_delay=0.02)
+    with client_for(process) as client:
+        task: dict[str, Any] = client.post("/v1/tasks", json={"provider": "kie", "prompt": "slow"}).json()
+        wait_until(lambda: client.get(f"/v1/tasks/{task['id']}").json()["status"] == "submitted")
+        assert kie.succeed(kie.last_task_id(), url).status_code == 200
+        wait_until(lambda: list(media.rglob("*.part")))
+    return task, image, url
+
+
 def test_restart_in_the_middle_of_a_download(kie: KieFake, tmp_path: Path) -> None:
     env = {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url}
     process = ReceiverProcess(tmp_path / "data", env).start()
-    image = png(300, 200) + bytes(2 * 1024 * 1024)  # valid header, ~2 MiB, served slowly
-    url = kie.host("slow.png", image)
-    kie.files["slow.png"].chunk_delay = 0.02
-    with client_for(process) as client:
-        task = client.post("/v1/tasks", json={"provider": "kie", "prompt": "slow"}).json()
-        wait_until(lambda: client.get(f"/v1/tasks/{task['id']}").json()["status"] == "submitted")
-        assert kie.succeed(kie.last_task_id(), url).status_code == 200
-        wait_until(lambda: list((tmp_path / "data" / "media").rglob("*.part")))
+    task, image, url = start_a_slow_download(kie, process, tmp_path / "data" / "media")
     process.kill()
     assert kie.files["slow.png"].fetches == 1
 

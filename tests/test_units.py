@@ -12,8 +12,8 @@ import pytest
 
 from receiver import imageinfo
 from receiver.models import Status
-from receiver.store import MIGRATIONS
-from receiver.store import migrate
+from receiver.store.sqlite import MIGRATIONS
+from receiver.store.sqlite import migrate
 from receiver.tokens import Tokens
 from tests.fakes.common import png
 

@@ -1,0 +1,265 @@
+"""The PostgreSQL backend: a connection pool, row locks, and LISTEN/NOTIFY wake-ups across replicas.
+
+The driver is asyncpg: it is written for asyncio (no thread hand-off per query), speaks PostgreSQL's
+binary protocol (fast, typed values), has a pool built in, and receives NOTIFY messages on a plain
+connection, which is what wakes a `?wait` long-poll on one replica when another one ends the task.
+
+Every write is its own transaction on a pooled connection (PostgreSQL commits concurrent transactions
+side by side; SQLite's group commit is not needed). The rules lock a task row before they change it
+(`SELECT … FOR UPDATE`), so two replicas never both move a task from the same state; claims take due
+jobs with `FOR UPDATE SKIP LOCKED`, so replicas never wait on or take each other's jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+from typing import TypeVar
+from typing import Union
+
+import asyncpg
+
+from receiver.store import schema
+from receiver.store.base import Params
+from receiver.store.base import Row
+from receiver.store.base import Timings
+from receiver.store.base import Tx
+from receiver.store.rules import Op
+from receiver.store.rules import Store
+from receiver.store.rules import StoreUnavailable
+
+log = logging.getLogger("receiver.store")
+T = TypeVar("T")
+Connection = Union[asyncpg.Connection, "asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"]
+CHANNEL = "receiver"
+MIGRATION_LOCK = 0x7265636569766572  # "receiver": the advisory lock replicas take to migrate one at a time
+SWEEP = 2.0  # a long-poll looks at its task at least this often, should a NOTIFY be lost
+RETRIES = 5  # a transaction chosen as a deadlock victim runs again this many times
+POOL_SIZE = 10  # connections per process: a replica rarely has more transactions open at once
+READY_TIMEOUT = 5.0  # seconds /readyz waits for a write to commit
+DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# The database is away (down, restarting, dropped, unreachable), as opposed to a statement that failed.
+UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.AdminShutdownError,
+)
+NOTIFY_CHUNK = 7000  # bytes of task ids per NOTIFY payload (the limit is 8000)
+
+
+def postgres_dialect(script: str) -> str:
+    """A migration in PostgreSQL's types: identity keys, 64-bit integers (as SQLite's), double floats."""
+    script = re.sub(
+        r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", script
+    )
+    script = script.replace(") WITHOUT ROWID", ")")
+    script = re.sub(r"\bINTEGER\b", "BIGINT", script)
+    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", script)
+
+
+MIGRATIONS = tuple(postgres_dialect(script) for script in schema.MIGRATIONS)
+
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@functools.lru_cache(maxsize=512)
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`:name` parameters as PostgreSQL's `$n`, and the names in their order (a name used twice is one $n)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED.sub(number, sql), tuple(names)
+
+
+def _args(sql: str, params: Params | None) -> tuple[str, list[Any]]:
+    text, names = positional(sql)
+    values = params or {}
+    return text, [values[name] for name in names]
+
+
+def _count(status: str) -> int:
+    """Rows changed, from a command tag such as 'UPDATE 3' or 'INSERT 0 1'."""
+    last = status.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
+
+
+class PgTx(Tx):
+    lock = " FOR UPDATE"
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, conn: Connection, now: float) -> None:
+        super().__init__(now)
+        self.conn = conn
+
+    async def one(self, sql: str, params: Params | None = None) -> Row | None:
+        text, args = _args(sql, params)
+        row = await self.conn.fetchrow(text, *args)
+        return None if row is None else dict(row)
+
+    async def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        text, args = _args(sql, params)
+        return [dict(row) for row in await self.conn.fetch(text, *args)]
+
+    async def run(self, sql: str, params: Params | None = None) -> int:
+        text, args = _args(sql, params)
+        return _count(await self.conn.execute(text, *args))
+
+    async def many(self, sql: str, rows: Sequence[Params]) -> None:
+        if rows:
+            text, names = positional(sql)
+            await self.conn.executemany(text, [[row[name] for name in names] for row in rows])
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply the migrations this database has not seen, one replica at a time; returns the version."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS receiver_schema (version INTEGER NOT NULL)")
+        version = await conn.fetchval("SELECT MAX(version) FROM receiver_schema") or 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            async with conn.transaction():
+                await conn.execute(script)
+                await conn.execute("INSERT INTO receiver_schema (version) VALUES ($1)", number)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return len(MIGRATIONS)
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str, timings: Timings) -> None:
+        super().__init__(timings)
+        self.url = url
+        self.pool_size = POOL_SIZE
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._relisten: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size)
+        await self._listen()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._relisten
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def claim_worker(self) -> None:
+        """Any number of workers share a PostgreSQL database: leases keep their jobs apart."""
+
+    async def writable(self) -> bool:
+        try:
+            # txid_current() fails on a read-only server (a standby): readiness means writes commit.
+            await asyncio.wait_for(self.write(lambda tx: tx.one("SELECT txid_current() AS x")), READY_TIMEOUT)
+        except (TimeoutError, StoreUnavailable, *DATABASE_ERRORS):
+            return False
+        return True
+
+    # -- wake-ups --------------------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        self._listener = await asyncpg.connect(self.url)
+        await self._listener.add_listener(CHANNEL, self._heard)
+        self._listener.add_termination_listener(self._lost)
+
+    def _heard(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        jobs, _, ids = str(payload).partition("|")
+        self.announce([task_id for task_id in ids.split(",") if task_id], jobs == "1")
+
+    def _lost(self, conn: object) -> None:
+        if not self._closing and (self._relisten is None or self._relisten.done()):
+            self._relisten = asyncio.get_running_loop().create_task(self._listen_again())
+
+    async def _listen_again(self) -> None:
+        """The listening connection dropped (database restart): reconnect, waking everyone meanwhile."""
+        delay = 0.5
+        while not self._closing:
+            self.announce(list(self._task_waiters), True)  # whatever changed meanwhile, look again
+            try:
+                await self._listen()
+                log.info("listening for changes again")
+                return
+            except DATABASE_ERRORS as exc:
+                log.warning("cannot listen for changes yet: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def wait_for_change(self, task_id: str, timeout: float) -> None:
+        # A NOTIFY lost with a dropped connection must not hold a long-poll for its whole wait.
+        await super().wait_for_change(task_id, min(timeout, SWEEP))
+
+    # -- transactions ----------------------------------------------------------------------------
+
+    async def write(self, op: Op[T]) -> T:
+        try:
+            return await self._write(op)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _write(self, op: Op[T]) -> T:
+        assert self._pool is not None
+        for attempt in range(1, RETRIES + 1):
+            async with self._pool.acquire() as conn:
+                try:
+                    async with conn.transaction():
+                        tx = PgTx(conn, self.clock())
+                        value = await op(tx)
+                        await _notify(conn, tx)
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    if attempt == RETRIES:
+                        raise
+                    continue
+            self.announce(tx.changed, tx.jobs_added)
+            return value
+        raise AssertionError("unreachable")
+
+    async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
+        assert self._pool is not None
+        text, args = _args(sql, params)
+        try:
+            return [dict(row) for row in await self._pool.fetch(text, *args)]
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _notify(conn: Connection, tx: Tx) -> None:
+    """Tell every replica what this transaction changed; PostgreSQL delivers it on commit."""
+    if not tx.changed and not tx.jobs_added:
+        return
+    flag = "1" if tx.jobs_added else "0"
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for task_id in sorted(tx.changed):
+        if size + len(task_id) > NOTIFY_CHUNK:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(task_id)
+        size += len(task_id) + 1
+    for chunk in chunks:
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{flag}|{','.join(chunk)}")

@@ -1,0 +1,144 @@
+"""What leaves the store: typed, frozen records, whatever database they were read from."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from receiver.models import Status
+from receiver.models import TaskError
+
+
+class IdempotencyConflict(Exception):
+    """The same Idempotency-Key came again with another body."""
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    seq: int
+    id: str
+    tenant: str
+    provider: str
+    model: str
+    prompt: str
+    request: Mapping[str, Any]
+    provider_state: Mapping[str, str]
+    status: Status
+    provider_task_id: str | None
+    error: Mapping[str, Any] | None
+    metadata: Mapping[str, Any]
+    attempts: Sequence[Mapping[str, Any]]  # each provider the task left (fallback), with its error
+    notify_url: str | None
+    idempotency_key: str | None
+    request_hash: str | None
+    image_count: int | None
+    created_at: float
+    updated_at: float
+    submitted_at: float | None
+    completed_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        for name in ("request", "provider_state", "metadata", "attempts"):
+            values[name] = json.loads(values[name])
+        values["error"] = json.loads(values["error"]) if values["error"] else None
+        values["status"] = Status(values["status"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    task_id: str
+    idx: int
+    source_url: str
+    path: str | None  # None until the image is stored
+    content_type: str | None
+    size: int | None
+    sha256: str | None
+    width: int | None
+    height: int | None
+    stored_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> ImageRecord:
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class DownloadTarget:
+    """An image row with its task's status: the download job's first question, in one read."""
+
+    image: ImageRecord
+    status: Status
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    task_id: str
+    at: float
+    kind: str
+    verified: bool
+    summary: str
+    change: str | None
+    detail: str | None
+    repeats: int | None  # refused callbacks in a row are one event that counts them
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EventRecord:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        return cls(**{**values, "verified": bool(values["verified"])})
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    task_id: str
+    arg: int
+    attempts: int
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        return cls(int(row["id"]), row["kind"], row["task_id"], int(row["arg"]), int(row["attempts"]))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """One turn of the worker: the jobs it now holds, and what it needs to plan the next turn."""
+
+    jobs: list[Job]
+    next_due: float | None
+    in_flight: dict[tuple[str, str], int]
+    applied: list[tuple[str, str, str]]  # (task, provider, changed|duplicate|pending|ignored) per inbox row
+    more_news: bool  # the inbox still holds callbacks to apply
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A task that reached succeeded or failed, for its one log line once the change is committed."""
+
+    task_id: str
+    provider: str
+    status: Status
+    error: TaskError | None
+    seconds: float  # from creation to the end
+
+
+@dataclass(frozen=True)
+class NewTask:
+    id: str
+    tenant: str
+    provider: str
+    model: str
+    prompt: str
+    request: Mapping[str, Any]
+    provider_state: Mapping[str, str]
+    metadata: Mapping[str, Any]
+    notify_url: str | None
+    idempotency_key: str | None
+    request_hash: str

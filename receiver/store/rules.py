@@ -1,0 +1,799 @@
+"""The domain rules, written once for every backend: forward-only moves, dedupe, the inbox, jobs, leases.
+
+`Store` holds every read and every state change as SQL with named parameters against the `Tx` protocol;
+a backend (`sqlite.py`, `postgres.py`) supplies connections, transactions and wake-ups, nothing else.
+Each state change is one transaction: the task row, its events and its jobs move together or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+from abc import ABC
+from abc import abstractmethod
+from collections.abc import Callable
+from collections.abc import Coroutine
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+from typing import TypeVar
+
+from receiver import metrics
+from receiver.logs import event
+from receiver.models import ErrorCode
+from receiver.models import Outcome
+from receiver.models import Status
+from receiver.models import Submission
+from receiver.models import TaskError
+from receiver.models import fallback_reason
+from receiver.store.base import Clock
+from receiver.store.base import Params
+from receiver.store.base import Row
+from receiver.store.base import Timings
+from receiver.store.base import Tx
+from receiver.store.base import in_list
+from receiver.store.base import system_clock
+from receiver.store.records import Claimed
+from receiver.store.records import DownloadTarget
+from receiver.store.records import Ended
+from receiver.store.records import EventRecord
+from receiver.store.records import IdempotencyConflict
+from receiver.store.records import ImageRecord
+from receiver.store.records import Job
+from receiver.store.records import NewTask
+from receiver.store.records import TaskRecord
+
+log = logging.getLogger("receiver.store")
+T = TypeVar("T")
+URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
+Op = Callable[[Tx], Coroutine[Any, Any, T]]
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached right now (a 503 for the caller; nothing was changed)."""
+
+
+class RoleTaken(Exception):
+    """This process may not become a worker here: the message says why, in one line."""
+
+
+class Store(ABC):
+    """Reads and state changes; the backend below decides how SQL reaches the database."""
+
+    def __init__(self, timings: Timings, clock: Clock = system_clock) -> None:
+        self.timings = timings
+        self.clock = clock
+        # This process, as the owner of the jobs it claims (host, pid and a nonce: pids are reused).
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._task_waiters: dict[str, set[asyncio.Event]] = {}
+        self.jobs_changed = asyncio.Event()
+
+    # -- what a backend provides -----------------------------------------------------------------
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def writable(self) -> bool:
+        """Whether a write can commit right now (for /readyz)."""
+
+    @abstractmethod
+    async def write(self, op: Op[T]) -> T:
+        """Run `op` inside a write transaction and commit it; announce what it changed."""
+
+    @abstractmethod
+    async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
+        """A read outside any write transaction."""
+
+    @abstractmethod
+    async def claim_worker(self) -> None:
+        """Become this database's worker (or raise RoleTaken where only one worker may run)."""
+
+    async def record_callback(self, task_id: str, outcome: Outcome, *, urgent: bool = False) -> None:
+        """Keep a verified callback durably; the worker applies it right after.
+
+        This is all a callback waits for before its answer: one row. Applying it (the state change,
+        image rows, download jobs, the event) is the worker's next step, so a kill -9 after the answer
+        loses nothing and the answer stays fast."""
+        await self.write(lambda tx: insert_inbox(tx, [(task_id, outcome.to_json(), int(urgent))]))
+
+    # -- wake-ups --------------------------------------------------------------------------------
+
+    def announce(self, changed: Iterable[str], jobs_added: bool) -> None:
+        for task_id in changed:
+            for waiter in self._task_waiters.get(task_id, ()):
+                waiter.set()
+        if jobs_added:
+            self.jobs_changed.set()
+
+    async def wait_for_change(self, task_id: str, timeout: float) -> None:
+        """Return when the task changes or `timeout` passes, whichever is first."""
+        event = asyncio.Event()
+        self._task_waiters.setdefault(task_id, set()).add(event)
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._task_waiters.get(task_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._task_waiters[task_id]
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def task(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
+        rows = await self.fetch("SELECT * FROM tasks WHERE id=:id", {"id": task_id})
+        if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
+            return None
+        return TaskRecord.from_row(rows[0])
+
+    async def task_row(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
+        """A task by primary key on the callback and lookup paths (a backend may read it faster)."""
+        return await self.task(task_id, tenant)
+
+    async def images(self, task_id: str) -> list[ImageRecord]:
+        rows = await self.fetch("SELECT * FROM images WHERE task_id=:id ORDER BY idx", {"id": task_id})
+        return [ImageRecord.from_row(row) for row in rows]
+
+    async def image_rows(self, task_id: str) -> list[ImageRecord]:
+        """A task's images on the lookup path (a backend may read them faster)."""
+        return await self.images(task_id)
+
+    async def images_of(self, task_ids: Sequence[str]) -> dict[str, list[ImageRecord]]:
+        found: dict[str, list[ImageRecord]] = {task_id: [] for task_id in task_ids}
+        if task_ids:
+            marks, params = in_list("t", task_ids)
+            sql = f"SELECT * FROM images WHERE task_id IN ({marks}) ORDER BY task_id, idx"  # noqa: S608
+            for row in await self.fetch(sql, params):
+                found[row["task_id"]].append(ImageRecord.from_row(row))
+        return found
+
+    async def download_target(self, task_id: str, index: int) -> DownloadTarget | None:
+        rows = await self.fetch(
+            "SELECT i.*, t.status AS task_status FROM images i JOIN tasks t ON t.id=i.task_id"
+            " WHERE i.task_id=:id AND i.idx=:idx",
+            {"id": task_id, "idx": index},
+        )
+        if not rows:
+            return None
+        return DownloadTarget(ImageRecord.from_row(rows[0]), Status(rows[0]["task_status"]))
+
+    async def image(self, task_id: str, index: int) -> ImageRecord | None:
+        rows = await self.fetch(
+            "SELECT * FROM images WHERE task_id=:id AND idx=:idx", {"id": task_id, "idx": index}
+        )
+        return ImageRecord.from_row(rows[0]) if rows else None
+
+    async def tasks(
+        self, tenant: str, *, status: str | None, provider: str | None, limit: int, before_seq: int | None
+    ) -> list[TaskRecord]:
+        clauses, params = ["tenant=:tenant"], {"tenant": tenant, "limit": limit}
+        if status:
+            clauses.append("status=:status")
+            params["status"] = status
+        if provider:
+            clauses.append("provider=:provider")
+            params["provider"] = provider
+        if before_seq is not None:
+            clauses.append("seq<:before")
+            params["before"] = before_seq
+        sql = f"SELECT * FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT :limit"  # noqa: S608
+        return [TaskRecord.from_row(row) for row in await self.fetch(sql, params)]
+
+    async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[EventRecord]:
+        """A task's events in order, from the one after event id `after`, at most `limit`."""
+        rows = await self.fetch(
+            "SELECT * FROM events WHERE task_id=:id AND id>:after ORDER BY id LIMIT :limit",
+            {"id": task_id, "after": after, "limit": limit},
+        )
+        return [EventRecord.from_row(row) for row in rows]
+
+    async def task_counts(self) -> dict[tuple[str, str], int]:
+        rows = await self.fetch("SELECT provider, status, COUNT(*) AS n FROM tasks GROUP BY provider, status")
+        return {(row["provider"], row["status"]): int(row["n"]) for row in rows}
+
+    async def jobs_due(self) -> dict[str, tuple[int, float]]:
+        """Per kind: how many jobs are due now, and when the oldest of them fell due."""
+        rows = await self.fetch(
+            "SELECT kind, COUNT(*) AS n, MIN(due_at) AS oldest FROM jobs WHERE due_at<=:now GROUP BY kind",
+            {"now": self.clock()},
+        )
+        return {row["kind"]: (int(row["n"]), float(row["oldest"])) for row in rows}
+
+    # -- writes: tasks ---------------------------------------------------------------------------
+
+    async def create_task(self, new: NewTask) -> tuple[TaskRecord, bool]:
+        """Insert a queued task with its submit and deadline jobs; an idempotent repeat returns the first."""
+
+        async def op(tx: Tx) -> tuple[TaskRecord, bool]:
+            if new.idempotency_key is not None:
+                existing = await tx.one(
+                    "SELECT * FROM tasks WHERE tenant=:tenant AND idempotency_key=:key",
+                    {"tenant": new.tenant, "key": new.idempotency_key},
+                )
+                if existing is not None:
+                    if existing["request_hash"] != new.request_hash:
+                        raise IdempotencyConflict(new.idempotency_key)
+                    return TaskRecord.from_row(existing), False
+            await tx.run(
+                "INSERT INTO tasks (id, tenant, provider, model, prompt, request, provider_state, status,"
+                " metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
+                " VALUES (:id, :tenant, :provider, :model, :prompt, :request, :state, :status,"
+                " :metadata, :notify_url, :key, :hash, :now, :now)",
+                {
+                    "id": new.id,
+                    "tenant": new.tenant,
+                    "provider": new.provider,
+                    "model": new.model,
+                    "prompt": new.prompt,
+                    "request": _dumps(new.request),
+                    "state": _dumps(new.provider_state),
+                    "status": str(Status.QUEUED),
+                    "metadata": _dumps(new.metadata),
+                    "notify_url": new.notify_url,
+                    "key": new.idempotency_key,
+                    "hash": new.request_hash,
+                    "now": tx.now,
+                },
+            )
+            await _add_job(tx, "submit", new.id, 0, tx.now)
+            await _add_job(tx, "deadline", new.id, 0, tx.now + self.timings.task_deadline)
+            await _event(tx, new.id, "created", True, f"queued for {new.provider} ({new.model})", "→queued")
+            return TaskRecord.from_row(await _task(tx, new.id)), True
+
+        return await self.write(op)
+
+    async def record_submission(
+        self, job: Job, submission: Submission, *, urgent: bool = False, provider: str = ""
+    ) -> None:
+        """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result."""
+
+        async def op(tx: Tx) -> None:
+            task = await _task(tx, job.task_id)
+            await _delete_job(tx, job.id)
+            if provider and task["provider"] != provider:
+                # The task moved to a fallback while this submit was in flight (a failure callback came
+                # first): the late answer is recorded; the new provider has its own submit job.
+                note = f"{provider}'s submit answer came after the task moved to {task['provider']}: ignored"
+                await _event(tx, job.task_id, "submit", True, note, None)
+                return
+            if task["submitted_at"] is not None:
+                return  # recorded already (by a process whose lease ran out): never twice
+            state = {**json.loads(task["provider_state"]), **submission.state}
+            await tx.run(
+                "UPDATE tasks SET provider_task_id=COALESCE(provider_task_id, :ptid), provider_state=:state,"
+                " submitted_at=:now, updated_at=:now WHERE id=:id",
+                {
+                    "ptid": submission.provider_task_id,
+                    "state": _dumps(state),
+                    "now": tx.now,
+                    "id": job.task_id,
+                },
+            )
+            change = await _move(tx, task, Status.SUBMITTED)
+            accepted = f"accepted by the provider as {submission.provider_task_id or '(no id)'}"
+            summary = submission.note or accepted
+            await _event(tx, job.task_id, "submit", True, summary, change)
+            if submission.outcome is not None:
+                outcome = replace(submission.outcome, provider=provider)
+                await _apply(tx, job.task_id, outcome, "submit", True, urgent)
+            elif (await _task(tx, job.task_id))["status"] == Status.SUBMITTED:
+                await _add_job(tx, "reconcile", job.task_id, 0, tx.now + self.timings.reconcile_after)
+
+        await self.write(op)
+
+    async def apply_outcome(
+        self, task_id: str, outcome: Outcome, kind: str, *, verified: bool = True, urgent: bool = False
+    ) -> str:
+        """The one path for news about a task, however it came (callback, poll, submit answer).
+
+        `urgent` puts its downloads ahead of the queue (for providers whose links die within minutes)."""
+        return await self.write(lambda tx: _apply(tx, task_id, outcome, kind, verified, urgent))
+
+    async def fail_task(
+        self, task_id: str, error: TaskError, kind: str, job_id: int | None = None, provider: str = ""
+    ) -> str:
+        """End a task with `error` (or move it to its next fallback, by the same rule as any failure).
+        `provider`, when given, is the provider the failure is about: stale once the task has left it."""
+
+        async def op(tx: Tx) -> str:
+            if job_id is not None:
+                await _delete_job(tx, job_id)
+            outcome = Outcome.failed(None, error, error.message)
+            return await _apply(tx, task_id, replace(outcome, provider=provider), kind, True)
+
+        return await self.write(op)
+
+    async def add_event(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
+        await self.write(lambda tx: _event(tx, task_id, kind, verified, summary, None))
+
+    async def add_refusal(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
+        """A refused callback. Refusals in a row are one event that counts them (its time and summary
+        the latest), so a flood of bad callbacks cannot grow a task's events without bound."""
+
+        async def op(tx: Tx) -> None:
+            last = await tx.one(
+                "SELECT id, repeats FROM events WHERE task_id=:id ORDER BY id DESC LIMIT 1", {"id": task_id}
+            )
+            if last is not None and last["repeats"] is not None:
+                await tx.run(
+                    "UPDATE events SET repeats=repeats+1, at=:now, kind=:kind, verified=:verified,"
+                    " summary=:summary WHERE id=:event",
+                    {
+                        "now": tx.now,
+                        "kind": kind,
+                        "verified": int(verified),
+                        "summary": summary[:500],
+                        "event": last["id"],
+                    },
+                )
+                tx.changed.add(task_id)
+                return
+            await _event(tx, task_id, kind, verified, summary, None, repeats=1)
+
+        await self.write(op)
+
+    async def record_notify_attempt(
+        self, job: Job, summary: str, detail: str | None, retry_in: float | None
+    ) -> None:
+        """One delivery attempt and what follows it, together: a retry in `retry_in` s, or (None) no more."""
+
+        async def op(tx: Tx) -> None:
+            await _event(tx, job.task_id, "notify", True, summary, None, detail)
+            if retry_in is None:
+                await _delete_job(tx, job.id)
+            else:
+                await _reschedule(tx, job, retry_in, summary[:500], self.owner)
+
+        await self.write(op)
+
+    async def record_image(
+        self,
+        job: Job,
+        *,
+        path: str,
+        content_type: str,
+        size: int,
+        sha256: str,
+        width: int | None,
+        height: int | None,
+    ) -> bool:
+        """Keep a stored image; the last one in makes the task succeed. False if it was already stored."""
+
+        async def op(tx: Tx) -> bool:
+            task = await _task(tx, job.task_id)  # locked first, as every change of a task does
+            await _delete_job(tx, job.id)
+            stored = await tx.run(
+                "UPDATE images SET path=:path, content_type=:type, size=:size, sha256=:sha256, width=:width,"
+                " height=:height, stored_at=:now WHERE task_id=:id AND idx=:idx AND path IS NULL",
+                {
+                    "path": path,
+                    "type": content_type,
+                    "size": size,
+                    "sha256": sha256,
+                    "width": width,
+                    "height": height,
+                    "now": tx.now,
+                    "id": job.task_id,
+                    "idx": job.arg,
+                },
+            )
+            if not stored:
+                return False
+            await _event(tx, job.task_id, "download", True, f"image {job.arg} stored ({size} bytes)", None)
+            missing = await tx.one(
+                "SELECT COUNT(*) AS n FROM images WHERE task_id=:id AND path IS NULL", {"id": job.task_id}
+            )
+            if missing is not None and missing["n"] == 0:
+                change = await _finish(tx, task, Status.SUCCEEDED, None)
+                if change:
+                    await _event(tx, job.task_id, "status", True, "every image is stored", change)
+            tx.changed.add(job.task_id)
+            return True
+
+        return await self.write(op)
+
+    # -- writes: jobs ----------------------------------------------------------------------------
+
+    async def claim_due(
+        self,
+        slots: Mapping[str, int],
+        skip_submits_of: Iterable[str] = (),
+        count_for: Sequence[str] = (),
+        inbox_batch: int = 256,
+    ) -> Claimed:
+        """One turn of the worker in one operation: apply recorded callbacks, take back jobs whose lease
+        ran out, lease due jobs (up to `slots[kind]`, oldest first, leaving alone the submit jobs of
+        providers that pacing holds back), and tell when the next job falls due and (if asked) how many
+        tasks each provider has in flight."""
+        skip = sorted(skip_submits_of)
+        marks, skip_params = in_list("p", skip)
+        held = ""
+        if skip:
+            held = (
+                " AND NOT (kind='submit' AND EXISTS (SELECT 1 FROM tasks t WHERE t.id=jobs.task_id"  # noqa: S608
+                f" AND t.provider IN ({marks})))"
+            )
+        next_due = f"SELECT MIN(due_at) AS due FROM jobs WHERE running=0{held}"  # noqa: S608
+
+        async def op(tx: Tx) -> Claimed:
+            applied, more_news = await _apply_inbox(tx, inbox_batch)
+            await _release_expired(tx)
+            claim = (
+                "UPDATE jobs SET running=1, attempts=attempts+1, lease_until=:lease, owner=:owner"  # noqa: S608
+                " WHERE id IN ("
+                f" SELECT id FROM jobs WHERE running=0 AND kind=:kind AND due_at<=:now{held}"
+                f" ORDER BY due_at, id LIMIT :free{tx.skip_locked})"
+                " RETURNING id, kind, task_id, arg, attempts"
+            )
+            jobs: list[Job] = []
+            for kind, free in slots.items():
+                if free > 0:
+                    params = {
+                        "kind": kind,
+                        "now": tx.now,
+                        "lease": tx.now + self.timings.job_lease,
+                        "owner": self.owner,
+                        "free": free,
+                    }
+                    rows = await tx.all(claim, {**params, **skip_params})
+                    jobs += sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
+            due = await tx.one(next_due, skip_params)
+            in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
+            due_at = None if due is None or due["due"] is None else float(due["due"])
+            return Claimed(jobs, due_at, in_flight, applied, more_news)
+
+        return await self.write(op)
+
+    async def extend_leases(self, jobs: Sequence[Job]) -> None:
+        """A heartbeat for jobs still running here: keep their leases from running out."""
+        if not jobs:
+            return
+        marks, params = in_list("j", [job.id for job in jobs])
+
+        async def op(tx: Tx) -> None:
+            await tx.run(
+                f"UPDATE jobs SET lease_until=:lease WHERE running=1 AND id IN ({marks})",  # noqa: S608
+                {"lease": tx.now + self.timings.job_lease, **params},
+            )
+
+        await self.write(op)
+
+    async def unclaim(self, job: Job) -> None:
+        """Put a claimed job back untouched (pacing said not yet): its place in the queue is kept."""
+
+        async def op(tx: Tx) -> None:
+            await tx.run(
+                "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
+                " WHERE id=:id AND owner=:owner",
+                {"id": job.id, "owner": self.owner},
+            )
+
+        await self.write(op)
+
+    async def in_flight(self, providers: Sequence[str]) -> dict[tuple[str, str], int]:
+        """Tasks accepted by their provider and not finished, by (provider, model).
+
+        Counted in a write transaction, in order with the commits that accept tasks, so a pacing
+        decision never misses a task that was accepted just before it."""
+        return await self.write(lambda tx: _in_flight(tx, providers, self.owner))
+
+    async def retry_job(self, job: Job, delay: float, error: str) -> None:
+        await self.write(lambda tx: _reschedule(tx, job, delay, error, self.owner))
+
+    async def finish_job(self, job: Job) -> None:
+        await self.write(lambda tx: _delete_job(tx, job.id))
+
+
+# -- the rules of a state change, run inside a write transaction ------------------------------------
+
+
+async def insert_inbox(tx: Tx, rows: Sequence[tuple[str, str, int]]) -> None:
+    await tx.many(
+        "INSERT INTO inbox (task_id, received_at, outcome, urgent) VALUES (:task, :now, :outcome, :urgent)",
+        [
+            {"task": task, "now": tx.now, "outcome": outcome, "urgent": urgent}
+            for task, outcome, urgent in rows
+        ],
+    )
+    tx.jobs_added = True
+
+
+async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], bool]:
+    """Apply the oldest recorded callbacks, in the order they came; returns what each changed."""
+    rows = await tx.all(
+        f"SELECT * FROM inbox ORDER BY id LIMIT :limit{tx.skip_locked}",  # noqa: S608
+        {"limit": limit + 1},
+    )
+    applied: list[tuple[str, str, str]] = []
+    for row in rows[:limit]:
+        task = await tx.one(f"SELECT * FROM tasks WHERE id=:id{tx.lock}", {"id": row["task_id"]})  # noqa: S608
+        if task is not None:
+            outcome = Outcome.from_json(row["outcome"])
+            known = task["provider_task_id"]
+            if outcome.provider_task_id and known and outcome.provider_task_id != known:
+                # Checked when it came too; this catches an id the submit answer set in between.
+                note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
+                await _event(tx, task["id"], "callback", True, note, None)
+                applied.append((task["id"], task["provider"], "ignored"))
+            else:
+                change = await _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
+                result = "changed" if change else ("pending" if outcome.state == "pending" else "duplicate")
+                applied.append((task["id"], task["provider"], result))
+        await tx.run("DELETE FROM inbox WHERE id=:id", {"id": row["id"]})
+    return applied, len(rows) > limit
+
+
+async def _release_expired(tx: Tx) -> None:
+    """Jobs whose lease ran out (their process died or hung) are claimable again."""
+    released = await tx.run(
+        "UPDATE jobs SET running=0, lease_until=NULL WHERE id IN ("  # noqa: S608
+        f" SELECT id FROM jobs WHERE running=1 AND lease_until<:now{tx.skip_locked})",
+        {"now": tx.now},
+    )
+    if released:
+        tx.jobs_added = True
+
+
+async def _in_flight(tx: Tx, providers: Sequence[str], owner: str) -> dict[tuple[str, str], int]:
+    """Tasks accepted and unfinished, plus the submits other processes are sending right now (this
+    process counts its own in the pacer), by (provider, model): pacing's count across replicas."""
+    marks, params = in_list("p", providers)
+    rows = await tx.all(
+        "SELECT provider, model, COUNT(*) AS n FROM tasks"  # noqa: S608 - placeholders only
+        f" WHERE status='submitted' AND provider IN ({marks}) GROUP BY provider, model"
+        " UNION ALL SELECT t.provider, t.model, COUNT(*) AS n FROM jobs j JOIN tasks t ON t.id=j.task_id"
+        f" WHERE j.kind='submit' AND j.running=1 AND j.owner<>:owner AND t.provider IN ({marks})"
+        " GROUP BY t.provider, t.model",
+        {**params, "owner": owner},
+    )
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        key = (row["provider"], row["model"])
+        counts[key] = counts.get(key, 0) + int(row["n"])
+    return counts
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+async def _task(tx: Tx, task_id: str) -> Row:
+    """The task row, locked for the rest of the transaction where the backend locks rows."""
+    row = await tx.one(f"SELECT * FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
+    if row is None:
+        raise LookupError(task_id)
+    return row
+
+
+async def _add_job(tx: Tx, kind: str, task_id: str, arg: int, due_at: float) -> None:
+    await tx.run(
+        "INSERT INTO jobs (kind, task_id, arg, due_at) VALUES (:kind, :task, :arg, :due)"
+        " ON CONFLICT (kind, task_id, arg) DO NOTHING",
+        {"kind": kind, "task": task_id, "arg": arg, "due": due_at},
+    )
+    tx.jobs_added = True
+
+
+async def _delete_job(tx: Tx, job_id: int) -> None:
+    await tx.run("DELETE FROM jobs WHERE id=:id", {"id": job_id})
+
+
+async def _reschedule(tx: Tx, job: Job, delay: float, error: str, owner: str) -> None:
+    """Due again later, if the job is still ours: one whose lease ran out belongs to another process."""
+    await tx.run(
+        "UPDATE jobs SET running=0, lease_until=NULL, due_at=:due, last_error=:error"
+        " WHERE id=:id AND owner=:owner",
+        {"due": tx.now + delay, "error": error, "id": job.id, "owner": owner},
+    )
+    tx.jobs_added = True
+
+
+async def _event(
+    tx: Tx,
+    task_id: str,
+    kind: str,
+    verified: bool,
+    summary: str,
+    change: str | None,
+    detail: str | None = None,
+    *,
+    repeats: int | None = None,
+) -> None:
+    await tx.run(
+        "INSERT INTO events (task_id, at, kind, verified, summary, change, detail, repeats)"
+        " VALUES (:task, :now, :kind, :verified, :summary, :change, :detail, :repeats)",
+        {
+            "task": task_id,
+            "now": tx.now,
+            "kind": kind,
+            "verified": int(verified),
+            "summary": summary[:500],
+            "change": change,
+            "detail": detail,
+            "repeats": repeats,
+        },
+    )
+    tx.changed.add(task_id)
+
+
+async def _move(tx: Tx, task: Row, new: Status) -> str | None:
+    """Move a task forward; returns 'old→new', or None when that would not be forward."""
+    old = Status(task["status"])
+    if not old.may_become(new):
+        return None
+    await tx.run(
+        "UPDATE tasks SET status=:status, updated_at=:now WHERE id=:id",
+        {"status": str(new), "now": tx.now, "id": task["id"]},
+    )
+    tx.changed.add(task["id"])
+    return f"{old}→{new}"
+
+
+async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
+    """The fallback rule, once for every way a failure arrives: a failure that is not the request's
+    fault moves the task to the next provider of its chain with the same request, instead of ending it.
+    The provider left is recorded in `attempts` with its error; the task is queued again (a new submit,
+    the new provider's own state and default model), its deadline kept; no notification is due yet."""
+    reason = fallback_reason(error)
+    if reason is None or Status(task["status"]) not in (Status.QUEUED, Status.SUBMITTED):
+        return None  # a task with results on the way (or ended) stays where it is
+    request = json.loads(task["request"])
+    attempts = json.loads(task["attempts"])
+    remaining = (request.get("fallback") or [])[len(attempts) :]
+    if not remaining:
+        return None
+    origin, target = task["provider"], remaining[0]
+    attempts.append(
+        {
+            "provider": origin,
+            "model": task["model"],
+            "provider_task_id": task["provider_task_id"],
+            "error": error.as_json(),
+            "at": tx.now,
+        }
+    )
+    chain = request.get("chain") or {}
+    await tx.run(
+        "UPDATE tasks SET provider=:provider, model=:model, provider_state=:state, provider_task_id=NULL,"
+        " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now"
+        " WHERE id=:id",
+        {
+            "provider": target,
+            "model": chain.get(target, {}).get("model") or task["model"],
+            "state": _dumps(chain.get(target, {}).get("state") or {}),
+            "status": str(Status.QUEUED),
+            "attempts": _dumps(attempts),
+            "now": tx.now,
+            "id": task["id"],
+        },
+    )
+    await tx.run(
+        "DELETE FROM jobs WHERE task_id=:id AND kind <> 'deadline' AND +running=0", {"id": task["id"]}
+    )
+    # Its own submit job, numbered by the hop: a submit of the provider left may still be running, and
+    # the worker drops any submit job whose number is not the task's current hop.
+    await _add_job(tx, "submit", task["id"], len(attempts), tx.now)
+    tx.changed.add(task["id"])
+    tx.hops.append((origin, target, reason))
+    summary = f"moved from {origin} to {target} ({reason}): {error.code}: {error.message}"
+    await _event(tx, task["id"], "fallback", True, summary, f"{task['status']}→{Status.QUEUED}")
+    return f"{origin}→{target}"
+
+
+async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) -> str | None:
+    if status is Status.FAILED and error is not None:
+        moved = await _fallback(tx, task, error)
+        if moved is not None:
+            return moved
+    change = await _move(tx, task, status)
+    if change is None:
+        return None
+    await tx.run(
+        "UPDATE tasks SET completed_at=:now, error=:error WHERE id=:id",
+        {"now": tx.now, "error": _dumps(error.as_json()) if error else None, "id": task["id"]},
+    )
+    # An ended task needs no more work; only its notification (if any) is still to come.
+    # `+running` keeps SQLite on the task_id index instead of scanning every idle job.
+    await tx.run("DELETE FROM jobs WHERE task_id=:id AND kind <> 'notify' AND +running=0", {"id": task["id"]})
+    if task["notify_url"]:
+        await _add_job(tx, "notify", task["id"], 0, tx.now)
+    # Every end of every task passes here (download, callback, poll, submit, deadline): its one log line.
+    tx.ended.append(Ended(task["id"], task["provider"], status, error, tx.now - task["created_at"]))
+    return change
+
+
+async def _apply(
+    tx: Tx,
+    task_id: str,
+    outcome: Outcome,
+    kind: str,
+    verified: bool,
+    urgent: bool = False,
+    task: Row | None = None,
+) -> str:
+    """Record the news and make the forward-only change it calls for; returns what changed."""
+    task = task if task is not None else await _task(tx, task_id)
+    if outcome.provider and outcome.provider != task["provider"]:
+        # News from a provider the task has left (fallback): recorded, changes nothing.
+        summary = (
+            f"late news from {outcome.provider} (the task moved to {task['provider']}): {outcome.detail}"
+        )
+        await _event(tx, task_id, kind, verified, summary, None)
+        return ""
+    if outcome.provider_task_id and not task["provider_task_id"]:
+        await tx.run(
+            "UPDATE tasks SET provider_task_id=:ptid WHERE id=:id",
+            {"ptid": outcome.provider_task_id, "id": task_id},
+        )
+    change: str | None = None
+    if outcome.state == "succeeded":
+        change = await _move(tx, task, Status.DOWNLOADING)
+        if change is not None:
+            await tx.run(
+                "UPDATE tasks SET image_count=:n WHERE id=:id", {"n": len(outcome.image_urls), "id": task_id}
+            )
+            await tx.many(
+                "INSERT INTO images (task_id, idx, source_url) VALUES (:task, :idx, :url)"
+                " ON CONFLICT DO NOTHING",
+                [{"task": task_id, "idx": index, "url": url} for index, url in enumerate(outcome.image_urls)],
+            )
+            due = tx.now - URGENT_LEAD if urgent else tx.now
+            for index in range(len(outcome.image_urls)):
+                await _add_job(tx, "download", task_id, index, due)
+            await tx.run(
+                "DELETE FROM jobs WHERE task_id=:id AND kind='reconcile' AND +running=0", {"id": task_id}
+            )
+    elif outcome.state == "failed":
+        assert outcome.error is not None
+        change = await _finish(tx, task, Status.FAILED, outcome.error)
+    elif outcome.ask_now and task["status"] == Status.SUBMITTED:
+        # The provider says the result waits at its status endpoint: reconcile fetches it at once.
+        await tx.run(
+            "UPDATE jobs SET due_at=:now WHERE task_id=:id AND kind='reconcile' AND +running=0",
+            {"now": tx.now, "id": task_id},
+        )
+        tx.jobs_added = True
+    summary = outcome.detail or outcome.state
+    if outcome.state != "pending" and change is None:
+        summary = f"{summary} (duplicate or late: the task is already {task['status']})"
+    await _event(tx, task_id, kind, verified, summary, change)
+    return change or ""
+
+
+def committed(tx: Tx) -> None:
+    """What a transaction did, told once it is committed: each task's end, each fallback move."""
+    for ended in tx.ended:
+        log_ended(ended)
+    for origin, target, reason in tx.hops:
+        metrics.FALLBACKS.labels(origin, target, reason).inc()
+
+
+def log_ended(ended: Ended) -> None:
+    """The one line for a task's end; called once its transaction has committed."""
+    error = ended.error
+    event(
+        log,
+        f"task {ended.status}",
+        task_id=ended.task_id,
+        provider=ended.provider,
+        error=str(error.code) if error else None,
+        provider_code=error.provider_code if error else None,
+        seconds=round(ended.seconds, 3),
+    )
+
+
+def timed_out() -> TaskError:
+    return TaskError(ErrorCode.TIMED_OUT, "the task did not finish before RECEIVER_TASK_DEADLINE")

@@ -1,0 +1,101 @@
+"""The schema, as migrations in the order they came, written once in SQLite's dialect.
+
+SQLite runs them as they are; the PostgreSQL backend translates the few type names that differ
+(postgres.py, `postgres_dialect`). A change to the schema is a new entry at the end, never an edit.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        request TEXT NOT NULL,
+        provider_state TEXT NOT NULL DEFAULT '{}',
+        status TEXT NOT NULL,
+        provider_task_id TEXT,
+        error TEXT,
+        metadata TEXT NOT NULL DEFAULT '{}',
+        notify_url TEXT,
+        idempotency_key TEXT,
+        request_hash TEXT,
+        image_count INTEGER,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        submitted_at REAL,
+        completed_at REAL,
+        UNIQUE (tenant, idempotency_key)
+    );
+    CREATE INDEX tasks_by_tenant ON tasks (tenant, seq DESC);
+    CREATE INDEX tasks_by_status ON tasks (tenant, status, seq DESC);
+    CREATE INDEX tasks_by_provider ON tasks (tenant, provider, seq DESC);
+    CREATE TABLE images (
+        task_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        source_url TEXT NOT NULL,
+        path TEXT,
+        content_type TEXT,
+        size INTEGER,
+        sha256 TEXT,
+        width INTEGER,
+        height INTEGER,
+        stored_at REAL,
+        PRIMARY KEY (task_id, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        verified INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        change TEXT
+    );
+    CREATE INDEX events_by_task ON events (task_id, id);
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        task_id TEXT NOT NULL,
+        arg INTEGER NOT NULL DEFAULT 0,
+        due_at REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        running INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        UNIQUE (kind, task_id, arg)
+    );
+    CREATE INDEX jobs_by_due ON jobs (running, due_at);
+    """,
+    # What an event brought back beyond its summary, e.g. the first 2 KB of an app's notify answer.
+    "ALTER TABLE events ADD COLUMN detail TEXT",
+    # Pacing counts the tasks each provider has in flight (status 'submitted').
+    "CREATE INDEX tasks_in_flight ON tasks (status, provider, model)",
+    # Ending a task deletes its jobs, and claims look for one kind's due jobs: both must not scan a
+    # jobs table that holds thousands of pending downloads during a burst.
+    """
+    CREATE INDEX jobs_by_task ON jobs (task_id);
+    CREATE INDEX jobs_by_kind_due ON jobs (kind, running, due_at)
+    """,
+    # Verified callbacks, kept before they are answered and applied right after (see record_callback).
+    """
+    CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        urgent INTEGER NOT NULL DEFAULT 0
+    )
+    """,
+    # Fallback: each provider the task left, with the error that made it leave (JSON list).
+    "ALTER TABLE tasks ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",
+    # Refused callbacks in a row are one event: how many came (NULL for every other event).
+    "ALTER TABLE events ADD COLUMN repeats INTEGER",
+    # Jobs are leased, not just marked: a claim holds until `lease_until`, then any worker may take it.
+    "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+    # Which process holds a claimed job: pacing counts the submits other processes are sending.
+    "ALTER TABLE jobs ADD COLUMN owner TEXT",
+)
