@@ -32,6 +32,7 @@ from receiver.store.base import Tx
 from receiver.store.rules import Op
 from receiver.store.rules import Store
 from receiver.store.rules import StoreUnavailable
+from receiver.store.rules import committed
 
 log = logging.getLogger("receiver.store")
 T = TypeVar("T")
@@ -235,6 +236,7 @@ class PostgresStore(Store):
                     if attempt == RETRIES:
                         raise
                     continue
+            committed(tx)  # its task ends logged, its fallback moves counted: now they are true
             self.announce(tx.changed, tx.jobs_added)
             return value
         raise AssertionError("unreachable")
