@@ -164,7 +164,9 @@ class SandboxService:
         if job["outcome"] == "no_callback":
             return
         try:
-            payload = json.dumps(await self._result(job)).encode()
+            # ready=True: the loop's timers may fire up to a clock tick early, and a callback that said
+            # "still running" a hair before ready_at would never be followed by the final one.
+            payload = json.dumps(await self._result(job, ready=True)).encode()
         except MediaError as exc:
             log.warning("sandbox callback skipped, the status query will tell: %s", exc)
             return
@@ -180,9 +182,9 @@ class SandboxService:
                     log.warning("sandbox callback failed: %s", type(exc).__name__)
                 await asyncio.sleep(0.5 * (attempt + 1))
 
-    async def _result(self, job: dict[str, Any]) -> dict[str, Any]:
+    async def _result(self, job: dict[str, Any], *, ready: bool = False) -> dict[str, Any]:
         """The task as the sandbox reports it; images are made on first need, so a restart loses nothing."""
-        if time.time() < job["ready_at"]:
+        if not ready and time.time() < job["ready_at"]:
             return {"id": job["id"], "status": "running"}
         if job["outcome"] in ("generation_failed", "content_moderated"):
             message = (
