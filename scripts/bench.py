@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from receiver.sandbox_service import encode_png  # noqa: E402
-from receiver.store import migrate  # noqa: E402
+from receiver.store.sqlite import migrate  # noqa: E402
 from receiver.tokens import Tokens  # noqa: E402
 from tests.fakes.fal import FalFake  # noqa: E402
 from tests.fakes.kie import HMAC_KEY  # noqa: E402
