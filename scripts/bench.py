@@ -239,13 +239,24 @@ class Receiver:
         self.tokens = Tokens(SECRET, self.url, 3600)
 
     @contextmanager
-    def serve(self) -> Iterator[subprocess.Popen[bytes]]:
+    def serve(self, split: bool = False) -> Iterator[list[int]]:
+        """The receiver's process ids: one `serve`, or with `split` an `--role api` and a `--role worker`."""
+        command = [sys.executable, "-m", "receiver", "serve", *self.serve_args]
         with process(
-            [sys.executable, "-m", "receiver", "serve", "--port", str(self.port), *self.serve_args],
+            [*command, "--port", str(self.port), *(("--role", "api") if split else ())],
             self.env,
             f"{self.url}/healthz",
         ) as proc:
-            yield proc
+            if not split:
+                yield [proc.pid]
+                return
+            port = free_port()
+            with process(
+                [*command, "--port", str(port), "--role", "worker"],
+                self.env,
+                f"http://127.0.0.1:{port}/healthz",
+            ) as worker:
+                yield [proc.pid, worker.pid]
 
 
 def median(values: list[float]) -> float:
@@ -272,10 +283,10 @@ def proc_tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live descendants."""
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of processes and their live descendants."""
     total = 0
-    for each in proc_tree(pid):
+    for each in [p for pid in pids for p in proc_tree(pid)]:
         try:
             fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -284,8 +295,8 @@ def cpu_seconds(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mib(pid: int) -> float:
-    return sum(rss_kib(each, "VmHWM") for each in proc_tree(pid)) / 1024
+def peak_rss_mib(pids: list[int]) -> float:
+    return sum(rss_kib(each, "VmHWM") for pid in pids for each in proc_tree(pid)) / 1024
 
 
 class Images:
@@ -522,9 +533,9 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
             process(
                 [sys.executable, "-c", BARE_APP, str(bare_port), http, loop], url=f"{bare_url}/"
             ) as bare_proc,
-            receiver.serve() as proc,
+            receiver.serve(args.split) as pids,
         ):
-            bare_pid = bare_proc.pid
+            bare_pid = [bare_proc.pid]
             for r, tasks in enumerate(bursts):
                 requests = write_requests(
                     work / f"burst-{stack}-{r}.tsv", callback_lines(receiver, images, tasks)
@@ -533,11 +544,11 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
                 bare = wrk(bare_url, requests, args.seconds, loop=True)
                 out["bare_cpu"].append((cpu_seconds(bare_pid) - before) / bare.requests)
                 out["bare_rps"].append(bare.rps)
-                before = cpu_seconds(proc.pid)
+                before = cpu_seconds(pids)
                 ours = wrk(receiver.url, requests, args.seconds, loop=False)
                 if ours.requests >= len(tasks):
                     print(f"warning: --burst {len(tasks)} ran out during the burst", file=sys.stderr)
-                out["cpu"].append((cpu_seconds(proc.pid) - before) / ours.requests)
+                out["cpu"].append((cpu_seconds(pids) - before) / ours.requests)
                 out["rps"].append(ours.rps)
                 out["errors"] += ours.errors
                 say(f"{stack}: burst {r}: bare {bare.rps:.0f}/s, receiver {ours.rps:.0f}/s; downloads drain")
@@ -552,19 +563,19 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
                 say(f"{stack}: {rate}/s: p99 {ours_rate.p99_ms:.1f} ms (bare {bare_rate.p99_ms:.1f} ms)")
                 out["errors"] += ours_rate.errors
                 wait_phase_done(data / "receiver.db", 0x40 + i, len(tasks) - ours_rate.errors)
-            out["peak_rss"] = peak_rss_mib(proc.pid)
+            out["peak_rss"] = peak_rss_mib(pids)
         statuses = Counter(called_back(data / "receiver.db"))
         # End to end on a fresh data dir: the thousands of seeded tasks the bursts never called back
         # would otherwise be in flight, and counting them is work a steady deployment has less of.
         fresh = Receiver(work / f"data-{stack}-e2e", images.env, ("--http", http, "--loop", loop))
-        with fresh.serve() as proc:
+        with fresh.serve(args.split) as pids:
             say(f"{stack}: end to end, {args.tasks} tasks")
-            before = cpu_seconds(proc.pid)
+            before = cpu_seconds(pids)
             started = time.perf_counter()
             asyncio.run(end_to_end(fresh, images, sink, args.tasks))
             out["e2e_s"] = time.perf_counter() - started
-            out["e2e_cpu"] = (cpu_seconds(proc.pid) - before) / args.tasks
-            out["peak_rss"] = max(out["peak_rss"], peak_rss_mib(proc.pid))
+            out["e2e_cpu"] = (cpu_seconds(pids) - before) / args.tasks
+            out["peak_rss"] = max(out["peak_rss"], peak_rss_mib(pids))
         statuses.update(called_back(fresh.data_dir / "receiver.db"))
         out["statuses"] = dict(statuses)
         out["fetches"] = images.fetches()
@@ -652,15 +663,15 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
     )
     curl_rates, our_rates, growth = [], [], []
     size = megabytes * 1024 * 1024
-    with static.serve(), receiver.serve() as proc:
+    with static.serve(), receiver.serve() as (pid,):
         conn = sqlite3.connect(data / "receiver.db")
         for task_id, _, provider_id in tasks:
             started = time.perf_counter()
             subprocess.run(["curl", "-s", "-o", str(work / "curl.out"), f"{static.url}/big.png"], check=True)
             curl_rates.append(size / (time.perf_counter() - started))
             (work / "curl.out").unlink()
-            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # reset the peak-RSS mark
-            before = rss_kib(proc.pid)
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak-RSS mark
+            before = rss_kib(pid)
             body = {
                 "code": 200,
                 "msg": "ok",
@@ -681,7 +692,7 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
                 (task_id, task_id),
             ).fetchone()
             our_rates.append(size / max(1e-6, stored_at - callback_at))
-            growth.append((rss_kib(proc.pid, "VmHWM") - before) / 1024)
+            growth.append((rss_kib(pid, "VmHWM") - before) / 1024)
         conn.close()
     return {
         "curl_mb_s": median(curl_rates) / 1e6,
@@ -774,6 +785,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="callback,download", help="parts: callback, download, lookup")
     parser.add_argument(
+        "--split",
+        action="store_true",
+        help="run the receiver as `serve --role api` + `serve --role worker` on one SQLite data dir",
+    )
+    parser.add_argument(
         "--stacks", default="default,fast", help="uvicorn stacks: default (h11, asyncio), fast"
     )
     parser.add_argument("--rounds", type=int, default=2, help="capacity bursts per stack (median); default 2")
@@ -805,7 +821,14 @@ def main() -> int:
             )
             results = {stack: run_stack(work, stack, args, image) for stack in args.stacks.split(",")}
             print_table(
-                ("measure", *(f"{s} stack ({', '.join(STACKS[s])})" for s in results), "target"),
+                (
+                    "measure",
+                    *(
+                        f"{s} stack ({', '.join(STACKS[s])}){', api + worker' if args.split else ''}"
+                        for s in results
+                    ),
+                    "target",
+                ),
                 stack_rows(results),
             )
         rows: list[tuple[str, ...]] = []
