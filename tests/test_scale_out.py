@@ -184,3 +184,23 @@ def test_pacing_counts_across_replicas(kie: KieFake, tmp_path: Path, pg_env: dic
     finally:
         for replica in replicas:
             replica.terminate()
+
+
+def test_a_live_worker_keeps_its_long_job(kie: KieFake, tmp_path: Path, pg_env: dict[str, str]) -> None:
+    """A download that outlasts the lease stays with its living worker (heartbeats renew the lease):
+    the other replica never takes it, and the image is fetched once."""
+    env = {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url, "RECEIVER_JOB_LEASE": "1", **pg_env}
+    replicas = [ReceiverProcess(tmp_path / "data", env).start() for _ in range(2)]
+    try:
+        image = png(120, 80) + bytes(1024 * 1024)
+        url = kie.host("long.png", image, chunk_delay=0.25)  # 17 chunks: about four leases long
+        with client_for(replicas[0]) as client:
+            task = client.post("/v1/tasks", json={"provider": "kie", "prompt": "long"}).json()
+            wait_until(lambda: client.get(f"/v1/tasks/{task['id']}").json()["status"] == "submitted")
+            assert kie.succeed(kie.last_task_id(), url).status_code == 200
+            done = client.get(f"/v1/tasks/{task['id']}", params={"wait": 30}).json()
+        assert done["status"] == "succeeded", done
+        assert kie.files["long.png"].fetches == 1
+    finally:
+        for replica in replicas:
+            replica.terminate()
