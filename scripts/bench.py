@@ -239,24 +239,24 @@ class Receiver:
         self.tokens = Tokens(SECRET, self.url, 3600)
 
     @contextmanager
-    def serve(self, split: bool = False) -> Iterator[list[int]]:
-        """The receiver's process ids: one `serve`, or with `split` an `--role api` and a `--role worker`."""
-        command = [sys.executable, "-m", "receiver", "serve", *self.serve_args]
+    def serve(self, *role: str) -> Iterator[subprocess.Popen[bytes]]:
         with process(
-            [*command, "--port", str(self.port), *(("--role", "api") if split else ())],
+            [sys.executable, "-m", "receiver", "serve", *self.serve_args, "--port", str(self.port), *role],
             self.env,
             f"{self.url}/healthz",
         ) as proc:
-            if not split:
+            yield proc
+
+    @contextmanager
+    def processes(self, split: bool) -> Iterator[list[int]]:
+        """The receiver's process ids: one `serve`, or with `split` an `--role api` and a `--role worker`."""
+        if not split:
+            with self.serve() as proc:
                 yield [proc.pid]
-                return
-            port = free_port()
-            with process(
-                [*command, "--port", str(port), "--role", "worker"],
-                self.env,
-                f"http://127.0.0.1:{port}/healthz",
-            ) as worker:
-                yield [proc.pid, worker.pid]
+            return
+        worker = Receiver(self.data_dir, self.env, self.serve_args)
+        with self.serve("--role", "api") as api, worker.serve("--role", "worker") as work:
+            yield [api.pid, work.pid]
 
 
 def median(values: list[float]) -> float:
@@ -533,7 +533,7 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
             process(
                 [sys.executable, "-c", BARE_APP, str(bare_port), http, loop], url=f"{bare_url}/"
             ) as bare_proc,
-            receiver.serve(args.split) as pids,
+            receiver.processes(args.split) as pids,
         ):
             bare_pid = [bare_proc.pid]
             for r, tasks in enumerate(bursts):
@@ -568,7 +568,7 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
         # End to end on a fresh data dir: the thousands of seeded tasks the bursts never called back
         # would otherwise be in flight, and counting them is work a steady deployment has less of.
         fresh = Receiver(work / f"data-{stack}-e2e", images.env, ("--http", http, "--loop", loop))
-        with fresh.serve(args.split) as pids:
+        with fresh.processes(args.split) as pids:
             say(f"{stack}: end to end, {args.tasks} tasks")
             before = cpu_seconds(pids)
             started = time.perf_counter()
@@ -663,7 +663,8 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
     )
     curl_rates, our_rates, growth = [], [], []
     size = megabytes * 1024 * 1024
-    with static.serve(), receiver.serve() as (pid,):
+    with static.serve(), receiver.serve() as proc:
+        pid = proc.pid
         conn = sqlite3.connect(data / "receiver.db")
         for task_id, _, provider_id in tasks:
             started = time.perf_counter()
