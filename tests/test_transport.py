@@ -74,20 +74,21 @@ class Host:
         return Response(BODY, media_type="application/octet-stream")
 
 
-@pytest.fixture
-def internet() -> Iterator[Host]:
-    host = Host("127.0.0.2")
+def running(address: str) -> Iterator[Host]:
+    host = Host(address)
     host.served.start()
     yield host
     host.served.stop()
+
+
+@pytest.fixture
+def internet() -> Iterator[Host]:
+    yield from running("127.0.0.2")
 
 
 @pytest.fixture
 def internal() -> Iterator[Host]:
-    host = Host("127.0.0.1")
-    host.served.start()
-    yield host
-    host.served.stop()
+    yield from running("127.0.0.1")
 
 
 async def fetch(url: str, method: str = "GET", content: bytes | None = None) -> httpx.Response:
