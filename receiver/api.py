@@ -17,7 +17,6 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
 from starlette.responses import FileResponse
-from starlette.responses import JSONResponse
 from starlette.responses import RedirectResponse
 from starlette.responses import Response
 from starlette.responses import StreamingResponse
@@ -32,10 +31,25 @@ from receiver.media import MediaMissing
 from receiver.media import one_chunk
 from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
-from receiver.models import Status
 from receiver.models import TaskRequest
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
+from receiver.schema import IMAGE_TYPES
+from receiver.schema import MAX_PAGE_LIMIT
+from receiver.schema import MAX_SEED
+from receiver.schema import PAGE_LIMIT
+from receiver.schema import TASK_ID_PATTERN
+from receiver.schema import CreateHeaders
+from receiver.schema import EventPage
+from receiver.schema import EventsQuery
+from receiver.schema import ImageType
+from receiver.schema import ListQuery
+from receiver.schema import ModelResponse
+from receiver.schema import TaskCreate
+from receiver.schema import TaskPage
+from receiver.schema import Upload
+from receiver.schema import WaitQuery
+from receiver.schema import check
 from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
@@ -60,17 +74,18 @@ from receiver.web import read_capped
 from receiver.web import small_number
 
 log = logging.getLogger("receiver.api")
-MAX_PROMPT = 10_000
 MAX_METADATA = 16 * 1024  # bytes of compact JSON, as stored
 MAX_OPTIONS = 16 * 1024
-MAX_WAIT = 60.0
-MAX_NAMED_UNKNOWN = 20  # unknown fields named in one answer; a body of thousands gets a short one
 EVENTS_PAGE = 100  # events per page of /events unless ?limit= says otherwise
 MAX_EVENTS_PAGE = 500
 MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
 PRESIGN_SECONDS = 300  # a redirect's presigned URL: long enough to start the download, no longer
-TASK_ID = re.compile(r"^tsk_[0-9a-f]{24}$")
-KNOWN_FIELDS = frozenset({"provider", "prompt", "notify_url", "metadata", "fallback", *OPTIONAL_FIELDS})
+MOST_IMAGES = max(provider.max_images for provider in REGISTRY.values())
+TASK_ID = re.compile(TASK_ID_PATTERN)
+# What the bytes are is read from the bytes themselves; the header only has to claim one of these.
+UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
+# The optional fields that reach the provider as `params` (model, images and options go their own way).
+PARAMS = tuple(name for name in OPTIONAL_FIELDS if name not in ("model", "images", "options"))
 
 
 def fallback_chain(fallback: list[str] | None, request: TaskRequest) -> dict[str, Any]:
@@ -116,14 +131,10 @@ class Api:
     async def create_task(self, request: Request) -> Response:
         tenant = self.tenant(request)
         assert tenant is not None
-        idempotency_key = request.headers.get("idempotency-key")
-        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
-            raise ApiError(
-                422,
-                "invalid",
-                "Idempotency-Key must be 1 to 255 characters",
-                {"Idempotency-Key": "1 to 255 characters"},
-            )
+        headers, errors = check(request.headers, CreateHeaders)
+        if headers is None:
+            raise ApiError(422, "invalid", "the request has invalid headers", errors)
+        idempotency_key = headers.idempotency_key
         raw = await read_capped(request, body_cap(self.settings.max_image_bytes), self.settings.body_timeout)
         try:
             body = json.loads(raw)
@@ -167,95 +178,49 @@ class Api:
         if created:
             event(log, "task created", task_id=row.id, provider=row.provider, tenant=tenant)
         rendered = render_task(row, await self.store.images(row.id), self.tokens)
-        return JSONResponse(
+        return ModelResponse(
             rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row.id}"}
         )
 
     def _validate(self, body: Mapping[str, Any]) -> tuple[TaskRequest, Provider]:
-        errors: dict[str, str] = {}
-        for name in [name for name in body if name not in KNOWN_FIELDS][:MAX_NAMED_UNKNOWN]:
-            errors[name] = "unknown field"
+        create, errors = check(body, TaskCreate)
         provider: Provider | None = None
-        provider_name = body.get("provider")
-        if not isinstance(provider_name, str) or not provider_name:
-            errors["provider"] = f"required, one of {', '.join(sorted(REGISTRY))}"
-        elif provider_name not in REGISTRY:
-            errors["provider"] = f"unknown provider; one of {', '.join(sorted(REGISTRY))}"
-        else:
-            provider = REGISTRY[provider_name]
-            if provider.key_variable and not self.settings.provider(provider_name).api_key:
-                errors["provider"] = f"{provider_name} is not configured: set {provider.key_variable}"
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
-            errors["prompt"] = "required, a non-empty string"
-        elif len(prompt) > MAX_PROMPT:
-            errors["prompt"] = f"at most {MAX_PROMPT} characters"
-        params: dict[str, Any] = {}
-        checks: dict[str, tuple[type | tuple[type, ...], str]] = {
-            "aspect_ratio": (str, "a string such as 16:9"),
-            "output_format": (str, "a string such as png"),
-            "resolution": (str, "a string such as 1K"),
-            "seed": (int, "a whole number"),
-            "safety_tolerance": (int, "a whole number"),
-            "num_images": (int, "a whole number"),
-            "prompt_upsampling": (bool, "true or false"),
-        }
-        for name, (kind, expected) in checks.items():
-            if name not in body or body[name] is None:
-                continue
-            value = body[name]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                errors[name] = f"must be {expected}"
-            else:
-                params[name] = value
-        if "seed" in params and not 0 <= params["seed"] < 2**64:
-            errors["seed"] = "must be between 0 and 2^64-1"
-        if "num_images" in params and params["num_images"] < 1:
-            errors["num_images"] = "must be at least 1"
-        model = body.get("model")
-        if model is not None and (not isinstance(model, str) or not model):
-            errors["model"] = "must be a non-empty string"
-            model = None
-        images = body.get("images")
-        if images is None:
-            images = []
-        most = max(provider.max_images for provider in REGISTRY.values())
-        if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
-            errors["images"] = "must be a list of URLs or data URIs"
-            images = []
-        elif len(images) > most:
-            errors["images"] = f"at most {most} images"
-            images = []
-        for index, item in enumerate(images):
-            if item.lower().startswith("data:"):
-                continue
-            problem = url_problem(item)
-            if problem:
-                errors[f"images[{index}]"] = (
-                    "must be an http(s) URL or a data:image/…;base64 URI"
-                    if problem.startswith("must be")
-                    else problem
-                )
-        options = body.get("options") or {}
-        if not isinstance(options, dict):
-            errors["options"] = "must be an object"
-            options = {}
-        elif _json_size(options) > MAX_OPTIONS:
-            errors["options"] = f"at most {MAX_OPTIONS} bytes of JSON"
-        metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            errors["metadata"] = "must be an object"
-            metadata = {}
-        elif _json_size(metadata) > MAX_METADATA:
-            errors["metadata"] = f"at most {MAX_METADATA} bytes of JSON"
-        notify_url = body.get("notify_url")
-        if notify_url is not None:
-            problem = url_problem(notify_url) if isinstance(notify_url, str) else "must be an http(s) URL"
+        if create is not None:
+            provider = REGISTRY[create.provider.value]
+            if provider.key_variable and not self.settings.provider(provider.name).api_key:
+                errors["provider"] = f"{provider.name} is not configured: set {provider.key_variable}"
+            if create.seed is not None and create.seed > MAX_SEED:
+                errors["seed"] = f"must be between 0 and {MAX_SEED}"
+            if create.options is not None and _json_size(create.options) > MAX_OPTIONS:
+                errors["options"] = f"at most {MAX_OPTIONS} bytes of JSON"
+            if create.metadata is not None and _json_size(create.metadata) > MAX_METADATA:
+                errors["metadata"] = f"at most {MAX_METADATA} bytes of JSON"
+            images = create.images or []
+            if len(images) > MOST_IMAGES:
+                errors["images"] = f"at most {MOST_IMAGES} images"
+                images = []
+            for index, item in enumerate(images):
+                problem = None if item.lower().startswith("data:") else url_problem(item)
+                if problem:
+                    errors[f"images[{index}]"] = (
+                        "must be an http(s) URL or a data:image/…;base64 URI"
+                        if problem.startswith("must be")
+                        else problem
+                    )
+            problem = url_problem(create.notify_url) if create.notify_url is not None else None
             if problem:
                 errors["notify_url"] = problem
-                notify_url = None
-        if provider is not None and "provider" not in errors:
-            draft = TaskRequest(provider.name, "", model, tuple(images), params, options, None, {})
+        if create is not None and provider is not None and "provider" not in errors:
+            draft = TaskRequest(
+                provider.name,
+                "",
+                create.model,
+                tuple(create.images or ()),
+                _params(create),
+                create.options or {},
+                None,
+                {},
+            )
             for name, problem in provider.problems(draft).items():
                 errors.setdefault(name, problem)
         for name, value in body.items():
@@ -264,16 +229,17 @@ class Api:
                 errors[name] = problem
         if errors:
             raise ApiError(422, "invalid", "the request has invalid fields", errors)
-        assert provider is not None and isinstance(prompt, str)
+        assert create is not None and provider is not None
+        params = _params(create)
         task_request = TaskRequest(
             provider=provider.name,
-            prompt=prompt,
-            model=model,
-            images=tuple(images),
+            prompt=create.prompt,
+            model=create.model,
+            images=tuple(create.images or ()),
             params=params,
-            options=options,
-            notify_url=notify_url,
-            metadata=metadata,
+            options=create.options or {},
+            notify_url=create.notify_url,
+            metadata=create.metadata or {},
         )
         errors = provider.validate(task_request)
         errors.update(self._fallback_problems(body.get("fallback"), task_request))
@@ -344,24 +310,16 @@ class Api:
     async def get_task(self, request: Request) -> Response:
         tenant = self.tenant(request)
         task_id = request.path_params["id"]
-        wait = request.query_params.get("wait")
+        query, errors = check(request.query_params, WaitQuery, strict=False)
         row = await self._owned(task_id, tenant)
-        if wait is not None:
-            try:
-                seconds = float(wait)
-            except ValueError:
-                raise ApiError(
-                    422, "invalid", "wait must be seconds", {"wait": "a number from 0 to 60"}
-                ) from None
-            if not 0 <= seconds <= MAX_WAIT:
-                raise ApiError(
-                    422, "invalid", "wait must be 0 to 60 seconds", {"wait": "a number from 0 to 60"}
-                )
-            loop_deadline = _now() + seconds
+        if query is None:
+            raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+        if query.wait is not None:
+            loop_deadline = _now() + query.wait
             while not row.status.terminal and (left := loop_deadline - _now()) > 0:
                 await self.store.wait_for_change(task_id, left)
                 row = await self._owned(task_id, tenant)
-        return JSONResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
+        return ModelResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
 
     async def _owned(self, task_id: str, tenant: str | None) -> TaskRecord:
         row = await self.store.task_row(task_id, tenant) if TASK_ID.match(task_id) else None
@@ -372,41 +330,37 @@ class Api:
     async def list_tasks(self, request: Request) -> Response:
         tenant = self.tenant(request)
         assert tenant is not None
-        query = request.query_params
-        errors: dict[str, str] = {}
-        status = query.get("status") or None
-        if status is not None and status not in {s.value for s in Status}:
-            errors["status"] = f"one of {', '.join(s.value for s in Status)}"
-        provider = query.get("provider") or None
-        if provider is not None and provider not in REGISTRY:
-            errors["provider"] = f"one of {', '.join(sorted(REGISTRY))}"
-        limit, before = _paging(query, "seq", 50, 200, errors)
-        if errors:
+        query, errors = check(request.query_params, ListQuery, strict=False)
+        limit, before = _paging(request.query_params, "seq", PAGE_LIMIT, MAX_PAGE_LIMIT, errors)
+        if query is None or errors:
             raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+        status = query.status.value if query.status is not None else None
+        provider = query.provider.value if query.provider is not None else None
         rows = await self.store.tasks(
             tenant, status=status, provider=provider, limit=limit + 1, before_seq=before
         )
         page = rows[:limit]
         images = await self.store.images_of([row.id for row in page])
         next_cursor = _encode_cursor("seq", page[-1].seq) if len(rows) > limit else None
-        return JSONResponse(
-            {
-                "items": [render_task(row, images[row.id], self.tokens) for row in page],
-                "next_cursor": next_cursor,
-            }
+        return ModelResponse(
+            TaskPage(
+                items=[render_task(row, images[row.id], self.tokens) for row in page],
+                next_cursor=next_cursor,
+            )
         )
 
     async def task_events(self, request: Request) -> Response:
         tenant = self.tenant(request)
         row = await self._owned(request.path_params["id"], tenant)
-        errors: dict[str, str] = {}
+        query, errors = check(request.query_params, EventsQuery, strict=False)
         limit, after = _paging(request.query_params, "evt", EVENTS_PAGE, MAX_EVENTS_PAGE, errors)
-        if errors:
+        if query is None or errors:
             raise ApiError(422, "invalid", "the query has invalid parameters", errors)
         events = await self.store.events(row.id, after=after or 0, limit=limit + 1)
         page = events[:limit]
         next_cursor = _encode_cursor("evt", page[-1].id) if len(events) > limit else None
-        return JSONResponse({"items": [render_event(event) for event in page], "next_cursor": next_cursor})
+        items = [render_event(event) for event in page]
+        return ModelResponse(EventPage(items=items, next_cursor=next_cursor))
 
     async def task_image(self, request: Request) -> Response:
         task_id = request.path_params["id"]
@@ -456,9 +410,13 @@ class Api:
 
     async def create_upload(self, request: Request) -> Response:
         self.tenant(request)
-        content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("image/"):
-            raise ApiError(415, "unsupported_media_type", "send the raw image with Content-Type: image/…")
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if content_type not in UPLOAD_TYPES:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                f"send the raw image with Content-Type: {', '.join(UPLOAD_TYPES)}",
+            )
         cap = self.settings.max_image_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > cap:
@@ -476,15 +434,13 @@ class Api:
             raise ApiError(
                 exc.status, "unsupported_media_type" if exc.status == 415 else "too_large", exc.message
             ) from None
-        return JSONResponse(
-            {
-                "url": self.tokens.signed_link(f"/uploads/{name}"),
-                "sha256": name.split(".")[0],
-                "content_type": kind,
-                "size": size,
-            },
-            status_code=201,
+        upload = Upload(
+            url=self.tokens.signed_link(f"/uploads/{name}"),
+            sha256=name.split(".")[0],
+            content_type=ImageType(kind),
+            size=size,
         )
+        return ModelResponse(upload, status_code=201)
 
     async def get_upload(self, request: Request) -> Response:
         name = request.path_params["name"]
@@ -516,6 +472,11 @@ def body_cap(max_image_bytes: int) -> int:
 def _json_size(value: Any) -> int:
     """Bytes of `value` as stored: compact JSON, non-ASCII escaped."""
     return len(json.dumps(value, separators=(",", ":")))
+
+
+def _params(create: TaskCreate) -> dict[str, Any]:
+    """The optional provider parameters the request gave."""
+    return {name: getattr(create, name) for name in PARAMS if getattr(create, name) is not None}
 
 
 def _paging(

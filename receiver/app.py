@@ -15,7 +15,6 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.responses import RedirectResponse
 from starlette.responses import Response
 from starlette.routing import Match
@@ -33,6 +32,10 @@ from receiver.notify import NOTIFY_SLOTS
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.sandbox_service import SandboxService
+from receiver.schema import Health
+from receiver.schema import ModelResponse
+from receiver.schema import Readiness
+from receiver.schema import encode
 from receiver.store import StoreUnavailable
 from receiver.store import make_store
 from receiver.tokens import Tokens
@@ -69,7 +72,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     worker.add_handler("notify", NOTIFY_SLOTS, Notifier(settings, store, tokens, outside_http).deliver)
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return ModelResponse(Health("ok"))
 
     async def readyz(request: Request) -> Response:
         problems = []
@@ -79,8 +82,8 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         if media_problem:
             problems.append(media_problem)
         if problems:
-            return JSONResponse({"status": "unavailable", "problems": problems}, status_code=503)
-        return JSONResponse({"status": "ready"})
+            return ModelResponse(Readiness("unavailable", problems), status_code=503)
+        return ModelResponse(Readiness("ready"))
 
     metrics_digest = (
         hashlib.sha256(settings.metrics_token.encode()).digest() if settings.metrics_token else None
@@ -106,13 +109,15 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
             metrics.OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    document = encode(openapi_document(settings.public_url))
+
     async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document(settings.public_url))
+        return Response(document, media_type="application/json")
 
     service_routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False),  # for Prometheus
     ]
     api_routes = [
         Route("/v1/tasks", api.create_task, methods=["POST"]),
@@ -122,8 +127,14 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         Route("/v1/tasks/{id}/images/{index:int}", api.task_image, methods=["GET"]),
         Route("/v1/uploads", api.create_upload, methods=["POST"]),
         Route("/uploads/{name}", api.get_upload, methods=["GET"]),
-        Route("/callbacks/{provider}/{token}", callbacks.receive, methods=["POST"]),
-        Route("/callbacks/{provider}/{token}/callback", callbacks.receive, methods=["POST"]),
+        # For providers, not for apps: out of the public OpenAPI document.
+        Route("/callbacks/{provider}/{token}", callbacks.receive, methods=["POST"], include_in_schema=False),
+        Route(
+            "/callbacks/{provider}/{token}/callback",
+            callbacks.receive,
+            methods=["POST"],
+            include_in_schema=False,
+        ),
         Route("/openapi.json", openapi, methods=["GET"]),
         *sandbox.routes(),
         *console_routes(settings, api.tenant),
@@ -184,7 +195,18 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
             if other is not None:
                 return RedirectResponse(other, status_code=307)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+    def allowed_methods(request: Request) -> list[str]:
+        """Every method some route serves at this path (Starlette's own Allow names one route's only)."""
+        methods: set[str] = set()
+        for route in routes:
+            if route.matches(request.scope)[0] is not Match.NONE and isinstance(route, Route):
+                methods |= route.methods or set()
+        return sorted(methods)
 
     def slash_twin(request: Request) -> str | None:
         """`/path/` ↔ `/path` when that one is served: under RECEIVER_PUBLIC_URL, never the Host header."""

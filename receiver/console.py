@@ -152,7 +152,7 @@ def console_routes(settings: Settings, authenticate: Authenticate) -> list[Route
         return JSONResponse({"items": provider_list(settings)})
 
     return [
-        Route("/ui", console_page, methods=["GET"]),
-        Route("/ui/static/{name}", console_asset, methods=["GET"]),
+        Route("/ui", console_page, methods=["GET"], include_in_schema=False),
+        Route("/ui/static/{name}", console_asset, methods=["GET"], include_in_schema=False),
         Route("/v1/providers", providers, methods=["GET"]),
     ]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import httpx
 
@@ -26,6 +26,9 @@ from receiver.downloads import AddressRefused
 from receiver.downloads import check_url
 from receiver.logs import event
 from receiver.logs import redact_url
+from receiver.models import Status
+from receiver.schema import Notification
+from receiver.schema import encode
 from receiver.store import Job
 from receiver.store import Store
 from receiver.tasks import iso
@@ -95,10 +98,10 @@ class Notifier:
             await self.store.finish_job(job)
             return
         task = render_task(row, await self.store.images(job.task_id), self.tokens)
-        body = json.dumps(
-            {"type": f"task.{row.status}", "timestamp": iso(row.completed_at), "data": task},
-            separators=(",", ":"),
-        ).encode()
+        kind: Literal["task.succeeded", "task.failed"] = (
+            "task.succeeded" if row.status == Status.SUCCEEDED else "task.failed"
+        )
+        body = encode(Notification(type=kind, timestamp=iso(row.completed_at or row.updated_at), data=task))
         attempt = await self.post(row.notify_url, message_id(job.task_id), body)
 
         number = f"attempt {job.attempts}"

@@ -1,476 +1,411 @@
-"""The OpenAPI 3.1 description of every route; a test keeps it equal to the app's routes."""
+"""The public OpenAPI 3.1 document, built from the Structs in `receiver.schema`.
+
+Schemas, query and header parameters come from the same classes that validate requests and encode
+answers; this module adds what a type cannot say: each operation's id, tag, summary and error answers,
+the examples, and the notification under `webhooks`. Routes for providers, the sandbox, the console
+and Prometheus are served with `include_in_schema=False` and stay out; a test keeps the documented
+operations equal to the served ones.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from receiver.models import OPTIONAL_FIELDS
+import msgspec
+
+from receiver import schema
 from receiver.models import ErrorCode
 from receiver.models import Status
 
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
-
-
-ERRORS = {
-    "401": _json(_ref("Error"), "missing or wrong key"),
-    "404": _json(_ref("Error"), "no such task for this tenant"),
-    "422": _json(_ref("Error"), "invalid fields, named in error.fields"),
-}
-# The sandbox's own endpoints answer like a provider would: {"error": "..."} (or our Error body).
-SANDBOX_ERROR = _json({"type": "object", "required": ["error"]}, "refused")
+REF = "#/components/schemas/{name}"
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-TASK_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+IMAGE_CONTENT = {kind.value: {"schema": {"type": "string", "format": "binary"}} for kind in schema.ImageType}
+# One entry, not one per image type: client generators (openapi-python-client) emit broken code for an
+# operation whose body has several raw media types. The image types it takes are in the description.
+UPLOAD_CONTENT = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+# Structs the document names; parameter Structs are spread into parameters, not kept as schemas.
+MODELS: tuple[type[msgspec.Struct], ...] = (
+    schema.TaskCreate,
+    schema.Task,
+    schema.TaskPage,
+    schema.EventPage,
+    schema.Upload,
+    schema.ProviderList,
+    schema.ErrorBody,
+    schema.Health,
+    schema.Readiness,
+    schema.Notification,
+)
+PARAMETER_MODELS: tuple[type[msgspec.Struct], ...] = (
+    schema.CreateHeaders,
+    schema.ListQuery,
+    schema.WaitQuery,
+    schema.EventsQuery,
+    schema.LinkQuery,
+)
+
+EXAMPLE_TASK = schema.Task(
+    id="tsk_5f0c6a1e9b2d4c7a8e3f1b2c",
+    status=Status.SUCCEEDED,
+    provider=schema.ProviderName.FAL,
+    model="flux-kontext-pro",
+    prompt="Put a donut next to the flour",
+    provider_task_id="764cabcf-b745-4b3e-ae38-1200304cf45b",
+    images=[
+        schema.Image(
+            index=0,
+            url="https://receiver.example.org/v1/tasks/tsk_5f0c6a1e9b2d4c7a8e3f1b2c/images/0"
+            "?expires=1767225600&signature=3Ch2Xx8a",
+            content_type=schema.ImageType.PNG,
+            size=1482213,
+            sha256="9f2c1d0b7a4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5061728394a5b6c7d8e",
+            width=1024,
+            height=768,
+            source_url="https://v3.fal.media/files/rabbit/result.png",
+        )
+    ],
+    error=None,
+    fallback=[],
+    attempts=[],
+    metadata={"order": 4711},
+    created_at="2026-05-01T12:00:00.000Z",
+    updated_at="2026-05-01T12:00:09.250Z",
+    completed_at="2026-05-01T12:00:09.250Z",
+)
+EXAMPLE_QUEUED = msgspec.structs.replace(
+    EXAMPLE_TASK,
+    status=Status.QUEUED,
+    provider_task_id=None,
+    images=[],
+    updated_at=EXAMPLE_TASK.created_at,
+    completed_at=None,
+)
+EXAMPLE_FAILED = msgspec.structs.replace(
+    EXAMPLE_TASK,
+    status=Status.FAILED,
+    images=[],
+    error=schema.TaskFailure(ErrorCode.CONTENT_MODERATED, "the prompt was flagged", "nsfw"),
+)
+EXAMPLE_CREATE = {
+    "provider": "fal",
+    "model": "flux-kontext-pro",
+    "prompt": "Put a donut next to the flour",
+    "images": ["https://images.example.org/kitchen.png"],
+    "aspect_ratio": "16:9",
+    "notify_url": "https://app.example.org/hooks/images",
+    "metadata": {"order": 4711},
+}
+EXAMPLE_ERROR = schema.ErrorBody(
+    schema.ErrorDetail("invalid", "the request has invalid fields", {"prompt": "required"})
+)
+
+
+def _ref(model: type[msgspec.Struct]) -> dict[str, str]:
+    return {"$ref": REF.format(name=model.__name__)}
+
+
+def _json(model: type[msgspec.Struct], description: str, example: Any = None) -> dict[str, Any]:
+    media: dict[str, Any] = {"schema": _ref(model)}
+    if example is not None:
+        media["example"] = msgspec.to_builtins(example)
+    return {"description": description, "content": {"application/json": media}}
+
+
+def _example(value: msgspec.Struct) -> dict[str, Any]:
+    return {"value": msgspec.to_builtins(value)}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(schema.ErrorBody, description)
+
+
+UNAUTHORIZED = {"401": _error("no valid `Authorization: Bearer <key>` (answered with WWW-Authenticate)")}
+NOT_FOUND = {"404": _error("no such task for this tenant")}
+INVALID = {"422": _error("invalid fields, each named in error.fields")}
+TASK_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": schema.TASK_ID_PATTERN},
+}
+
+
+def _typed_enums(node: Any) -> Any:
+    """msgspec leaves `type` off an enum; generators want `"type": "string"` beside the values."""
+    if isinstance(node, dict):
+        if "enum" in node and "type" not in node and all(isinstance(v, str) for v in node["enum"]):
+            node["type"] = "string"
+        for value in node.values():
+            _typed_enums(value)
+    elif isinstance(node, list):
+        for value in node:
+            _typed_enums(value)
+    return node
+
+
+def _without_null(item: dict[str, Any]) -> dict[str, Any]:
+    """`X | None` as a parameter is just an optional X: a query string or header has no null."""
+    options = [option for option in item.get("anyOf", ()) if option != {"type": "null"}]
+    if len(options) == 1:
+        item = {**{k: v for k, v in item.items() if k != "anyOf"}, **options[0]}
+    return {k: v for k, v in item.items() if not (k == "default" and v is None)}
+
+
+def _parameters(model: dict[str, Any], location: str) -> list[dict[str, Any]]:
+    required = set(model.get("required", ()))
+    parameters = []
+    for name, item in model["properties"].items():
+        item = _without_null(item)
+        parameter: dict[str, Any] = {"name": name, "in": location, "required": name in required}
+        if "description" in item:
+            parameter["description"] = item.pop("description")
+        parameters.append({**parameter, "schema": item})
+    return parameters
 
 
 def openapi_document(server_url: str) -> dict[str, Any]:
-    schemas: dict[str, Any] = {
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["code", "message", "fields"],
-                    "properties": {
-                        "code": {"type": "string"},
-                        "message": {"type": "string"},
-                        "fields": {"type": "object", "additionalProperties": {"type": "string"}},
-                    },
-                }
-            },
+    _, schemas = msgspec.json.schema_components(MODELS + PARAMETER_MODELS, ref_template=REF)
+    _typed_enums(schemas)
+    header = _parameters(schemas.pop("CreateHeaders"), "header")
+    list_query = _parameters(schemas.pop("ListQuery"), "query")
+    wait_query = _parameters(schemas.pop("WaitQuery"), "query")
+    events_query = _parameters(schemas.pop("EventsQuery"), "query")
+    link_query = _parameters(schemas.pop("LinkQuery"), "query")
+    image_answer = {
+        "description": "the stored bytes",
+        "headers": {
+            "ETag": {"schema": {"type": "string"}, "description": "the sha256, quoted"},
+            "X-Content-Type-Options": {"schema": {"type": "string", "const": "nosniff"}},
         },
-        "TaskCreate": {
-            "type": "object",
-            "required": ["provider", "prompt"],
-            "additionalProperties": False,
-            "properties": {
-                "provider": {"type": "string", "examples": ["sandbox", "kie", "fal"]},
-                "prompt": {"type": "string", "maxLength": 10000},
-                "model": {"type": "string"},
-                "images": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "http(s) URLs or data:image/…;base64 URIs",
-                },
-                "aspect_ratio": {"type": "string"},
-                "output_format": {"type": "string"},
-                "seed": {"type": "integer", "minimum": 0},
-                "safety_tolerance": {"type": "integer"},
-                "prompt_upsampling": {"type": "boolean"},
-                "resolution": {"type": "string"},
-                "num_images": {"type": "integer", "minimum": 1},
-                "options": {"type": "object", "description": "provider-native fields, passed through"},
-                "notify_url": {"type": "string", "format": "uri"},
-                "metadata": {"type": "object", "description": "echoed back, at most 16 KiB"},
-                "fallback": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "maxItems": 4,
-                    "description": "providers to move the task to, in order, when the current one refuses"
-                    " it for a reason not the request's fault or fails the generation",
-                },
-            },
-        },
-        "Image": {
-            "type": "object",
-            "properties": {
-                "index": {"type": "integer"},
-                "url": {"type": "string", "description": "signed, expiring link"},
-                "content_type": {"type": "string"},
-                "size": {"type": "integer"},
-                "sha256": {"type": "string"},
-                "width": {"type": ["integer", "null"]},
-                "height": {"type": ["integer", "null"]},
-                "source_url": {"type": "string"},
-            },
-        },
-        "Task": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "string"},
-                "status": {"type": "string", "enum": [s.value for s in Status]},
-                "provider": {"type": "string"},
-                "model": {"type": "string"},
-                "prompt": {"type": "string"},
-                "provider_task_id": {"type": ["string", "null"]},
-                "images": {"type": "array", "items": _ref("Image")},
-                "error": {
-                    "oneOf": [
-                        {"type": "null"},
-                        {
-                            "type": "object",
-                            "properties": {
-                                "code": {"type": "string", "enum": [c.value for c in ErrorCode]},
-                                "message": {"type": "string"},
-                                "provider_code": {"type": ["string", "null"]},
-                            },
-                        },
-                    ]
-                },
-                "fallback": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "the providers still ahead of the task",
-                },
-                "attempts": {
-                    "type": "array",
-                    "description": "each provider the task moved away from, in order, with its error",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "provider": {"type": "string"},
-                            "model": {"type": "string"},
-                            "provider_task_id": {"type": ["string", "null"]},
-                            "error": {"type": "object"},
-                            "at": {"type": "string", "format": "date-time"},
-                        },
+        "content": IMAGE_CONTENT,
+    }
+    not_modified = {"304": {"description": "not modified (If-None-Match matched the ETag)"}}
+    paths: dict[str, Any] = {
+        "/v1/tasks": {
+            "post": {
+                "operationId": "createTask",
+                "tags": ["tasks"],
+                "summary": "Create a task",
+                "description": "Records the task and submits it to the provider; the answer does not wait "
+                "for the image. Bodies over the size cap are a 413.",
+                "parameters": header,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": _ref(schema.TaskCreate), "example": EXAMPLE_CREATE}
                     },
                 },
-                "metadata": {"type": "object"},
-                "created_at": {"type": "string", "format": "date-time"},
-                "updated_at": {"type": "string", "format": "date-time"},
-                "completed_at": {"type": ["string", "null"], "format": "date-time"},
+                "responses": {
+                    "202": {
+                        **_json(schema.Task, "accepted", EXAMPLE_QUEUED),
+                        "headers": {"Location": {"schema": {"type": "string"}, "description": "the task"}},
+                    },
+                    "200": _json(schema.Task, "the same Idempotency-Key and body again: the same task"),
+                    "400": _error("the body is not a JSON object (code invalid_json)"),
+                    **UNAUTHORIZED,
+                    "409": _error("the same Idempotency-Key with another body"),
+                    "413": _error("the body is over the size cap"),
+                    "422": _json(
+                        schema.ErrorBody, "invalid fields, each named in error.fields", EXAMPLE_ERROR
+                    ),
+                },
+            },
+            "get": {
+                "operationId": "listTasks",
+                "tags": ["tasks"],
+                "summary": "List tasks, newest first",
+                "parameters": list_query,
+                "responses": {"200": _json(schema.TaskPage, "a page of tasks"), **UNAUTHORIZED, **INVALID},
             },
         },
-        "Event": {
-            "type": "object",
-            "properties": {
-                "id": {"type": "integer"},
-                "at": {"type": "string", "format": "date-time"},
-                "kind": {"type": "string", "examples": ["created", "submit", "callback", "poll", "download"]},
-                "verified": {"type": "boolean"},
-                "summary": {"type": "string"},
-                "change": {"type": ["string", "null"]},
-                "repeats": {
-                    "type": "integer",
-                    "minimum": 1,
-                    "description": "refused callbacks in a row are one event: how many came",
+        "/v1/tasks/{id}": {
+            "get": {
+                "operationId": "getTask",
+                "tags": ["tasks"],
+                "summary": "A task; with wait, the answer waits until it ends or N seconds pass",
+                "parameters": [TASK_ID, *wait_query],
+                "responses": {
+                    "200": _json(schema.Task, "the task", EXAMPLE_TASK),
+                    **UNAUTHORIZED,
+                    **NOT_FOUND,
+                    **INVALID,
                 },
-            },
+            }
         },
-        "Provider": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "models": {"type": "array", "items": {"type": "string"}},
-                "default_model": {"type": "string"},
-                "accepts_any_model": {"type": "boolean", "description": "other model ids are taken too"},
-                "fields": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "the optional request fields it honours",
+        "/v1/tasks/{id}/events": {
+            "get": {
+                "operationId": "listTaskEvents",
+                "tags": ["tasks"],
+                "summary": "Every callback, poll, download and notification of the task, oldest first",
+                "parameters": [TASK_ID, *events_query],
+                "responses": {
+                    "200": _json(schema.EventPage, "a page of events"),
+                    **UNAUTHORIZED,
+                    **NOT_FOUND,
+                    **INVALID,
                 },
-                "min_images": {"type": "integer"},
-                "max_images": {"type": "integer"},
-                "native_models": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "the provider's own ids, also taken as given",
+            }
+        },
+        "/v1/tasks/{id}/images/{index}": {
+            "get": {
+                "operationId": "getTaskImage",
+                "tags": ["images"],
+                "summary": "A stored image: with the owner's bearer key, or as the signed link in `url`",
+                "security": [*BEARER, {}],
+                "parameters": [
+                    TASK_ID,
+                    {"name": "index", "in": "path", "required": True, "schema": {"type": "integer"}},
+                    *link_query,
+                ],
+                "responses": {
+                    "200": image_answer,
+                    **not_modified,
+                    **UNAUTHORIZED,
+                    "404": _error("no such task or image (yet)"),
                 },
-                "other_models": {
-                    "type": ["string", "null"],
-                    "description": "how other native ids it takes look (accepts_any_model)",
+            }
+        },
+        "/v1/uploads": {
+            "post": {
+                "operationId": "createUpload",
+                "tags": ["uploads"],
+                "summary": "Upload an image for use in a task's `images`",
+                "description": "The body is the image's raw bytes, PNG, JPEG or WebP (told apart by their "
+                "first bytes, not by the header), sent with Content-Type image/png, image/jpeg, image/webp "
+                "or application/octet-stream; anything else is a 415.",
+                "requestBody": {"required": True, "content": UPLOAD_CONTENT},
+                "responses": {
+                    "201": _json(schema.Upload, "stored"),
+                    **UNAUTHORIZED,
+                    "413": _error("over RECEIVER_MAX_IMAGE_BYTES"),
+                    "415": _error("the Content-Type or the bytes are not PNG, JPEG or WebP"),
                 },
-                "model_inputs": {
-                    "type": "object",
-                    "description": "per model: image count; the provider's id without and with images",
-                    "additionalProperties": {
-                        "type": "object",
-                        "properties": {
-                            "min_images": {"type": "integer"},
-                            "max_images": {"type": "integer"},
-                            "text_to_image": {"type": ["string", "null"]},
-                            "edit": {"type": ["string", "null"]},
+            }
+        },
+        "/uploads/{name}": {
+            "get": {
+                "operationId": "getUpload",
+                "tags": ["uploads"],
+                "summary": "An uploaded image, by its signed link",
+                "security": [],
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    *link_query,
+                ],
+                "responses": {
+                    "200": image_answer,
+                    "401": _error("the link is not signed, or has expired"),
+                    "404": _error("no such upload"),
+                },
+            }
+        },
+        "/v1/providers": {
+            "get": {
+                "operationId": "listProviders",
+                "tags": ["providers"],
+                "summary": "The providers this deployment offers (key set, and the sandbox)",
+                "responses": {"200": _json(schema.ProviderList, "the providers"), **UNAUTHORIZED},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "health",
+                "tags": ["service"],
+                "summary": "The process is alive",
+                "security": [],
+                "responses": {"200": _json(schema.Health, "alive")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readiness",
+                "tags": ["service"],
+                "summary": "The database and the media store both work",
+                "security": [],
+                "responses": {
+                    "200": _json(schema.Readiness, "ready"),
+                    "503": _json(schema.Readiness, "not ready, with the problems"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapiDocument",
+                "tags": ["service"],
+                "summary": "This document",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {
+                            "application/json": {"schema": {"type": "object", "additionalProperties": True}}
                         },
-                    },
+                    }
                 },
-                "data_uris": {"type": "string", "enum": ["sent inline", "sent as signed links"]},
-                "synchronous": {"type": "boolean", "description": "generates inside the submit call"},
-                "limits": {
-                    "type": "object",
-                    "properties": {
-                        "max_concurrent": {"type": ["integer", "null"]},
-                        "max_concurrent_by_model": {
-                            "type": "object",
-                            "additionalProperties": {"type": "integer"},
-                        },
-                        "new_tasks_per_window": {"type": ["integer", "null"]},
-                        "window_seconds": {"type": ["number", "null"]},
-                        "shared_with": {
-                            "type": "array",
-                            "items": {"type": "string"},
-                            "description": "providers paced together with it (one account)",
-                        },
-                    },
-                },
-            },
+            }
         },
     }
-    assert set(OPTIONAL_FIELDS) <= set(schemas["TaskCreate"]["properties"])
-    signed = [
-        {"name": "expires", "in": "query", "schema": {"type": "integer"}},
-        {"name": "signature", "in": "query", "schema": {"type": "string"}},
+    at = "2026-05-01T12:00:09.250Z"
+    webhook_headers = [
+        {"name": name, "in": "header", "required": True, "schema": {"type": "string"}, "description": text}
+        for name, text in (
+            ("webhook-id", "the same on every retry of one notification"),
+            ("webhook-timestamp", "seconds since the epoch"),
+            ("webhook-signature", "v1,<base64 HMAC-SHA256 of id.timestamp.body> (RECEIVER_NOTIFY_SECRET)"),
+        )
     ]
-    callback = {
-        "post": {
-            "summary": "A provider's callback; the token in the path names the task",
-            "parameters": [
-                {"name": "provider", "in": "path", "required": True, "schema": {"type": "string"}},
-                {"name": "token", "in": "path", "required": True, "schema": {"type": "string"}},
-            ],
-            "requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}},
-            "responses": {
-                "200": {"description": "verified (also a duplicate or a provider-reported failure)"},
-                "400": _json(_ref("Error"), "verified, but not the provider's JSON"),
-                "401": _json(_ref("Error"), "bad token or signature"),
-                "413": _json(_ref("Error"), "over 1 MiB"),
-            },
-        }
-    }
-    image_bytes = {"content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}}
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "receiver",
             "version": "1",
-            "description": "FLUX image tasks with verified callbacks",
+            "description": "FLUX image tasks with verified callbacks. Errors are "
+            '`{"error": {"code", "message", "fields"}}`.',
         },
         "servers": [{"url": server_url}],
+        "security": BEARER,
+        "tags": [
+            {"name": "tasks", "description": "Create, read, list and follow tasks"},
+            {"name": "images", "description": "The stored results"},
+            {"name": "uploads", "description": "Input images kept by this service"},
+            {"name": "providers", "description": "What this deployment offers"},
+            {"name": "service", "description": "Health and this document"},
+        ],
+        "paths": paths,
+        "webhooks": {
+            "taskEnded": {
+                "post": {
+                    "operationId": "taskEnded",
+                    "tags": ["tasks"],
+                    "summary": "Sent to a task's notify_url when it ends (Standard Webhooks signature)",
+                    "security": [],
+                    "parameters": webhook_headers,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": _ref(schema.Notification),
+                                "examples": {
+                                    "succeeded": _example(
+                                        schema.Notification("task.succeeded", at, EXAMPLE_TASK)
+                                    ),
+                                    "failed": _example(
+                                        schema.Notification("task.failed", at, EXAMPLE_FAILED)
+                                    ),
+                                },
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {"description": "any 2xx: received; anything else is retried for a day"},
+                        "410": {"description": "Gone: no more attempts"},
+                    },
+                }
+            }
+        },
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-        "paths": {
-            "/v1/tasks": {
-                "post": {
-                    "summary": "Create a task",
-                    "security": BEARER,
-                    "parameters": [{"name": "Idempotency-Key", "in": "header", "schema": {"type": "string"}}],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("TaskCreate")}},
-                    },
-                    "responses": {
-                        "202": _json(_ref("Task"), "accepted"),
-                        "200": _json(_ref("Task"), "the same Idempotency-Key and body again"),
-                        "409": _json(_ref("Error"), "the same Idempotency-Key with another body"),
-                        **ERRORS,
-                    },
-                },
-                "get": {
-                    "summary": "List tasks, newest first",
-                    "security": BEARER,
-                    "parameters": [
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": [s.value for s in Status]},
-                        },
-                        {"name": "provider", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                        },
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "items": {"type": "array", "items": _ref("Task")},
-                                    "next_cursor": {"type": ["string", "null"]},
-                                },
-                            },
-                            "a page of tasks",
-                        ),
-                        **ERRORS,
-                    },
-                },
-            },
-            "/v1/tasks/{id}": {
-                "get": {
-                    "summary": "A task; with wait, hold the answer until it ends or N seconds pass",
-                    "security": BEARER,
-                    "parameters": [
-                        TASK_ID,
-                        {
-                            "name": "wait",
-                            "in": "query",
-                            "schema": {"type": "number", "minimum": 0, "maximum": 60},
-                        },
-                    ],
-                    "responses": {"200": _json(_ref("Task"), "the task"), **ERRORS},
-                }
-            },
-            "/v1/tasks/{id}/events": {
-                "get": {
-                    "summary": "Every callback, poll and change of the task, oldest first, a page at a time",
-                    "security": BEARER,
-                    "parameters": [
-                        TASK_ID,
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 100},
-                        },
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "items": {"type": "array", "items": _ref("Event")},
-                                    "next_cursor": {"type": ["string", "null"]},
-                                },
-                            },
-                            "a page of events",
-                        ),
-                        **ERRORS,
-                    },
-                }
-            },
-            "/v1/tasks/{id}/images/{index}": {
-                "get": {
-                    "summary": "The stored image bytes (bearer key of the owner, or the signed link)",
-                    "security": [*BEARER, {}],
-                    "parameters": [
-                        TASK_ID,
-                        {"name": "index", "in": "path", "required": True, "schema": {"type": "integer"}},
-                        *signed,
-                    ],
-                    "responses": {
-                        "200": {"description": "the image", **image_bytes},
-                        "304": {"description": "not modified (ETag)"},
-                        **ERRORS,
-                    },
-                }
-            },
-            "/v1/uploads": {
-                "post": {
-                    "summary": "Upload an image for use in `images`",
-                    "security": BEARER,
-                    "requestBody": {"required": True, **image_bytes},
-                    "responses": {
-                        "201": _json(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "url": {"type": "string"},
-                                    "sha256": {"type": "string"},
-                                    "content_type": {"type": "string"},
-                                    "size": {"type": "integer"},
-                                },
-                            },
-                            "stored",
-                        ),
-                        "413": _json(_ref("Error"), "over RECEIVER_MAX_IMAGE_BYTES"),
-                        "415": _json(_ref("Error"), "not PNG, JPEG or WebP"),
-                        "401": ERRORS["401"],
-                    },
-                }
-            },
-            "/uploads/{name}": {
-                "get": {
-                    "summary": "An uploaded image, by signed link",
-                    "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-                        *signed,
-                    ],
-                    "responses": {
-                        "200": {"description": "the image", **image_bytes},
-                        "401": ERRORS["401"],
-                        "404": ERRORS["404"],
-                    },
-                }
-            },
-            "/callbacks/{provider}/{token}": callback,
-            "/callbacks/{provider}/{token}/callback": callback,
-            "/healthz": {"get": {"summary": "Alive", "responses": {"200": {"description": "ok"}}}},
-            "/readyz": {
-                "get": {
-                    "summary": "Database and media writable",
-                    "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}},
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics (with RECEIVER_METRICS_TOKEN set, for that bearer only)",
-                    "responses": {"200": {"description": "text"}, "401": ERRORS["401"]},
-                }
-            },
-            "/openapi.json": {
-                "get": {"summary": "This document", "responses": {"200": {"description": "JSON"}}}
-            },
-            "/sandbox/v1/generate": {
-                "post": {
-                    "summary": "The sandbox provider's submit (used by the worker)",
-                    "responses": {
-                        "200": {"description": "accepted"},
-                        **{status: SANDBOX_ERROR for status in ("400", "401", "408", "413", "422", "503")},
-                    },
-                }
-            },
-            "/sandbox/v1/tasks/{id}": {
-                "get": {
-                    "summary": "The sandbox provider's status",
-                    "parameters": [TASK_ID],
-                    "responses": {
-                        "200": {"description": "status"},
-                        **{status: SANDBOX_ERROR for status in ("401", "404", "503")},
-                    },
-                }
-            },
-            "/sandbox/files/{name}": {
-                "get": {
-                    "summary": "A sandbox result image",
-                    "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "responses": {
-                        "200": {"description": "PNG"},
-                        **{status: SANDBOX_ERROR for status in ("404", "503")},
-                    },
-                }
-            },
-            "/v1/providers": {
-                "get": {
-                    "summary": "The providers this deployment offers (key set, and the sandbox)",
-                    "security": BEARER,
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "properties": {"items": {"type": "array", "items": _ref("Provider")}},
-                            },
-                            "the providers",
-                        ),
-                        "401": ERRORS["401"],
-                    },
-                }
-            },
-            "/ui": {
-                "get": {
-                    "summary": "The browser console (HTML; the API key is entered in the page)",
-                    "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
-                }
-            },
-            "/ui/static/{name}": {
-                "get": {
-                    "summary": "The console's stylesheet and script",
-                    "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "responses": {"200": {"description": "CSS or JavaScript"}, "404": ERRORS["404"]},
-                }
-            },
         },
     }

@@ -87,9 +87,9 @@ class SandboxService:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/sandbox/v1/generate", self.generate, methods=["POST"]),
-            Route("/sandbox/v1/tasks/{id}", self.status, methods=["GET"]),
-            Route("/sandbox/files/{name}", self.file, methods=["GET"]),
+            Route("/sandbox/v1/generate", self.generate, methods=["POST"], include_in_schema=False),
+            Route("/sandbox/v1/tasks/{id}", self.status, methods=["GET"], include_in_schema=False),
+            Route("/sandbox/files/{name}", self.file, methods=["GET"], include_in_schema=False),
         ]
 
     async def close(self) -> None:

@@ -8,8 +8,18 @@ from collections.abc import Sequence
 from datetime import UTC
 from datetime import datetime
 from typing import Any
+from typing import overload
 
+from receiver.models import ErrorCode
+from receiver.models import Status
 from receiver.models import TaskSpec
+from receiver.schema import Attempt
+from receiver.schema import Event
+from receiver.schema import Image
+from receiver.schema import ImageType
+from receiver.schema import ProviderName
+from receiver.schema import Task
+from receiver.schema import TaskFailure
 from receiver.store.records import EventRecord
 from receiver.store.records import ImageRecord
 from receiver.store.records import TaskRecord
@@ -18,6 +28,10 @@ from receiver.tokens import Tokens
 UPLOAD_PREFIX = "upload:"
 
 
+@overload
+def iso(timestamp: float) -> str: ...
+@overload
+def iso(timestamp: float | None) -> str | None: ...
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -28,46 +42,52 @@ def image_path(task_id: str, index: int) -> str:
     return f"/v1/tasks/{task_id}/images/{index}"
 
 
-def render_task(row: TaskRecord, images: Sequence[ImageRecord], tokens: Tokens) -> dict[str, Any]:
-    """The task JSON of CONTRACT.md; images appear once they are stored, each with a signed link."""
-    return {
-        "id": row.id,
-        "status": str(row.status),
-        "provider": row.provider,
-        "model": row.model,
-        "prompt": row.prompt,
-        "provider_task_id": row.provider_task_id,
-        "images": [
-            {
-                "index": image.idx,
-                "url": tokens.signed_link(image_path(row.id, image.idx)),
-                "content_type": image.content_type,
-                "size": image.size,
-                "sha256": image.sha256,
-                "width": image.width,
-                "height": image.height,
-                "source_url": image.source_url,
-            }
-            for image in images
-            if image.path is not None
-        ],
-        "error": dict(row.error) if row.error else None,
-        "fallback": remaining_fallback(row),
-        "attempts": [
-            {
-                "provider": attempt["provider"],
-                "model": attempt["model"],
-                "provider_task_id": attempt["provider_task_id"],
-                "error": attempt["error"],
-                "at": iso(attempt["at"]),
-            }
+def render_task(row: TaskRecord, images: Sequence[ImageRecord], tokens: Tokens) -> Task:
+    """The task of CONTRACT.md; images appear once they are stored, each with a signed link."""
+    return Task(
+        id=row.id,
+        status=Status(row.status),
+        provider=ProviderName(row.provider),
+        model=row.model,
+        prompt=row.prompt,
+        provider_task_id=row.provider_task_id,
+        images=[_image(row.id, image, tokens) for image in images if image.path is not None],
+        error=_failure(row.error) if row.error else None,
+        fallback=[ProviderName(name) for name in remaining_fallback(row)],
+        attempts=[
+            Attempt(
+                provider=ProviderName(attempt["provider"]),
+                model=attempt["model"],
+                provider_task_id=attempt["provider_task_id"],
+                error=_failure(attempt["error"]),
+                at=iso(attempt["at"]),
+            )
             for attempt in row.attempts
         ],
-        "metadata": dict(row.metadata),
-        "created_at": iso(row.created_at),
-        "updated_at": iso(row.updated_at),
-        "completed_at": iso(row.completed_at),
-    }
+        metadata=dict(row.metadata),
+        created_at=iso(row.created_at),
+        updated_at=iso(row.updated_at),
+        completed_at=iso(row.completed_at),
+    )
+
+
+def _image(task_id: str, image: ImageRecord, tokens: Tokens) -> Image:
+    """A stored image: once its file is there, its type, size and hash are known too."""
+    assert image.content_type is not None and image.size is not None and image.sha256 is not None
+    return Image(
+        index=image.idx,
+        url=tokens.signed_link(image_path(task_id, image.idx)),
+        content_type=ImageType(image.content_type),
+        size=image.size,
+        sha256=image.sha256,
+        width=image.width,
+        height=image.height,
+        source_url=image.source_url,
+    )
+
+
+def _failure(error: Mapping[str, Any]) -> TaskFailure:
+    return TaskFailure(ErrorCode(error["code"]), error["message"], error.get("provider_code"))
 
 
 def remaining_fallback(row: TaskRecord) -> list[str]:
@@ -76,17 +96,17 @@ def remaining_fallback(row: TaskRecord) -> list[str]:
     return chain[len(row.attempts) :]
 
 
-def render_event(row: EventRecord) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "at": iso(row.at),
-        "kind": row.kind,
-        "verified": row.verified,
-        "summary": row.summary,
-        "change": row.change,
-        "detail": row.detail,
-        "repeats": row.repeats or 1,  # refused callbacks in a row are one event
-    }
+def render_event(row: EventRecord) -> Event:
+    return Event(
+        id=row.id,
+        at=iso(row.at),
+        kind=row.kind,
+        verified=row.verified,
+        summary=row.summary,
+        change=row.change,
+        detail=row.detail,
+        repeats=row.repeats or 1,  # refused callbacks in a row are one event
+    )
 
 
 def uploads_of(row: TaskRecord) -> list[str]:

@@ -12,9 +12,12 @@ from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from receiver.logs import event
+from receiver.schema import ErrorBody
+from receiver.schema import ErrorDetail
+from receiver.schema import ModelResponse
 
 log = logging.getLogger("receiver.web")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive, whole (RECEIVER_BODY_TIMEOUT)
@@ -42,10 +45,18 @@ class ApiError(Exception):
 
 
 def error_response(
-    status: int, code: str, message: str, fields: Mapping[str, str] | None = None
-) -> JSONResponse:
+    status: int,
+    code: str,
+    message: str,
+    fields: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """The one error shape. A 401 names the scheme that would have worked (RFC 9110 asks for it)."""
+    headers = dict(headers or {})
+    if status == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
     named = {printable(name): printable(problem) for name, problem in (fields or {}).items()}
-    return JSONResponse({"error": {"code": code, "message": message, "fields": named}}, status_code=status)
+    return ModelResponse(ErrorBody(ErrorDetail(code, message, named)), status_code=status, headers=headers)
 
 
 def printable(text: str) -> str:

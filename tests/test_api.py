@@ -188,7 +188,17 @@ def test_pagination_and_filters(receiver: Receiver) -> None:
     assert [t["id"] for t in failed] == [failing["id"]]
     assert len(receiver.alice.get("/v1/tasks", params={"provider": "sandbox"}).json()["items"]) == 6
     assert receiver.alice.get("/v1/tasks", params={"provider": "kie"}).json()["items"] == []
-    for params in ({"status": "done"}, {"provider": "x"}, {"limit": 0}, {"limit": 201}, {"cursor": "zzz"}):
+    for params in (
+        {"status": "done"},
+        {"status": ""},
+        {"provider": "x"},
+        {"provider": ""},
+        {"limit": 0},
+        {"limit": 201},
+        {"limit": "ten"},
+        {"cursor": "zzz"},
+        {"cursor": ""},
+    ):
         answer = receiver.alice.get("/v1/tasks", params=params)
         assert answer.status_code == 422
         assert set(error_fields(answer)) == set(params)
@@ -239,6 +249,12 @@ def test_uploads(media_receiver: Receiver) -> None:
         ).status_code
         == 415
     )
+    # Raw bytes as such are taken too; what they are is read from the bytes, never from the header.
+    raw = {"Content-Type": "application/octet-stream"}
+    assert (
+        receiver.alice.post("/v1/uploads", content=picture, headers=raw).json()["content_type"] == "image/png"
+    )
+    assert receiver.alice.post("/v1/uploads", content=b"GIF89a....", headers=raw).status_code == 415
     task = receiver.submit(provider="sandbox", prompt="edit", images=[upload["url"]])
     assert receiver.wait(task["id"])["status"] == "succeeded"
     data_uri = "data:image/png;base64," + base64.b64encode(picture).decode()
@@ -270,19 +286,52 @@ def test_unknown_routes_answer_json(receiver: Receiver) -> None:
     assert receiver.anon.delete("/v1/tasks").status_code == 405
 
 
-def test_openapi_describes_every_route(receiver: Receiver) -> None:
+def test_openapi_documents_every_public_route_and_no_internal_one(receiver: Receiver) -> None:
     document = receiver.anon.get("/openapi.json").json()
     assert document["openapi"].startswith("3.1")
     described = {(path, method.upper()) for path, item in document["paths"].items() for method in item}
-    served = set()
+    public: set[tuple[str, str]] = set()
+    internal: set[tuple[str, str]] = set()
     for route in receiver.app.routes:
         assert isinstance(route, Route)
         path = route.path.replace("{index:int}", "{index}")
         for method in route.methods or ():
             if method != "HEAD":
-                served.add((path, method))
-    assert described == served
+                (public if route.include_in_schema else internal).add((path, method))
+    assert described == public
+    # Providers, the sandbox, the console and Prometheus are not part of the API apps build on.
+    assert internal and all(
+        path.startswith(("/callbacks/", "/sandbox/", "/ui", "/metrics")) for path, _ in internal
+    )
+    assert not any(path.startswith(("/callbacks/", "/sandbox/", "/ui", "/metrics")) for path, _ in public)
     assert openapi_document("http://x")["servers"] == [{"url": "http://x"}]
+
+
+def test_a_405_says_what_is_allowed_and_a_401_how_to_authenticate(receiver: Receiver) -> None:
+    refused = receiver.alice.delete("/v1/tasks")
+    assert refused.status_code == 405
+    assert refused.headers["allow"] == "GET, HEAD, POST"  # both routes at the path, not one of them
+    assert refused.json()["error"]["code"] == "method_not_allowed"
+    assert receiver.alice.put("/v1/uploads").headers["allow"] == "POST"
+    unauthorized = receiver.anon.get("/v1/tasks")
+    assert unauthorized.status_code == 401
+    assert unauthorized.headers["www-authenticate"] == "Bearer"
+
+
+def test_idempotency_key_and_wait_rules_are_the_documented_ones(receiver: Receiver) -> None:
+    body = {"provider": "sandbox", "prompt": "x"}
+    for key in ("", "k" * 256):
+        answer = receiver.alice.post("/v1/tasks", json=body, headers={"Idempotency-Key": key})
+        assert answer.status_code == 422
+        assert set(error_fields(answer)) == {"Idempotency-Key"}
+    assert (
+        receiver.alice.post("/v1/tasks", json=body, headers={"Idempotency-Key": "k" * 255}).status_code == 202
+    )
+    task_id = receiver.alice.get("/v1/tasks").json()["items"][0]["id"]
+    for wait in ("soon", "61", "-1", ""):
+        answer = receiver.alice.get(f"/v1/tasks/{task_id}", params={"wait": wait})
+        assert answer.status_code == 422, wait
+        assert set(error_fields(answer)) == {"wait"}
 
 
 def test_the_sandbox_endpoint_refuses_what_is_not_its_own(receiver: Receiver) -> None:

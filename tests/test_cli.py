@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from receiver import __version__
-from receiver.api import KNOWN_FIELDS
 from receiver.cli import main
+from receiver.schema import TaskCreate
 from tests.fakes.common import png
 from tests.harness import ALICE
 from tests.harness import Receiver
@@ -331,7 +331,7 @@ def test_help_is_complete(cli: Run) -> None:
     status, out, _ = cli("submit", "--help")
     assert status == 0
     # A flag for every field the API takes, each with its help text.
-    for field in sorted(KNOWN_FIELDS):
+    for field in sorted(TaskCreate.__struct_encode_fields__):
         assert re.search(rf"^\s+{re.escape(flag_of(field))}\b.*\S", out, re.MULTILINE), field
     for flag in ("--idempotency-key", "--wait", "--timeout", "--out", "--json", "--no-prompt-upsampling"):
         assert flag in out, flag
