@@ -200,6 +200,7 @@ def ack(
         say(f"{name}: {rps:,.0f} callbacks/s; downloads drain")
         database.wait_drained(args.drain)
     statuses = database.phase_statuses(phase)
+    shutil.rmtree(database.data, ignore_errors=True)  # thousands of images: gone before the next layout
     return {
         "rps": rps,
         "p50": max(r.p50_ms for r in results),
@@ -219,6 +220,7 @@ def e2e(database: Database, layout: str, image: bytes, count: int) -> dict[str, 
             started = time.perf_counter()
             asyncio.run(end_to_end(running[0][1], images, sink, count))
             took = time.perf_counter() - started
+        shutil.rmtree(database.data, ignore_errors=True)
         files, fetched, _ = images.fetches()
         return {"tasks_s": count / took, "notified": sink.count, "twice": fetched - files}
     finally:
@@ -253,13 +255,13 @@ def takeover(work: Path, cluster: Cluster, image: bytes, args: argparse.Namespac
             with httpx.Client(base_url=api.url, timeout=30) as client:
                 for _, path, headers, body in lines:
                     client.post(path, headers=headers, content=body).raise_for_status()
-            victim = workers[0]
+            (victim,) = workers[0]  # worker A's pid
 
             def held() -> list[str]:
                 """The download jobs worker A has claimed, whose image it has started fetching."""
                 rows = database.rows(
                     "SELECT task_id FROM jobs WHERE kind = 'download' AND running = 1 AND owner LIKE ?",
-                    f"%:{victim.pid}:%",
+                    f"%:{victim}:%",
                 )
                 return [task_id for (task_id,) in rows if hosted[f"{task_id}.png"].fetches]
 
@@ -268,9 +270,12 @@ def takeover(work: Path, cluster: Cluster, image: bytes, args: argparse.Namespac
                 if time.monotonic() > deadline:
                     raise RuntimeError("worker A never started a download")
                 time.sleep(0.05)
-            victim.kill()
+            os.kill(victim, signal.SIGKILL)
             killed = time.monotonic()
-            victim.wait()
+            while Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                if time.monotonic() > killed + 30:
+                    raise RuntimeError("worker A outlived kill -9")
+                time.sleep(0.01)
             mine = held()  # as the database has it once A is gone: its leases still hold
             for file in hosted.values():
                 file.chunk_delay = 0.0
@@ -291,6 +296,7 @@ def takeover(work: Path, cluster: Cluster, image: bytes, args: argparse.Namespac
             took = time.monotonic() - killed
             database.wait_drained(args.drain)
         statuses = database.phase_statuses(phase)
+        shutil.rmtree(database.data, ignore_errors=True)
         files, fetched, _ = images.fetches()
         return {
             "held": len(mine),
