@@ -8,8 +8,9 @@ SQLite and PostgreSQL, each as one `serve --role all` and as two `--role api` re
 1. Callback ack: wrk replays distinct signed callbacks for seeded submitted tasks for a few seconds;
    with two API replicas the 64 connections are split over both ports (two wrk, one thread each).
    Then the downloads drain (bounded polling of the database) before the next layout starts.
-2. End to end: tasks created through the API, submitted by the worker to the fakes, called back,
-   downloaded, notified; tasks per second from the first create to the last notification.
+2. End to end, in the same processes once the burst drained: tasks created through the API, submitted
+   by the worker to the fakes, called back, downloaded, notified; tasks per second from the first
+   create to the last notification.
 3. Takeover: PostgreSQL, one API replica and two workers with a short RECEIVER_JOB_LEASE; images are
    served slowly; once worker A is fetching, `kill -9` it and time until the downloads it held (read
    from the jobs table: their owner names its pid) are stored by worker B. Work done twice is counted
@@ -164,43 +165,31 @@ def replicas(
 
 
 def ack(
-    work: Path,
-    name: str,
-    database: Database,
-    layout: str,
-    images: Images,
-    args: argparse.Namespace,
-    phase: int,
-) -> dict[str, Any]:
+    work: Path, name: str, database: Database, running: list[tuple[str, Receiver, Any]], images: Images,
+    args: argparse.Namespace, phase: int,
+) -> dict[str, Any]:  # fmt: skip
     """A callback burst against the layout's API processes, then the downloads drain."""
     tasks = phase_tasks(phase, args.burst)
     database.seed(tasks)
-    with replicas(database, images.env, layout) as running:
-        apis = [receiver for role, receiver, _ in running if role != "worker"]
-        lines = callback_lines(apis[0], images, tasks)
-        files = [
-            write_requests(work / f"ack-{phase}-{n}.tsv", lines[n :: len(apis)]) for n in range(len(apis))
-        ]
-        # 64 connections in all, split over the API processes (bench.wrk opens CONCURRENCY each).
-        bench.CONCURRENCY = 64 // len(apis)
-        try:
-            with ThreadPoolExecutor(len(apis)) as pool:
-                results = list(
-                    pool.map(
-                        lambda pair: wrk(
-                            pair[0].url, pair[1], args.seconds, loop=False, threads=2 // len(apis)
-                        ),
-                        zip(apis, files, strict=True),
-                    )
+    apis = [receiver for role, receiver, _ in running if role != "worker"]
+    lines = callback_lines(apis[0], images, tasks)
+    files = [write_requests(work / f"ack-{phase}-{n}.tsv", lines[n :: len(apis)]) for n in range(len(apis))]
+    # 64 connections in all, split over the API processes (bench.wrk opens CONCURRENCY each).
+    bench.CONCURRENCY = 64 // len(apis)
+    try:
+        with ThreadPoolExecutor(len(apis)) as pool:
+            results = list(
+                pool.map(
+                    lambda pair: wrk(pair[0].url, pair[1], args.seconds, loop=False, threads=2 // len(apis)),
+                    zip(apis, files, strict=True),
                 )
-        finally:
-            bench.CONCURRENCY = 64
-        share = len(lines) // len(apis)
-        rps = sum(r.rps for r in results)
-        say(f"{name}: {rps:,.0f} callbacks/s; downloads drain")
-        database.wait_drained(args.drain)
+            )
+    finally:
+        bench.CONCURRENCY = 64
+    rps = sum(r.rps for r in results)
+    say(f"{name}: {rps:,.0f} callbacks/s; downloads drain")
+    database.wait_drained(args.drain)
     statuses = database.phase_statuses(phase)
-    shutil.rmtree(database.data, ignore_errors=True)  # thousands of images: gone before the next layout
     return {
         "rps": rps,
         "p50": max(r.p50_ms for r in results),
@@ -208,24 +197,29 @@ def ack(
         "ended": sum(n for status, n in statuses.items() if status != "submitted"),
         "errors": sum(r.errors for r in results),
         "succeeded": statuses.get("succeeded", 0),
-        "short": any(r.requests >= share for r in results),
+        "short": any(r.requests >= len(lines) // len(apis) for r in results),
     }
 
 
-def e2e(database: Database, layout: str, image: bytes, count: int) -> dict[str, Any]:
+def measure(
+    work: Path, name: str, database: Database, layout: str, image: bytes, args: argparse.Namespace, phase: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One layout, one set of processes: the callback burst, then end to end once it has drained."""
     images = Images(image)
     sink = Sink()
     try:
         with replicas(database, images.env, layout) as running:
+            acked = ack(work, name, database, running, images, args, phase)
+            say(f"{name}: end to end, {args.tasks} tasks")
             started = time.perf_counter()
-            asyncio.run(end_to_end(running[0][1], images, sink, count))
+            asyncio.run(end_to_end(running[0][1], images, sink, args.tasks))
             took = time.perf_counter() - started
-        shutil.rmtree(database.data, ignore_errors=True)
         files, fetched, _ = images.fetches()
-        return {"tasks_s": count / took, "notified": sink.count, "twice": fetched - files}
+        return acked, {"tasks_s": args.tasks / took, "notified": sink.count, "twice": fetched - files}
     finally:
         images.stop()
         sink.served.stop()
+        shutil.rmtree(database.data, ignore_errors=True)  # thousands of images: gone before the next layout
 
 
 def takeover(work: Path, cluster: Cluster, image: bytes, args: argparse.Namespace) -> dict[str, Any]:
@@ -367,14 +361,8 @@ def main() -> int:
             ends: dict[str, dict[str, Any]] = {}
             for n, (backend, layout) in enumerate(columns):
                 name = f"{'SQLite' if backend == 'sqlite' else 'PostgreSQL'}, {layout}"
-                use = cluster if backend == "postgres" else None
-                images = Images(image)
-                try:
-                    acks[name] = ack(work, name, Database(work / f"ack-{n}", use), layout, images, args, n)
-                finally:
-                    images.stop()
-                say(f"{name}: end to end, {args.tasks} tasks")
-                ends[name] = e2e(Database(work / f"e2e-{n}", use), layout, image, args.tasks)
+                database = Database(work / f"layout-{n}", cluster if backend == "postgres" else None)
+                acks[name], ends[name] = measure(work, name, database, layout, image, args, n)
             moved = takeover(work, cluster, image, args)
     finally:
         cluster.stop()
