@@ -8,6 +8,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import logging
@@ -328,6 +329,15 @@ def serve(args: argparse.Namespace) -> int:
             print(f"receiver: {exc}", file=sys.stderr)
             return 2
 
+    if settings.database_url is not None:
+        from receiver.store.postgres import unusable_because
+
+        # Down, wrong password, no such database: one line now, not a traceback from the app's start.
+        reason = asyncio.run(unusable_because(settings.database_url))
+        if reason is not None:
+            print(f"receiver: cannot use the database in RECEIVER_DATABASE_URL: {reason}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+
     logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
@@ -362,7 +372,18 @@ def serve(args: argparse.Namespace) -> int:
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (IPv6 when the host is an IPv6 address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048)
+    # IPPROTO_TCP named, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on sockets
+    # whose proto says TCP, and accepted sockets inherit it. With proto 0 every keep-alive answer
+    # waited out a delayed ACK: ~45 ms a request instead of ~3 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # -- the client commands, on receiver.client ---------------------------------------------------------

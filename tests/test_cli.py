@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import pty
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -446,3 +448,27 @@ def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> 
     assert re.search(r"\r  … submitted, \d+ s elapsed", screen), screen
     assert f"{task_id}: succeeded (" in screen
     assert "\x1b[K" in screen  # the ticking line is cleared before the next change is printed
+
+
+def test_the_listening_socket_turns_nagle_off_for_every_connection() -> None:
+    """asyncio sets TCP_NODELAY only on sockets whose proto says TCP: without it, each keep-alive
+    answer waits out a delayed ACK (~40 ms)."""
+    from receiver.cli import listen
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            conn = writer.get_extra_info("socket")
+            seen.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.start_server(accept, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            value = await asyncio.wait_for(seen, 30)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

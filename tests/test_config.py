@@ -148,3 +148,29 @@ def test_a_bad_database_url_never_shows_its_password(tmp_path: Path) -> None:
         load_settings({"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_DATABASE_URL": "mysql://u:hunter2@db/x"})
     assert "hunter2" not in str(caught.value)
     assert "RECEIVER_DATABASE_URL" in str(caught.value)
+
+
+@pytest.mark.parametrize("where", ["nothing listening", "no such database"])
+def test_a_database_that_cannot_be_used_stops_serve_with_one_line(
+    tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    if where == "nothing listening":
+        url = "postgresql://receiver:hunter2-password@127.0.0.1:1/receiver"
+        expected = "Connect call failed"
+    else:
+        cluster = request.getfixturevalue("pg_cluster")
+        url = cluster.url("no_such_database")
+        expected = 'database "no_such_database" does not exist'
+    env = {**os.environ, "RECEIVER_DATA_DIR": str(tmp_path / "data"), "RECEIVER_DATABASE_URL": url}
+    env |= {
+        "RECEIVER_SECRET_KEY": "k" * 40,
+        "RECEIVER_NOTIFY_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "RECEIVER_API_KEYS": "alice:alice-key-0123456789abcdef",
+    }
+    result = serve_once(env)
+    assert result.returncode == 3, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("receiver: cannot use the database in RECEIVER_DATABASE_URL: ")
+    assert expected in lines[0]
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr

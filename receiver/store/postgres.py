@@ -140,6 +140,17 @@ async def migrate(conn: asyncpg.Connection) -> int:
     return len(MIGRATIONS)
 
 
+async def unusable_because(url: str, timeout: float = 10.0) -> str | None:
+    """Why the database at `url` cannot be used now, in one line (never the URL: it may hold a
+    password); None when a connection opens. `serve` asks before it starts anything."""
+    try:
+        conn = await asyncpg.connect(url, timeout=timeout)
+    except (*UNREACHABLE, asyncpg.PostgresError) as exc:
+        return str(exc) or type(exc).__name__
+    await conn.close()
+    return None
+
+
 class PostgresStore(Store):
     def __init__(self, url: str, timings: Timings) -> None:
         super().__init__(timings)
