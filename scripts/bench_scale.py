@@ -249,7 +249,7 @@ def takeover(work: Path, cluster: Cluster, image: bytes, args: argparse.Namespac
             with httpx.Client(base_url=api.url, timeout=30) as client:
                 for _, path, headers, body in lines:
                     client.post(path, headers=headers, content=body).raise_for_status()
-            (victim,) = workers[0]  # worker A's pid
+            victim = workers[0].pid  # worker A
 
             def held() -> list[str]:
                 """The download jobs worker A has claimed, whose image it has started fetching."""
