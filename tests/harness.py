@@ -193,7 +193,8 @@ class ReceiverProcess:
             stdout=handle,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 20
+        # Generous: on a machine kept busy a cold start (imports, migrations) takes well over 20 s.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
@@ -203,6 +204,8 @@ class ReceiverProcess:
             if self.process.poll() is not None:
                 break
             time.sleep(0.05)
+        self.process.kill()  # never left running behind a failed test
+        self.process.wait(10)
         raise RuntimeError(f"the receiver did not start: {self.log.read_text()[-2000:]}")
 
     def kill(self) -> None:
