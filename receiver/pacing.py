@@ -8,6 +8,11 @@ another task its submit jobs stay queued, in order; the worker does not claim th
 After a hold the group sends one task alone first, the oldest waiting (the one the 429 refused keeps its
 place, so it is that one): the probe. Only once the probe is answered without another 429 do the
 others follow. So a task held back by a 429 is never overtaken by tasks that came after it.
+
+With several worker processes the database keeps what they share (store `pace_*`): each send is
+taken there too (so the window counts every process's sends), a 429 holds the group in all of them
+(`observe` brings another process's hold and sends into this pacer each turn), and a probe holds the
+group for the others until it is answered.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class _Group:
     holds: int = 0  # 429s seen, to tell whether the probe's answer was another one
     probe: str = ""  # "" none, "needed" after a hold, "sent" while the probe is out
     probe_holds: int = 0
+    shared_holds: int = 0  # the database's count of the group's holds when last seen
 
 
 class Pacer:
@@ -50,6 +56,44 @@ class Pacer:
 
     def providers_of(self, group: str) -> list[str]:
         return [provider for provider, name in self._group_of.items() if name == group]
+
+    def groups(self) -> set[str]:
+        return set(self._groups)
+
+    def group_of(self, provider: str) -> str:
+        return self._group_of[provider]
+
+    def limits_of(self, group: str) -> Limits:
+        return self._groups[group].limits
+
+    def probing(self, group: str) -> bool:
+        """Whether the submit just acquired for `group` is its probe (sent alone after a hold)."""
+        return self._groups[group].probe == "sent"
+
+    def longest_window(self) -> float:
+        return max((group.limits.window for group in self._groups.values()), default=60.0)
+
+    def observe(
+        self,
+        group: str,
+        held_until: float,
+        holds: int,
+        sends: list[float],
+        wall: float,
+        now: float | None = None,
+    ) -> None:
+        """Take the database's view of `group` (wall-clock times, read at `wall`): its hold, a hold
+        another process met (then this one probes too), and every process's sends in the window."""
+        now = time.monotonic() if now is None else now
+        state = self._groups[group]
+        offset = now - wall
+        state.held_until = held_until + offset
+        state.sent = deque(at + offset for at in sends)
+        if holds > state.shared_holds:  # at start, any past hold: probe once (harmless when none wait)
+            state.holds += 1
+            if state.probe != "sent":
+                state.probe = "needed"
+        state.shared_holds = max(state.shared_holds, holds)
 
     def needs_counts(self) -> bool:
         """Whether any group caps concurrency (then the worker counts tasks in flight for it)."""
@@ -115,17 +159,29 @@ class Pacer:
         group.sending[model] = group.sending.get(model, 0) + 1
         return True
 
-    def release(self, provider: str, model: str) -> None:
-        """A submit finished (accepted or not): it no longer counts as being sent."""
+    def release(self, provider: str, model: str) -> bool:
+        """A submit finished (accepted or not): it no longer counts as being sent. True when it was the
+        probe and no 429 came meanwhile: the group is open again."""
         group = self._groups[self._group_of[provider]]
         group.sending[model] = max(0, group.sending.get(model, 0) - 1)
         if group.probe == "sent":  # the probe went alone, so this is its answer
             group.probe = "needed" if group.holds > group.probe_holds else ""
+            return not group.probe
+        return False
 
-    def hold(self, provider: str, seconds: float, now: float | None = None) -> None:
-        """A 429 came anyway: hold the whole group back for `seconds`."""
+    def cancel(self, provider: str, model: str) -> None:
+        """Give back a slot taken by `try_acquire` that was not used (another process got there first)."""
+        group = self._groups[self._group_of[provider]]
+        group.sending[model] = max(0, group.sending.get(model, 0) - 1)
+        if group.probe == "sent":
+            group.probe = "needed"
+
+    def hold(self, provider: str, seconds: float, now: float | None = None, shared: int = 0) -> None:
+        """A 429 came anyway: hold the whole group back for `seconds`. `shared` is the database's count
+        of the group's holds with this one, so `observe` does not take it for another process's."""
         now = time.monotonic() if now is None else now
         group = self._groups[self._group_of[provider]]
+        group.shared_holds = max(group.shared_holds, shared)
         group.held_until = max(group.held_until, now + seconds)
         group.holds += 1
         if group.probe != "sent":

@@ -186,12 +186,17 @@ class Worker:
                     paced_out,
                     self.pacer.counted_providers(),
                     BUSY_INBOX_SLICE if busy else INBOX_SLICE,
+                    self.pacer.longest_window(),
                 )
             except Exception as exc:  # the database is away: jobs wait in it, try again shortly
                 event(log, "cannot claim jobs", level=logging.WARNING, reason=str(exc)[:200])
                 await asyncio.sleep(DATABASE_RETRY)
                 continue
             self._in_flight = claimed.in_flight
+            wall = time.time()
+            for group, pace in claimed.paces.items():
+                if group in self.pacer.groups():
+                    self.pacer.observe(group, pace.held_until, pace.holds, pace.sends, wall)
             for task_id, provider, result in claimed.applied:
                 metrics.CALLBACKS_APPLIED.labels(provider, result).inc()
                 level = logging.DEBUG if result == "changed" else logging.INFO
@@ -308,13 +313,32 @@ class Worker:
         if not self.pacer.try_acquire(provider.name, row.model, counts):
             await self.store.unclaim(job)  # its turn comes when the provider has room again
             return
+        # The same again in the database, for every worker process at once (see receiver.pacing).
+        group = self.pacer.group_of(provider.name)
+        limits = self.pacer.limits_of(group)
+        probe = self._submit_timeout(provider) + CONNECT_TIMEOUT if self.pacer.probing(group) else 0.0
+        try:
+            taken = await self.store.pace_acquire(
+                job, group, self.pacer.providers_of(group), limits.per_window, limits.window, probe
+            )
+        except BaseException:
+            self.pacer.cancel(provider.name, row.model)
+            raise
+        if not taken:
+            self.pacer.cancel(provider.name, row.model)
+            await self.store.unclaim(job)
+            return
         try:
             await self._submit(job, row, provider)
         finally:
-            self.pacer.release(provider.name, row.model)
+            if self.pacer.release(provider.name, row.model):
+                await self.store.pace_end_probe(group)
+
+    def _submit_timeout(self, provider: Provider) -> float:
+        return self.settings.sync_timeout if provider.synchronous else self.settings.http_timeout
 
     async def _submit(self, job: Job, row: TaskRecord, provider: Provider) -> None:
-        timeout = self.settings.sync_timeout if provider.synchronous else self.settings.http_timeout
+        timeout = self._submit_timeout(provider)
         try:
             inline = None
             if provider.inline_images:
@@ -346,7 +370,9 @@ class Worker:
             limited = isinstance(exc, ProviderUnavailable) and exc.rate_limited
             if limited:
                 # A 429 despite pacing: hold back every task of this provider, not only this one.
-                self.pacer.hold(provider.name, delay)
+                group = self.pacer.group_of(provider.name)
+                shared = await self.store.pace_hold(group, delay, self.pacer.probing(group))
+                self.pacer.hold(provider.name, delay, shared=shared)
             event(
                 log,
                 "submit failed, will retry",

@@ -186,6 +186,65 @@ def test_pacing_counts_across_replicas(kie: KieFake, tmp_path: Path, pg_env: dic
             replica.terminate()
 
 
+def test_the_per_minute_rate_counts_across_replicas(
+    kie: KieFake, tmp_path: Path, pg_env: dict[str, str]
+) -> None:
+    """KIE_MAX_PER_MINUTE=3 holds for two worker processes together: the sends are counted in the
+    database, not in each process."""
+    env = {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url, "KIE_MAX_PER_MINUTE": "3", **pg_env}
+    replicas = [ReceiverProcess(tmp_path / "data", env).start() for _ in range(2)]
+    try:
+        with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
+            ids = [
+                (first if n % 2 else second)
+                .post("/v1/tasks", json={"provider": "kie", "prompt": f"r{n}"})
+                .json()["id"]
+                for n in range(6)
+            ]
+            wait_until(lambda: len(kie.calls(GENERATE)) >= 3)
+            time.sleep(1.0)  # both workers have had many turns: neither may send a fourth this minute
+            assert len(kie.calls(GENERATE)) == 3
+            statuses = [first.get(f"/v1/tasks/{task_id}").json()["status"] for task_id in ids]
+            assert statuses.count("queued") == 3, statuses
+    finally:
+        for replica in replicas:
+            replica.terminate()
+
+
+def test_a_429_met_by_one_replica_holds_the_other_back(
+    kie: KieFake, tmp_path: Path, pg_env: dict[str, str]
+) -> None:
+    """The hold after a 429 is kept in the database: tasks created while it lasts wait in every process,
+    and the refused task goes first, alone, when it ends, whichever process sends it."""
+    env = {"KIE_API_KEY": KEY, "KIE_BASE_URL": kie.url, "RECEIVER_RETRY_BASE": "2", **pg_env}
+    replicas = [ReceiverProcess(tmp_path / "data", env).start() for _ in range(2)]
+    kie.script(GENERATE, 429, {"code": 429, "msg": "slow down"})
+
+    def sent() -> list[str]:
+        return [call.json()["prompt"] for call in kie.calls(GENERATE)]
+
+    try:
+        with client_for(replicas[0]) as first, client_for(replicas[1]) as second:
+            refused = first.post("/v1/tasks", json={"provider": "kie", "prompt": "first"}).json()["id"]
+
+            def held() -> bool:  # the 429 was met and recorded (the hold is written before this event)
+                events = first.get(f"/v1/tasks/{refused}/events").json()["items"]
+                return any(e["kind"] == "submit" for e in events)
+
+            wait_until(held)
+            others = [
+                client.post("/v1/tasks", json={"provider": "kie", "prompt": f"o{n}"}).json()["id"]
+                for n, client in enumerate([second, first, second])
+            ]
+            for task_id in [refused, *others]:
+                wait_until(lambda t=task_id: second.get(f"/v1/tasks/{t}").json()["status"] == "submitted", 30)
+            assert sent()[:2] == ["first", "first"], sent()  # refused, then accepted, before any other
+            assert sorted(sent()[2:]) == ["o0", "o1", "o2"]
+    finally:
+        for replica in replicas:
+            replica.terminate()
+
+
 def test_a_live_worker_keeps_its_long_job(kie: KieFake, tmp_path: Path, pg_env: dict[str, str]) -> None:
     """A download that outlasts the lease stays with its living worker (heartbeats renew the lease):
     the other replica never takes it, and the image is fetched once."""

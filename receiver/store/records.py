@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 
 from receiver.models import Status
@@ -116,6 +117,16 @@ class Claimed:
     in_flight: dict[tuple[str, str], int]
     applied: list[tuple[str, str, str]]  # (task, provider, changed|duplicate|pending|ignored) per inbox row
     more_news: bool  # the inbox still holds callbacks to apply
+    paces: dict[str, Pace] = field(default_factory=dict)  # pace group -> its shared state
+
+
+@dataclass(frozen=True)
+class Pace:
+    """A pace group as every worker process sees it (wall-clock times)."""
+
+    held_until: float
+    holds: int  # 429 holds so far: a higher count than last seen is a hold another process met
+    sends: list[float]  # when submits were sent, oldest first, within the longest window
 
 
 @dataclass(frozen=True)

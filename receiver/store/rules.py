@@ -47,6 +47,7 @@ from receiver.store.records import IdempotencyConflict
 from receiver.store.records import ImageRecord
 from receiver.store.records import Job
 from receiver.store.records import NewTask
+from receiver.store.records import Pace
 from receiver.store.records import TaskRecord
 
 log = logging.getLogger("receiver.store")
@@ -413,11 +414,12 @@ class Store(ABC):
         skip_submits_of: Iterable[str] = (),
         count_for: Sequence[str] = (),
         inbox_batch: int = 256,
+        pace_window: float = 0.0,
     ) -> Claimed:
         """One turn of the worker in one operation: apply recorded callbacks, take back jobs whose lease
         ran out, lease due jobs (up to `slots[kind]`, oldest first, leaving alone the submit jobs of
         providers that pacing holds back), and tell when the next job falls due and (if asked) how many
-        tasks each provider has in flight."""
+        tasks each provider has in flight, and (with a `pace_window`) the pace groups' shared state."""
         skip = sorted(skip_submits_of)
         marks, skip_params = in_list("p", skip)
         held = ""
@@ -453,7 +455,8 @@ class Store(ABC):
             due = await tx.one(next_due, skip_params)
             in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
             due_at = None if due is None or due["due"] is None else float(due["due"])
-            return Claimed(jobs, due_at, in_flight, applied, more_news)
+            paces = await _paces(tx, pace_window) if pace_window else {}
+            return Claimed(jobs, due_at, in_flight, applied, more_news, paces)
 
         return await self.write(op)
 
@@ -489,6 +492,82 @@ class Store(ABC):
         Counted in a write transaction, in order with the commits that accept tasks, so a pacing
         decision never misses a task that was accepted just before it."""
         return await self.write(lambda tx: _in_flight(tx, providers, self.owner))
+
+    async def pace_acquire(
+        self,
+        job: Job,
+        group: str,
+        providers: Sequence[str],
+        per_window: int | None,
+        window: float,
+        probe: float,
+    ) -> bool:
+        """Take a send for `job` if no process holds its pace group back and the window has room, and
+        record it. The group's row is locked first, so acquires of all processes run one at a time.
+
+        A probe (sent alone after a hold) must be the group's oldest submit, so the task a 429 refused
+        goes first whichever process probes; it holds the group for `probe` seconds, until
+        `pace_end_probe` or its end."""
+        marks, params = in_list("p", providers)
+        older = (
+            "SELECT 1 AS x FROM jobs j JOIN tasks t ON t.id=j.task_id"  # noqa: S608 - placeholders only
+            f" WHERE j.kind='submit' AND t.provider IN ({marks}) AND j.id<>:id"
+            " AND (j.due_at<(SELECT due_at FROM jobs WHERE id=:id)"
+            " OR (j.due_at=(SELECT due_at FROM jobs WHERE id=:id) AND j.id<:id)) LIMIT 1"
+        )
+
+        async def op(tx: Tx) -> bool:
+            await tx.run(
+                "INSERT INTO pace_holds (grp) VALUES (:g) ON CONFLICT (grp) DO NOTHING", {"g": group}
+            )
+            row = await tx.one(f"SELECT held_until FROM pace_holds WHERE grp=:g{tx.lock}", {"g": group})  # noqa: S608
+            if row is None or float(row["held_until"]) > tx.now:
+                return False
+            if probe and await tx.one(older, {**params, "id": job.id}) is not None:
+                return False
+            if per_window:
+                await tx.run(
+                    "DELETE FROM pace_sends WHERE grp=:g AND at<=:old", {"g": group, "old": tx.now - window}
+                )
+                sent = await tx.one("SELECT COUNT(*) AS n FROM pace_sends WHERE grp=:g", {"g": group})
+                if sent is not None and int(sent["n"]) >= per_window:
+                    return False
+                await tx.run(
+                    "INSERT INTO pace_sends (grp, at) VALUES (:g, :now)", {"g": group, "now": tx.now}
+                )
+            if probe:
+                await tx.run(
+                    "UPDATE pace_holds SET held_until=:until WHERE grp=:g",
+                    {"g": group, "until": tx.now + probe},
+                )
+            return True
+
+        return await self.write(op)
+
+    async def pace_hold(self, group: str, seconds: float, probe: bool = False) -> int:
+        """A 429 came: hold the group back in every process; returns the group's count of holds. The
+        longer of two holds wins, except over the hold a probe (the one that met this 429) put there."""
+
+        async def op(tx: Tx) -> int:
+            row = await tx.one(
+                "INSERT INTO pace_holds (grp, held_until, holds) VALUES (:g, :until, 1)"
+                " ON CONFLICT (grp) DO UPDATE SET holds=pace_holds.holds+1, held_until=CASE"
+                " WHEN pace_holds.held_until>:until AND :keep=1 THEN pace_holds.held_until ELSE :until END"
+                " RETURNING holds",
+                {"g": group, "until": tx.now + seconds, "keep": 0 if probe else 1},
+            )
+            return int(row["holds"]) if row is not None else 0
+
+        return await self.write(op)
+
+    async def pace_end_probe(self, group: str) -> None:
+        """The probe was answered without a 429: the group is open again for every process."""
+        await self.write(
+            lambda tx: tx.run(
+                "UPDATE pace_holds SET held_until=:now WHERE grp=:g AND held_until>:now",
+                {"g": group, "now": tx.now},
+            )
+        )
 
     async def retry_job(self, job: Job, delay: float, error: str) -> None:
         await self.write(lambda tx: _reschedule(tx, job, delay, error, self.owner))
@@ -564,6 +643,20 @@ async def _in_flight(tx: Tx, providers: Sequence[str], owner: str) -> dict[tuple
         key = (row["provider"], row["model"])
         counts[key] = counts.get(key, 0) + int(row["n"])
     return counts
+
+
+async def _paces(tx: Tx, window: float) -> dict[str, Pace]:
+    """Every pace group's hold and its sends within `window` (the longest of the groups' windows)."""
+    paces = {
+        row["grp"]: Pace(float(row["held_until"]), int(row["holds"]), [])
+        for row in await tx.all("SELECT grp, held_until, holds FROM pace_holds")
+    }
+    for row in await tx.all(
+        "SELECT grp, at FROM pace_sends WHERE at>:old ORDER BY at", {"old": tx.now - window}
+    ):
+        if row["grp"] in paces:
+            paces[row["grp"]].sends.append(float(row["at"]))
+    return paces
 
 
 def _dumps(value: Any) -> str:

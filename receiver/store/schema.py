@@ -98,4 +98,19 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE jobs ADD COLUMN lease_until REAL",
     # Which process holds a claimed job: pacing counts the submits other processes are sending.
     "ALTER TABLE jobs ADD COLUMN owner TEXT",
+    # Pacing shared by every worker process: each pace group's 429 hold (and how many holds came), and
+    # the times submits were sent, for the per-window rate (pruned as it goes).
+    """
+    CREATE TABLE pace_holds (
+        grp TEXT PRIMARY KEY,
+        held_until REAL NOT NULL DEFAULT 0,
+        holds INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE pace_sends (
+        id INTEGER PRIMARY KEY,
+        grp TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX pace_sends_by_group ON pace_sends (grp, at)
+    """,
 )
