@@ -46,6 +46,7 @@ class _Group:
     probe: str = ""  # "" none, "needed" after a hold, "sent" while the probe is out
     probe_holds: int = 0
     shared_holds: int = 0  # the database's count of the group's holds when last seen
+    observed: bool = False  # whether the database's view was taken once
 
 
 class Pacer:
@@ -89,7 +90,10 @@ class Pacer:
         offset = now - wall
         state.held_until = held_until + offset
         state.sent = deque(at + offset for at in sends)
-        if holds > state.shared_holds:  # at start, any past hold: probe once (harmless when none wait)
+        # A count above the last seen is a hold another process met; at start only a hold still on is.
+        met = holds > state.shared_holds if state.observed else holds > 0 and held_until > wall
+        state.observed = True
+        if met:
             state.holds += 1
             if state.probe != "sent":
                 state.probe = "needed"
@@ -181,7 +185,8 @@ class Pacer:
         of the group's holds with this one, so `observe` does not take it for another process's."""
         now = time.monotonic() if now is None else now
         group = self._groups[self._group_of[provider]]
-        group.shared_holds = max(group.shared_holds, shared)
+        if shared:
+            group.shared_holds, group.observed = max(group.shared_holds, shared), True
         group.held_until = max(group.held_until, now + seconds)
         group.holds += 1
         if group.probe != "sent":

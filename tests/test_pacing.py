@@ -81,6 +81,28 @@ def test_after_a_hold_one_probe_goes_alone_and_a_second_429_holds_again() -> Non
     assert pacer.blocked({}, now=9.5) == set()
 
 
+def test_the_database_view_of_other_processes() -> None:
+    """`observe` brings in what other worker processes recorded: their sends count in the window, a
+    hold one of them met holds this one back and makes it probe; its own hold is not counted twice."""
+    pacer = Pacer({"kie": "kie", "kie-market": "kie"}, {"kie": Limits(per_window=2, window=10.0)})
+    pacer.observe("kie", 0.0, 0, [1000.0, 1001.0], wall=1002.0, now=2.0)  # wall 1000 = monotonic 0
+    assert not pacer.try_acquire("kie", "m", {}, now=2.0)  # two sent elsewhere in the window
+    assert pacer.next_change(now=2.0) == 8.0
+    pacer.observe("kie", 1015.0, 1, [], wall=1012.0, now=12.0)  # another process met a 429
+    assert pacer.blocked({}, now=12.0) == {"kie", "kie-market"}
+    assert pacer.probes_due(now=14.0) == [] and pacer.probes_due(now=15.5) == ["kie"]
+    assert pacer.try_acquire("kie", "m", {}, now=15.5) and pacer.probing("kie")
+    pacer.hold("kie", 2.0, now=16.0, shared=2)  # the probe met one here: the database counts 2
+    pacer.observe("kie", 1018.0, 2, [1015.5], wall=1016.0, now=16.0)
+    assert not pacer.release("kie", "m")  # answered with a 429: probe again, once
+    assert pacer.probes_due(now=18.5) == ["kie"]
+    assert pacer.try_acquire("kie", "m", {}, now=18.5)
+    assert pacer.release("kie", "m")  # answered: open again for every process
+    fresh = Pacer({"fal": "fal"}, {})
+    fresh.observe("fal", 500.0, 3, [], wall=1000.0, now=0.0)  # holds long over when it started
+    assert fresh.probes_due(now=0.0) == [] and fresh.blocked({}, now=0.0) == set()
+
+
 def test_unpaced_providers_are_never_blocked() -> None:
     pacer = Pacer({"apimart": "apimart"}, {})
     assert all(pacer.try_acquire("apimart", "m", {}) for _ in range(1000))
