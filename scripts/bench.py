@@ -463,9 +463,12 @@ class Sink:
         self.url = f"{self.served.url}/hook"
 
 
-async def end_to_end(receiver: Receiver, images: Images, sink: Sink, count: int) -> None:
+async def end_to_end(
+    receiver: Receiver, images: Images, sink: Sink, count: int, mark: Callable[[str], None] = lambda _: None
+) -> None:
     """Create `count` tasks (half kie, half fal) with a notify_url, let the receiver submit them to
-    the fakes, then deliver each provider's signed callback; returns once every notification came."""
+    the fakes, then deliver each provider's signed callback; returns once every notification came.
+    `mark` is called at the end of each stage (created, submitted, called back, notified)."""
     limit = asyncio.Semaphore(16)
     async with httpx.AsyncClient(
         base_url=receiver.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
@@ -484,8 +487,10 @@ async def end_to_end(receiver: Receiver, images: Images, sink: Sink, count: int)
                 answer.raise_for_status()
 
         await asyncio.gather(*(create(n) for n in range(count)))
+        mark("created")
         submitted = await poll(lambda: len(images.kie.callback_urls) + len(images.fal.queue) >= count)
         assert submitted, "the receiver did not submit every task"
+        mark("submitted")
         targets = [("kie", pid, url) for pid, url in images.kie.callback_urls.items()]
         targets += [("fal", rid, queued.webhook) for rid, queued in images.fal.queue.items()]
 
@@ -498,7 +503,9 @@ async def end_to_end(receiver: Receiver, images: Images, sink: Sink, count: int)
                 answer.raise_for_status()
 
         await asyncio.gather(*(deliver(*target) for target in targets))
+        mark("called back")
         assert await poll(lambda: sink.count >= count), "not every notification arrived"
+        mark("notified")
 
 
 async def poll(predicate: Callable[[], bool], seconds: float = 600) -> bool:
@@ -565,18 +572,10 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
                 wait_phase_done(data / "receiver.db", 0x40 + i, len(tasks) - ours_rate.errors)
             out["peak_rss"] = peak_rss_mib(pids)
         statuses = Counter(called_back(data / "receiver.db"))
-        # End to end on a fresh data dir: the thousands of seeded tasks the bursts never called back
-        # would otherwise be in flight, and counting them is work a steady deployment has less of.
-        fresh = Receiver(work / f"data-{stack}-e2e", images.env, ("--http", http, "--loop", loop))
-        with fresh.processes(args.split) as pids:
-            say(f"{stack}: end to end, {args.tasks} tasks")
-            before = cpu_seconds(pids)
-            started = time.perf_counter()
-            asyncio.run(end_to_end(fresh, images, sink, args.tasks))
-            out["e2e_s"] = time.perf_counter() - started
-            out["e2e_cpu"] = (cpu_seconds(pids) - before) / args.tasks
-            out["peak_rss"] = max(out["peak_rss"], peak_rss_mib(pids))
-        statuses.update(called_back(fresh.data_dir / "receiver.db"))
+        e2e = end_to_end_phase(work, stack, args, images, sink)
+        out["peak_rss"] = max(out["peak_rss"], e2e.pop("peak_rss"))
+        statuses.update(e2e.pop("statuses"))
+        out.update(e2e)
         out["statuses"] = dict(statuses)
         out["fetches"] = images.fetches()
         out["notified"] = sink.count
@@ -584,7 +583,56 @@ def run_stack(work: Path, stack: str, args: argparse.Namespace, image: bytes) ->
         images.stop()
         sink.served.stop()
         shutil.rmtree(data, ignore_errors=True)
-        shutil.rmtree(work / f"data-{stack}-e2e", ignore_errors=True)
+    return out
+
+
+def end_to_end_phase(
+    work: Path, stack: str, args: argparse.Namespace, images: Images, sink: Sink
+) -> dict[str, Any]:
+    """The end-to-end row: `args.tasks` tasks through a fresh receiver, its process tree's CPU summed
+    over the whole phase (idle moments included), with the CPU of each stage on stderr."""
+    http, loop = STACKS[stack]
+    # A fresh data dir: the thousands of seeded tasks the bursts never called back would otherwise be
+    # in flight, and counting them is work a steady deployment has less of.
+    fresh = Receiver(work / f"data-{stack}-e2e", images.env, ("--http", http, "--loop", loop))
+    out: dict[str, Any] = {}
+    try:
+        with fresh.processes(args.split) as pids:
+            say(f"{stack}: end to end, {args.tasks} tasks (receiver pid {' '.join(map(str, pids))})")
+            before = last = cpu_seconds(pids)
+            started = time.perf_counter()
+            stages = []
+
+            def mark(stage: str) -> None:
+                nonlocal last
+                now = cpu_seconds(pids)
+                stages.append(f"{stage} {(now - last) * 1000 / args.tasks:.2f}")
+                last = now
+
+            asyncio.run(end_to_end(fresh, images, sink, args.tasks, mark))
+            out["e2e_s"] = time.perf_counter() - started
+            out["e2e_cpu"] = (cpu_seconds(pids) - before) / args.tasks
+            out["peak_rss"] = peak_rss_mib(pids)
+            say(f"{stack}: end to end, ms of receiver CPU per task by stage: {', '.join(stages)}")
+        out["statuses"] = called_back(fresh.data_dir / "receiver.db")
+    finally:
+        shutil.rmtree(fresh.data_dir, ignore_errors=True)
+    return out
+
+
+def run_e2e_only(work: Path, stack: str, args: argparse.Namespace, image: bytes) -> dict[str, Any]:
+    """Only the end-to-end phase (`--only e2e`): for profiling the per-task path without the bursts."""
+    images = Images(image)
+    sink = Sink()
+    try:
+        out = end_to_end_phase(work, stack, args, images, sink)
+        out["statuses"] = dict(out["statuses"])
+        out["fetches"] = images.fetches()
+        out["notified"] = sink.count
+        out["errors"] = 0  # end_to_end raises on any non-2xx
+    finally:
+        images.stop()
+        sink.served.stop()
     return out
 
 
@@ -705,7 +753,7 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
 # -- the table -----------------------------------------------------------------------------------------
 
 
-def stack_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> list[tuple[str, ...]]:
     """The issue's rows: one column per stack, each figure beside the bare app's from the same run."""
     stacks = list(results)
 
@@ -737,16 +785,18 @@ def stack_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
         )
         return f"{ok:,}/{ended:,} succeeded, {once}, {r['notified']:,} notified, {r['errors']} non-2xx"
 
-    rows = [
-        row("callback capacity, 64 connections", ">= 0.5x default, >= 0.3x fast", capacity),
-        row(
-            "server CPU per callback during the burst",
-            "",
-            lambda r: f"{median(r['cpu']) * 1000:.2f} ms (bare {median(r['bare_cpu']) * 1000:.2f} ms)",
-        ),
-    ]
-    for rate, target in zip(RATES, ("", "p99 <= 10 ms", "sustained, p99 <= 25 ms"), strict=True):
-        rows.append(row(f"ack latency at a fixed {rate:,}/s, p50 / p99", target, at(rate)))
+    rows = []
+    if not e2e_only:
+        rows += [
+            row("callback capacity, 64 connections", ">= 0.5x default, >= 0.3x fast", capacity),
+            row(
+                "server CPU per callback during the burst",
+                "",
+                lambda r: f"{median(r['cpu']) * 1000:.2f} ms (bare {median(r['bare_cpu']) * 1000:.2f} ms)",
+            ),
+        ]
+        for rate, target in zip(RATES, ("", "p99 <= 10 ms", "sustained, p99 <= 25 ms"), strict=True):
+            rows.append(row(f"ack latency at a fixed {rate:,}/s, p50 / p99", target, at(rate)))
     rows += [
         row(
             "receiver CPU per task, end to end",
@@ -784,7 +834,11 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default="callback,download", help="parts: callback, download, lookup")
+    parser.add_argument(
+        "--only",
+        default="callback,download",
+        help="parts: callback, download, lookup, e2e (only the end-to-end row of callback, per stack)",
+    )
     parser.add_argument(
         "--split",
         action="store_true",
@@ -831,6 +885,13 @@ def main() -> int:
                     "target",
                 ),
                 stack_rows(results),
+            )
+        if "e2e" in parts and "callback" not in parts:
+            image = image_bytes()
+            results = {stack: run_e2e_only(work, stack, args, image) for stack in args.stacks.split(",")}
+            print_table(
+                ("measure", *(f"{s} stack ({', '.join(STACKS[s])})" for s in results), "target"),
+                stack_rows(results, e2e_only=True),
             )
         rows: list[tuple[str, ...]] = []
         if "lookup" in parts:
