@@ -53,7 +53,7 @@ from receiver.schema import check
 from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
-from receiver.store import TaskRecord
+from receiver.store import TaskView
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
 from receiver.tasks import render_event
@@ -321,8 +321,8 @@ class Api:
                 row = await self._owned(task_id, tenant)
         return ModelResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
 
-    async def _owned(self, task_id: str, tenant: str | None) -> TaskRecord:
-        row = await self.store.task_row(task_id, tenant) if TASK_ID.match(task_id) else None
+    async def _owned(self, task_id: str, tenant: str | None) -> TaskView:
+        row = await self.store.task_view(task_id, tenant) if TASK_ID.match(task_id) else None
         if row is None:
             raise ApiError(404, "not_found", "no such task")
         return row

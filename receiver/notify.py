@@ -93,7 +93,7 @@ class Notifier:
 
     async def deliver(self, job: Job) -> None:
         """The `notify` job: one attempt, then done, stopped, given up, or due again later."""
-        row = await self.store.task(job.task_id)
+        row = await self.store.task_view(job.task_id)
         if row is None or not row.notify_url or not row.status.terminal:
             await self.store.finish_job(job)
             return

@@ -23,6 +23,7 @@ from receiver.schema import TaskFailure
 from receiver.store.records import EventRecord
 from receiver.store.records import ImageRecord
 from receiver.store.records import TaskRecord
+from receiver.store.records import TaskView
 from receiver.tokens import Tokens
 
 UPLOAD_PREFIX = "upload:"
@@ -42,7 +43,7 @@ def image_path(task_id: str, index: int) -> str:
     return f"/v1/tasks/{task_id}/images/{index}"
 
 
-def render_task(row: TaskRecord, images: Sequence[ImageRecord], tokens: Tokens) -> Task:
+def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) -> Task:
     """The task of CONTRACT.md; images appear once they are stored, each with a signed link."""
     return Task(
         id=row.id,
@@ -90,10 +91,9 @@ def _failure(error: Mapping[str, Any]) -> TaskFailure:
     return TaskFailure(ErrorCode(error["code"]), error["message"], error.get("provider_code"))
 
 
-def remaining_fallback(row: TaskRecord) -> list[str]:
+def remaining_fallback(row: TaskView) -> list[str]:
     """The providers still ahead of the task: its chain, less the hops already made."""
-    chain: list[str] = list(row.request.get("fallback") or [])
-    return chain[len(row.attempts) :]
+    return list(row.fallback[len(row.attempts) :])
 
 
 def render_event(row: EventRecord) -> Event:

@@ -1,6 +1,6 @@
 """The store: typed records out, one transaction per state change in, on SQLite or PostgreSQL.
 
-records.py   what leaves the store (TaskRecord, ImageRecord, EventRecord, Job, …)
+records.py   what leaves the store (TaskView, TaskRecord, ImageRecord, EventRecord, Job, …)
 base.py      the transaction protocol the rules are written against (one/all/run, a clock)
 rules.py     every read and state change, written once (Store)
 sqlite.py    the embedded default: a writer thread with group commit
@@ -18,6 +18,7 @@ from receiver.store.records import ImageRecord
 from receiver.store.records import Job
 from receiver.store.records import NewTask
 from receiver.store.records import TaskRecord
+from receiver.store.records import TaskView
 from receiver.store.rules import RoleTaken
 from receiver.store.rules import Store
 from receiver.store.rules import StoreUnavailable
@@ -35,6 +36,7 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "TaskRecord",
+    "TaskView",
     "make_store",
     "timed_out",
 ]

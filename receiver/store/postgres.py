@@ -67,7 +67,9 @@ def postgres_dialect(script: str) -> str:
     return re.sub(r"\bREAL\b", "DOUBLE PRECISION", script)
 
 
-MIGRATIONS = tuple(postgres_dialect(script) for script in schema.MIGRATIONS)
+MIGRATIONS = tuple(
+    postgres_dialect(script) if isinstance(script, str) else script.postgres for script in schema.MIGRATIONS
+)
 
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 

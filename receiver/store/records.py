@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
+from typing import Self
 
 from receiver.models import Status
 from receiver.models import TaskError
@@ -17,38 +18,55 @@ class IdempotencyConflict(Exception):
     """The same Idempotency-Key came again with another body."""
 
 
+JSON_COLUMNS = frozenset(("request", "provider_state", "metadata", "attempts", "fallback"))
+
+
 @dataclass(frozen=True)
-class TaskRecord:
+class TaskView:
+    """A task as lookups, lists, events and notifications show it: the columns they return (and the
+    tenant and notify URL they act on), never the request (it may be large) nor provider state (it
+    may hold per-task secrets). `TASK_VIEW` names these columns for every read that renders a task."""
+
     seq: int
     id: str
     tenant: str
     provider: str
     model: str
     prompt: str
-    request: Mapping[str, Any]
-    provider_state: Mapping[str, str]
     status: Status
     provider_task_id: str | None
     error: Mapping[str, Any] | None
     metadata: Mapping[str, Any]
     attempts: Sequence[Mapping[str, Any]]  # each provider the task left (fallback), with its error
+    fallback: Sequence[str]  # the whole fallback chain, as created (the providers ahead: less attempts)
     notify_url: str | None
-    idempotency_key: str | None
-    request_hash: str | None
-    image_count: int | None
     created_at: float
     updated_at: float
-    submitted_at: float | None
     completed_at: float | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
         values = {name: row[name] for name in cls.__dataclass_fields__}
-        for name in ("request", "provider_state", "metadata", "attempts"):
+        for name in JSON_COLUMNS.intersection(values):
             values[name] = json.loads(values[name])
         values["error"] = json.loads(values["error"]) if values["error"] else None
         values["status"] = Status(values["status"])
         return cls(**values)
+
+
+TASK_VIEW = ", ".join(TaskView.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class TaskRecord(TaskView):
+    """The whole task row: what the worker needs to spell a provider request, and callbacks to check one."""
+
+    request: Mapping[str, Any]
+    provider_state: Mapping[str, str]
+    idempotency_key: str | None
+    request_hash: str | None
+    image_count: int | None
+    submitted_at: float | None
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from receiver.store.base import Timings
 from receiver.store.base import Tx
 from receiver.store.base import in_list
 from receiver.store.base import system_clock
+from receiver.store.records import TASK_VIEW
 from receiver.store.records import Claimed
 from receiver.store.records import DownloadTarget
 from receiver.store.records import Ended
@@ -49,9 +50,11 @@ from receiver.store.records import Job
 from receiver.store.records import NewTask
 from receiver.store.records import Pace
 from receiver.store.records import TaskRecord
+from receiver.store.records import TaskView
 
 log = logging.getLogger("receiver.store")
 T = TypeVar("T")
+V = TypeVar("V", bound=TaskView)
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
 Op = Callable[[Tx], Coroutine[Any, Any, T]]
 
@@ -135,14 +138,20 @@ class Store(ABC):
     # -- reads -----------------------------------------------------------------------------------
 
     async def task(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
-        rows = await self.fetch("SELECT * FROM tasks WHERE id=:id", {"id": task_id})
-        if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
-            return None
-        return TaskRecord.from_row(rows[0])
+        """The whole task, request included: for the worker, which spells provider requests from it."""
+        return owned(
+            TaskRecord, await self.fetch("SELECT * FROM tasks WHERE id=:id", {"id": task_id}), tenant
+        )
 
     async def task_row(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
-        """A task by primary key on the callback and lookup paths (a backend may read it faster)."""
+        """A task by primary key on the callback path (a backend may read it faster)."""
         return await self.task(task_id, tenant)
+
+    async def task_view(self, task_id: str, tenant: str | None = None) -> TaskView | None:
+        """A task as lookups, events and notifications show it: never its request (a backend may read
+        it faster)."""
+        rows = await self.fetch(f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id", {"id": task_id})  # noqa: S608
+        return owned(TaskView, rows, tenant)
 
     async def images(self, task_id: str) -> list[ImageRecord]:
         rows = await self.fetch("SELECT * FROM images WHERE task_id=:id ORDER BY idx", {"id": task_id})
@@ -179,7 +188,8 @@ class Store(ABC):
 
     async def tasks(
         self, tenant: str, *, status: str | None, provider: str | None, limit: int, before_seq: int | None
-    ) -> list[TaskRecord]:
+    ) -> list[TaskView]:
+        """A page of the tenant's tasks, newest first, as lists show them (never their requests)."""
         clauses, params = ["tenant=:tenant"], {"tenant": tenant, "limit": limit}
         if status:
             clauses.append("status=:status")
@@ -190,8 +200,9 @@ class Store(ABC):
         if before_seq is not None:
             clauses.append("seq<:before")
             params["before"] = before_seq
-        sql = f"SELECT * FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq DESC LIMIT :limit"  # noqa: S608
-        return [TaskRecord.from_row(row) for row in await self.fetch(sql, params)]
+        where = " AND ".join(clauses)
+        sql = f"SELECT {TASK_VIEW} FROM tasks WHERE {where} ORDER BY seq DESC LIMIT :limit"  # noqa: S608
+        return [TaskView.from_row(row) for row in await self.fetch(sql, params)]
 
     async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[EventRecord]:
         """A task's events in order, from the one after event id `after`, at most `limit`."""
@@ -229,9 +240,9 @@ class Store(ABC):
                         raise IdempotencyConflict(new.idempotency_key)
                     return TaskRecord.from_row(existing), False
             await tx.run(
-                "INSERT INTO tasks (id, tenant, provider, model, prompt, request, provider_state, status,"
-                " metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
-                " VALUES (:id, :tenant, :provider, :model, :prompt, :request, :state, :status,"
+                "INSERT INTO tasks (id, tenant, provider, model, prompt, request, fallback, provider_state,"
+                " status, metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
+                " VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback, :state, :status,"
                 " :metadata, :notify_url, :key, :hash, :now, :now)",
                 {
                     "id": new.id,
@@ -240,6 +251,7 @@ class Store(ABC):
                     "model": new.model,
                     "prompt": new.prompt,
                     "request": _dumps(new.request),
+                    "fallback": _dumps(list(new.request.get("fallback") or [])),
                     "state": _dumps(new.provider_state),
                     "status": str(Status.QUEUED),
                     "metadata": _dumps(new.metadata),
@@ -576,6 +588,13 @@ class Store(ABC):
         await self.write(lambda tx: _delete_job(tx, job.id))
 
 
+def owned(kind: type[V], rows: Sequence[Row], tenant: str | None) -> V | None:
+    """The task read by its id, if there is one and it is the tenant's (any tenant's for None)."""
+    if not rows or (tenant is not None and rows[0]["tenant"] != tenant):
+        return None
+    return kind.from_row(rows[0])
+
+
 # -- the rules of a state change, run inside a write transaction ------------------------------------
 
 
@@ -743,9 +762,8 @@ async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
     reason = fallback_reason(error)
     if reason is None or Status(task["status"]) not in (Status.QUEUED, Status.SUBMITTED):
         return None  # a task with results on the way (or ended) stays where it is
-    request = json.loads(task["request"])
     attempts = json.loads(task["attempts"])
-    remaining = (request.get("fallback") or [])[len(attempts) :]
+    remaining = json.loads(task["fallback"])[len(attempts) :]
     if not remaining:
         return None
     origin, target = task["provider"], remaining[0]
@@ -758,7 +776,7 @@ async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
             "at": tx.now,
         }
     )
-    chain = request.get("chain") or {}
+    chain = json.loads(task["request"]).get("chain") or {}
     await tx.run(
         "UPDATE tasks SET provider=:provider, model=:model, provider_state=:state, provider_task_id=NULL,"
         " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now"

@@ -1,12 +1,25 @@
 """The schema, as migrations in the order they came, written once in SQLite's dialect.
 
 SQLite runs them as they are; the PostgreSQL backend translates the few type names that differ
-(postgres.py, `postgres_dialect`). A change to the schema is a new entry at the end, never an edit.
+(postgres.py, `postgres_dialect`). A migration the dialects spell differently beyond type names (JSON
+functions, to fill a new column from old ones) is a `Spelled` with each dialect's text. A change to the
+schema is a new entry at the end, never an edit.
 """
 
 from __future__ import annotations
 
-MIGRATIONS: tuple[str, ...] = (
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Spelled:
+    """A migration in each dialect's own words (statements separated by `;`)."""
+
+    sqlite: str
+    postgres: str
+
+
+MIGRATIONS: tuple[str | Spelled, ...] = (
     """
     CREATE TABLE tasks (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -113,4 +126,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX pace_sends_by_group ON pace_sends (grp, at)
     """,
+    # Lookups and lists show the providers still ahead of a task without reading its request (which
+    # may be large): the fallback chain gets its own small column, filled for the tasks already there.
+    Spelled(
+        sqlite="ALTER TABLE tasks ADD COLUMN fallback TEXT NOT NULL DEFAULT '[]';"
+        " UPDATE tasks SET fallback=json_extract(request, '$.fallback')"
+        " WHERE json_type(request, '$.fallback')='array'",
+        # PostgreSQL's JSON refuses the escapes of NUL and of lone surrogates, which older requests may
+        # hold in strings (options): each becomes an escaped space first, so that every row parses.
+        postgres="ALTER TABLE tasks ADD COLUMN fallback TEXT NOT NULL DEFAULT '[]';"
+        " UPDATE tasks SET fallback=(clean::json -> 'fallback')::text FROM ("
+        r"  SELECT id AS old_id, regexp_replace(request, '\\u(0000|[dD][89a-fA-F][0-9a-fA-F]{2})',"
+        r"   '\\u0020', 'g') AS clean"
+        """ FROM tasks WHERE request LIKE '%"fallback":[%') AS old"""
+        " WHERE tasks.id=old.old_id AND json_typeof(clean::json -> 'fallback')='array'",
+    ),
 )

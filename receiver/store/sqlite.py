@@ -31,13 +31,16 @@ from receiver.store.base import Params
 from receiver.store.base import Row
 from receiver.store.base import Timings
 from receiver.store.base import Tx
+from receiver.store.records import TASK_VIEW
 from receiver.store.records import ImageRecord
 from receiver.store.records import TaskRecord
+from receiver.store.records import TaskView
 from receiver.store.rules import Op
 from receiver.store.rules import RoleTaken
 from receiver.store.rules import Store
 from receiver.store.rules import committed
 from receiver.store.rules import insert_inbox
+from receiver.store.rules import owned
 from receiver.store.schema import MIGRATIONS
 
 T = TypeVar("T")
@@ -94,7 +97,8 @@ def migrate(conn: sqlite3.Connection) -> int:
     cursor = conn.cursor()
     cursor.row_factory = None  # a plain tuple, whatever the connection's row factory
     version = int(cursor.execute("PRAGMA user_version").fetchone()[0])
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+    for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
+        script = migration if isinstance(migration, str) else migration.sqlite
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in script.split(";"):
@@ -266,6 +270,12 @@ class SqliteStore(Store):
         if row is None or (tenant is not None and row["tenant"] != tenant):
             return None
         return TaskRecord.from_row(row)
+
+    async def task_view(self, task_id: str, tenant: str | None = None) -> TaskView | None:
+        """A task as lookups show it (never its request), read on the event loop like task_row."""
+        assert self._point is not None
+        rows = self._point.execute(f"SELECT {TASK_VIEW} FROM tasks WHERE id=?", (task_id,)).fetchall()  # noqa: S608
+        return owned(TaskView, rows, tenant)
 
     async def image_rows(self, task_id: str) -> list[ImageRecord]:
         """A task's images by primary key, read on the event loop like task_row."""
