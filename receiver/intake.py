@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from receiver import imageinfo
 from receiver.media import Media
 from receiver.media import temp_key
+from receiver.offload import Behind
 
 # Width and height are read from the first bytes kept here: a JPEG's frame header follows its
 # metadata segments (EXIF, ICC, XMP), each at most 64 KiB; this covers the usual stack of them.
@@ -44,7 +45,8 @@ def _not_image() -> ImageRefused:
 
 
 class _Checked:
-    """The stream as it passes: counted against the cap, hashed, its head kept for the dimensions."""
+    """The stream as it passes: counted against the cap, hashed (in a thread, one chunk behind), its
+    head kept for the dimensions."""
 
     def __init__(self, source: AsyncIterator[bytes], peeked: list[bytes], max_bytes: int) -> None:
         self.source = source
@@ -53,21 +55,30 @@ class _Checked:
         self.size = 0
         self.digest = hashlib.sha256()
         self.head = bytearray()
+        self.hashing = Behind()
 
-    def _take(self, chunk: bytes) -> bytes:
+    async def _take(self, chunk: bytes) -> bytes:
         self.size += len(chunk)
         if self.size > self.max_bytes:
             raise ImageRefused(f"the image is over the {self.max_bytes}-byte cap", "too_large")
-        self.digest.update(chunk)
+        await self.hashing.run(self.digest.update, chunk)
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
         return chunk
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        for chunk in self.peeked:
-            yield self._take(chunk)
-        async for chunk in self.source:
-            yield self._take(chunk)
+        try:
+            for chunk in self.peeked:
+                yield await self._take(chunk)
+            async for chunk in self.source:
+                yield await self._take(chunk)
+        finally:
+            await self.hashing.wait()
+
+    async def sha256(self) -> str:
+        """The digest of every chunk taken, once the last one is hashed."""
+        await self.hashing.wait()
+        return self.digest.hexdigest()
 
 
 async def store_image(
@@ -93,7 +104,7 @@ async def store_image(
     checked = _Checked(source, peeked, max_bytes)
     key = f"{stem}.{extension}" if stem is not None else temp_key(folder)
     await media.put(key, checked.chunks())
-    sha256 = checked.digest.hexdigest()
+    sha256 = await checked.sha256()
     if stem is None:
         final = f"{folder}/{sha256}.{extension}"
         if await media.exists(final):

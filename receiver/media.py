@@ -26,6 +26,8 @@ import obstore
 from obstore.exceptions import BaseError
 from obstore.store import S3Store
 
+from receiver.offload import Behind
+
 CHUNK = 64 * 1024
 PART_SIZE = 5 * 1024 * 1024  # S3's smallest part; an object up to this size goes up in one PUT
 PARTS_IN_FLIGHT = 2  # parts uploading at once: what a download holds in memory stays near 2 parts
@@ -135,10 +137,14 @@ class LocalMedia:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
             raise MediaError(f"cannot write to the media directory: {exc.strerror}") from None
+        writing = Behind()  # each write in a thread while the next chunk arrives
         try:
-            with open(fd, "wb") as handle:  # noqa: ASYNC230 - buffered writes of network-sized chunks
-                async for chunk in chunks:
-                    handle.write(chunk)
+            with open(fd, "wb") as handle:  # noqa: ASYNC230 - written in a thread, closed once done
+                try:
+                    async for chunk in chunks:
+                        await writing.run(handle.write, chunk)
+                finally:
+                    await writing.wait()
             os.replace(temp, path)
         except OSError as exc:
             _unlink(temp)

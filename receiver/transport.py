@@ -37,7 +37,10 @@ from receiver.downloads import is_public
 from receiver.downloads import resolve_public
 
 KEEPALIVE_SECONDS = 5.0  # httpx's default keep-alive expiry
-CHUNK = 64 * 1024
+# A response body is read in pieces of up to 1 MiB: each piece is one hand-off to the hash and write
+# threads (receiver/offload.py), which costs more than the work itself for a 64 KiB piece. aiohttp
+# stops reading the socket once 2 x this is buffered, so a download holds a few MiB whatever its size.
+CHUNK = 1024 * 1024
 
 
 class GuardedResolver(AbstractResolver):
@@ -146,7 +149,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 resolver=GuardedResolver(proxy_hosts(), self.public) if self.guard else None,
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=True, auto_decompress=False, timeout=aiohttp.ClientTimeout()
+                connector=connector,
+                trust_env=True,
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(),
+                read_bufsize=CHUNK,
             )
         return self._session
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -10,7 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from receiver.downloads import DownloadError
+from receiver.downloads import fetch_image
 from receiver.downloads import is_public
+from receiver.media import LocalMedia
+from receiver.transport import outside_client
 from tests.fakes.common import big_png
 from tests.fakes.kie import KEY
 from tests.fakes.kie import KieFake
@@ -183,3 +189,52 @@ def test_memory_stays_flat_for_big_and_oversized_images(
         client.close()
     finally:
         process.kill()
+
+
+def _open_under(root: Path) -> list[str]:
+    """The files under `root` this process holds open."""
+    targets = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except FileNotFoundError:
+            pass  # closed meanwhile (the listing's own descriptor)
+    return [target for target in targets if target.startswith(str(root))]
+
+
+def test_a_stream_cut_midway_stores_nothing_and_closes_its_file(kie: KieFake, tmp_path: Path) -> None:
+    """Cut while earlier chunks are still being hashed and written in their threads."""
+    url = kie.host("cut.png", big_png(24 * 1024 * 1024), cut_after=17 * 1024 * 1024 + 5)
+    media = LocalMedia(tmp_path / "media")
+
+    async def fetch() -> DownloadError:
+        async with outside_client(allow_private=True, timeout=30) as client:
+            with pytest.raises(DownloadError) as cut:
+                await fetch_image(client, url, media, "tsk_cut/0", 64 * 1024 * 1024)
+            return cut.value
+
+    error = asyncio.run(fetch())
+    assert (error.kind, error.permanent) == ("network", False)  # tried again later
+    assert [p for p in (tmp_path / "media").rglob("*") if p.is_file()] == []  # neither image nor temp
+    assert _open_under(tmp_path) == []
+
+
+def test_a_download_cancelled_midway_stores_nothing_and_closes_its_file(kie: KieFake, tmp_path: Path) -> None:
+    """A worker that stops cancels its downloads: the write in flight ends first, then the temp goes."""
+    url = kie.host("slow.png", big_png(16 * 1024 * 1024), chunk_delay=0.002)
+    media = LocalMedia(tmp_path / "media")
+
+    async def cancel_midway() -> None:
+        async with outside_client(allow_private=True, timeout=30) as client:
+            task = asyncio.create_task(fetch_image(client, url, media, "tsk_slow/0", 64 * 1024 * 1024))
+            deadline = time.monotonic() + 30
+            while not any(part.stat().st_size for part in (tmp_path / "media").rglob("*.part")):
+                assert not task.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(cancel_midway())
+    assert [p for p in (tmp_path / "media").rglob("*") if p.is_file()] == []
+    assert _open_under(tmp_path) == []

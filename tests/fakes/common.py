@@ -55,6 +55,7 @@ class HostedFile:
     fetches: int = 0
     chunk_delay: float = 0.0
     redirect: str | None = None  # answer every fetch with a 302 to this Location
+    cut_after: int | None = None  # send only this many bytes of the body, then close the connection
 
 
 class FakeProvider:
@@ -126,14 +127,18 @@ class FakeProvider:
             return Response(status_code=302, headers={"Location": hosted.redirect})
         if hosted.failures:
             return Response(b"try later", status_code=hosted.failures.popleft())
+        if hosted.cut_after is not None:  # the whole length declared, less sent: the server hangs up
+            length = {"Content-Length": str(len(hosted.body))}
+            return StreamingResponse(self._slow(hosted), media_type=hosted.content_type, headers=length)
         if hosted.chunk_delay:
             return StreamingResponse(self._slow(hosted), media_type=hosted.content_type)
         return Response(hosted.body, media_type=hosted.content_type)
 
     async def _slow(self, hosted: HostedFile) -> Any:
         step = 64 * 1024
-        for start in range(0, len(hosted.body), step):
-            yield hosted.body[start : start + step]
+        body = hosted.body[: hosted.cut_after]
+        for start in range(0, len(body), step):
+            yield body[start : start + step]
             await asyncio.sleep(hosted.chunk_delay)
 
     # -- lifecycle -------------------------------------------------------------------------------
