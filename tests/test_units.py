@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import sqlite3
 import struct
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from itsdangerous import Signer
 
 from receiver import imageinfo
 from receiver.models import Status
@@ -83,6 +85,17 @@ def test_tokens_and_links() -> None:
     assert other.task_of(token) is None
     assert tokens.task_of(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
     assert tokens.task_of("tsk_1") is None
+    # Cached by its exact text only: a near twin of a cached token is checked, and refused.
+    for twin in (token + "=", token + "==", " " + token, token.upper(), "tsk_2" + token[5:], token[:-1], ""):
+        assert tokens.task_of(twin) is None, twin
+    assert tokens.task_of(token.replace(".", "é", 1)) is None
+    # The one-HMAC check agrees with itsdangerous on every token it issues.
+    for task_id in ("tsk_1", "a.b", "x" * 64):
+        issued = tokens.callback_token(task_id)
+        assert Signer("k" * 40, salt="receiver.callback", digest_method=hashlib.sha256).unsign(issued) == (
+            task_id.encode()
+        )
+        assert tokens.task_of(issued) == task_id
     link = tokens.signed_link("/v1/tasks/tsk_1/images/0")
     query = dict(part.split("=") for part in link.split("?")[1].split("&"))
     assert tokens.link_valid("/v1/tasks/tsk_1/images/0", query["expires"], query["signature"])
