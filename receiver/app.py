@@ -128,13 +128,8 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         Route("/v1/uploads", api.create_upload, methods=["POST"]),
         Route("/uploads/{name}", api.get_upload, methods=["GET"]),
         # For providers, not for apps: out of the public OpenAPI document.
-        Route("/callbacks/{provider}/{token}", callbacks.receive, methods=["POST"], include_in_schema=False),
-        Route(
-            "/callbacks/{provider}/{token}/callback",
-            callbacks.receive,
-            methods=["POST"],
-            include_in_schema=False,
-        ),
+        Route("/callbacks/{provider}/{token}", callbacks, methods=["POST"], include_in_schema=False),
+        Route("/callbacks/{provider}/{token}/callback", callbacks, methods=["POST"], include_in_schema=False),
         Route("/openapi.json", openapi, methods=["GET"]),
         *sandbox.routes(),
         *console_routes(settings, api.tenant),

@@ -313,6 +313,10 @@ def test_a_405_says_what_is_allowed_and_a_401_how_to_authenticate(receiver: Rece
     assert refused.headers["allow"] == "GET, HEAD, POST"  # both routes at the path, not one of them
     assert refused.json()["error"]["code"] == "method_not_allowed"
     assert receiver.alice.put("/v1/uploads").headers["allow"] == "POST"
+    for path in ("/callbacks/kie/x", "/callbacks/apimart/x/callback"):  # plain ASGI routes: same answers
+        refused = receiver.anon.get(path)
+        assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+        assert refused.json()["error"]["code"] == "method_not_allowed"
     unauthorized = receiver.anon.get("/v1/tasks")
     assert unauthorized.status_code == 401
     assert unauthorized.headers["www-authenticate"] == "Bearer"

@@ -14,6 +14,7 @@ from typing import Any
 from typing import ClassVar
 
 import httpx
+import msgspec
 
 from receiver.config import ProviderSettings
 from receiver.models import MalformedCallback
@@ -146,11 +147,17 @@ class Provider:
 
 
 def json_object(raw: bytes | str) -> dict[str, Any]:
-    """Parse a JSON object or raise MalformedCallback; big integers stay exact (Python ints)."""
+    """Parse a JSON object or raise MalformedCallback; big integers stay exact (Python ints).
+
+    msgspec reads the common case several times faster; what it refuses (a lone surrogate escape,
+    NaN, a byte order mark) goes to the json module, so the same bodies are taken as before."""
     try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedCallback(f"body is not JSON: {exc}") from None
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MalformedCallback(f"body is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise MalformedCallback("body is not a JSON object")
     return value
