@@ -71,8 +71,9 @@ class Pacer:
         """Whether the submit just acquired for `group` is its probe (sent alone after a hold)."""
         return self._groups[group].probe == "sent"
 
-    def longest_window(self) -> float:
-        return max((group.limits.window for group in self._groups.values()), default=60.0)
+    def rate_windows(self) -> dict[str, float]:
+        """Each group with a per-window rate, and its window (whose sends the database is asked for)."""
+        return {name: group.limits.window for name, group in self._groups.items() if group.limits.per_window}
 
     def observe(
         self,
@@ -82,14 +83,20 @@ class Pacer:
         sends: list[float],
         wall: float,
         now: float | None = None,
+        count: int = 0,
+        newest: float = 0.0,
     ) -> None:
         """Take the database's view of `group` (wall-clock times, read at `wall`): its hold, a hold
-        another process met (then this one probes too), and every process's sends in the window."""
+        another process met (then this one probes too), and every process's sends in the window: the
+        oldest ones' times in `sends`, and (when `count` is more) the rest, taken as sent at `newest`,
+        the latest they can have been, so they free the window no sooner than they really do."""
         now = time.monotonic() if now is None else now
         state = self._groups[group]
         offset = now - wall
         state.held_until = held_until + offset
         state.sent = deque(at + offset for at in sends)
+        if count > len(sends):
+            state.sent.extend([newest + offset] * (count - len(sends)))
         # A count above the last seen is a hold another process met; at start only a hold still on is.
         met = holds > state.shared_holds if state.observed else holds > 0 and held_until > wall
         state.observed = True

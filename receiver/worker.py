@@ -186,7 +186,7 @@ class Worker:
                     paced_out,
                     self.pacer.counted_providers(),
                     BUSY_INBOX_SLICE if busy else INBOX_SLICE,
-                    self.pacer.longest_window(),
+                    self.pacer.rate_windows(),
                 )
             except Exception as exc:  # the database is away: jobs wait in it, try again shortly
                 event(log, "cannot claim jobs", level=logging.WARNING, reason=str(exc)[:200])
@@ -196,7 +196,15 @@ class Worker:
             wall = time.time()
             for group, pace in claimed.paces.items():
                 if group in self.pacer.groups():
-                    self.pacer.observe(group, pace.held_until, pace.holds, pace.sends, wall)
+                    self.pacer.observe(
+                        group,
+                        pace.held_until,
+                        pace.holds,
+                        pace.sends,
+                        wall,
+                        count=pace.count,
+                        newest=pace.newest,
+                    )
             for task_id, provider, result in claimed.applied:
                 metrics.CALLBACKS_APPLIED.labels(provider, result).inc()
                 level = logging.DEBUG if result == "changed" else logging.INFO

@@ -9,6 +9,7 @@ import pytest
 
 from receiver.pacing import Limits
 from receiver.pacing import Pacer
+from receiver.store.rules import PACE_SENDS_READ
 from tests.fakes.kie import GENERATE
 from tests.fakes.kie import KEY
 from tests.fakes.kie import KieFake
@@ -101,6 +102,35 @@ def test_the_database_view_of_other_processes() -> None:
     fresh = Pacer({"fal": "fal"}, {})
     fresh.observe("fal", 500.0, 3, [], wall=1000.0, now=0.0)  # holds long over when it started
     assert fresh.probes_due(now=0.0) == [] and fresh.blocked({}, now=0.0) == set()
+
+
+def test_sends_counted_beyond_those_read_free_the_window_no_sooner_than_they_really_do() -> None:
+    """The database gives the oldest sends' times and counts the rest (each turn reading every send
+    would cost as much as the window holds): those counted are taken as sent at the newest time."""
+    pacer = Pacer({"kie": "kie"}, {"kie": Limits(per_window=5, window=10.0)})
+    pacer.observe("kie", 0.0, 0, [1000.0, 1001.0], wall=1006.0, now=6.0, count=5, newest=1005.0)
+    assert not pacer.try_acquire("kie", "m", {}, now=6.0)  # five in the window, two of them known
+    assert pacer.next_change(now=6.0) == 4.0  # the oldest frees a slot first
+    assert pacer.try_acquire("kie", "m", {}, now=10.5)
+    assert not pacer.try_acquire("kie", "m", {}, now=10.6)
+    assert pacer.try_acquire("kie", "m", {}, now=11.5)
+    assert not pacer.try_acquire("kie", "m", {}, now=14.9)  # the three counted: sent at 5 at the latest
+    assert pacer.try_acquire("kie", "m", {}, now=15.1)
+
+
+def test_a_window_holding_more_sends_than_a_turn_reads(
+    kie: KieFake, start_receiver: Callable[..., Receiver]
+) -> None:
+    """Past PACE_SENDS_READ sends in the window the worker reads the oldest ones' times and counts the
+    rest: the cap holds all the same, and the tasks past it wait in order."""
+    cap = PACE_SENDS_READ + 8
+    receiver = start_receiver(KIE_API_KEY=KEY, KIE_BASE_URL=kie.url, KIE_MAX_PER_MINUTE=cap)
+    ids = [receiver.submit(provider="kie", prompt=f"w{i}")["id"] for i in range(cap + 4)]
+    kie.wait_for(lambda: len(kie.calls(GENERATE)) >= cap)
+    time.sleep(0.5)
+    assert len(kie.calls(GENERATE)) == cap
+    queued = [i for i in ids if receiver.alice.get(f"/v1/tasks/{i}").json()["status"] == "queued"]
+    assert queued == ids[cap:]
 
 
 def test_unpaced_providers_are_never_blocked() -> None:

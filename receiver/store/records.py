@@ -144,7 +144,9 @@ class Pace:
 
     held_until: float
     holds: int  # 429 holds so far: a higher count than last seen is a hold another process met
-    sends: list[float]  # when submits were sent, oldest first, within the longest window
+    sends: list[float]  # when the oldest submits in the group's window were sent, oldest first
+    count: int = 0  # submits in the window in all: `sends` and as many more, each no later than `newest`
+    newest: float = 0.0
 
 
 @dataclass(frozen=True)

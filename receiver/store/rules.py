@@ -56,6 +56,7 @@ log = logging.getLogger("receiver.store")
 T = TypeVar("T")
 V = TypeVar("V", bound=TaskView)
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
+PACE_SENDS_READ = 32  # sends per pace group whose times each worker turn reads (the rest are counted)
 Op = Callable[[Tx], Coroutine[Any, Any, T]]
 
 
@@ -426,12 +427,13 @@ class Store(ABC):
         skip_submits_of: Iterable[str] = (),
         count_for: Sequence[str] = (),
         inbox_batch: int = 256,
-        pace_window: float = 0.0,
+        pace_windows: Mapping[str, float] | None = None,
     ) -> Claimed:
         """One turn of the worker in one operation: apply recorded callbacks, take back jobs whose lease
         ran out, lease due jobs (up to `slots[kind]`, oldest first, leaving alone the submit jobs of
         providers that pacing holds back), and tell when the next job falls due and (if asked) how many
-        tasks each provider has in flight, and (with a `pace_window`) the pace groups' shared state."""
+        tasks each provider has in flight, and (with `pace_windows`, each rate-limited pace group's
+        window) the pace groups' shared state."""
         skip = sorted(skip_submits_of)
         marks, skip_params = in_list("p", skip)
         held = ""
@@ -467,7 +469,7 @@ class Store(ABC):
             due = await tx.one(next_due, skip_params)
             in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
             due_at = None if due is None or due["due"] is None else float(due["due"])
-            paces = await _paces(tx, pace_window) if pace_window else {}
+            paces = await _paces(tx, pace_windows) if pace_windows is not None else {}
             return Claimed(jobs, due_at, in_flight, applied, more_news, paces)
 
         return await self.write(op)
@@ -664,17 +666,31 @@ async def _in_flight(tx: Tx, providers: Sequence[str], owner: str) -> dict[tuple
     return counts
 
 
-async def _paces(tx: Tx, window: float) -> dict[str, Pace]:
-    """Every pace group's hold and its sends within `window` (the longest of the groups' windows)."""
+async def _paces(tx: Tx, windows: Mapping[str, float]) -> dict[str, Pace]:
+    """Every pace group's hold, and for each group in `windows` its sends within its window: counted
+    all, the oldest PACE_SENDS_READ of them with their times (the ones that free the window first).
+    Reading every send's time would make each worker turn cost as much as the window holds."""
     paces = {
         row["grp"]: Pace(float(row["held_until"]), int(row["holds"]), [])
         for row in await tx.all("SELECT grp, held_until, holds FROM pace_holds")
     }
-    for row in await tx.all(
-        "SELECT grp, at FROM pace_sends WHERE at>:old ORDER BY at", {"old": tx.now - window}
-    ):
-        if row["grp"] in paces:
-            paces[row["grp"]].sends.append(float(row["at"]))
+    if not windows:
+        return paces
+    within = " OR ".join(f"(grp=:g{n} AND at>:old{n})" for n in range(len(windows)))
+    params: dict[str, Any] = {"read": PACE_SENDS_READ}
+    for n, (group, window) in enumerate(sorted(windows.items())):
+        params[f"g{n}"], params[f"old{n}"] = group, tx.now - window
+    rows = await tx.all(
+        "SELECT grp, at, n, newest FROM (SELECT grp, at, COUNT(*) OVER (PARTITION BY grp) AS n,"  # noqa: S608
+        " MAX(at) OVER (PARTITION BY grp) AS newest, ROW_NUMBER() OVER (PARTITION BY grp ORDER BY at) AS k"
+        f" FROM pace_sends WHERE {within}) AS s WHERE k<=:read ORDER BY grp, at",
+        params,
+    )
+    for row in rows:
+        pace = paces.get(row["grp"])
+        if pace is not None:
+            pace.sends.append(float(row["at"]))
+            paces[row["grp"]] = replace(pace, count=int(row["n"]), newest=float(row["newest"]))
     return paces
 
 
