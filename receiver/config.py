@@ -75,6 +75,7 @@ class Settings:
     max_header_bytes: int = 16 * 1024
     database_url: str | None = None  # postgresql://…; None: SQLite in the data dir
     job_lease: float = 60.0  # seconds a claimed job stays with its process before others may take it
+    download_process: bool = False  # RECEIVER_DOWNLOAD_PROCESS: downloads in a child process (fetcher.py)
 
     @property
     def db_path(self) -> Path:
@@ -392,7 +393,20 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         max_header_bytes=_integer(env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
         database_url=database_url,
         job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0),
+        download_process=_download_process(env),
     )
+
+
+def _download_process(env: Mapping[str, str]) -> bool:
+    """RECEIVER_DOWNLOAD_PROCESS: auto (a child when this process may use two cores or more), 1 or 0."""
+    chosen = _choice(env, "RECEIVER_DOWNLOAD_PROCESS", ("auto", "1", "0"), "auto")
+    if chosen == "auto":
+        return (
+            len(os.sched_getaffinity(0)) >= 2
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1) >= 2
+        )
+    return chosen == "1"
 
 
 def _private(data_dir: Path) -> None:

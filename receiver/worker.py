@@ -21,7 +21,7 @@ from receiver import USER_AGENT
 from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import DownloadError
-from receiver.downloads import fetch_image
+from receiver.fetcher import open_fetcher
 from receiver.logs import event
 from receiver.logs import redact_url
 from receiver.media import Media
@@ -125,6 +125,8 @@ class Worker:
         self.tokens = tokens
         self.provider_http = provider_http
         self.outside_http = outside_http
+        # Downloads run in a child process (RECEIVER_DOWNLOAD_PROCESS); their results are recorded here.
+        self.fetcher = open_fetcher(settings, provider_http, outside_http, media)
         self.handlers: dict[str, tuple[int, Callable[[Job], Awaitable[None]]]] = {
             "submit": (8, self.submit),
             "download": (settings.download_concurrency, self.download),
@@ -287,12 +289,13 @@ class Worker:
         self._stopping = True
         self.store.jobs_changed.set()
         running = [task for tasks in self._running.values() for task in tasks]
-        if not running:
-            return 0
-        _, pending = await asyncio.wait(running, timeout=grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        pending: set[asyncio.Task[None]] = set()
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.fetcher.close()  # after the downloads: none is left waiting on the child
         return len(pending)
 
     def _backoff(self, attempts: int, retry_after: float | None = None) -> float:
@@ -451,11 +454,13 @@ class Worker:
             await self.store.finish_job(job)  # already stored, or the task ended
             return
         url = target.image.source_url
-        client = self.provider_http if url.startswith(self._own_links) else self.outside_http
         started = time.monotonic()
         try:
-            stored = await fetch_image(
-                client, url, self.media, f"{job.task_id}/{job.arg}", self.settings.max_image_bytes
+            stored = await self.fetcher.fetch(
+                url,
+                f"{job.task_id}/{job.arg}",
+                self.settings.max_image_bytes,
+                trusted=url.startswith(self._own_links),
             )
         except DownloadError as exc:
             metrics.DOWNLOADS.labels(exc.kind).inc()

@@ -217,3 +217,27 @@ class ReceiverProcess:
         assert self.process is not None
         self.process.terminate()
         return self.process.wait(timeout)
+
+
+def download_children(parent: int) -> list[int]:
+    """The live download processes (`python -m receiver.fetcher`) whose parent is `parent`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (entry / "cmdline").read_bytes()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(ppid) == parent and state != "Z" and b"receiver.fetcher" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie waiting to be reaped has)."""
+    try:
+        return (Path(f"/proc/{pid}/stat")).read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

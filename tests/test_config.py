@@ -50,6 +50,7 @@ def serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("RECEIVER_DATABASE_URL", "mysql://user:pw@db/receiver"),
         ("RECEIVER_DATABASE_URL", "postgresql://user:pw@db:port/receiver"),
         ("RECEIVER_JOB_LEASE", "0"),
+        ("RECEIVER_DOWNLOAD_PROCESS", "2"),
     ],
 )
 def test_bad_values_stop_serve_with_one_line(tmp_path: Path, name: str, value: str) -> None:
@@ -98,6 +99,15 @@ def test_defaults_follow_the_contract(tmp_path: Path) -> None:
     assert settings.provider("kie").api_key is None
     assert settings.provider("fal").extra["FAL_JWKS_URL"] == "https://rest.fal.ai/.well-known/jwks.json"
     assert settings.db_path == tmp_path / "receiver.db"
+
+
+def test_download_process_setting(tmp_path: Path) -> None:
+    base = {"RECEIVER_DATA_DIR": str(tmp_path)}
+    cores = len(os.sched_getaffinity(0))
+    assert load_settings(base).download_process is (cores >= 2)  # auto: on with two cores or more
+    assert load_settings({**base, "RECEIVER_DOWNLOAD_PROCESS": "AUTO"}).download_process is (cores >= 2)
+    assert load_settings({**base, "RECEIVER_DOWNLOAD_PROCESS": "1"}).download_process is True
+    assert load_settings({**base, "RECEIVER_DOWNLOAD_PROCESS": "0"}).download_process is False
 
 
 def test_serve_prints_a_dev_key_and_a_curl_example(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ speaking its wire format over HTTP (tests/fakes)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from tests.fakes import FAKES
 from tests.fakes.common import ProviderFake
 from tests.fakes.common import png
 from tests.harness import Receiver
+from tests.harness import download_children
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -79,6 +81,9 @@ def test_text_to_image_or_edit_succeeds(fake: ProviderFake, receiver: Receiver) 
     assert (stored["width"], stored["height"]) == (72, 36)
     assert stored["sha256"] == hashlib.sha256(image).hexdigest()
     assert httpx.get(stored["url"]).content == image
+    # Downloaded by the download child (RECEIVER_DOWNLOAD_PROCESS=auto on two cores), on both stacks.
+    assert receiver.settings.download_process
+    assert len(download_children(os.getpid())) == 1
 
 
 def test_editing_succeeds(fake: ProviderFake, receiver: Receiver) -> None:

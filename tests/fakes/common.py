@@ -56,6 +56,7 @@ class HostedFile:
     chunk_delay: float = 0.0
     redirect: str | None = None  # answer every fetch with a 302 to this Location
     cut_after: int | None = None  # send only this many bytes of the body, then close the connection
+    gate: threading.Event | None = None  # when given, the body stops after its first chunk until it is set
 
 
 class FakeProvider:
@@ -130,7 +131,7 @@ class FakeProvider:
         if hosted.cut_after is not None:  # the whole length declared, less sent: the server hangs up
             length = {"Content-Length": str(len(hosted.body))}
             return StreamingResponse(self._slow(hosted), media_type=hosted.content_type, headers=length)
-        if hosted.chunk_delay:
+        if hosted.chunk_delay or hosted.gate is not None:
             return StreamingResponse(self._slow(hosted), media_type=hosted.content_type)
         return Response(hosted.body, media_type=hosted.content_type)
 
@@ -139,6 +140,8 @@ class FakeProvider:
         body = hosted.body[: hosted.cut_after]
         for start in range(0, len(body), step):
             yield body[start : start + step]
+            if hosted.gate is not None:
+                await asyncio.get_running_loop().run_in_executor(None, hosted.gate.wait, 30)
             await asyncio.sleep(hosted.chunk_delay)
 
     # -- lifecycle -------------------------------------------------------------------------------
