@@ -177,7 +177,9 @@ class Api:
             ) from None
         if created:
             event(log, "task created", task_id=row.id, provider=row.provider, tenant=tenant)
-        rendered = render_task(row, await self.store.images(row.id), self.tokens)
+        # A task just created has no result images yet; a repeat shows the first task as it is now.
+        results = await self.store.image_rows(row.id) if not created else []
+        rendered = render_task(row, results, self.tokens)
         return ModelResponse(
             rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row.id}"}
         )

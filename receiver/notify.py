@@ -97,7 +97,7 @@ class Notifier:
         if row is None or not row.notify_url or not row.status.terminal:
             await self.store.finish_job(job)
             return
-        task = render_task(row, await self.store.images(job.task_id), self.tokens)
+        task = render_task(row, await self.store.image_rows(job.task_id), self.tokens)
         kind: Literal["task.succeeded", "task.failed"] = (
             "task.succeeded" if row.status == Status.SUCCEEDED else "task.failed"
         )

@@ -109,6 +109,15 @@ def maybe_ran(exc: Exception) -> bool:
     return isinstance(exc, httpx.TransportError) and not isinstance(exc, NEVER_SENT)
 
 
+def _filled(jobs: list[Job], slots: dict[str, int]) -> bool:
+    """Whether a claim took as many jobs of some kind as it had slots for (then more may be due; a
+    kind that got fewer had no more due, and the next claim waits for a job to be added or end)."""
+    taken: dict[str, int] = {}
+    for job in jobs:
+        taken[job.kind] = taken.get(job.kind, 0) + 1
+    return any(n >= slots.get(kind, 0) for kind, n in taken.items())
+
+
 class Worker:
     def __init__(
         self,
@@ -213,7 +222,7 @@ class Worker:
                 event(log, "callback applied", level=level, task_id=task_id, provider=provider, result=result)
             for job in claimed.jobs:
                 self._start(job)
-            if claimed.jobs or claimed.more_news:
+            if claimed.more_news or _filled(claimed.jobs, slots):
                 if busy:
                     await asyncio.sleep(BUSY_PAUSE)  # leave the loop (and the writer) to the callbacks
                 continue  # claim again at once: more may be due, or slots may have freed meanwhile
@@ -312,7 +321,7 @@ class Worker:
     # -- jobs ------------------------------------------------------------------------------------
 
     async def submit(self, job: Job) -> None:
-        row = await self.store.task(job.task_id)
+        row = await self.store.task_row(job.task_id)
         if row is None or row.status != Status.QUEUED or job.arg != len(row.attempts):
             # A callback or the deadline got there first, or the task has moved to a fallback provider
             # since this job was made (each hop has its own submit job, numbered by the hop).
@@ -505,7 +514,7 @@ class Worker:
         )
 
     async def reconcile(self, job: Job) -> None:
-        row = await self.store.task(job.task_id)
+        row = await self.store.task_row(job.task_id)
         if row is None or row.status != Status.SUBMITTED:
             await self.store.finish_job(job)
             return

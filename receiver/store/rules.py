@@ -145,7 +145,8 @@ class Store(ABC):
         )
 
     async def task_row(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
-        """A task by primary key on the callback path (a backend may read it faster)."""
+        """A whole task by primary key on the callback path and for the worker's jobs (a backend may read
+        it faster)."""
         return await self.task(task_id, tenant)
 
     async def task_view(self, task_id: str, tenant: str | None = None) -> TaskView | None:

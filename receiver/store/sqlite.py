@@ -264,7 +264,7 @@ class SqliteStore(Store):
 
     async def task_row(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
         """A task by primary key, read on the event loop itself: a point read takes microseconds,
-        less than handing it to a thread and back (the callback and lookup paths use it)."""
+        less than handing it to a thread and back (the callback path and the worker use it)."""
         assert self._point is not None
         row: Row | None = self._point.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
         if row is None or (tenant is not None and row["tenant"] != tenant):
