@@ -709,7 +709,7 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
     receiver = Receiver(
         data, {"KIE_API_KEY": "k", "RECEIVER_MAX_IMAGE_BYTES": str((megabytes + 10) * 1024 * 1024)}
     )
-    curl_rates, our_rates, growth = [], [], []
+    curl_rates, our_rates, growth, cpu = [], [], [], []
     size = megabytes * 1024 * 1024
     with static.serve(), receiver.serve() as proc:
         pid = proc.pid
@@ -721,6 +721,7 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
             (work / "curl.out").unlink()
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak-RSS mark
             before = rss_kib(pid)
+            cpu_before = cpu_seconds([pid])
             body = {
                 "code": 200,
                 "msg": "ok",
@@ -742,11 +743,13 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
             ).fetchone()
             our_rates.append(size / max(1e-6, stored_at - callback_at))
             growth.append((rss_kib(pid, "VmHWM") - before) / 1024)
+            cpu.append(cpu_seconds([pid]) - cpu_before)  # the callback and the wait included (~1 ms)
         conn.close()
     return {
         "curl_mb_s": median(curl_rates) / 1e6,
         "ours_mb_s": median(our_rates) / 1e6,
         "rss_growth_mib": max(growth),
+        "cpu_ms": median(cpu) * 1000,
     }
 
 
@@ -854,6 +857,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4, help="seconds per capacity burst; default 4")
     parser.add_argument("--rate-seconds", type=float, default=4, help="seconds per fixed rate; default 4")
     parser.add_argument("--tasks", type=int, default=1000, help="end-to-end tasks per stack; default 1000")
+    parser.add_argument("--downloads", type=int, default=3, help="50 MB downloads (median); default 3")
     parser.add_argument("--large", type=int, default=1_000_000, help="tasks in the large lookup database")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the servers it started are stopped
@@ -907,7 +911,7 @@ def main() -> int:
                     )
                 )
         if "download" in parts:
-            dl = bench_download(work, 3, 50)
+            dl = bench_download(work, args.downloads, 50)
             rows += [
                 (
                     "download 50 MB",
@@ -916,6 +920,7 @@ def main() -> int:
                     ">= 0.8x",
                 ),
                 ("download peak RSS growth", f"{dl['rss_growth_mib']:.1f} MiB", "flat"),
+                ("receiver CPU per 50 MB download", f"{dl['cpu_ms']:.0f} ms", ""),
             ]
         if rows:
             print_table(("measure", "receiver (default stack)", "target"), rows)
