@@ -7,29 +7,37 @@ import threading
 
 import pytest
 
+from receiver.offload import THREAD_FROM
 from receiver.offload import Behind
 
+BIG = THREAD_FROM  # the smallest chunk handed to a thread
 
-def test_calls_run_in_order_off_the_loop_and_their_errors_come_out() -> None:
+
+def test_calls_run_in_order_large_ones_off_the_loop_and_their_errors_come_out() -> None:
     seen: list[tuple[bytes, bool]] = []
     loop_thread = threading.get_ident()
 
     def call(chunk: bytes) -> None:
-        if chunk == b"bad":
+        if chunk.startswith(b"bad"):
             raise OSError(28, "No space left on device")
-        seen.append((chunk, threading.get_ident() != loop_thread))
+        seen.append((chunk[:8], threading.get_ident() != loop_thread))
+
+    def chunk(index: int) -> bytes:
+        return (b"%08d" % index).ljust(BIG if index % 3 else 100, b".")  # every third one small
 
     async def steps() -> None:
         behind = Behind()
         for index in range(50):
-            await behind.run(call, b"%d" % index)
+            await behind.run(call, chunk(index))
         await behind.wait()
-        assert seen == [(b"%d" % index, True) for index in range(50)]
-        await behind.run(call, b"bad")
+        assert seen == [(b"%08d" % index, index % 3 != 0) for index in range(50)]
+        await behind.run(call, b"bad".ljust(BIG))
         with pytest.raises(OSError, match="No space left"):
-            await behind.run(call, b"after")  # the previous call's error, before this one starts
+            await behind.run(call, chunk(50))  # the previous call's error, before this one starts
         await behind.wait()  # nothing in flight: returns at once
-        assert seen[-1] == (b"49", True)
+        assert seen[-1] == (b"00000049", True)
+        with pytest.raises(OSError, match="No space left"):
+            await behind.run(call, b"bad")  # a small one raises at once, here
 
     asyncio.run(steps())
 
@@ -49,7 +57,7 @@ def test_a_cancellation_waits_for_the_call_in_flight() -> None:
         behind = Behind()
 
         async def download() -> None:
-            await behind.run(call, b"chunk")
+            await behind.run(call, bytes(BIG))
             await behind.wait()
 
         task = asyncio.create_task(download())
@@ -64,6 +72,6 @@ def test_a_cancellation_waits_for_the_call_in_flight() -> None:
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert finished == [b"chunk"]  # the call returned before the cancellation came out
+        assert finished == [bytes(BIG)]  # the call returned before the cancellation came out
 
     asyncio.run(steps())
