@@ -456,8 +456,15 @@ class Store(ABC):
                 " RETURNING id, kind, task_id, arg, attempts"
             )
             jobs: list[Job] = []
+            # One look at which kinds have a job due, so a turn runs no claim that cannot find one.
+            due_kinds = {
+                row["kind"]
+                for row in await tx.all(
+                    "SELECT DISTINCT kind FROM jobs WHERE running=0 AND due_at<=:now", {"now": tx.now}
+                )
+            }
             for kind, free in slots.items():
-                if free > 0:
+                if free > 0 and kind in due_kinds:
                     params = {
                         "kind": kind,
                         "now": tx.now,

@@ -226,6 +226,8 @@ class SqliteStore(Store):
         conn = self._writer
         assert conn is not None
         tx = SqliteTx(conn, self.clock())
+        if len(ops) == 1 and not inbox:
+            return self._commit_alone(conn, tx, ops[0])
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -254,6 +256,25 @@ class SqliteStore(Store):
             raise
         committed(tx)  # now it is true
         return results, tx.changed, tx.jobs_added
+
+    def _commit_alone(
+        self, conn: sqlite3.Connection, tx: SqliteTx, op: Op[Any]
+    ) -> tuple[list[tuple[bool, Any]], set[str], bool]:
+        """A batch of one operation: its failure undoes the whole transaction, so no savepoint."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            try:
+                value = drive(op(tx))
+            except Exception as exc:
+                conn.rollback()
+                return [(False, exc)], set(), False
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        committed(tx)  # now it is true
+        return [(True, value)], tx.changed, tx.jobs_added
 
     # -- reads -----------------------------------------------------------------------------------
 
