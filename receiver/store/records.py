@@ -69,6 +69,11 @@ class TaskRecord(TaskView):
     submitted_at: float | None
 
 
+# What a state change reads of the task it changes: the whole row but the request (a fallback hop
+# reads the chain it needs from the request by itself).
+TASK_STATE = ", ".join(name for name in TaskRecord.__dataclass_fields__ if name != "request")
+
+
 @dataclass(frozen=True)
 class ImageRecord:
     task_id: str

@@ -39,6 +39,7 @@ from receiver.store.base import Timings
 from receiver.store.base import Tx
 from receiver.store.base import in_list
 from receiver.store.base import system_clock
+from receiver.store.records import TASK_STATE
 from receiver.store.records import TASK_VIEW
 from receiver.store.records import Claimed
 from receiver.store.records import DownloadTarget
@@ -228,19 +229,20 @@ class Store(ABC):
 
     # -- writes: tasks ---------------------------------------------------------------------------
 
-    async def create_task(self, new: NewTask) -> tuple[TaskRecord, bool]:
+    async def create_task(self, new: NewTask) -> tuple[TaskView, bool]:
         """Insert a queued task with its submit and deadline jobs; an idempotent repeat returns the first."""
 
-        async def op(tx: Tx) -> tuple[TaskRecord, bool]:
+        async def op(tx: Tx) -> tuple[TaskView, bool]:
             if new.idempotency_key is not None:
                 existing = await tx.one(
-                    "SELECT * FROM tasks WHERE tenant=:tenant AND idempotency_key=:key",
+                    f"SELECT {TASK_VIEW}, request_hash FROM tasks"  # noqa: S608 - column names only
+                    " WHERE tenant=:tenant AND idempotency_key=:key",
                     {"tenant": new.tenant, "key": new.idempotency_key},
                 )
                 if existing is not None:
                     if existing["request_hash"] != new.request_hash:
                         raise IdempotencyConflict(new.idempotency_key)
-                    return TaskRecord.from_row(existing), False
+                    return TaskView.from_row(existing), False
             await tx.run(
                 "INSERT INTO tasks (id, tenant, provider, model, prompt, request, fallback, provider_state,"
                 " status, metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
@@ -266,7 +268,7 @@ class Store(ABC):
             await _add_job(tx, "submit", new.id, 0, tx.now)
             await _add_job(tx, "deadline", new.id, 0, tx.now + self.timings.task_deadline)
             await _event(tx, new.id, "created", True, f"queued for {new.provider} ({new.model})", "→queued")
-            return TaskRecord.from_row(await _task(tx, new.id)), True
+            return TaskView.from_row(await _task(tx, new.id)), True
 
         return await self.write(op)
 
@@ -627,7 +629,7 @@ async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], 
     )
     applied: list[tuple[str, str, str]] = []
     for row in rows[:limit]:
-        task = await tx.one(f"SELECT * FROM tasks WHERE id=:id{tx.lock}", {"id": row["task_id"]})  # noqa: S608
+        task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": row["task_id"]})  # noqa: S608
         if task is not None:
             outcome = Outcome.from_json(row["outcome"])
             known = task["provider_task_id"]
@@ -707,8 +709,8 @@ def _dumps(value: Any) -> str:
 
 
 async def _task(tx: Tx, task_id: str) -> Row:
-    """The task row, locked for the rest of the transaction where the backend locks rows."""
-    row = await tx.one(f"SELECT * FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
+    """The task row but its request, locked for the rest of the transaction where the backend locks rows."""
+    row = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
     if row is None:
         raise LookupError(task_id)
     return row
@@ -800,7 +802,9 @@ async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
             "at": tx.now,
         }
     )
-    chain = json.loads(task["request"]).get("chain") or {}
+    request = await tx.one("SELECT request FROM tasks WHERE id=:id", {"id": task["id"]})
+    assert request is not None  # the task row is locked: it is there
+    chain = json.loads(request["request"]).get("chain") or {}
     await tx.run(
         "UPDATE tasks SET provider=:provider, model=:model, provider_state=:state, provider_task_id=NULL,"
         " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now"
