@@ -120,6 +120,10 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         Route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False),  # for Prometheus
     ]
     api_routes = [
+        # For providers, not for apps: out of the public OpenAPI document. First, so the busiest path
+        # is matched without trying every other route's pattern before it (no other path overlaps).
+        Route("/callbacks/{provider}/{token}", callbacks, methods=["POST"], include_in_schema=False),
+        Route("/callbacks/{provider}/{token}/callback", callbacks, methods=["POST"], include_in_schema=False),
         Route("/v1/tasks", api.create_task, methods=["POST"]),
         Route("/v1/tasks", api.list_tasks, methods=["GET"]),
         Route("/v1/tasks/{id}", api.get_task, methods=["GET"]),
@@ -127,9 +131,6 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         Route("/v1/tasks/{id}/images/{index:int}", api.task_image, methods=["GET"]),
         Route("/v1/uploads", api.create_upload, methods=["POST"]),
         Route("/uploads/{name}", api.get_upload, methods=["GET"]),
-        # For providers, not for apps: out of the public OpenAPI document.
-        Route("/callbacks/{provider}/{token}", callbacks, methods=["POST"], include_in_schema=False),
-        Route("/callbacks/{provider}/{token}/callback", callbacks, methods=["POST"], include_in_schema=False),
         Route("/openapi.json", openapi, methods=["GET"]),
         *sandbox.routes(),
         *console_routes(settings, api.tenant),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import sqlite3
 import struct
 import time
@@ -13,7 +14,9 @@ import pytest
 from itsdangerous import Signer
 
 from receiver import imageinfo
+from receiver.models import MalformedCallback
 from receiver.models import Status
+from receiver.providers.base import json_object
 from receiver.store.sqlite import MIGRATIONS
 from receiver.store.sqlite import migrate
 from receiver.tokens import Tokens
@@ -118,3 +121,20 @@ def test_migrations_apply_once(tmp_path: Path) -> None:
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"tasks", "images", "events", "jobs"} <= tables
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_callback_bodies_read_as_the_json_module_reads_them() -> None:
+    """msgspec reads callback bodies first; whatever it refuses, the json module decides, as before."""
+    bodies = [
+        b'{"a": [1, 2.5, "x", null, true], "b": {"c": 123456789012345678901234567890}}',
+        b'{"a": 1, "a": 2}',  # the last one wins in both
+        b'{"a": "\\ud800"}',  # a lone surrogate escape
+        b'\xef\xbb\xbf{"a": 1}',  # a byte order mark
+        b'{"a": 1e400}',
+    ]
+    for raw in bodies:
+        assert json_object(raw) == json.loads(raw), raw
+    assert json_object(b'{"a": NaN}')["a"] != json_object(b'{"a": NaN}')["a"]  # NaN, as json reads it
+    for bad in (b"", b"[1]", b'{"a": 1', b"\xff", b'"x"'):
+        with pytest.raises(MalformedCallback):
+            json_object(bad)
