@@ -226,14 +226,21 @@ class SqliteStore(Store):
         conn = self._writer
         assert conn is not None
         tx = SqliteTx(conn, self.clock())
-        if len(ops) == 1 and not inbox:
-            return self._commit_alone(conn, tx, ops[0])
+        # One operation alone needs no savepoint: its failure may undo the whole transaction.
+        alone = len(ops) == 1 and not inbox
         results: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             if inbox:
                 drive(insert_inbox(tx, inbox))
             for op in ops:
+                if alone:
+                    try:
+                        results.append((True, drive(op(tx))))
+                    except Exception as exc:
+                        conn.rollback()
+                        return [(False, exc)], set(), False
+                    continue
                 conn.execute("SAVEPOINT op")
                 before_changed, before_jobs = set(tx.changed), tx.jobs_added
                 before_ended, before_hops = len(tx.ended), len(tx.hops)
@@ -256,25 +263,6 @@ class SqliteStore(Store):
             raise
         committed(tx)  # now it is true
         return results, tx.changed, tx.jobs_added
-
-    def _commit_alone(
-        self, conn: sqlite3.Connection, tx: SqliteTx, op: Op[Any]
-    ) -> tuple[list[tuple[bool, Any]], set[str], bool]:
-        """A batch of one operation: its failure undoes the whole transaction, so no savepoint."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            try:
-                value = drive(op(tx))
-            except Exception as exc:
-                conn.rollback()
-                return [(False, exc)], set(), False
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        committed(tx)  # now it is true
-        return [(True, value)], tx.changed, tx.jobs_added
 
     # -- reads -----------------------------------------------------------------------------------
 
