@@ -51,6 +51,7 @@ log = logging.getLogger("receiver.fetcher")
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024  # a request holds a URL from a callback body (at most 1 MiB by default)
 PACKAGE_ROOT = str(Path(receiver.__file__).resolve().parent.parent)
+NICENESS = 10  # the child's, added to the service's own
 EXIT_GRACE = 5.0  # seconds the child gets to end its downloads after stdin closes, before SIGKILL
 
 
@@ -155,7 +156,7 @@ class _Child:
 
 
 def _gone(status: int | None) -> DownloadError:
-    how = "was killed" if status is not None and status < 0 else f"exited (status {status})"
+    how = "stopped" if status is None else "was killed" if status < 0 else f"exited (status {status})"
     return DownloadError(f"the download process {how} during the download", permanent=False, kind="process")
 
 
@@ -179,10 +180,6 @@ class DownloadProcess:
         self._closing = False
         self._cleaning: set[asyncio.Task[None]] = set()
         self._replies = msgspec.msgpack.Decoder(Reply)
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.process.pid if self._child is not None and self._child.alive else None
 
     async def fetch(self, url: str, stem: str, max_bytes: int, *, trusted: bool) -> StoredImage:
         child = await self._running()
@@ -393,6 +390,10 @@ def main() -> None:
     # The parent decides when this process ends (stdin's EOF); signals meant for the service go to it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Answers first: when the cores are contended, the acks (in the parent) get them before downloads,
+    # which are durable jobs and can wait, as the worker already holds them back while callbacks pour in.
+    with contextlib.suppress(OSError):
+        os.nice(NICENESS)
     # Frames only on the pipe: keep it on a private descriptor, and send stray prints to stderr.
     out_fd = os.dup(1)
     os.dup2(2, 1)

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from receiver.fetcher import NICENESS
 from tests.fakes.common import png
 from tests.fakes.kie import KEY
 from tests.fakes.kie import KieFake
@@ -32,6 +33,10 @@ TEMP = re.compile(r"\.(\d+)-[0-9a-f]+\.part$")  # receiver.media's temp name: th
 def writers(media: Path) -> set[int]:
     """The pids of the processes writing a temp file under `media` right now."""
     return {int(match.group(1)) for part in media.rglob(".*.part") if (match := TEMP.search(part.name))}
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
 def wait_until(predicate: Callable[[], Any], seconds: float = 20) -> None:
@@ -60,7 +65,8 @@ def test_a_child_process_downloads_and_is_replaced_after_kill_9(kie: KieFake, ki
     media = kie_receiver.settings.media_dir
     task_id, gate, first = held_download(kie, kie_receiver.alice, media)
     assert first != os.getpid()  # not the process that answers callbacks …
-    assert download_children(os.getpid()) == [first]  # … but its download child
+    assert download_children(os.getpid()) == [first]  # … but its download child,
+    assert niceness(first) == min(19, niceness(os.getpid()) + NICENESS)  # which yields the cores to it
 
     os.kill(first, signal.SIGKILL)
     # Its download fails as transient and goes again, through a new child (held at the gate too).
