@@ -29,6 +29,7 @@ import itertools
 import logging
 import os
 import signal
+import stat
 import struct
 import sys
 from dataclasses import dataclass
@@ -387,6 +388,11 @@ async def _child_main(out_fd: int) -> None:
 
 
 def main() -> None:
+    # Pipes, or the socket pairs uvloop makes for a child's stdio; never a file or a terminal.
+    if not all(
+        stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) for mode in (os.fstat(fd).st_mode for fd in (0, 1))
+    ):
+        raise SystemExit("receiver.fetcher: started by the worker only (its stdin and stdout are pipes)")
     # The parent decides when this process ends (stdin's EOF); signals meant for the service go to it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
