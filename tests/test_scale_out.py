@@ -136,7 +136,11 @@ def test_sqlite_refuses_a_second_worker_on_one_data_dir(tmp_path: Path) -> None:
         api = ReceiverProcess(tmp_path / "data", {}, port=api_port, role="api").start()
         with client_for(api) as client:
             task = client.post("/v1/tasks", json={"provider": "sandbox", "prompt": "beside"}).json()
-            assert client.get(f"/v1/tasks/{task['id']}", params={"wait": 30}).json()["status"] == "succeeded"
+            # The task is moved by the worker process; the API process's long-poll must see those
+            # commits and answer when the task ends, not when its 60 s wait runs out: the client gives
+            # up sooner than that (on a bound for the whole task, not a timing assumption).
+            answer = client.get(f"/v1/tasks/{task['id']}", params={"wait": 60}, timeout=50)
+            assert answer.json()["status"] == "succeeded"
         api.terminate()
     finally:
         first.terminate()

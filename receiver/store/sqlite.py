@@ -44,6 +44,8 @@ from receiver.store.rules import owned
 from receiver.store.schema import MIGRATIONS
 
 T = TypeVar("T")
+# Seconds between looks at the database for other processes' commits while a long-poll waits here.
+WATCH_INTERVAL = 0.25
 __all__ = ["MIGRATIONS", "SqliteStore", "migrate"]
 
 
@@ -126,6 +128,7 @@ class SqliteStore(Store):
         self._inbox: list[tuple[tuple[str, str, int], asyncio.Future[None]]] = []
         self._wake_writer = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -148,6 +151,8 @@ class SqliteStore(Store):
         await self.write(_free_all_jobs)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._writer_task is not None:
             while self._pending or self._inbox:  # noqa: ASYNC110 - a short drain at shutdown
                 await asyncio.sleep(0.01)
@@ -172,6 +177,30 @@ class SqliteStore(Store):
         except sqlite3.Error:
             return False
         return True
+
+    # -- wake-ups from other processes ----------------------------------------------------------
+
+    async def wait_for_change(self, task_id: str, timeout: float) -> None:
+        """A process that runs no jobs (`--role api` beside the data dir's worker) sees its tasks
+        change in another process's commits: while someone here waits, it watches for them."""
+        if self._worker_of is None and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.create_task(self._watch_others(), name="receiver-store-watcher")
+        await super().wait_for_change(task_id, timeout)
+
+    async def _watch_others(self) -> None:
+        # PRAGMA data_version moves whenever another connection committed (the worker's process, or
+        # this one's own writer): the waiters then read their task again and wait on if unchanged.
+        # Once at the start, after the first look, too: a commit between a waiter's read of its task
+        # and that first look would otherwise go unseen.
+        assert self._point is not None
+        seen = self._point.execute("PRAGMA data_version").fetchone()
+        self.announce(list(self._task_waiters), False)
+        while self._task_waiters:
+            await asyncio.sleep(WATCH_INTERVAL)
+            now = self._point.execute("PRAGMA data_version").fetchone()
+            if now != seen:
+                seen = now
+                self.announce(list(self._task_waiters), False)
 
     # -- the writer ------------------------------------------------------------------------------
 
