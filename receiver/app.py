@@ -56,7 +56,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     media = open_media(settings.media_url, settings.data_dir, settings.aws)
     api = Api(settings, store, tokens, media)
     # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
-    provider_http = provider_client(timeout=settings.http_timeout, connect=10.0)
+    provider_http = provider_client(timeout=settings.http_timeout)
     outside_http = outside_client(allow_private=settings.allow_private_urls, timeout=settings.http_timeout)
     key_sets = KeySets(provider_http, settings.key_set_refresh)
     callbacks = Callbacks(settings, store, tokens, key_sets)

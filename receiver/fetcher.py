@@ -333,7 +333,7 @@ async def _serve_parent(requests: asyncio.StreamReader, replies: asyncio.StreamW
     logs.configure(setup.log_level, setup.log_format)
     media = open_media(setup.media_url, Path(setup.data_dir), setup.aws)
     outside = outside_client(allow_private=setup.allow_private_urls, timeout=setup.http_timeout)
-    provider = provider_client(timeout=setup.http_timeout, connect=10.0)
+    provider = provider_client(timeout=setup.http_timeout)
     running: dict[int, asyncio.Task[None]] = {}
 
     async def answer(reply: Reply) -> None:

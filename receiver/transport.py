@@ -37,6 +37,7 @@ from receiver.downloads import is_public
 from receiver.downloads import resolve_public
 
 KEEPALIVE_SECONDS = 5.0  # httpx's default keep-alive expiry
+PROVIDER_CONNECT = 10.0  # seconds to connect to a provider's API (the read timeout is the operator's)
 # A response body is read in pieces of up to 1 MiB: each piece is one hand-off to the hash and write
 # threads (receiver/offload.py), which costs more than the work itself for a 64 KiB piece. aiohttp
 # stops reading the socket once 2 x this is buffered, so a download holds a few MiB whatever its size.
@@ -210,7 +211,7 @@ def outside_client(*, allow_private: bool, timeout: float, max_connections: int 
     )
 
 
-def provider_client(*, timeout: float, connect: float) -> httpx.AsyncClient:
+def provider_client(*, timeout: float, connect: float = PROVIDER_CONNECT) -> httpx.AsyncClient:
     """The client for provider APIs and key sets: the operator's own URLs, trusted as given."""
     return httpx.AsyncClient(
         transport=AiohttpTransport(guard=False, max_connections=100),

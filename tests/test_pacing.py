@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import pytest
@@ -118,6 +117,14 @@ def test_sends_counted_beyond_those_read_free_the_window_no_sooner_than_they_rea
     assert pacer.try_acquire("kie", "m", {}, now=15.1)
 
 
+def worker_went_past(receiver: Receiver) -> None:
+    """A barrier instead of a pause: an unpaced sandbox task, created after the held-back ones, run to
+    its end. The worker claims due jobs oldest first, so by then its turns have passed over the older,
+    held-back submits (and sent any the pacing wrongly let go) at least once."""
+    task = receiver.submit(provider="sandbox", prompt="past the held-back ones")
+    assert receiver.wait(task["id"])["status"] == "succeeded"
+
+
 def test_a_window_holding_more_sends_than_a_turn_reads(
     kie: KieFake, start_receiver: Callable[..., Receiver]
 ) -> None:
@@ -127,7 +134,7 @@ def test_a_window_holding_more_sends_than_a_turn_reads(
     receiver = start_receiver(KIE_API_KEY=KEY, KIE_BASE_URL=kie.url, KIE_MAX_PER_MINUTE=cap)
     ids = [receiver.submit(provider="kie", prompt=f"w{i}")["id"] for i in range(cap + 4)]
     kie.wait_for(lambda: len(kie.calls(GENERATE)) >= cap)
-    time.sleep(0.5)
+    worker_went_past(receiver)
     assert len(kie.calls(GENERATE)) == cap
     queued = [i for i in ids if receiver.alice.get(f"/v1/tasks/{i}").json()["status"] == "queued"]
     assert queued == ids[cap:]
@@ -156,7 +163,7 @@ def test_a_concurrency_cap_keeps_tasks_queued_in_order(start_receiver: Callable[
 def test_kie_takes_twenty_per_ten_seconds(kie: KieFake, kie_receiver: Receiver) -> None:
     ids = [kie_receiver.submit(provider="kie", prompt=f"b{i}")["id"] for i in range(24)]
     kie.wait_for(lambda: len(kie.calls(GENERATE)) >= 20)
-    time.sleep(0.5)
+    worker_went_past(kie_receiver)
     assert len(kie.calls(GENERATE)) == 20
     queued = [i for i in ids if kie_receiver.alice.get(f"/v1/tasks/{i}").json()["status"] == "queued"]
     assert queued == ids[20:]

@@ -304,10 +304,8 @@ class SqliteStore(Store):
         """A task by primary key, read on the event loop itself: a point read takes microseconds,
         less than handing it to a thread and back (the callback path and the worker use it)."""
         assert self._point is not None
-        row: Row | None = self._point.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
-        if row is None or (tenant is not None and row["tenant"] != tenant):
-            return None
-        return TaskRecord.from_row(row)
+        rows = self._point.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchall()
+        return owned(TaskRecord, rows, tenant)
 
     async def task_view(self, task_id: str, tenant: str | None = None) -> TaskView | None:
         """A task as lookups show it (never its request), read on the event loop like task_row."""
