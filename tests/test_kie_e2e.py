@@ -233,10 +233,12 @@ def test_bad_tokens_are_refused(kie: KieFake, kie_receiver: Receiver) -> None:
     good = kie.callback_urls[kie_id]
     body = kie.success_body(kie_id, kie.host("t.png"))
     tampered = good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB")
+    # Another task id under this task's signature (never the same id: a random id may end in ffff).
+    renamed = task["id"][:-4] + ("ffff" if not task["id"].endswith("ffff") else "0000")
     other = kie_receiver.callback_url("kie", "tsk_" + "0" * 24)
     for url in (
         tampered,
-        good.replace(task["id"][-4:], "ffff"),
+        good.replace(task["id"], renamed),
         f"{kie_receiver.url}/callbacks/kie/nonsense",
         good.replace("/kie/", "/sandbox/"),
     ):
