@@ -2,7 +2,7 @@
 
 httpx keeps what the code sees (redirects, timeouts, decoding, the `Response` API); aiohttp moves the
 bytes. On a 50 MB download the pure-Python parser of httpx's default transport costs about 2.5x the
-CPU of aiohttp's, and about 2.5x per 0.5 MB image too (scripts/bench, README "Performance").
+CPU of aiohttp's, and about 2.5x per 0.5 MB image too (scripts/bench, docs/benchmarks.md).
 
 The address guard, when on, sits where the connection is made: aiohttp connects only to the addresses
 its resolver returns, and our resolver returns a host's addresses only when every one of them is

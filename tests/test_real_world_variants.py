@@ -1,5 +1,5 @@
 """Shapes real integrations saw that the documentation does not show, each sent by a fake over real
-HTTP (the evidence for each is in the README's provider sections)."""
+HTTP (the evidence for each is on its provider page under docs/providers/)."""
 
 from __future__ import annotations
 
