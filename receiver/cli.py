@@ -63,11 +63,12 @@ output: a table on a terminal; piped, tab-separated lines without a header, noth
 Times are UTC.
 
 exit status:
-  0  the command worked (for submit --wait, get and download: the task succeeded or has not ended)
+  0  the command worked (for submit --wait and get: the task succeeded or has not ended;
+     for download: it succeeded and its images are saved)
   1  the task failed
   2  usage or validation error (the message names the field)
   3  the service cannot be reached, answered with a server error, or refused the API key
-  4  --wait or --timeout ran out before the task ended
+  4  --wait or --timeout ran out before the task ended (download: the task has not ended)
   130  interrupted (Ctrl-C); a submitted task goes on
 """
 
@@ -196,8 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="URL_OR_FILE",
-        help="an input image: an http(s) URL, a data: URI, or a local PNG/JPEG/WebP file (uploaded "
-        "first); repeat for several",
+        help="an input image: an http(s) URL, a data: URI, or a local PNG/JPEG/WebP file (sent inline "
+        "and stored by the service); repeat for several",
     )
     request.add_argument("--aspect-ratio", metavar="W:H", help="e.g. 16:9")
     request.add_argument("--output-format", metavar="FORMAT", help="e.g. png or jpeg")
