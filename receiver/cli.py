@@ -139,6 +139,22 @@ def connection_flags(parser: argparse.ArgumentParser, default: Any) -> None:
     )
 
 
+def client_command(
+    commands: argparse._SubParsersAction[Parser], name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """A command that talks to a running service: --url and --api-key, and the help ending with the
+    environment, the output and the exit statuses."""
+    command = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    connection_flags(command, argparse.SUPPRESS)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="receiver",
@@ -177,15 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="api: the HTTP API, callbacks and console; worker: the jobs; all: both (default)",
     )
 
-    submit = commands.add_parser(
+    submit = client_command(
+        commands,
         "submit",
-        help="submit a task; optionally wait for it and save its images",
-        description="Submit a generation or editing task and print its id. Fields a provider cannot "
+        "submit a task; optionally wait for it and save its images",
+        "Submit a generation or editing task and print its id. Fields a provider cannot "
         "honour are refused with the field named.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    connection_flags(submit, argparse.SUPPRESS)
     request = submit.add_argument_group("request fields")
     request.add_argument(
         "--provider", required=True, help="kie, kie-market, apimart, apicore, fal or sandbox"
@@ -261,14 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     after.add_argument("--json", action="store_true", help="print the task JSON instead of its id")
 
-    get = commands.add_parser(
+    get = client_command(
+        commands,
         "get",
-        help="show a task as JSON",
-        description="Print a task as JSON. Exit 1 if it failed.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "show a task as JSON",
+        "Print a task as JSON. Exit 1 if it failed.",
     )
-    connection_flags(get, argparse.SUPPRESS)
     get.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
     get.add_argument(
         "--wait",
@@ -277,15 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to N seconds for the task to end (exit 4 if it has not)",
     )
 
-    download = commands.add_parser(
+    download = client_command(
+        commands,
         "download",
-        help="save the images of a task",
-        description="Save the images of a task as DIR/<task id>-<index>.<ext> and print each path. "
+        "save the images of a task",
+        "Save the images of a task as DIR/<task id>-<index>.<ext> and print each path. "
         "Exit 1 if the task failed, 4 if it has not ended (or not within --wait).",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    connection_flags(download, argparse.SUPPRESS)
     download.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
     download.add_argument(
         "--out", type=Path, default=Path("."), metavar="DIR", help="where to save them (default: here)"
@@ -294,14 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=_seconds, metavar="N", help="wait up to N seconds for the task to end first"
     )
 
-    tasks = commands.add_parser(
+    tasks = client_command(
+        commands,
         "tasks",
-        help="list tasks, newest first",
-        description="List your tasks, newest first.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "list tasks, newest first",
+        "List your tasks, newest first.",
     )
-    connection_flags(tasks, argparse.SUPPRESS)
     tasks.add_argument(
         "--status", help="only tasks in this status (queued, submitted, downloading, succeeded, failed)"
     )
@@ -309,27 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--limit", type=_positive, default=20, help="at most this many (default 20)")
     tasks.add_argument("--json", action="store_true", help="print the tasks as JSON lines instead")
 
-    events = commands.add_parser(
+    events = client_command(
+        commands,
         "events",
-        help="list a task's events: callbacks, polls, downloads, notifications",
-        description="List everything that happened to a task: when, what, whether it verified, what it "
+        "list a task's events: callbacks, polls, downloads, notifications",
+        "List everything that happened to a task: when, what, whether it verified, what it "
         "changed, and for notifications the start of the app's answer.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    connection_flags(events, argparse.SUPPRESS)
     events.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
     events.add_argument("--json", action="store_true", help="print the events as JSON lines instead")
 
-    providers = commands.add_parser(
+    providers = client_command(
+        commands,
         "providers",
-        help="list the providers this service offers",
-        description="List the providers this service offers: models, default model, input images, "
+        "list the providers this service offers",
+        "List the providers this service offers: models, default model, input images, "
         "the optional fields each honours.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    connection_flags(providers, argparse.SUPPRESS)
     providers.add_argument("--json", action="store_true", help="print the providers as JSON lines instead")
     return parser
 

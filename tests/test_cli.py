@@ -418,15 +418,8 @@ def test_timeout_needs_wait_and_version_and_a_v1_url(
     assert "no such route (is the URL the receiver's root?)" in one_line(err)
 
 
-def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> None:
-    controller, terminal = pty.openpty()
-    process = run_cli(
-        receiver,
-        *("submit", "--provider", "sandbox", "--prompt", "slow", "--option", "delay=4", "--wait"),
-        stdout=subprocess.PIPE,
-        stderr=terminal,
-    )
-    os.close(terminal)
+def read_terminal(controller: int) -> bytes:
+    """All a process wrote to its pseudo-terminal, until it closed; the terminal is closed after."""
     shown = b""
     while True:
         try:
@@ -437,6 +430,19 @@ def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> 
             break
         shown += chunk
     os.close(controller)
+    return shown
+
+
+def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> None:
+    controller, terminal = pty.openpty()
+    process = run_cli(
+        receiver,
+        *("submit", "--provider", "sandbox", "--prompt", "slow", "--option", "delay=4", "--wait"),
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = read_terminal(controller)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 0, shown.decode()
     task_id = out.decode().strip()

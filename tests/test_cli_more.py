@@ -20,6 +20,7 @@ from tests.harness import Receiver
 from tests.test_cli import Run
 from tests.test_cli import cli  # noqa: F401 - the fixture, shared
 from tests.test_cli import one_line
+from tests.test_cli import read_terminal
 from tests.test_cli import receiver  # noqa: F401 - the fixture, shared
 from tests.test_cli import run_cli
 
@@ -116,16 +117,7 @@ def test_a_terminal_gets_a_table_with_utc_times(receiver: Receiver) -> None:  # 
     controller, terminal = pty.openpty()
     process = run_cli(receiver, "tasks", stdout=terminal, stderr=subprocess.PIPE)
     os.close(terminal)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(controller, 4096)
-        except OSError:  # the terminal closed with the process
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(controller)
+    shown = read_terminal(controller)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err.decode()
     lines = shown.decode().splitlines()
