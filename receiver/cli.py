@@ -1,14 +1,17 @@
-"""The `receiver` command: `serve` runs the service; submit, get, tasks and events talk to a running one.
+"""The `receiver` command: `serve` runs the service; submit, get, download, tasks, events and providers
+talk to a running one.
 
-The client commands speak only the public HTTP API (RECEIVER_URL, RECEIVER_API_KEY), so they work the
-same against a local or a remote service. Every failure is one line on stderr and an exit code, never a
-traceback.
+The client commands speak only the public HTTP API (--url and --api-key, or RECEIVER_URL and
+RECEIVER_API_KEY), so they work the same against a local or a remote service. Lists are a table on a
+terminal and tab-separated lines, untruncated and without a header, for a pipe. Every failure is one
+line on stderr and an exit code, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import importlib.util
 import json
 import logging
@@ -17,6 +20,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +35,7 @@ from receiver.client import ENDED
 from receiver.client import ApiError
 from receiver.client import Client
 from receiver.client import LocalFileError
+from receiver.client import ProviderInfo
 from receiver.client import ReceiverError
 from receiver.client import ServiceUnreachable
 from receiver.client import Task
@@ -50,16 +55,20 @@ EXIT_STILL_RUNNING = 4
 EXIT_INTERRUPTED = 130
 
 EPILOG = """\
-environment:
+environment (the --url and --api-key flags win over them):
   RECEIVER_URL       the service the client commands talk to (default http://127.0.0.1:8000)
   RECEIVER_API_KEY   the bearer key for it (serve prints a development key on first start)
 
+output: a table on a terminal; piped, tab-separated lines without a header, nothing cut short.
+Times are UTC.
+
 exit status:
-  0  the command worked (for submit --wait and get: the task succeeded or has not ended)
+  0  the command worked (for submit --wait and get: the task succeeded or has not ended;
+     for download: it succeeded and its images are saved)
   1  the task failed
   2  usage or validation error (the message names the field)
   3  the service cannot be reached, answered with a server error, or refused the API key
-  4  --wait or --timeout ran out before the task ended
+  4  --wait or --timeout ran out before the task ended (download: the task has not ended)
   130  interrupted (Ctrl-C); a submitted task goes on
 """
 
@@ -116,6 +125,36 @@ def _pair(value: str) -> tuple[str, Any]:
         return key, raw
 
 
+def connection_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """--url and --api-key, before the command or after it (a subcommand's `default` is SUPPRESS, so
+    one given before the command is not reset by the subcommand's parser)."""
+    parser.add_argument(
+        "--url", default=default, help="the service's URL (default: RECEIVER_URL, else http://127.0.0.1:8000)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=default,
+        metavar="KEY",
+        help="its bearer key (default: RECEIVER_API_KEY, which keeps the key out of the process list)",
+    )
+
+
+def client_command(
+    commands: argparse._SubParsersAction[Parser], name: str, summary: str, description: str
+) -> argparse.ArgumentParser:
+    """A command that talks to a running service: --url and --api-key, and the help ending with the
+    environment, the output and the exit statuses."""
+    command = commands.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    connection_flags(command, argparse.SUPPRESS)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="receiver",
@@ -125,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"receiver {__version__}")
+    connection_flags(parser, None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -153,13 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="api: the HTTP API, callbacks and console; worker: the jobs; all: both (default)",
     )
 
-    submit = commands.add_parser(
+    submit = client_command(
+        commands,
         "submit",
-        help="submit a task; optionally wait for it and save its images",
-        description="Submit a generation or editing task and print its id. Fields a provider cannot "
+        "submit a task; optionally wait for it and save its images",
+        "Submit a generation or editing task and print its id. Fields a provider cannot "
         "honour are refused with the field named.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     request = submit.add_argument_group("request fields")
     request.add_argument(
@@ -172,8 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="URL_OR_FILE",
-        help="an input image: an http(s) URL, a data: URI, or a local PNG/JPEG/WebP file (uploaded "
-        "first); repeat for several",
+        help="an input image: an http(s) URL, a data: URI, or a local PNG/JPEG/WebP file (sent inline "
+        "and stored by the service); repeat for several",
     )
     request.add_argument("--aspect-ratio", metavar="W:H", help="e.g. 16:9")
     request.add_argument("--output-format", metavar="FORMAT", help="e.g. png or jpeg")
@@ -236,12 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     after.add_argument("--json", action="store_true", help="print the task JSON instead of its id")
 
-    get = commands.add_parser(
+    get = client_command(
+        commands,
         "get",
-        help="show a task as JSON",
-        description="Print a task as JSON. Exit 1 if it failed.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "show a task as JSON",
+        "Print a task as JSON. Exit 1 if it failed.",
     )
     get.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
     get.add_argument(
@@ -251,12 +289,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to N seconds for the task to end (exit 4 if it has not)",
     )
 
-    tasks = commands.add_parser(
+    download = client_command(
+        commands,
+        "download",
+        "save the images of a task",
+        "Save the images of a task as DIR/<task id>-<index>.<ext> and print each path. "
+        "Exit 1 if the task failed, 4 if it has not ended (or not within --wait).",
+    )
+    download.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
+    download.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="where to save them (default: here)"
+    )
+    download.add_argument(
+        "--wait", type=_seconds, metavar="N", help="wait up to N seconds for the task to end first"
+    )
+
+    tasks = client_command(
+        commands,
         "tasks",
-        help="list tasks, newest first, as a table",
-        description="List your tasks, newest first.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "list tasks, newest first",
+        "List your tasks, newest first.",
     )
     tasks.add_argument(
         "--status", help="only tasks in this status (queued, submitted, downloading, succeeded, failed)"
@@ -265,16 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--limit", type=_positive, default=20, help="at most this many (default 20)")
     tasks.add_argument("--json", action="store_true", help="print the tasks as JSON lines instead")
 
-    events = commands.add_parser(
+    events = client_command(
+        commands,
         "events",
-        help="list a task's events: callbacks, polls, downloads, notifications",
-        description="List everything that happened to a task: when, what, whether it verified, what it "
+        "list a task's events: callbacks, polls, downloads, notifications",
+        "List everything that happened to a task: when, what, whether it verified, what it "
         "changed, and for notifications the start of the app's answer.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     events.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
     events.add_argument("--json", action="store_true", help="print the events as JSON lines instead")
+
+    providers = client_command(
+        commands,
+        "providers",
+        "list the providers this service offers",
+        "List the providers this service offers: models, default model, input images, "
+        "the optional fields each honours.",
+    )
+    providers.add_argument("--json", action="store_true", help="print the providers as JSON lines instead")
     return parser
 
 
@@ -389,26 +449,27 @@ def listen(host: str, port: int) -> socket.socket:
 # -- the client commands, on receiver.client ---------------------------------------------------------
 
 
-def connect() -> Client:
-    """The client for RECEIVER_URL and RECEIVER_API_KEY."""
-    url = os.environ.get("RECEIVER_URL") or DEFAULT_URL
+def connect(args: argparse.Namespace) -> Client:
+    """The client for --url and --api-key, else RECEIVER_URL and RECEIVER_API_KEY."""
+    url_from = "--url" if args.url else "RECEIVER_URL"
     try:
-        url = base_url(url)
+        url = base_url(args.url or os.environ.get("RECEIVER_URL") or DEFAULT_URL)
     except ValueError as exc:
-        raise CliError(f"RECEIVER_URL {exc}", EXIT_USAGE) from None
-    api_key = os.environ.get("RECEIVER_API_KEY", "").strip()
+        raise CliError(f"{url_from} {exc}", EXIT_USAGE) from None
+    api_key = (args.api_key or os.environ.get("RECEIVER_API_KEY", "")).strip()
     if not api_key:
         raise CliError(
-            "RECEIVER_API_KEY is not set (receiver serve prints a development key)", EXIT_UNREACHABLE
+            "RECEIVER_API_KEY is not set and no --api-key given (receiver serve prints a development key)",
+            EXIT_UNREACHABLE,
         )
     return Client(url, api_key)
 
 
-def cli_error(exc: ReceiverError, url: str) -> CliError:
+def cli_error(exc: ReceiverError, url: str, key_from: str) -> CliError:
     """The one line and exit status for a client failure."""
     if isinstance(exc, ApiError):
         if exc.status == 401:
-            return CliError(f"the service at {url} refused the API key (RECEIVER_API_KEY)", EXIT_UNREACHABLE)
+            return CliError(f"the service at {url} refused the API key ({key_from})", EXIT_UNREACHABLE)
         if exc.status >= 500:
             return CliError(f"the service at {url} answered HTTP {exc.status}", EXIT_UNREACHABLE)
     if isinstance(exc, ServiceUnreachable):
@@ -488,14 +549,14 @@ def outcome(task: Task) -> int:
     return EXIT_STILL_RUNNING
 
 
-def save_images(client: Client, task: Task, out: Path) -> None:
+def save_images(client: Client, task: Task, out: Path, show: Callable[[Path], None]) -> None:
     for image in task["images"]:
         dest = out / image_name(task, image)
         try:
             client.download(task, image["index"], dest)
         except OSError as exc:
             raise CliError(f"cannot write {dest}: {exc.strerror or exc}", EXIT_USAGE) from None
-        print(f"saved {dest}", file=sys.stderr)
+        show(dest)
 
 
 def waited(client: Client, task: Task, timeout: float | None, progress: Progress | None) -> Task:
@@ -535,7 +596,7 @@ def submit(client: Client, args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         status = outcome(task)
         if args.out is not None and task["status"] == "succeeded":
-            save_images(client, task, args.out)
+            save_images(client, task, args.out, lambda path: print(f"saved {path}", file=sys.stderr))
     print(json.dumps(task, indent=2) if args.json else task["id"])
     return status
 
@@ -551,12 +612,22 @@ def get(client: Client, args: argparse.Namespace) -> int:
     return outcome(task)
 
 
+def download(client: Client, args: argparse.Namespace) -> int:
+    check_out_dir(args.out)
+    task = client.get(args.task_id)
+    if args.wait is not None:
+        task = waited(client, task, args.wait, None)
+    if task["status"] != "succeeded":
+        return outcome(task)
+    save_images(client, task, args.out, print)
+    return EXIT_SUCCEEDED
+
+
 def list_tasks(client: Client, args: argparse.Namespace) -> int:
     found = client.list_tasks(status=args.status, provider=args.provider, limit=args.limit)
     if args.json:
-        for task in found:
-            print(json.dumps(task))
-        return EXIT_SUCCEEDED
+        return json_lines(found)
+    terminal = sys.stdout.isatty()
     rows = [
         [
             task["id"],
@@ -564,34 +635,34 @@ def list_tasks(client: Client, args: argparse.Namespace) -> int:
             task["provider"],
             task["model"],
             str(len(task["images"])),
-            _when(task["created_at"]),
-            _short(task["prompt"], 40),
+            _when(task["created_at"], terminal),
+            _short(task["prompt"], 40) if terminal else task["prompt"],
         ]
         for task in found
     ]
-    print(table(["ID", "STATUS", "PROVIDER", "MODEL", "IMAGES", "CREATED", "PROMPT"], rows))
+    show(["ID", "STATUS", "PROVIDER", "MODEL", "IMAGES", "CREATED", "PROMPT"], rows, terminal)
     return EXIT_SUCCEEDED
 
 
 def list_events(client: Client, args: argparse.Namespace) -> int:
     items = client.events(args.task_id)
     if args.json:
-        for event in items:
-            print(json.dumps(event))
-        return EXIT_SUCCEEDED
-    lines = table(
-        ["AT", "KIND", "VERIFIED", "CHANGE", "SUMMARY"],
+        return json_lines(items)
+    terminal = sys.stdout.isatty()
+    rows = [
         [
-            [
-                _when(event["at"]),
-                event["kind"],
-                "yes" if event["verified"] else "NO",
-                event.get("change") or "",
-                event["summary"],
-            ]
-            for event in items
-        ],
-    ).splitlines()
+            _when(event["at"], terminal),
+            event["kind"],
+            "yes" if event["verified"] else "NO",
+            event.get("change") or "",
+            event["summary"],
+        ]
+        for event in items
+    ]
+    if not terminal:  # the app's answer as a last column, whole
+        show([], [[*row, event.get("detail") or ""] for row, event in zip(rows, items, strict=True)], False)
+        return EXIT_SUCCEEDED
+    lines = table(["AT", "KIND", "VERIFIED", "CHANGE", "SUMMARY"], rows).splitlines()
     out = [lines[0]]
     for line, event in zip(lines[1:], items, strict=True):
         out.append(line)
@@ -600,6 +671,38 @@ def list_events(client: Client, args: argparse.Namespace) -> int:
             out.append(f"    answer: {_short(detail, 200)}")
     print("\n".join(out))
     return EXIT_SUCCEEDED
+
+
+def list_providers(client: Client, args: argparse.Namespace) -> int:
+    offered = client.providers()
+    if args.json:
+        return json_lines(offered)
+    terminal = sys.stdout.isatty()
+
+    def row(provider: ProviderInfo) -> list[str]:
+        models = ", ".join(provider["models"] + provider["native_models"])
+        images = f"{provider['min_images']}-{provider['max_images']}"
+        fields = ", ".join(provider["fields"])
+        return [provider["name"], provider["default_model"], images, fields, models]
+
+    show(["NAME", "DEFAULT MODEL", "IMAGES", "FIELDS", "MODELS"], [row(p) for p in offered], terminal)
+    return EXIT_SUCCEEDED
+
+
+def json_lines(items: Iterable[Any]) -> int:
+    for item in items:
+        print(json.dumps(item))
+    return EXIT_SUCCEEDED
+
+
+def show(header: list[str], rows: list[list[str]], terminal: bool) -> None:
+    """A table with a header for a person; for a pipe, one tab-separated line a row, no header, each
+    cell whole (tabs and line breaks in it turned to spaces, so a row stays one line of cells)."""
+    if terminal:
+        print(table(header, rows))
+        return
+    for row in rows:
+        print("\t".join(" ".join(cell.split()) for cell in row))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -611,8 +714,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     )
 
 
-def _when(iso: str | None) -> str:
-    return (iso or "").replace("T", " ")[:19]
+def _when(iso: str | None, terminal: bool) -> str:
+    """A time as the API gives it (ISO 8601, `Z` for UTC) for a pipe; to the second, marked UTC, for a
+    person."""
+    if not terminal or not iso:
+        return iso or ""
+    return iso.replace("T", " ")[:19] + " UTC"
 
 
 def _short(text: str, width: int) -> str:
@@ -623,13 +730,36 @@ def _short(text: str, width: int) -> str:
 CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "submit": submit,
     "get": get,
+    "download": download,
     "tasks": list_tasks,
     "events": list_events,
+    "providers": list_providers,
 }
+COMMANDS = ("serve", *CLIENT_COMMANDS)
+VALUED_FLAGS = ("--url", "--api-key")  # the options before a command that take a value
+
+
+def mistyped(argv: Sequence[str]) -> str | None:
+    """What to say when the command (the first word that is not an option) is none of ours."""
+    words = iter(argv)
+    for word in words:
+        if word in VALUED_FLAGS:
+            next(words, None)
+        elif not word.startswith("-"):
+            if word in COMMANDS:
+                return None
+            close = difflib.get_close_matches(word, COMMANDS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the commands are {', '.join(COMMANDS)}"
+            return f"unknown command {word!r} ({hint})"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    unknown = mistyped(sys.argv[1:] if argv is None else argv)
+    if unknown is not None:
+        print(f"receiver: {unknown} (see receiver --help)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2), as a return value for callers
@@ -642,12 +772,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     client: Client | None = None
     try:
-        client = connect()
+        client = connect(args)
         status = command(client, args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
     except ReceiverError as exc:
-        error = cli_error(exc, client.url if client is not None else "")
+        key_from = "--api-key" if args.api_key else "RECEIVER_API_KEY"
+        error = cli_error(exc, client.url if client is not None else "", key_from)
         print(f"receiver: {error.message}", file=sys.stderr)
         return error.status
     except CliError as exc:

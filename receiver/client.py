@@ -1,26 +1,27 @@
 """A typed Python client for the receiver's HTTP API, synchronous (`Client`) and asynchronous
-(`AsyncClient`), on httpx.
+(`AsyncClient`), on httpx and the standard library alone (an app can vendor it: see docs/client.md).
 
     from receiver.client import Client
 
     with Client("http://127.0.0.1:8000", api_key) as receiver:
-        task = receiver.create("sandbox", "a red fox in the snow", images=[Path("fox.png")])
-        task = receiver.wait(task["id"], timeout=120)
-        receiver.download_images(task, "images/")
+        task = receiver.generate("sandbox", "a red fox in the snow", out="images/")
 
-Each operation is written once, as a generator of HTTP calls (`_Call`) that receives each call's
-JSON answer; the two clients only differ in how they send a call. Failures are exceptions:
-`ApiError` (the service answered 4xx/5xx; `status`, `code`, `fields`), `ServiceUnreachable` (no answer
-at all), `WaitTimeout` (the task had not ended in time; the last `task` is attached).
-`verify_notification` checks a notification the receiver POSTed to an app's `notify_url`.
+Each operation is written once, as a generator of steps (`_Call`, `_ReadFile`) that receives each
+step's answer; the two clients only differ in how they carry a step out. Transient failures (no
+connection, a dropped answer, 502/503/504) are retried with backoff where a call is safe to repeat: a
+read, or a create that carries an Idempotency-Key. Failures are exceptions: `ApiError` (the service
+answered 4xx/5xx; `status`, `code`, `fields`), `ServiceUnreachable` (no answer at all), `WaitTimeout`
+(the task had not ended in time; the last `task` is attached), `TaskFailed` (`generate` saw the task
+fail). `verify_notification` checks a notification the receiver POSTed to an app's `notify_url`.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
+import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Callable
 from collections.abc import Generator
@@ -31,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from typing import Literal
-from typing import NotRequired
 from typing import TypedDict
 from typing import TypeVar
 from typing import Unpack
@@ -50,15 +50,20 @@ from receiver.webhooks import verify_notification
 __all__ = [
     "ApiError",
     "AsyncClient",
+    "Attempt",
     "Client",
     "Event",
     "LocalFileError",
+    "ModelInputs",
     "NotificationError",
     "Page",
+    "ProviderInfo",
+    "ProviderLimits",
     "ReceiverError",
     "ServiceUnreachable",
     "Task",
     "TaskError",
+    "TaskFailed",
     "TaskImage",
     "Upload",
     "WaitTimeout",
@@ -73,9 +78,15 @@ PAGE_LIMIT = 200  # the API's own cap on ?limit
 # (queued → submitted → downloading), which do not end a long-poll, are seen soon after they happen.
 FIRST_PROGRESS_WINDOW = 0.25
 PROGRESS_WINDOW = 2.0
+# Transient failures: tries after the first, the first pause (doubling each time, ±25 %), the longest.
+RETRIES = 4
+BACKOFF = 0.5
+MAX_RETRY_DELAY = 30.0
+RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or the service saying "not now"
 
 Status = Literal["queued", "submitted", "downloading", "succeeded", "failed"]
 ImageInput = str | os.PathLike[str]
+TaskRef = str | Mapping[str, Any]  # a task as the API gave it, or its id
 T = TypeVar("T")
 
 
@@ -87,13 +98,23 @@ class TaskImage(TypedDict):
     sha256: str
     width: int | None
     height: int | None
-    source_url: str | None
+    source_url: str
 
 
 class TaskError(TypedDict):
     code: str
     message: str
-    provider_code: NotRequired[str | None]
+    provider_code: str | None
+
+
+class Attempt(TypedDict):
+    """A provider the task left for the next one in its fallback chain, with the error it ended with."""
+
+    provider: str
+    model: str
+    provider_task_id: str | None
+    error: TaskError
+    at: str
 
 
 class Task(TypedDict):
@@ -105,11 +126,12 @@ class Task(TypedDict):
     provider_task_id: str | None
     images: list[TaskImage]
     error: TaskError | None
+    fallback: list[str]
+    attempts: list[Attempt]
     metadata: dict[str, Any]
     created_at: str
     updated_at: str
     completed_at: str | None
-    attempts: NotRequired[list[dict[str, Any]]]
 
 
 class TaskFields(TypedDict, total=False):
@@ -148,6 +170,39 @@ class Event(TypedDict):
 class Upload(TypedDict):
     url: str
     sha256: str
+    content_type: str
+    size: int
+
+
+class ModelInputs(TypedDict):
+    min_images: int
+    max_images: int
+    text_to_image: str | None
+    edit: str | None
+
+
+class ProviderLimits(TypedDict):
+    max_concurrent: int | None
+    max_concurrent_by_model: dict[str, int]
+    new_tasks_per_window: int | None
+    window_seconds: float | None
+    shared_with: list[str]
+
+
+class ProviderInfo(TypedDict):
+    name: str
+    models: list[str]
+    default_model: str
+    accepts_any_model: bool
+    fields: list[str]
+    min_images: int
+    max_images: int
+    native_models: list[str]
+    other_models: str | None
+    model_inputs: dict[str, ModelInputs]
+    data_uris: str
+    synchronous: bool
+    limits: ProviderLimits
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -166,7 +221,7 @@ class LocalFileError(ReceiverError):
 
 
 class ServiceUnreachable(ReceiverError):
-    """No HTTP answer: refused connection, DNS failure, timeout."""
+    """No HTTP answer (refused connection, DNS failure, timeout, a dropped connection), after the retries."""
 
 
 class ApiError(ReceiverError):
@@ -188,12 +243,23 @@ class WaitTimeout(ReceiverError):
         self.task = task
 
 
+class TaskFailed(ReceiverError):
+    """`generate` saw the task end `failed`; `task` is the task, with its `error`."""
+
+    def __init__(self, task: Task) -> None:
+        error = task["error"]
+        why = f"{error['code']}: {error['message']}" if error else "no reason given"
+        super().__init__(f"task {task['id']} failed: {why}")
+        self.task = task
+
+
 # -- one description of each operation, for both clients ------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Call:
-    """One HTTP call; its answer (the JSON body) is sent back into the operation's generator."""
+    """One HTTP call; its answer (the JSON body, or with `into` the bytes written) is sent back into the
+    operation's generator."""
 
     method: str
     path: str
@@ -202,9 +268,16 @@ class _Call:
     content: bytes | None = None
     headers: Mapping[str, str] | None = None
     wait: float = 0.0  # seconds the service may hold the answer (long-poll), added to the timeout
+    into: Path | None = None  # stream the body into this file (replaced whole, never left half written)
+
+    @property
+    def repeatable(self) -> bool:
+        """Whether sending it again after a lost answer is harmless: a read, or a create that the
+        service recognises by its Idempotency-Key."""
+        return self.method == "GET" or "Idempotency-Key" in (self.headers or {})
 
     def arguments(self, timeout: float) -> dict[str, Any]:
-        """httpx's request() arguments for this call."""
+        """httpx's request() (and stream()) arguments for this call."""
         return {
             "method": self.method,
             "url": self.path,
@@ -223,8 +296,96 @@ class _ReadFile:
     path: Path
 
 
-_Step = _Call | _ReadFile
+@dataclass(frozen=True)
+class _Send:
+    """Send a call once; an `_Answer` or the httpx error is sent back."""
+
+    call: _Call
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    """Pause before trying again."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Answer:
+    response: httpx.Response
+    written: int = 0  # bytes streamed into the call's `into` file
+
+
+_Step = _Call | _ReadFile  # what an operation asks for
 _Operation = Generator[_Step, Any, T]
+_Primitive = _Send | _Sleep | _ReadFile  # what a client carries out
+_Program = Generator[_Primitive, Any, T]
+
+# The request never left: sending it again cannot do anything twice, whatever the call.
+_UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Failures that pass: the service restarting, a proxy dropping a long-poll, a slow network.
+_TRANSIENT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+@dataclass(frozen=True)
+class _Retries:
+    url: str
+    retries: int
+    backoff: float
+
+    def delay(self, call: _Call, attempt: int, outcome: _Answer | httpx.HTTPError) -> float | None:
+        """Seconds to pause before sending `call` again after its `attempt`-th try, or None to stop."""
+        if attempt > self.retries:
+            return None
+        asked = 0.0
+        if isinstance(outcome, httpx.HTTPError):
+            if not (isinstance(outcome, _UNSENT) or (call.repeatable and isinstance(outcome, _TRANSIENT))):
+                return None
+        elif outcome.response.status_code in RETRY_STATUSES and call.repeatable:
+            asked = _retry_after(outcome.response)
+        else:
+            return None
+        step = self.backoff * 2.0 ** (attempt - 1) * random.uniform(0.75, 1.25)
+        return min(max(step, asked), MAX_RETRY_DELAY)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The seconds of a Retry-After header (an HTTP date is not worth parsing here), else 0."""
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "")))
+    except ValueError:
+        return 0.0
+
+
+def _exchange(call: _Call, retries: _Retries) -> _Program[Any]:
+    """`call` sent, and sent again while its failure is transient and it is safe to repeat; then its JSON
+    (or, with `into`, the bytes written)."""
+    attempt = 1
+    outcome = yield _Send(call)
+    while (delay := retries.delay(call, attempt, outcome)) is not None:
+        yield _Sleep(delay)
+        attempt += 1
+        outcome = yield _Send(call)
+    if isinstance(outcome, httpx.HTTPError):
+        raise _unreachable(retries.url, outcome)
+    if call.into is not None:
+        _check(outcome.response)
+        return outcome.written
+    return _json(outcome.response)
+
+
+def _program(operation: _Operation[T], retries: _Retries) -> _Program[T]:
+    """The operation with each of its calls carried out by `_exchange`: what a client runs."""
+    answer: Any = None
+    while True:
+        try:
+            step = operation.send(answer)
+        except StopIteration as done:
+            return cast(T, done.value)
+        if isinstance(step, _Call):
+            answer = yield from _exchange(step, retries)
+        else:
+            answer = yield step
 
 
 def task_path(task_id: str) -> str:
@@ -319,6 +480,41 @@ def _events(task_id: str) -> _Operation[list[Event]]:
             return events
 
 
+def _providers() -> _Operation[list[ProviderInfo]]:
+    answer = yield _Call("GET", "/v1/providers")
+    return cast(list[ProviderInfo], answer["items"])
+
+
+def _download(task_id: str, index: int, dest: Path) -> _Operation[int]:
+    size: int = yield _Call("GET", image_path(task_id, index), into=dest)
+    return size
+
+
+def _download_images(task: TaskRef, folder: Path) -> _Operation[list[Path]]:
+    ended = cast(Task, task) if not isinstance(task, str) else (yield from _get(task))
+    paths = [folder / image_name(ended, image) for image in ended["images"]]
+    for image, path in zip(ended["images"], paths, strict=True):
+        yield from _download(ended["id"], image["index"], path)
+    return paths
+
+
+def _generate(
+    body: Mapping[str, Any],
+    images: Sequence[ImageInput],
+    idempotency_key: str | None,
+    out: Path,
+    timeout: float | None,
+    on_progress: Callable[[Task, float], None] | None,
+) -> _Operation[Task]:
+    # Always with a key: a create whose answer was lost is sent again and finds its first task.
+    task = yield from _create(body, images, idempotency_key or f"generate-{uuid.uuid4().hex}")
+    task = yield from _wait(task["id"], timeout, on_progress)
+    if task["status"] != "succeeded":
+        raise TaskFailed(task)
+    yield from _download_images(task, out)
+    return task
+
+
 def _page_size(limit: int | None, seen: int, page_size: int) -> int:
     return min(page_size, PAGE_LIMIT) if limit is None else min(page_size, PAGE_LIMIT, limit - seen)
 
@@ -328,7 +524,7 @@ def image_name(task: Task, image: TaskImage) -> str:
     return f"{task['id']}-{image['index']}.{imageinfo.EXTENSIONS.get(image['content_type'], 'bin')}"
 
 
-def _task_id(task: str | Mapping[str, Any]) -> str:
+def _task_id(task: TaskRef) -> str:
     return task if isinstance(task, str) else str(task["id"])
 
 
@@ -375,15 +571,11 @@ def _json(response: httpx.Response) -> Any:
         raise ReceiverError(f"the answer to {response.request.url.path} is not JSON") from None
 
 
-@contextlib.contextmanager
-def _reaching(url: str) -> Iterator[None]:
-    """Transport failures as ServiceUnreachable naming the service."""
-    try:
-        yield
-    except httpx.TimeoutException:
-        raise ServiceUnreachable(f"the service at {url} did not answer in time") from None
-    except httpx.HTTPError as exc:
-        raise ServiceUnreachable(f"cannot reach the service at {url}: {exc or type(exc).__name__}") from None
+def _unreachable(url: str, exc: httpx.HTTPError) -> ServiceUnreachable:
+    """A transport failure as ServiceUnreachable naming the service."""
+    if isinstance(exc, httpx.TimeoutException):
+        return ServiceUnreachable(f"the service at {url} did not answer in time")
+    return ServiceUnreachable(f"cannot reach the service at {url}: {exc or type(exc).__name__}")
 
 
 def _read_file(path: Path) -> bytes:
@@ -393,8 +585,11 @@ def _read_file(path: Path) -> bytes:
         raise LocalFileError(f"{path}: {exc.strerror or exc}") from None
 
 
-def _settings(url: str | None, api_key: str | None, timeout: float) -> tuple[str, dict[str, Any]]:
-    """The service's root URL, and the httpx client options (base URL, bearer key, timeout) for it."""
+def _settings(
+    url: str | None, api_key: str | None, timeout: float, retries: int, backoff: float
+) -> tuple[_Retries, dict[str, Any]]:
+    """The retry policy for the service's root URL, and the httpx client options (base URL, bearer key,
+    timeout) for it."""
     try:
         url = base_url(url or os.environ.get("RECEIVER_URL") or DEFAULT_URL)
     except ValueError as exc:
@@ -402,12 +597,43 @@ def _settings(url: str | None, api_key: str | None, timeout: float) -> tuple[str
     api_key = (api_key if api_key is not None else os.environ.get("RECEIVER_API_KEY", "")).strip()
     if not api_key:
         raise ReceiverError("no API key: pass api_key or set RECEIVER_API_KEY (receiver serve prints one)")
+    if retries < 0 or not backoff >= 0:
+        raise ReceiverError("retries and backoff must not be negative")
     headers = {"Authorization": f"Bearer {api_key}", "User-Agent": f"receiver-client/{__version__}"}
-    return url, {"base_url": url, "headers": headers, "timeout": httpx.Timeout(timeout)}
+    options = {"base_url": url, "headers": headers, "timeout": httpx.Timeout(timeout)}
+    return _Retries(url, retries, backoff), options
 
 
 def _temp(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.part")
+
+
+def _save(chunks: Iterator[bytes], dest: Path) -> int:
+    """The chunks written to `dest` through a temporary file; the bytes written."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp, size = _temp(dest), 0
+    try:
+        with open(temp, "wb") as handle:
+            for chunk in chunks:
+                size += handle.write(chunk)
+        temp.replace(dest)
+    finally:
+        temp.unlink(missing_ok=True)
+    return size
+
+
+async def _save_async(chunks: AsyncIterator[bytes], dest: Path) -> int:
+    """`_save` for the async client: the file work in worker threads."""
+    await anyio.Path(dest.parent).mkdir(parents=True, exist_ok=True)
+    temp, size = anyio.Path(_temp(dest)), 0
+    try:
+        async with await anyio.open_file(temp, "wb") as handle:
+            async for chunk in chunks:
+                size += await handle.write(chunk)
+        await temp.replace(dest)
+    finally:
+        await temp.unlink(missing_ok=True)
+    return size
 
 
 # -- the clients ------------------------------------------------------------------------------------
@@ -415,7 +641,9 @@ def _temp(dest: Path) -> Path:
 
 class Client:
     """The receiver's API, synchronously. `url` and `api_key` default to RECEIVER_URL and
-    RECEIVER_API_KEY; `timeout` is per call (long-polls get their waiting time on top)."""
+    RECEIVER_API_KEY; `timeout` is per call (long-polls get their waiting time on top). A call that is
+    safe to repeat is tried up to `retries` more times after a transient failure, pausing `backoff`
+    seconds, then twice that, and so on."""
 
     def __init__(
         self,
@@ -423,9 +651,12 @@ class Client:
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.url, options = _settings(url, api_key, timeout)
+        self._retries, options = _settings(url, api_key, timeout, retries, backoff)
+        self.url = self._retries.url
         self.timeout = timeout
         self.http = httpx.Client(**options, transport=transport)
 
@@ -436,21 +667,36 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the connections."""
         self.http.close()
 
     def _run(self, operation: _Operation[T]) -> T:
+        program = _program(operation, self._retries)
         answer: Any = None
         try:
             while True:
-                step = operation.send(answer)
-                if isinstance(step, _ReadFile):
+                step = program.send(answer)
+                if isinstance(step, _Send):
+                    answer = self._send(step.call)
+                elif isinstance(step, _Sleep):
+                    time.sleep(step.seconds)
+                    answer = None
+                else:
                     answer = _read_file(step.path)
-                    continue
-                with _reaching(self.url):
-                    response = self.http.request(**step.arguments(self.timeout))
-                answer = _json(response)
         except StopIteration as done:
             return cast(T, done.value)
+
+    def _send(self, call: _Call) -> _Answer | httpx.HTTPError:
+        try:
+            if call.into is None:
+                return _Answer(self.http.request(**call.arguments(self.timeout)))
+            with self.http.stream(**call.arguments(self.timeout)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    return _Answer(response)
+                return _Answer(response, _save(response.iter_bytes(), call.into))
+        except httpx.HTTPError as exc:
+            return exc
 
     def create(
         self,
@@ -463,28 +709,48 @@ class Client:
     ) -> Task:
         """Create a task. `images` are URLs or data: URIs (as given) or local PNG, JPEG or WebP files
         (a `Path`, or any other string), sent inline and stored by the service. The same
-        `idempotency_key` and body return the same task (a retry is safe); the same key with
-        another body is an ApiError with status 409."""
+        `idempotency_key` and body return the same task (a retry is safe, and only a create with a
+        key is retried after a lost answer); the same key with another body is an ApiError, status 409."""
         body = {"provider": provider, "prompt": prompt, **fields}
         return self._run(_create(body, images, idempotency_key))
+
+    def generate(
+        self,
+        provider: str,
+        prompt: str,
+        *,
+        images: Sequence[ImageInput] = (),
+        out: str | os.PathLike[str] = ".",
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        on_progress: Callable[[Task, float], None] | None = None,
+        **fields: Unpack[TaskFields],
+    ) -> Task:
+        """Create a task, wait for it, save its images as `out/<task id>-<index>.<ext>`, and return it.
+        Always sent with an Idempotency-Key (a new one unless given), so a lost answer is retried
+        safely. TaskFailed if the task fails, WaitTimeout after `timeout` seconds."""
+        body = {"provider": provider, "prompt": prompt, **fields}
+        return self._run(_generate(body, images, idempotency_key, Path(out), timeout, on_progress))
 
     def upload(self, path: str | os.PathLike[str]) -> Upload:
         """Upload a local PNG, JPEG or WebP file: a signed link for `images`."""
         return self._run(_upload(Path(path)))
 
-    def get(self, task_id: str, *, wait: float | None = None) -> Task:
-        """The task; with `wait` (≤ 60 s) the service holds the answer until it ends or that time passes."""
-        return self._run(_get(task_id, wait))
+    def get(self, task: TaskRef, *, wait: float | None = None) -> Task:
+        """The task (given as a task or its id); with `wait` (≤ 60 s) the service holds the answer until
+        it ends or that time passes."""
+        return self._run(_get(_task_id(task), wait))
 
     def wait(
         self,
-        task: str | Mapping[str, Any],
+        task: TaskRef,
         *,
         timeout: float | None = None,
         on_progress: Callable[[Task, float], None] | None = None,
     ) -> Task:
-        """The task once it has ended, by long-polling; WaitTimeout after `timeout` seconds.
-        `on_progress(task, elapsed)` is called after every answer (changes show within about 2 s)."""
+        """The task once it has ended, by long-polling (a dropped long-poll is asked again); WaitTimeout
+        after `timeout` seconds. `on_progress(task, elapsed)` is called after every answer (changes
+        show within about 2 s)."""
         return self._run(_wait(_task_id(task), timeout, on_progress))
 
     def list_page(
@@ -519,36 +785,23 @@ class Client:
             if not cursor:
                 return
 
-    def events(self, task_id: str) -> list[Event]:
+    def events(self, task: TaskRef) -> list[Event]:
         """Everything that happened to the task: callbacks, polls, downloads, notifications."""
-        return self._run(_events(task_id))
+        return self._run(_events(_task_id(task)))
 
-    def download(self, task: str | Mapping[str, Any], index: int, dest: str | os.PathLike[str]) -> int:
+    def providers(self) -> list[ProviderInfo]:
+        """The providers this deployment offers: their models, the fields they honour, their limits."""
+        return self._run(_providers())
+
+    def download(self, task: TaskRef, index: int, dest: str | os.PathLike[str]) -> int:
         """Stream image `index` of the task into the file `dest` (replaced whole, never left half
         written); returns its size in bytes."""
-        dest, size = Path(dest), 0
-        temp = _temp(dest)
-        try:
-            with _reaching(self.url), self.http.stream("GET", image_path(_task_id(task), index)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _check(response)
-                with open(temp, "wb") as handle:
-                    for chunk in response.iter_bytes():
-                        size += handle.write(chunk)
-            temp.replace(dest)
-        finally:
-            temp.unlink(missing_ok=True)
-        return size
+        return self._run(_download(_task_id(task), index, Path(dest)))
 
-    def download_images(self, task: Task, directory: str | os.PathLike[str]) -> list[Path]:
-        """Every image of an ended task as `directory/<task id>-<index>.<ext>`; the paths written."""
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        paths = [folder / image_name(task, image) for image in task["images"]]
-        for image, path in zip(task["images"], paths, strict=True):
-            self.download(task, image["index"], path)
-        return paths
+    def download_images(self, task: TaskRef, directory: str | os.PathLike[str]) -> list[Path]:
+        """Every image of the task (given as a task or its id) as `directory/<task id>-<index>.<ext>`;
+        the paths written."""
+        return self._run(_download_images(task, Path(directory)))
 
 
 class AsyncClient:
@@ -560,9 +813,12 @@ class AsyncClient:
         api_key: str | None = None,
         *,
         timeout: float = 30.0,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url, options = _settings(url, api_key, timeout)
+        self._retries, options = _settings(url, api_key, timeout, retries, backoff)
+        self.url = self._retries.url
         self.timeout = timeout
         self.http = httpx.AsyncClient(**options, transport=transport)
 
@@ -573,21 +829,36 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connections."""
         await self.http.aclose()
 
     async def _run(self, operation: _Operation[T]) -> T:
+        program = _program(operation, self._retries)
         answer: Any = None
         try:
             while True:
-                step = operation.send(answer)
-                if isinstance(step, _ReadFile):
+                step = program.send(answer)
+                if isinstance(step, _Send):
+                    answer = await self._send(step.call)
+                elif isinstance(step, _Sleep):
+                    await anyio.sleep(step.seconds)
+                    answer = None
+                else:
                     answer = await anyio.to_thread.run_sync(_read_file, step.path)
-                    continue
-                with _reaching(self.url):
-                    response = await self.http.request(**step.arguments(self.timeout))
-                answer = _json(response)
         except StopIteration as done:
             return cast(T, done.value)
+
+    async def _send(self, call: _Call) -> _Answer | httpx.HTTPError:
+        try:
+            if call.into is None:
+                return _Answer(await self.http.request(**call.arguments(self.timeout)))
+            async with self.http.stream(**call.arguments(self.timeout)) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    return _Answer(response)
+                return _Answer(response, await _save_async(response.aiter_bytes(), call.into))
+        except httpx.HTTPError as exc:
+            return exc
 
     async def create(
         self,
@@ -598,22 +869,50 @@ class AsyncClient:
         idempotency_key: str | None = None,
         **fields: Unpack[TaskFields],
     ) -> Task:
+        """Create a task. `images` are URLs or data: URIs (as given) or local PNG, JPEG or WebP files
+        (a `Path`, or any other string), sent inline and stored by the service. The same
+        `idempotency_key` and body return the same task (a retry is safe, and only a create with a
+        key is retried after a lost answer); the same key with another body is an ApiError, status 409."""
         body = {"provider": provider, "prompt": prompt, **fields}
         return await self._run(_create(body, images, idempotency_key))
 
+    async def generate(
+        self,
+        provider: str,
+        prompt: str,
+        *,
+        images: Sequence[ImageInput] = (),
+        out: str | os.PathLike[str] = ".",
+        timeout: float | None = None,
+        idempotency_key: str | None = None,
+        on_progress: Callable[[Task, float], None] | None = None,
+        **fields: Unpack[TaskFields],
+    ) -> Task:
+        """Create a task, wait for it, save its images as `out/<task id>-<index>.<ext>`, and return it.
+        Always sent with an Idempotency-Key (a new one unless given), so a lost answer is retried
+        safely. TaskFailed if the task fails, WaitTimeout after `timeout` seconds."""
+        body = {"provider": provider, "prompt": prompt, **fields}
+        return await self._run(_generate(body, images, idempotency_key, Path(out), timeout, on_progress))
+
     async def upload(self, path: str | os.PathLike[str]) -> Upload:
+        """Upload a local PNG, JPEG or WebP file: a signed link for `images`."""
         return await self._run(_upload(Path(path)))
 
-    async def get(self, task_id: str, *, wait: float | None = None) -> Task:
-        return await self._run(_get(task_id, wait))
+    async def get(self, task: TaskRef, *, wait: float | None = None) -> Task:
+        """The task (given as a task or its id); with `wait` (≤ 60 s) the service holds the answer until
+        it ends or that time passes."""
+        return await self._run(_get(_task_id(task), wait))
 
     async def wait(
         self,
-        task: str | Mapping[str, Any],
+        task: TaskRef,
         *,
         timeout: float | None = None,
         on_progress: Callable[[Task, float], None] | None = None,
     ) -> Task:
+        """The task once it has ended, by long-polling (a dropped long-poll is asked again); WaitTimeout
+        after `timeout` seconds. `on_progress(task, elapsed)` is called after every answer (changes
+        show within about 2 s)."""
         return await self._run(_wait(_task_id(task), timeout, on_progress))
 
     async def list_page(
@@ -624,6 +923,7 @@ class AsyncClient:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> Page:
+        """One page of tasks, newest first; pass its `next_cursor` as `cursor` for the next."""
         return await self._run(_page(status, provider, limit, cursor))
 
     async def list_tasks(
@@ -634,6 +934,7 @@ class AsyncClient:
         limit: int | None = None,
         page_size: int = 100,
     ) -> AsyncIterator[Task]:
+        """Every task (or the first `limit`), newest first, fetching pages as the iteration goes."""
         seen, cursor = 0, None
         while limit is None or seen < limit:
             page = await self.list_page(
@@ -646,30 +947,20 @@ class AsyncClient:
             if not cursor:
                 return
 
-    async def events(self, task_id: str) -> list[Event]:
-        return await self._run(_events(task_id))
+    async def events(self, task: TaskRef) -> list[Event]:
+        """Everything that happened to the task: callbacks, polls, downloads, notifications."""
+        return await self._run(_events(_task_id(task)))
 
-    async def download(self, task: str | Mapping[str, Any], index: int, dest: str | os.PathLike[str]) -> int:
-        dest, size = Path(dest), 0
-        temp = _temp(dest)
-        try:
-            with _reaching(self.url):
-                async with self.http.stream("GET", image_path(_task_id(task), index)) as response:
-                    if response.status_code >= 400:
-                        await response.aread()
-                        _check(response)
-                    async with await anyio.open_file(temp, "wb") as handle:
-                        async for chunk in response.aiter_bytes():
-                            size += await handle.write(chunk)
-            await anyio.Path(temp).replace(dest)
-        finally:
-            await anyio.Path(temp).unlink(missing_ok=True)
-        return size
+    async def providers(self) -> list[ProviderInfo]:
+        """The providers this deployment offers: their models, the fields they honour, their limits."""
+        return await self._run(_providers())
 
-    async def download_images(self, task: Task, directory: str | os.PathLike[str]) -> list[Path]:
-        folder = Path(directory)
-        await anyio.Path(folder).mkdir(parents=True, exist_ok=True)
-        paths = [folder / image_name(task, image) for image in task["images"]]
-        for image, path in zip(task["images"], paths, strict=True):
-            await self.download(task, image["index"], path)
-        return paths
+    async def download(self, task: TaskRef, index: int, dest: str | os.PathLike[str]) -> int:
+        """Stream image `index` of the task into the file `dest` (replaced whole, never left half
+        written); returns its size in bytes."""
+        return await self._run(_download(_task_id(task), index, Path(dest)))
+
+    async def download_images(self, task: TaskRef, directory: str | os.PathLike[str]) -> list[Path]:
+        """Every image of the task (given as a task or its id) as `directory/<task id>-<index>.<ext>`;
+        the paths written."""
+        return await self._run(_download_images(task, Path(directory)))

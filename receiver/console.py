@@ -1,4 +1,5 @@
-"""The browser console at /ui: one static page, its stylesheet and script, and /v1/providers for its form.
+"""The browser console at /ui: one static page, its stylesheet and script, its icon (also at /favicon.ico,
+where browsers look for it), `/` sending a browser to it, and /v1/providers for its form.
 
 The page holds no data of its own: the script asks the /v1 API with the key the user typed, so the
 console sees exactly what the key's tenant sees. It is served with a strict Content-Security-Policy
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.responses import RedirectResponse
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -29,7 +31,9 @@ PAGE = "console.html"
 ASSETS: Mapping[str, str] = {
     "console.css": "text/css; charset=utf-8",
     "console.js": "text/javascript; charset=utf-8",
+    "favicon.ico": "image/vnd.microsoft.icon",
 }
+ICON = "favicon.ico"
 
 Authenticate = Callable[[Request], str | None]
 
@@ -147,11 +151,20 @@ def console_routes(settings: Settings, authenticate: Authenticate) -> list[Route
         # Revalidated on each load (cheap with the ETag), so an upgrade never mixes old and new files.
         return respond(request, asset, "no-cache")
 
+    async def icon(request: Request) -> Response:
+        return respond(request, assets[ICON], "public, max-age=86400")
+
+    async def root(request: Request) -> Response:
+        # Relative, so it stays under whatever path prefix a proxy serves this service at.
+        return RedirectResponse("ui", status_code=307)
+
     async def providers(request: Request) -> Response:
         authenticate(request)
         return JSONResponse({"items": provider_list(settings)})
 
     return [
+        Route("/", root, methods=["GET"], include_in_schema=False),
+        Route("/favicon.ico", icon, methods=["GET"], include_in_schema=False),
         Route("/ui", console_page, methods=["GET"], include_in_schema=False),
         Route("/ui/static/{name}", console_asset, methods=["GET"], include_in_schema=False),
         Route("/v1/providers", providers, methods=["GET"]),

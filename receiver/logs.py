@@ -1,9 +1,9 @@
 """One structured line per event: JSON off a terminal, readable on one (RECEIVER_LOG_FORMAT chooses).
 
 Call sites pass facts as keyword fields: `event(log, "callback accepted", task_id=…, provider=…)`.
-Secrets never reach a line: callers log ids, hosts and counts, never keys, tokens or URLs with their
-query strings; `redact_url` keeps only the scheme, host and path, and the formatter drops any field
-whose name says it holds a secret.
+Secrets never reach a line: callers log ids, hosts and counts, never keys, tokens or URLs (a path or a
+query string can carry a signature); `url_host` keeps only the host and port of a URL, and the formatter
+drops any field whose name says it holds a secret.
 """
 
 from __future__ import annotations
@@ -26,20 +26,20 @@ def event(logger: logging.Logger, message: str, *, level: int = logging.INFO, **
         logger.log(level, message, extra={FIELDS: fields})
 
 
-def redact_url(url: str) -> str:
-    """A URL fit for a log line: no query string (signed links carry their signature there), no user."""
+def url_host(url: str) -> str:
+    """The host of a URL (and its port, when it names one) for a log line's `host=`: no user, no path,
+    no query string (signed links carry their signature there)."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
         return "(a URL that cannot be read)"
-    host = parts.hostname or ""
+    host = parts.hostname or "(none)"
     if len(host) > 80:
         host = host[:77] + "..."
-    if port:
-        host = f"{host}:{port}"
-    path = parts.path if len(parts.path) <= 80 else parts.path[:77] + "..."
-    return f"{parts.scheme}://{host}{path}"
+    if ":" in host:  # an IPv6 address, bracketed as in a URL so that the port stays apart
+        host = f"[{host}]"
+    return f"{host}:{port}" if port else host
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from receiver.config import Settings
 from receiver.downloads import AddressRefused
 from receiver.downloads import check_url
 from receiver.logs import event
-from receiver.logs import redact_url
+from receiver.logs import url_host
 from receiver.models import Status
 from receiver.schema import Notification
 from receiver.schema import encode
@@ -139,7 +139,7 @@ class Notifier:
             task_id=job.task_id,
             attempt=job.attempts,
             status=attempt.status,
-            host=redact_url(row.notify_url),
+            host=url_host(row.notify_url),
         )
 
     async def post(self, url: str, message: str, body: bytes) -> Attempt:

@@ -13,16 +13,20 @@ from typing import Any
 
 import msgspec
 
+from receiver import __version__
 from receiver import schema
 from receiver.models import ErrorCode
 from receiver.models import Status
 
 REF = "#/components/schemas/{name}"
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-IMAGE_CONTENT = {kind.value: {"schema": {"type": "string", "format": "binary"}} for kind in schema.ImageType}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+# An image is served with its own type; application/octet-stream is listed too (first), since that is
+# how client generators (openapi-python-client with its defaults) know a body of raw bytes.
+IMAGE_CONTENT = {"application/octet-stream": BINARY, **{kind.value: BINARY for kind in schema.ImageType}}
 # One entry, not one per image type: client generators (openapi-python-client) emit broken code for an
 # operation whose body has several raw media types. The image types it takes are in the description.
-UPLOAD_CONTENT = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+UPLOAD_CONTENT = {"application/octet-stream": BINARY}
 
 # Structs the document names; parameter Structs are spread into parameters, not kept as schemas.
 MODELS: tuple[type[msgspec.Struct], ...] = (
@@ -359,7 +363,7 @@ def openapi_document(server_url: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {
             "title": "receiver",
-            "version": "1",
+            "version": __version__,
             "description": "FLUX image tasks with verified callbacks. Errors are "
             '`{"error": {"code", "message", "fields"}}`.',
         },

@@ -23,7 +23,7 @@ from receiver.config import Settings
 from receiver.downloads import DownloadError
 from receiver.fetcher import open_fetcher
 from receiver.logs import event
-from receiver.logs import redact_url
+from receiver.logs import url_host
 from receiver.media import Media
 from receiver.media import MediaError
 from receiver.models import OUTCOME_UNKNOWN
@@ -474,7 +474,7 @@ class Worker:
         except DownloadError as exc:
             metrics.DOWNLOADS.labels(exc.kind).inc()
             delays = self.settings.download_retry_delays
-            fields = {"task_id": job.task_id, "image": job.arg, "host": redact_url(url), "reason": exc.kind}
+            fields = {"task_id": job.task_id, "image": job.arg, "host": url_host(url), "reason": exc.kind}
             # Our own media store being down is not the image's fault: such a download keeps trying at
             # the last delay until the bucket is back or the task's deadline ends it.
             ours = exc.kind == "media"
@@ -500,7 +500,7 @@ class Worker:
             task_id=job.task_id,
             image=job.arg,
             bytes=stored.size,
-            host=redact_url(url),
+            host=url_host(url),
             seconds=round(time.monotonic() - started, 3),
         )
         await self.store.record_image(

@@ -299,9 +299,11 @@ def test_openapi_documents_every_public_route_and_no_internal_one(receiver: Rece
             if method != "HEAD":
                 (public if route.include_in_schema else internal).add((path, method))
     assert described == public
-    # Providers, the sandbox, the console and Prometheus are not part of the API apps build on.
+    # Providers, the sandbox, the console (with / and its icon) and Prometheus are not part of the API
+    # apps build on.
     assert internal and all(
-        path.startswith(("/callbacks/", "/sandbox/", "/ui", "/metrics")) for path, _ in internal
+        path in ("/", "/favicon.ico") or path.startswith(("/callbacks/", "/sandbox/", "/ui", "/metrics"))
+        for path, _ in internal
     )
     assert not any(path.startswith(("/callbacks/", "/sandbox/", "/ui", "/metrics")) for path, _ in public)
     assert openapi_document("http://x")["servers"] == [{"url": "http://x"}]

@@ -260,21 +260,18 @@ def test_tasks_lists_a_readable_table_with_filters(cli: Run, receiver: Receiver)
     failed = receiver.submit(provider="sandbox", prompt="a failure", options={"outcome": "generation_failed"})
     for task_id in [*made, failed["id"]]:
         receiver.wait(task_id)
-    status, out, err = cli("tasks")
+    status, out, err = cli("tasks")  # not a terminal: tab-separated, no header (the table: test_cli_more)
     assert status == 0, err
-    lines = out.splitlines()
-    assert lines[0].split() == ["ID", "STATUS", "PROVIDER", "MODEL", "IMAGES", "CREATED", "PROMPT"]
-    assert [line.split()[0] for line in lines[1:]] == [failed["id"], *reversed(made)]  # newest first
-    assert lines[1].split()[1:5] == ["failed", "sandbox", "sandbox", "0"]
-    assert lines[2].split()[1:5] == ["succeeded", "sandbox", "sandbox", "1"]
-    assert lines[2].endswith("picture number 2")
-    # Columns line up: every row's status starts where the header's does.
-    assert {line.index(line.split()[1]) for line in lines} == {lines[0].index("STATUS")}
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert [row[0] for row in rows] == [failed["id"], *reversed(made)]  # newest first
+    assert rows[0][1:5] == ["failed", "sandbox", "sandbox", "0"]
+    assert rows[1][1:5] == ["succeeded", "sandbox", "sandbox", "1"]
+    assert rows[1][-1] == "picture number 2"
 
     status, out, _ = cli("tasks", "--status", "failed")
-    assert [line.split()[0] for line in out.splitlines()[1:]] == [failed["id"]]
+    assert [line.split("\t")[0] for line in out.splitlines()] == [failed["id"]]
     status, out, _ = cli("tasks", "--limit", "2", "--provider", "sandbox")
-    assert len(out.splitlines()) == 3
+    assert len(out.splitlines()) == 2
     status, out, _ = cli("tasks", "--json", "--status", "succeeded")
     assert [json.loads(line)["id"] for line in out.splitlines()] == list(reversed(made))
     status, _, err = cli("tasks", "--status", "done")
@@ -305,14 +302,13 @@ def test_events_lists_what_happened_with_notify_answers(
             break
     assert status == 0, err
     assert [e["kind"] for e in receiver_events][:2] == ["created", "submit"]
-    status, out, err = cli("events", task_id)
+    status, out, err = cli("events", task_id)  # not a terminal: tab-separated, the answer last
     assert status == 0, err
-    lines = out.splitlines()
-    assert lines[0].split() == ["AT", "KIND", "VERIFIED", "CHANGE", "SUMMARY"]
-    assert "queued for sandbox (sandbox)" in lines[1] and "→queued" in lines[1]
-    assert any("→succeeded" in line for line in lines)
-    notify = next(i for i, line in enumerate(lines) if "attempt 1: delivered, HTTP 200" in line)
-    assert lines[notify + 1] == "    answer: got it, thanks"
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert "queued for sandbox (sandbox)" in rows[0][4] and rows[0][3] == "→queued"
+    assert any(row[3].endswith("→succeeded") for row in rows)
+    notify = next(row for row in rows if "attempt 1: delivered, HTTP 200" in row[4])
+    assert notify[5] == "got it, thanks"
     status, _, err = cli("events", "tsk_000000000000000000000000")
     assert status == 2
     assert "no such task" in one_line(err)
@@ -422,15 +418,8 @@ def test_timeout_needs_wait_and_version_and_a_v1_url(
     assert "no such route (is the URL the receiver's root?)" in one_line(err)
 
 
-def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> None:
-    controller, terminal = pty.openpty()
-    process = run_cli(
-        receiver,
-        *("submit", "--provider", "sandbox", "--prompt", "slow", "--option", "delay=4", "--wait"),
-        stdout=subprocess.PIPE,
-        stderr=terminal,
-    )
-    os.close(terminal)
+def read_terminal(controller: int) -> bytes:
+    """All a process wrote to its pseudo-terminal, until it closed; the terminal is closed after."""
     shown = b""
     while True:
         try:
@@ -441,6 +430,19 @@ def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> 
             break
         shown += chunk
     os.close(controller)
+    return shown
+
+
+def test_a_terminal_sees_the_time_waited_between_changes(receiver: Receiver) -> None:
+    controller, terminal = pty.openpty()
+    process = run_cli(
+        receiver,
+        *("submit", "--provider", "sandbox", "--prompt", "slow", "--option", "delay=4", "--wait"),
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = read_terminal(controller)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 0, shown.decode()
     task_id = out.decode().strip()

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from receiver import __version__
 from receiver import metrics
-from receiver.logs import redact_url
+from receiver.logs import url_host
 from receiver.metrics import HttpMetrics
 from tests.fakes.common import png
 from tests.fakes.kie import HMAC_KEY
@@ -142,10 +142,10 @@ def test_text_logs_on_request(tmp_path: Path) -> None:
     assert not line.startswith("{")
 
 
-def test_redacted_urls_keep_no_query() -> None:
-    assert redact_url("https://user:pw@cdn.example:8443/a/b.png?signature=xyz&exp=1") == (
-        "https://cdn.example:8443/a/b.png"
-    )
+def test_a_logged_host_is_a_host() -> None:
+    assert url_host("https://user:pw@cdn.example:8443/a/b.png?signature=xyz&exp=1") == "cdn.example:8443"
+    assert url_host("https://cdn.example/a/b.png?signature=xyz") == "cdn.example"
+    assert url_host("http://[::1]:9000/hook") == "[::1]:9000"
 
 
 def test_metrics_after_real_traffic(kie: KieFake, kie_receiver: Receiver) -> None:

@@ -57,6 +57,7 @@ log = logging.getLogger("receiver.store")
 T = TypeVar("T")
 V = TypeVar("V", bound=TaskView)
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
+MAX_LOGGED_MESSAGE = 300  # characters of a failed task's message in its log line
 PACE_SENDS_READ = 32  # sends per pace group whose times each worker turn reads (the rest are counted)
 Op = Callable[[Tx], Coroutine[Any, Any, T]]
 
@@ -930,6 +931,8 @@ def log_ended(ended: Ended) -> None:
         provider=ended.provider,
         error=str(error.code) if error else None,
         provider_code=error.provider_code if error else None,
+        # What the provider (or the download) said, as the task's error tells the app; bounded.
+        reason=error.message[:MAX_LOGGED_MESSAGE] if error else None,
         seconds=round(ended.seconds, 3),
     )
 
