@@ -53,6 +53,8 @@ class Settings:
     download_retry_delays: tuple[float, ...] = (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
     notify_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
     notify_timeout: float = 10.0
+    notify_slots: int = 16  # notifications delivered at once by one worker process
+    notify_per_tenant: int = 4  # RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: of those, one tenant's at most
     reconcile_interval: float = 60.0
     sandbox_delay: float = 1.0
     http_timeout: float = 30.0
@@ -399,6 +401,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1),
         max_connections=max_connections,
         max_waits_per_tenant=_max_waits_per_tenant(env, max_connections),
+        notify_per_tenant=_notify_per_tenant(env),
         max_header_bytes=_integer(env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
         database_url=database_url,
         job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0),
@@ -418,6 +421,19 @@ def _max_waits_per_tenant(env: Mapping[str, str], max_connections: int | None) -
         raise ConfigError(
             f"{name} must be at most half of RECEIVER_MAX_CONNECTIONS ({most}), got {env[name]!r}:"
             " long-polls must leave connections for everything else"
+        )
+    return value
+
+
+def _notify_per_tenant(env: Mapping[str, str]) -> int:
+    """RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: from 1 to one less than the notification slots, so that
+    no tenant's hanging hosts can take every slot."""
+    name = "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT"
+    value = _integer(env, name, Settings.notify_per_tenant, minimum=1)
+    if value >= Settings.notify_slots:
+        raise ConfigError(
+            f"{name} must be under {Settings.notify_slots} (the notifications delivered at once),"
+            f" so one tenant never takes them all, got {env[name]!r}"
         )
     return value
 

@@ -1,9 +1,12 @@
 """One tenant cannot shut out another: its ?wait long-polls are capped and leave connections for every
-other request. Over real HTTP, on a served receiver."""
+other request, its hanging notify URLs leave notification slots to the other tenants. Each over
+real HTTP, on a served receiver."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -18,8 +21,12 @@ import pytest
 from receiver.cli import http_limits
 from receiver.config import ConfigError
 from receiver.config import load_settings
+from tests.conftest import database_settings
 from tests.harness import ALICE
 from tests.harness import Receiver
+from tests.test_notify import SECRET
+from tests.test_notify import AppHook
+from tests.test_notify import hook  # noqa: F401 - the fixture, used by name
 
 WAIT = "X-Receiver-Wait"
 
@@ -111,9 +118,116 @@ def test_the_fairness_settings_are_checked_at_start(tmp_path: Path) -> None:
     assert "half of RECEIVER_MAX_CONNECTIONS" in problem(
         RECEIVER_MAX_CONNECTIONS="100", RECEIVER_MAX_WAITS_PER_TENANT="51"
     )
+    assert "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT" in problem(RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT="0")
+    assert "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT" in problem(RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT="16")
 
     settings = load_settings({"RECEIVER_DATA_DIR": str(tmp_path)})
-    assert (settings.max_waits_per_tenant, settings.max_waits) == (50, 500)
+    assert (settings.max_waits_per_tenant, settings.max_waits, settings.notify_per_tenant) == (50, 500, 4)
     # A small connection budget brings the default down with it, rather than refusing to start.
     settings = load_settings({"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_MAX_CONNECTIONS": "40"})
     assert (settings.max_waits_per_tenant, settings.max_waits) == (20, 20)
+
+
+class HangingHost:
+    """A notify URL's host that takes each request and never answers; it sees a client that gives up."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.changed = threading.Condition()
+        self.opened = 0  # requests received (their head read)
+        self.closed = 0  # … whose client has hung up since
+        self.most = 0  # the most held open at once
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.url = ""
+
+    def start(self) -> HangingHost:
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._take, "127.0.0.1", 0), self.loop
+        ).result(10)
+        port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/hooks/hang"
+        return self
+
+    @property
+    def open(self) -> int:
+        return self.opened - self.closed
+
+    async def _take(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.close()
+            return
+        with self.changed:
+            self.opened += 1
+            self.most = max(self.most, self.open)
+            self.changed.notify_all()
+        try:
+            while await reader.read(65536):  # the body, then nothing until the client hangs up
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            with self.changed:
+                self.closed += 1
+                self.changed.notify_all()
+            writer.close()
+
+    def stop(self) -> None:
+        async def close() -> None:
+            self.server.close()
+            for writer in list(self._writers):
+                writer.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def hanging() -> Iterator[HangingHost]:
+    host = HangingHost().start()
+    yield host
+    host.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The notification claim is SQL: both backends (this overrides conftest's SQLite-only fixture)."""
+    return database_settings(request, request.param)
+
+
+def test_a_tenants_hanging_notify_urls_do_not_delay_another_tenants_notification(
+    start_receiver: Callable[..., Receiver],
+    hook: Callable[..., AppHook],  # noqa: F811 - the fixture imported above
+    hanging: HangingHost,
+) -> None:
+    # A's hosts hang far longer than this test runs; B's app answers at once.
+    receiver = start_receiver(
+        RECEIVER_NOTIFY_SECRET=SECRET,
+        RECEIVER_NOTIFY_TIMEOUT="300",
+        RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT="2",
+    )
+    bobs_app = hook()
+    # More of A's tasks than the worker ever had notification slots (8 before this was fair).
+    small: dict[str, Any] = {"provider": "sandbox", "prompt": "a hanging fox", "aspect_ratio": "4:1"}
+    alices = [str(receiver.submit(**small, notify_url=hanging.url)["id"]) for _ in range(10)]
+    for task_id in alices:
+        assert receiver.wait(task_id, 60)["status"] == "succeeded"
+    with hanging.changed:
+        assert hanging.changed.wait_for(lambda: hanging.opened >= 2, 30), "A's notifications never left"
+
+    bobs = receiver.submit(receiver.bob, **small, notify_url=bobs_app.url)
+    assert receiver.wait(str(bobs["id"]), 60, client=receiver.bob)["status"] == "succeeded"
+    delivered = bobs_app.wait_for(1, seconds=60)
+    assert delivered[0].verify()["data"]["id"] == bobs["id"]
+
+    # B was served while every request to A's host was still held open, A holding its share only.
+    with hanging.changed:
+        assert hanging.closed == 0, "one of A's notifications gave up before B's came"
+        assert hanging.opened == hanging.most == 2, (hanging.opened, hanging.most)
+    assert metric(receiver, "receiver_notifications_in_flight", "alice") == 2
+    assert [e for e in receiver.events(alices[0]) if e["kind"] == "notify"] == []  # none ended yet
