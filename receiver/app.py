@@ -65,6 +65,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         settings.public_url,
         sandbox_settings.api_key or "",
         settings.sandbox_delay,
+        provider_http,
     )
     worker = Worker(settings, store, tokens, provider_http, outside_http, media)
     worker.callbacks_busy = callbacks.busy

@@ -1,11 +1,12 @@
 """One tenant cannot shut out another: its ?wait long-polls are capped and leave connections for every
-other request, its hanging notify URLs leave notification slots to the other tenants. Each over
-real HTTP, on a served receiver."""
+other request, its hanging notify URLs leave notification slots to the other tenants, and the sandbox
+draws its pictures off the event loop that answers callbacks. Each over real HTTP, on a served receiver."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,9 +22,11 @@ import pytest
 from receiver.cli import http_limits
 from receiver.config import ConfigError
 from receiver.config import load_settings
+from receiver.sandbox_service import render_png
 from tests.conftest import database_settings
 from tests.harness import ALICE
 from tests.harness import Receiver
+from tests.harness import served_receiver
 from tests.test_notify import SECRET
 from tests.test_notify import AppHook
 from tests.test_notify import hook  # noqa: F401 - the fixture, used by name
@@ -231,3 +234,44 @@ def test_a_tenants_hanging_notify_urls_do_not_delay_another_tenants_notification
         assert hanging.opened == hanging.most == 2, (hanging.opened, hanging.most)
     assert metric(receiver, "receiver_notifications_in_flight", "alice") == 2
     assert [e for e in receiver.events(alices[0]) if e["kind"] == "notify"] == []  # none ended yet
+
+
+def test_the_sandbox_draws_its_pictures_off_the_event_loop(tmp_path: Path, pool: ThreadPoolExecutor) -> None:
+    """Every picture the sandbox draws is drawn in a thread other than the one running the event loop
+    (the one that answers callbacks), seen by sampling every thread's stack while drawings go on."""
+    with served_receiver(tmp_path / "data") as receiver:
+        drawn_in = sample_drawings(receiver, pool)
+    assert drawn_in, "no drawing was ever caught under way"
+    loop_thread = receiver.served.thread.ident
+    assert loop_thread not in drawn_in, f"drawn on the event loop's thread ({drawn_in[loop_thread]} samples)"
+
+
+def sample_drawings(receiver: Receiver, pool: ThreadPoolExecutor) -> dict[int, int]:
+    """Threads caught drawing (and how often) while the sandbox makes 24 pictures."""
+    drawing = render_png.__code__
+    seen: dict[int, int] = {}  # thread -> samples caught drawing
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for thread, frame in sys._current_frames().items():
+                walked: Any = frame
+                while walked is not None:
+                    if walked.f_code is drawing:
+                        seen[thread] = seen.get(thread, 0) + 1
+                        break
+                    walked = walked.f_back
+            time.sleep(0.0005)
+
+    sampler = pool.submit(sample)
+    try:
+        # 4 pictures of 768x768 a task: seconds of drawing in all, so the sampler sees it under way.
+        tasks = [
+            receiver.submit(provider="sandbox", prompt=f"a fox {n}", num_images=4, seed=n) for n in range(6)
+        ]
+        for task in tasks:
+            assert receiver.wait(str(task["id"]), 120)["status"] == "succeeded"
+    finally:
+        done.set()
+        sampler.result()
+    return seen
