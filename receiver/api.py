@@ -21,6 +21,7 @@ from starlette.responses import RedirectResponse
 from starlette.responses import Response
 from starlette.responses import StreamingResponse
 
+from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import check_url
 from receiver.downloads import url_problem
@@ -111,6 +112,7 @@ class Api:
         self._keys = {
             hashlib.sha256(key.encode()).digest(): tenant for key, tenant in settings.api_keys.items()
         }
+        self._waits: dict[str, int] = {}  # tenant -> ?wait long-polls open in this process
 
     # -- auth ------------------------------------------------------------------------------------
 
@@ -316,12 +318,43 @@ class Api:
         row = await self._owned(task_id, tenant)
         if query is None:
             raise ApiError(422, "invalid", "the query has invalid parameters", errors)
-        if query.wait is not None:
-            loop_deadline = _now() + query.wait
-            while not row.status.terminal and (left := loop_deadline - _now()) > 0:
-                await self.store.wait_for_change(task_id, left)
-                row = await self._owned(task_id, tenant)
-        return ModelResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
+        headers = None
+        if query.wait is not None and not row.status.terminal:
+            assert tenant is not None
+            if self._wait_taken(tenant):
+                try:
+                    loop_deadline = _now() + query.wait
+                    while not row.status.terminal and (left := loop_deadline - _now()) > 0:
+                        await self.store.wait_for_change(task_id, left)
+                        row = await self._owned(task_id, tenant)
+                finally:
+                    self._wait_given_back(tenant)
+            else:
+                # The task as it stands, at once; the connection is closed so that it is not kept idle
+                # either: a tenant's polls must leave connections for every other request.
+                metrics.WAITS_CAPPED.labels(tenant).inc()
+                headers = {"X-Receiver-Wait": "capped", "Connection": "close"}
+        rendered = render_task(row, await self.store.image_rows(task_id), self.tokens)
+        return ModelResponse(rendered, headers=headers)
+
+    def _wait_taken(self, tenant: str) -> bool:
+        """Count one more open ?wait of `tenant`, unless the tenant's (RECEIVER_MAX_WAITS_PER_TENANT)
+        or every tenant's (half of RECEIVER_MAX_CONNECTIONS) open waits are at their cap."""
+        held = self._waits.get(tenant, 0)
+        everyone = self.settings.max_waits
+        if held >= self.settings.max_waits_per_tenant or (
+            everyone is not None and sum(self._waits.values()) >= everyone
+        ):
+            return False
+        self._waits[tenant] = held + 1
+        metrics.WAITS_OPEN.labels(tenant).set(held + 1)
+        return True
+
+    def _wait_given_back(self, tenant: str) -> None:
+        held = self._waits.pop(tenant) - 1
+        if held:
+            self._waits[tenant] = held
+        metrics.WAITS_OPEN.labels(tenant).set(held)
 
     async def _owned(self, task_id: str, tenant: str | None) -> TaskView:
         row = await self.store.task_view(task_id, tenant) if TASK_ID.match(task_id) else None

@@ -28,7 +28,6 @@ from receiver.config import Settings
 from receiver.console import console_routes
 from receiver.logs import event
 from receiver.media import open_media
-from receiver.notify import NOTIFY_SLOTS
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.sandbox_service import SandboxService
@@ -66,10 +65,16 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         settings.public_url,
         sandbox_settings.api_key or "",
         settings.sandbox_delay,
+        provider_http,
     )
     worker = Worker(settings, store, tokens, provider_http, outside_http, media)
     worker.callbacks_busy = callbacks.busy
-    worker.add_handler("notify", NOTIFY_SLOTS, Notifier(settings, store, tokens, outside_http).deliver)
+    worker.add_handler(
+        "notify",
+        settings.notify_slots,
+        Notifier(settings, store, tokens, outside_http).deliver,
+        per_tenant=settings.notify_per_tenant,
+    )
 
     async def healthz(request: Request) -> Response:
         return ModelResponse(Health("ok"))

@@ -53,6 +53,8 @@ class Settings:
     download_retry_delays: tuple[float, ...] = (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
     notify_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
     notify_timeout: float = 10.0
+    notify_slots: int = 16  # notifications delivered at once by one worker process
+    notify_per_tenant: int = 4  # RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: of those, one tenant's at most
     reconcile_interval: float = 60.0
     sandbox_delay: float = 1.0
     http_timeout: float = 30.0
@@ -72,10 +74,17 @@ class Settings:
     body_timeout: float = 30.0
     keep_alive: float = 5.0
     max_connections: int | None = None
+    max_waits_per_tenant: int = 50  # RECEIVER_MAX_WAITS_PER_TENANT: a tenant's open ?wait long-polls
     max_header_bytes: int = 16 * 1024
     database_url: str | None = None  # postgresql://…; None: SQLite in the data dir
     job_lease: float = 60.0  # seconds a claimed job stays with its process before others may take it
     download_process: bool = False  # RECEIVER_DOWNLOAD_PROCESS: downloads in a child process (fetcher.py)
+
+    @property
+    def max_waits(self) -> int | None:
+        """Open ?wait long-polls of all tenants together: half the connections at most, so the other
+        half is always there for lookups, callbacks and health checks."""
+        return None if self.max_connections is None else max(1, self.max_connections // 2)
 
     @property
     def db_path(self) -> Path:
@@ -350,6 +359,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
     )
 
     media_url, media_redirect, aws = _media(env)
+    max_connections = _integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, minimum=0) or None
     reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0)
     task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0)
     return Settings(
@@ -389,12 +399,43 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         metrics_token=_metrics_token(env),
         body_timeout=_number(env, "RECEIVER_BODY_TIMEOUT", 30.0, minimum=0.1),
         keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1),
-        max_connections=_integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, minimum=0) or None,
+        max_connections=max_connections,
+        max_waits_per_tenant=_max_waits_per_tenant(env, max_connections),
+        notify_per_tenant=_notify_per_tenant(env),
         max_header_bytes=_integer(env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
         database_url=database_url,
         job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0),
         download_process=_download_process(env),
     )
+
+
+def _max_waits_per_tenant(env: Mapping[str, str], max_connections: int | None) -> int:
+    """RECEIVER_MAX_WAITS_PER_TENANT: at least 1, and no more than all tenants' waits together may hold
+    (half of RECEIVER_MAX_CONNECTIONS); unset, the default within that."""
+    name = "RECEIVER_MAX_WAITS_PER_TENANT"
+    most = None if max_connections is None else max(1, max_connections // 2)
+    if not env.get(name):
+        return Settings.max_waits_per_tenant if most is None else min(Settings.max_waits_per_tenant, most)
+    value = _integer(env, name, Settings.max_waits_per_tenant, minimum=1)
+    if most is not None and value > most:
+        raise ConfigError(
+            f"{name} must be at most half of RECEIVER_MAX_CONNECTIONS ({most}), got {env[name]!r}:"
+            " long-polls must leave connections for everything else"
+        )
+    return value
+
+
+def _notify_per_tenant(env: Mapping[str, str]) -> int:
+    """RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: from 1 to one less than the notification slots, so that
+    no tenant's hanging hosts can take every slot."""
+    name = "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT"
+    value = _integer(env, name, Settings.notify_per_tenant, minimum=1)
+    if value >= Settings.notify_slots:
+        raise ConfigError(
+            f"{name} must be under {Settings.notify_slots} (the notifications delivered at once),"
+            f" so one tenant never takes them all, got {env[name]!r}"
+        )
+    return value
 
 
 def _download_process(env: Mapping[str, str]) -> bool:

@@ -103,6 +103,25 @@ PROVIDER_REQUESTS = Counter(
 NOTIFICATIONS = Counter(
     "receiver_notifications_total", "Notification attempts by result", ["result"], registry=REGISTRY
 )
+# Tenants are the operator's own list (RECEIVER_API_KEYS), so a tenant label stays a short one.
+NOTIFICATIONS_IN_FLIGHT = Gauge(
+    "receiver_notifications_in_flight",
+    "Notification deliveries under way in this process, by tenant",
+    ["tenant"],
+    registry=REGISTRY,
+)
+WAITS_OPEN = Gauge(
+    "receiver_waits_open",
+    "?wait long-polls held open in this process, by tenant",
+    ["tenant"],
+    registry=REGISTRY,
+)
+WAITS_CAPPED = Counter(
+    "receiver_waits_capped_total",
+    "?wait long-polls answered at once because the tenant's (or every tenant's) open waits were at their cap",
+    ["tenant"],
+    registry=REGISTRY,
+)
 
 
 def callback_seen(provider: str, result: str, seconds: float) -> None:

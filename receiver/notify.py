@@ -2,7 +2,9 @@
 
 A task that ends with a `notify_url` gets a `notify` job in the same transaction (store/rules.py,
 _finish), so a restart loses nothing. Each attempt is one POST, signed afresh, never redirected, over in
-`notify_timeout` seconds; it is recorded as a task event with the first 2 KB of the app's answer. A 2xx
+`notify_timeout` seconds; it is recorded as a task event with the first 2 KB of the app's answer. At most
+RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT of one tenant's are delivered at once (the worker's claim keeps to
+it), so one tenant's hanging hosts leave the other slots to the other tenants. A 2xx
 ends the job, a 410 stops it for good, anything else waits for the next step of the schedule (or the
 app's longer Retry-After) until the schedule runs out.
 """
@@ -40,7 +42,8 @@ log = logging.getLogger("receiver.notify")
 ANSWER_EXCERPT = 2048
 JITTER = 0.1  # each wait is the schedule's step ±10 %, so many apps failing at once do not retry in step
 MAX_RETRY_AFTER = 86_400.0  # an app may ask for a pause, not for the notification to be parked for ever
-NOTIFY_SLOTS = 8
+# A host that does not even accept the connection is given up on sooner than one that is slow to answer.
+CONNECT_TIMEOUT = 3.0
 
 
 def message_id(task_id: str) -> str:
@@ -102,7 +105,12 @@ class Notifier:
             "task.succeeded" if row.status == Status.SUCCEEDED else "task.failed"
         )
         body = encode(Notification(type=kind, timestamp=iso(row.completed_at or row.updated_at), data=task))
-        attempt = await self.post(row.notify_url, message_id(job.task_id), body)
+        in_flight = metrics.NOTIFICATIONS_IN_FLIGHT.labels(row.tenant)
+        in_flight.inc()
+        try:
+            attempt = await self.post(row.notify_url, message_id(job.task_id), body)
+        finally:
+            in_flight.dec()
 
         number = f"attempt {job.attempts}"
         outcome = attempt.problem or f"HTTP {attempt.status}"
@@ -150,14 +158,15 @@ class Notifier:
         # Only 2 KB of the answer is read: asking for it uncompressed means nothing inflates past that.
         headers = {**self.signer.headers(message, int(self.clock()), body), "accept-encoding": "identity"}
         started = time.monotonic()
+        timeout = self.settings.notify_timeout
         try:
-            async with asyncio.timeout(self.settings.notify_timeout):
+            async with asyncio.timeout(timeout):
                 request = self.client.build_request(
                     "POST",
                     url,
                     content=body,
                     headers=headers,
-                    timeout=httpx.Timeout(self.settings.notify_timeout),
+                    timeout=httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout)),
                 )
                 response = await self.client.send(request, stream=True, follow_redirects=False)
                 try:

@@ -143,6 +143,7 @@ class Worker:
             "deadline": (4, self.deadline),
         }
         self._running: dict[str, set[asyncio.Task[None]]] = {kind: set() for kind in self.handlers}
+        self._per_tenant: dict[str, int] = {}  # kind -> most jobs of one tenant running at once
         self._held: dict[int, Job] = {}  # claimed and running here: their leases are kept alive
         self.pacer = build_pacer(settings)
         # Set by the app: whether callbacks are arriving right now (then everything else waits a little).
@@ -154,9 +155,20 @@ class Worker:
         # trusted as given like the provider base URLs; every other link goes through the address guard.
         self._own_links = f"{settings.public_url}/"
 
-    def add_handler(self, kind: str, slots: int, handler: Callable[[Job], Awaitable[None]]) -> None:
+    def add_handler(
+        self,
+        kind: str,
+        slots: int,
+        handler: Callable[[Job], Awaitable[None]],
+        *,
+        per_tenant: int | None = None,
+    ) -> None:
+        """Run `kind` jobs with `handler`, `slots` at once; with `per_tenant`, no more than that many of
+        one tenant's, so one tenant's slow jobs leave the other slots to the other tenants."""
         self.handlers[kind] = (slots, handler)
         self._running[kind] = set()
+        if per_tenant is not None:
+            self._per_tenant[kind] = per_tenant
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -198,6 +210,7 @@ class Worker:
                     self.pacer.counted_providers(),
                     BUSY_INBOX_SLICE if busy else INBOX_SLICE,
                     self.pacer.rate_windows(),
+                    self._per_tenant,
                 )
             except Exception as exc:  # the database is away: jobs wait in it, try again shortly
                 event(log, "cannot claim jobs", level=logging.WARNING, reason=str(exc)[:200])

@@ -432,12 +432,15 @@ class Store(ABC):
         count_for: Sequence[str] = (),
         inbox_batch: int = 256,
         pace_windows: Mapping[str, float] | None = None,
+        per_tenant: Mapping[str, int] | None = None,
     ) -> Claimed:
         """One turn of the worker in one operation: apply recorded callbacks, take back jobs whose lease
         ran out, lease due jobs (up to `slots[kind]`, oldest first, leaving alone the submit jobs of
         providers that pacing holds back), and tell when the next job falls due and (if asked) how many
         tasks each provider has in flight, and (with `pace_windows`, each rate-limited pace group's
-        window) the pace groups' shared state."""
+        window) the pace groups' shared state. A kind in `per_tenant` is claimed fairly: no tenant ever
+        has more than that many of its jobs running (in every process together), so the slots left go
+        to the other tenants' jobs however many of the first one's are due before them."""
         skip = sorted(skip_submits_of)
         marks, skip_params = in_list("p", skip)
         held = ""
@@ -451,13 +454,17 @@ class Store(ABC):
         async def op(tx: Tx) -> Claimed:
             applied, more_news = await _apply_inbox(tx, inbox_batch)
             await _release_expired(tx)
-            claim = (
-                "UPDATE jobs SET running=1, attempts=attempts+1, lease_until=:lease, owner=:owner"  # noqa: S608
-                " WHERE id IN ("
-                f" SELECT id FROM jobs WHERE running=0 AND kind=:kind AND due_at<=:now{held}"
-                f" ORDER BY due_at, id LIMIT :free{tx.skip_locked})"
-                " RETURNING id, kind, task_id, arg, attempts"
-            )
+
+            def claim(only: str = "") -> str:
+                """Lease up to :free due jobs of :kind, oldest first (`only` narrows them further)."""
+                return (
+                    "UPDATE jobs SET running=1, attempts=attempts+1, lease_until=:lease, owner=:owner"  # noqa: S608
+                    " WHERE id IN ("
+                    f" SELECT id FROM jobs WHERE running=0 AND kind=:kind AND due_at<=:now{held}{only}"
+                    f" ORDER BY due_at, id LIMIT :free{tx.skip_locked})"
+                    " RETURNING id, kind, task_id, arg, attempts"
+                )
+
             jobs: list[Job] = []
             # One look at which kinds have a job due, so a turn runs no claim that cannot find one.
             due_kinds = {
@@ -475,7 +482,10 @@ class Store(ABC):
                         "owner": self.owner,
                         "free": free,
                     }
-                    rows = await tx.all(claim, {**params, **skip_params})
+                    if per_tenant and kind in per_tenant:
+                        rows = await _claim_per_tenant(tx, claim, {**params, **skip_params}, per_tenant[kind])
+                    else:
+                        rows = await tx.all(claim(), {**params, **skip_params})
                     jobs += sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
             due = await tx.one(next_due, skip_params)
             in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
@@ -645,6 +655,33 @@ async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], 
                 applied.append((task["id"], task["provider"], result))
         await tx.run("DELETE FROM inbox WHERE id=:id", {"id": row["id"]})
     return applied, len(rows) > limit
+
+
+async def _claim_per_tenant(tx: Tx, claim: Callable[[str], str], params: Params, cap: int) -> list[Row]:
+    """The `claim` of one kind run for one tenant at a time, the tenant with the oldest due job first,
+    each taking no more than leaves it `cap` running; up to `params["free"]` in all."""
+    running = {
+        row["tenant"]: int(row["n"])
+        for row in await tx.all(
+            "SELECT t.tenant, COUNT(*) AS n FROM jobs j JOIN tasks t ON t.id=j.task_id"
+            " WHERE j.kind=:kind AND j.running=1 GROUP BY t.tenant",
+            {"kind": params["kind"]},
+        )
+    }
+    waiting = await tx.all(
+        "SELECT t.tenant, MIN(j.due_at) AS first FROM jobs j JOIN tasks t ON t.id=j.task_id"
+        " WHERE j.kind=:kind AND j.running=0 AND j.due_at<=:now GROUP BY t.tenant ORDER BY first, t.tenant",
+        {"kind": params["kind"], "now": params["now"]},
+    )
+    of_tenant = claim(" AND task_id IN (SELECT id FROM tasks WHERE tenant=:tenant)")
+    rows: list[Row] = []
+    for row in waiting:
+        room = min(params["free"] - len(rows), cap - running.get(row["tenant"], 0))
+        if room > 0:
+            rows += await tx.all(of_tenant, {**params, "free": room, "tenant": row["tenant"]})
+        if len(rows) >= params["free"]:
+            break
+    return rows
 
 
 async def _release_expired(tx: Tx) -> None:
