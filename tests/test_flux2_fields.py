@@ -20,6 +20,10 @@ from tests.fakes.fal import FalFake
 from tests.fakes.kie_market import CREATE_TASK
 from tests.fakes.kie_market import KieMarketFake
 from tests.harness import Receiver
+from tests.test_console import CHROMIUM
+from tests.test_console import CHROMIUM_ARGS
+from tests.test_console import note_console
+from tests.test_console import sign_in
 
 Fakes = tuple[FalFake, KieMarketFake, ApimartFake]
 PROMPT = "a lighthouse at dusk"
@@ -123,6 +127,27 @@ def test_fal_flux2_gets_image_size_never_aspect_ratio_or_num_images(fakes: Fakes
         got_path, got = sent(receiver, fal, "/fal-ai/", provider="fal", **request)
         assert (got_path, got) == (path, body), request
     assert fal.ignored == []  # nothing fal's FLUX 2 schema would have dropped without a word
+
+
+def test_every_ratio_fal_flux2_takes_reaches_fal_as_a_size_near_one_megapixel(
+    fakes: Fakes, receiver: Receiver
+) -> None:
+    fal = fakes[0]
+    takes = receiver.alice.get("/v1/providers").json()["items"]
+    ratios = next(item for item in takes if item["name"] == "fal")["takes"]["flux-2-pro"]["aspect_ratios"]
+    named = {"1:1": "square_hd", "4:3": "landscape_4_3", "3:4": "portrait_4_3"}
+    named |= {"16:9": "landscape_16_9", "9:16": "portrait_16_9"}
+    for ratio in ratios:
+        _, body = sent(receiver, fal, "/fal-ai/", provider="fal", model="flux-2-pro", aspect_ratio=ratio)
+        size = body["image_size"]
+        if ratio in named:
+            assert size == named[ratio]
+            continue
+        across, down = (int(part) for part in ratio.split(":"))
+        assert size["width"] % 16 == 0 and size["height"] % 16 == 0, size
+        assert size["width"] * down == size["height"] * across, (ratio, size)  # exactly that ratio
+        assert 0.9 < size["width"] * size["height"] / 2**20 < 1.1, (ratio, size)
+    assert fal.order and len(fal.order) == len(ratios)  # fal's schema took every one
 
 
 def test_fal_flux2_refuses_what_fal_would_refuse_or_change(fakes: Fakes, receiver: Receiver) -> None:
@@ -371,3 +396,39 @@ def test_providers_lists_the_tables_requests_are_checked_against(fakes: Fakes, r
         ), fields
     openapi = receiver.anon.get("/openapi.json").json()
     assert "ModelTakes" in json.dumps(openapi["components"]["schemas"])
+
+
+def test_the_console_form_offers_the_ratios_of_the_model_chosen(fakes: Fakes, receiver: Receiver) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip(f"chromium not found ({CHROMIUM}): install Debian's chromium package to run it")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    problems: list[str] = []
+
+    def offered() -> list[str]:
+        return [
+            value
+            for value in page.eval_on_selector_all("#aspect-ratio option", "os => os.map(o => o.value)")
+            if value
+        ]
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+            page.on("console", lambda message: note_console(message, problems))
+            sign_in(page, receiver)
+            page.click("a[data-nav=new]")
+            page.wait_for_selector("#task-form")
+            page.select_option("#provider", "apimart")
+            page.fill("#model", "flux-2-pro")
+            assert offered() == ["1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3"]
+            page.fill("#model", "flux-kontext-pro")
+            assert "21:9" in offered() and "match_input_image" in offered()
+            page.select_option("#provider", "fal")
+            page.fill("#model", "flux-2-flex")
+            assert offered()[-1] == "auto" and "21:9" in offered()
+        finally:
+            browser.close()
+    assert problems == []
