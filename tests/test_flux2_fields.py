@@ -166,6 +166,8 @@ def test_fal_flux2_refuses_what_fal_would_refuse_or_change(fakes: Fakes, receive
         ),
         ({"model": "flux-2-pro", "options": {"guidance_scale": 3}}, "options.guidance_scale", "flex does"),
         ({"model": "flux-2-pro", "prompt_upsampling": True}, "prompt_upsampling", "does not take"),
+        ({"model": "flux-2-flex", "options": {"aspect_ratio": "16:9"}}, "options.aspect_ratio", "image_size"),
+        ({"model": "flux-2-pro", "options": {"num_images": 2}}, "options.num_images", "one image"),
         (
             {"model": "fal-ai/flux-2-pro/edit", "images": [image], "safety_tolerance": 6},
             "safety_tolerance",

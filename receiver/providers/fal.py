@@ -82,6 +82,12 @@ KONTEXT_TAKES = Takes(
     refused_options={"sync_mode": "the receiver needs fal's queue and webhook; sync_mode is not taken"},
     who="fal",
 )
+# Kontext fields FLUX 2 on fal does not have: passed as options they would be dropped without a word.
+NOT_FLUX2_OPTIONS = {
+    "aspect_ratio": "fal's FLUX 2 has no aspect_ratio: give the request's aspect_ratio (sent as image_size)",
+    "num_images": "fal's FLUX 2 makes one image per request",
+    "enhance_prompt": "fal's FLUX 2 has no enhance_prompt",
+}
 # flex only: its sampler's knobs (fal's flux-2-flex page), refused on pro rather than ignored there.
 FLEX_OPTIONS = {"guidance_scale": Span(1.5, 10, whole=False), "num_inference_steps": Span(2, 50)}
 FLUX2_PRO_TAKES = Takes(
@@ -94,6 +100,7 @@ FLUX2_PRO_TAKES = Takes(
     refused_options={
         **KONTEXT_TAKES.refused_options,
         **{name: f"fal's flux-2-pro does not take {name} (flux-2-flex does)" for name in FLEX_OPTIONS},
+        **NOT_FLUX2_OPTIONS,
     },
     who="fal's flux-2-pro",
 )
@@ -104,7 +111,7 @@ FLUX2_TAKES = {
         FLUX2_PRO_TAKES,
         fields=FLUX2_PRO_TAKES.fields | {"prompt_upsampling"},
         options=FLEX_OPTIONS,
-        refused_options=KONTEXT_TAKES.refused_options,
+        refused_options={**KONTEXT_TAKES.refused_options, **NOT_FLUX2_OPTIONS},
         who="fal's flux-2-flex",
     ),
 }
