@@ -96,7 +96,6 @@ FLUX2_PRO_TAKES = Takes(
     edit_ratios=(MATCH_INPUT,),
     output_formats=("jpeg", "png"),
     safety_tolerance=Span(1, 5),
-    options={},
     refused_options={
         **KONTEXT_TAKES.refused_options,
         **{name: f"fal's flux-2-pro does not take {name} (flux-2-flex does)" for name in FLEX_OPTIONS},
@@ -344,8 +343,9 @@ class Fal(Provider):
             # A size given natively (options.image_size, e.g. 2048 x 2048) stands.
             default = MATCH_INPUT if task.images else "1:1"
             body.setdefault("image_size", image_size(params.get("aspect_ratio", default)))
-            if "prompt_upsampling" in params:
-                body[PROMPT_UPSAMPLING[flux2]] = params["prompt_upsampling"]
+            spelled = PROMPT_UPSAMPLING.get(flux2)  # validate refused it where there is none
+            if spelled and "prompt_upsampling" in params:
+                body[spelled] = params["prompt_upsampling"]
         endpoint = fal_endpoint(task.model, bool(task.images))
         if task.images:
             if LIST_IMAGE_ENDPOINTS.fullmatch(endpoint):
