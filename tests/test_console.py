@@ -84,7 +84,15 @@ def test_providers_lists_what_this_deployment_offers(start_receiver: Callable[..
         },
         "takes": {
             "sandbox": {
-                "fields": ["aspect_ratio", "images", "model", "num_images", "options", "output_format", "seed"],
+                "fields": [
+                    "aspect_ratio",
+                    "images",
+                    "model",
+                    "num_images",
+                    "options",
+                    "output_format",
+                    "seed",
+                ],
                 "aspect_ratios": None,  # any W:H from 1:4 to 4:1
                 "edit_aspect_ratios": [],
                 "resolutions": None,

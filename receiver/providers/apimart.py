@@ -174,7 +174,8 @@ class Apimart(Provider):
     def validate(self, request: TaskRequest) -> dict[str, str]:
         errors = super().validate(request)
         model = self.request_model(request)
-        if model in FLUX2_MODELS and request.images and "aspect_ratio" not in request.params:
+        named = "aspect_ratio" in request.params or "size" in request.options
+        if model in FLUX2_MODELS and request.images and not named:
             # apimart's FLUX 2 makes 1:1 unless told, unlike its Kontext: an edit naming no ratio gets
             # its first image's own ratio, which must then be known and one apimart makes.
             size = request.image_sizes[0] if request.image_sizes else None
@@ -202,7 +203,7 @@ class Apimart(Provider):
             body["image_urls"] = list(task.images) if flux2 else [task.images[0]]
         if "aspect_ratio" in params:
             body["size"] = params["aspect_ratio"]
-        elif flux2 and task.images:
+        elif flux2 and task.images and "size" not in body:  # an options.size stands
             ratio = ratio_of(task.image_sizes[0] if task.image_sizes else None)
             if ratio is not None:
                 body["size"] = ratio
