@@ -13,6 +13,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
+from urllib.parse import parse_qsl
+from urllib.parse import urlsplit
 
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
@@ -63,8 +65,10 @@ from receiver.tasks import upload_type
 from receiver.tokens import Tokens
 from receiver.uploads import NAME
 from receiver.uploads import UploadError
+from receiver.uploads import data_uri_dimensions
 from receiver.uploads import decode_data_uri
 from receiver.uploads import keep_upload
+from receiver.uploads import upload_dimensions
 from receiver.web import MEDIA_HEADERS
 from receiver.web import ApiError
 from receiver.web import body_too_slow
@@ -149,7 +153,9 @@ class Api:
             ) from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
-        task_request, provider = self._validate(body)
+        # Input sizes matter only to a provider that must be told the ratio (apimart's FLUX 2).
+        sizes = await self._image_sizes(body.get("images")) if body.get("aspect_ratio") is None else ()
+        task_request, provider = self._validate(body, sizes)
         await self._check_urls(task_request)
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         images = [await self._keep_image(index, value) for index, value in enumerate(task_request.images)]
@@ -161,6 +167,7 @@ class Api:
             prompt=task_request.prompt,
             request={
                 "images": images,
+                "image_sizes": list(task_request.image_sizes),
                 "params": dict(task_request.params),
                 "options": dict(task_request.options),
                 **fallback_chain(body.get("fallback"), task_request),
@@ -186,7 +193,32 @@ class Api:
             rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row.id}"}
         )
 
-    def _validate(self, body: Mapping[str, Any]) -> tuple[TaskRequest, Provider]:
+    async def _image_sizes(self, images: Any) -> tuple[tuple[int, int] | None, ...]:
+        """The (width, height) of each input image we can read without fetching anything: a data URI's
+        from its first bytes, one of our own uploads (a valid signed link) from the media store."""
+        if not isinstance(images, list) or len(images) > MOST_IMAGES:
+            return ()
+        own = f"{self.settings.public_url}/uploads/"
+        sizes: list[tuple[int, int] | None] = []
+        for value in images:
+            size = None
+            if isinstance(value, str) and value[:5].lower() == "data:":
+                size = data_uri_dimensions(value)
+            elif isinstance(value, str) and value.startswith(own):
+                link = urlsplit(value)
+                name = link.path.rsplit("/", 1)[-1]
+                query = dict(parse_qsl(link.query))
+                signed = self.tokens.link_valid(
+                    f"/uploads/{name}", query.get("expires"), query.get("signature")
+                )
+                if signed and NAME.match(name):
+                    size = await upload_dimensions(self.media, name)
+            sizes.append(size)
+        return tuple(sizes)
+
+    def _validate(
+        self, body: Mapping[str, Any], image_sizes: tuple[tuple[int, int] | None, ...] = ()
+    ) -> tuple[TaskRequest, Provider]:
         create, errors = check(body, TaskCreate)
         provider: Provider | None = None
         if create is not None:
@@ -244,6 +276,7 @@ class Api:
             options=create.options or {},
             notify_url=create.notify_url,
             metadata=create.metadata or {},
+            image_sizes=image_sizes,
         )
         errors = provider.validate(task_request)
         errors.update(self._fallback_problems(body.get("fallback"), task_request))

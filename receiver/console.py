@@ -100,6 +100,7 @@ def provider_entry(provider: Provider, settings: Settings) -> dict[str, Any]:
         "default_model": provider.default_model,
         "accepts_any_model": provider.accepts_any_model,
         "model_inputs": models,
+        "takes": {model: provider.takes(model).as_json() for model in models},
         "fields": sorted(provider.fields),
         "min_images": provider.min_images,
         "max_images": provider.max_images,

@@ -231,6 +231,9 @@ class TaskRequest:
     options: Mapping[str, Any]
     notify_url: str | None
     metadata: Mapping[str, Any]
+    # (width, height) of each input image where the shell could read it (a data URI, our own upload),
+    # else None: a provider whose output does not follow its input may need the input's ratio.
+    image_sizes: tuple[tuple[int, int] | None, ...] = ()
 
     def given(self) -> set[str]:
         """The optional fields this request sets (what a provider must be able to honour)."""
@@ -250,3 +253,4 @@ class TaskSpec:
     options: Mapping[str, Any]
     provider_task_id: str | None
     state: Mapping[str, str]
+    image_sizes: tuple[tuple[int, int] | None, ...] = ()  # as in TaskRequest

@@ -286,6 +286,34 @@ class ModelInputs(Struct):
     edit: Annotated[str | None, Meta(description="the provider's id used with images")]
 
 
+class NumberRange(Struct):
+    min: float
+    max: float
+    whole: Annotated[bool, Meta(description="only whole numbers")]
+
+
+class ModelTakes(Struct):
+    """What one model takes at this provider: the table each request is checked against. null: not
+    limited to a list here (or, for safety_tolerance, not taken)."""
+
+    fields: Annotated[list[str], Meta(description="the optional request fields this model honours")]
+    aspect_ratios: list[str] | None
+    edit_aspect_ratios: Annotated[
+        list[str],
+        Meta(description="further aspect_ratio values that follow the input image: only with images"),
+    ]
+    resolutions: list[str] | None
+    output_formats: list[str] | None
+    safety_tolerance: NumberRange | None
+    edit_safety_tolerance: Annotated[
+        NumberRange | None, Meta(description="the range with input images, where it differs")
+    ]
+    num_images: NumberRange
+    options: Annotated[
+        dict[str, NumberRange], Meta(description="provider-native options whose values are checked")
+    ]
+
+
 class ProviderLimits(Struct):
     """What the receiver paces the provider by: its documented defaults, or the <NAME>_MAX_* overrides."""
 
@@ -311,6 +339,10 @@ class ProviderInfo(Struct):
     model_inputs: Annotated[
         dict[str, ModelInputs],
         Meta(description="per model: image count; the provider's id without and with images"),
+    ]
+    takes: Annotated[
+        dict[str, ModelTakes],
+        Meta(description="per model: the fields and values it takes, as requests are checked"),
     ]
     data_uris: Literal["sent inline", "sent as signed links"]
     synchronous: Annotated[bool, Meta(description="generates inside the submit call")]

@@ -140,6 +140,7 @@ def task_spec(
         options=request.get("options", {}),
         provider_task_id=row.provider_task_id,
         state=dict(row.provider_state),
+        image_sizes=tuple((size[0], size[1]) if size else None for size in request.get("image_sizes", ())),
     )
 
 

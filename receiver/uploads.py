@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 from collections.abc import AsyncIterable
 
+from receiver import imageinfo
+from receiver.intake import HEAD_BYTES
 from receiver.intake import ImageRefused
 from receiver.intake import store_image
 from receiver.media import Media
+from receiver.media import MediaError
 
 NAME = re.compile(r"^[0-9a-f]{64}\.(png|jpg|webp)$")
 DATA_URI = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[^,]*)?;base64,", re.IGNORECASE)
@@ -44,3 +48,42 @@ def decode_data_uri(value: str) -> bytes:
         return base64.b64decode(value[match.end() :], validate=True)
     except (binascii.Error, ValueError):
         raise UploadError("the data URI's base64 does not decode", 422) from None
+
+
+def head_dimensions(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's first bytes, or None when they do not say."""
+    kind = imageinfo.sniff(head[: imageinfo.SNIFF_BYTES])
+    return imageinfo.dimensions(io.BytesIO(head), kind) if kind else None
+
+
+def data_uri_dimensions(value: str) -> tuple[int, int] | None:
+    """The size of the image in a data URI, read from the start of its base64 alone."""
+    match = DATA_URI.match(value)
+    if match is None:
+        return None
+    encoded = value[match.end() : match.end() + HEAD_BYTES // 3 * 4]
+    try:
+        return head_dimensions(base64.b64decode(encoded[: len(encoded) // 4 * 4]))
+    except (binascii.Error, ValueError):
+        return None
+
+
+async def upload_dimensions(media: Media, name: str) -> tuple[int, int] | None:
+    """The size of an image kept under uploads/, read from its first bytes; None if it is not there."""
+    try:
+        stored = await media.open(f"uploads/{name}")
+    except MediaError:
+        return None
+    head = bytearray()
+    try:
+        async for chunk in stored.chunks:
+            head += chunk
+            if len(head) >= HEAD_BYTES:
+                break
+    except MediaError:
+        return None
+    finally:
+        aclose = getattr(stored.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    return head_dimensions(bytes(head))

@@ -82,6 +82,27 @@ def test_providers_lists_what_this_deployment_offers(start_receiver: Callable[..
         "model_inputs": {
             "sandbox": {"min_images": 0, "max_images": 1, "text_to_image": "sandbox", "edit": "sandbox"}
         },
+        "takes": {
+            "sandbox": {
+                "fields": [
+                    "aspect_ratio",
+                    "images",
+                    "model",
+                    "num_images",
+                    "options",
+                    "output_format",
+                    "seed",
+                ],
+                "aspect_ratios": None,  # any W:H from 1:4 to 4:1
+                "edit_aspect_ratios": [],
+                "resolutions": None,
+                "output_formats": ["png"],
+                "safety_tolerance": None,
+                "edit_safety_tolerance": None,
+                "num_images": {"min": 1, "max": 4, "whole": True},
+                "options": {},
+            }
+        },
         "fields": ["aspect_ratio", "images", "model", "num_images", "options", "output_format", "seed"],
         "min_images": 0,
         "max_images": 1,

@@ -577,7 +577,7 @@ def test_requests_fal_cannot_take_are_a_422_naming_the_field(receiver: Receiver)
         "num_images": 5,
         "options": {"sync_mode": True},
     }
-    fields_fal_lacks = {"resolution": "2K", "prompt_upsampling": True}
+    fields_fal_lacks = {"resolution": "2K"}  # prompt_upsampling is Kontext's enhance_prompt on fal
     # The shell names the fields fal does not have at all; fal's validate names the values it refuses.
     for extra, named in [
         ({**values_fal_refuses, **fields_fal_lacks}, set(fields_fal_lacks)),

@@ -128,11 +128,12 @@ def test_the_documented_success_callback() -> None:
     )
 
 
-def test_the_documented_failure_callback_is_a_moderation() -> None:
+def test_the_documented_failure_callback_keeps_failcode_and_failmsg_but_is_no_moderation() -> None:
+    # "400" is the Market's generic failure code, not a moderation verdict: only a message says that.
     outcome = MARKET.parse_callback(WAN_FAILURE)
     assert outcome.state == "failed"
     assert outcome.provider_task_id == "bd8f4b1a52048d0f17a38b49591abfa1"
-    assert outcome.error == TaskError(ErrorCode.CONTENT_MODERATED, "<error detail>", "400")
+    assert outcome.error == TaskError(ErrorCode.GENERATION_FAILED, "<error detail>", "400")
 
 
 def test_a_failcode_500_is_a_generation_failure_unless_the_message_names_moderation() -> None:
@@ -146,7 +147,7 @@ def test_a_failcode_500_is_a_generation_failure_unless_the_message_names_moderat
 
 
 @pytest.mark.parametrize(
-    ("code", "expected"), [(400, ErrorCode.CONTENT_MODERATED), (500, ErrorCode.GENERATION_FAILED)]
+    ("code", "expected"), [(400, ErrorCode.GENERATION_FAILED), (500, ErrorCode.GENERATION_FAILED)]
 )
 def test_the_seedream_style_failure_without_failcode_uses_the_top_level_code(
     code: int, expected: ErrorCode
@@ -340,7 +341,7 @@ def test_valid_requests_pass() -> None:
         (request(model="flux-kontext-pro"), "model", "flux-2/"),
         (request(model="flux-2/Pro image"), "model", "flux-2/"),
         (request(aspect_ratio="21:9"), "aspect_ratio", "3:2"),
-        (request(resolution="4K"), "resolution", "1K, 2K"),
+        (request(resolution="4K"), "resolution", "1K or 2K"),
         (request(num_images=2), "num_images", "one image"),
         (request(options={"prompt": "other"}), "options", "prompt"),
     ],

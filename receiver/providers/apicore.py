@@ -24,11 +24,12 @@ from receiver.models import ProviderRejected
 from receiver.models import ProviderUnavailable
 from receiver.models import Submission
 from receiver.models import TaskError
-from receiver.models import TaskRequest
 from receiver.models import TaskSpec
 from receiver.providers.base import KONTEXT_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
+from receiver.providers.base import Span
+from receiver.providers.base import Takes
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
@@ -45,6 +46,13 @@ SIGNATURE_HEADER = "x-bfl-signature"
 REQUIRE_SIGNATURE = "APICORE_REQUIRE_SIGNATURE"
 # Our request fields whose BFL names are the same.
 BFL_FIELDS = ("seed", "aspect_ratio", "output_format", "prompt_upsampling", "safety_tolerance")
+TAKES = Takes(
+    frozenset({"model", "images", *BFL_FIELDS, "num_images", "options"}),
+    aspect_ratios=ASPECT_RATIOS,
+    output_formats=OUTPUT_FORMATS,
+    safety_tolerance=Span(0, MAX_SAFETY_TOLERANCE),
+    who="apicore",
+)
 SUCCESS_STATUSES = frozenset({"ready", "success", "succeeded"})
 FAILURE_STATUSES = frozenset({"error", "failed", "failure"})
 # "Task not found" is pending on purpose: BFL's regional routing can answer it for a task that was just
@@ -140,7 +148,7 @@ class Apicore(Provider):
     key_variable = "APICORE_API_KEY"
     models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
-    fields = frozenset({"model", "images", *BFL_FIELDS, "num_images", "options"})
+    fields = TAKES.fields
     max_images = 1
     inline_images = True  # input_image takes a data URI, so uploads go inline
     early_download = True  # BFL delivery links die 10 minutes after the image is ready
@@ -150,18 +158,8 @@ class Apicore(Provider):
     max_concurrent = 24
     max_concurrent_by_model = {"flux-kontext-max": 6}
 
-    def validate(self, request: TaskRequest) -> dict[str, str]:
-        errors: dict[str, str] = {}
-        params = request.params
-        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
-            errors["aspect_ratio"] = f"apicore takes one of {', '.join(ASPECT_RATIOS)}"
-        if "output_format" in params and params["output_format"] not in OUTPUT_FORMATS:
-            errors["output_format"] = f"apicore takes {' or '.join(OUTPUT_FORMATS)}"
-        if "safety_tolerance" in params and not 0 <= params["safety_tolerance"] <= MAX_SAFETY_TOLERANCE:
-            errors["safety_tolerance"] = f"apicore takes 0 to {MAX_SAFETY_TOLERANCE}"
-        if params.get("num_images", 1) != 1:
-            errors["num_images"] = "apicore makes one image per task"
-        return errors
+    def takes(self, model: str) -> Takes:
+        return TAKES
 
     def new_state(self) -> dict[str, str]:
         # Sent with the submit so BFL can sign its webhook; kept with the task, never shown.

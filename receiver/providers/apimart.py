@@ -23,9 +23,12 @@ from receiver.models import Submission
 from receiver.models import TaskError
 from receiver.models import TaskRequest
 from receiver.models import TaskSpec
+from receiver.providers.base import FLUX2_MODELS
 from receiver.providers.base import SHARED_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
+from receiver.providers.base import Span
+from receiver.providers.base import Takes
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
@@ -39,7 +42,38 @@ ASPECT_RATIOS = ("21:9", "16:9", "3:2", "4:3", "1:1", "3:4", "2:3", "9:16", "9:2
 MATCH_INPUT = ("match_input_image", "auto")
 # Ours (and BFL's) spell it jpeg, apimart's `response_format` spells it jpg.
 RESPONSE_FORMATS = {"png": "png", "jpeg": "jpg", "jpg": "jpg"}
-SAFETY_TOLERANCE = range(0, 7)
+KONTEXT_TAKES = Takes(
+    frozenset(OPTIONAL_FIELDS) - {"seed", "resolution", "num_images"},
+    aspect_ratios=ASPECT_RATIOS,
+    edit_ratios=MATCH_INPUT,
+    output_formats=tuple(RESPONSE_FORMATS),
+    safety_tolerance=Span(0, 6),
+    who="apimart",
+)
+# apimart's FLUX 2 page: `size` only these seven (default 1:1, whatever the input image), `resolution`
+# 1K or 2K (priced apart), up to 8 reference URLs; no seed, format, safety or upsampling fields.
+FLUX2_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3")
+FLUX2_TAKES = Takes(
+    frozenset({"model", "images", "aspect_ratio", "resolution", "options"}),
+    aspect_ratios=FLUX2_RATIOS,
+    resolutions=("1K", "2K"),
+    who="apimart's FLUX 2",
+)
+FLUX2_MAX_IMAGES = 8
+# How far an input image's width/height may be from a ratio and still be that ratio (a 1080 x 1920
+# frame is 9:16; a 1000 x 1333 scan is 3:4).
+RATIO_TOLERANCE = 0.01
+
+
+def ratio_of(size: tuple[int, int] | None) -> str | None:
+    """The one of FLUX2_RATIOS an image of this (width, height) has, or None."""
+    if not size or not size[0] or not size[1]:
+        return None
+    for ratio in FLUX2_RATIOS:
+        across, down = (int(part) for part in ratio.split(":"))
+        if abs(size[0] * down / (size[1] * across) - 1) <= RATIO_TOLERANCE:
+            return ratio
+    return None
 
 
 def apimart_error(body: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -127,33 +161,54 @@ class Apimart(Provider):
     # FLUX 2 ids as listed by apimart's GET /v1/models in a real probe (README, apimart).
     models = SHARED_MODELS
     default_model = "flux-kontext-pro"
-    # apimart's generations endpoint has no seed, resolution or image count.
-    fields = frozenset(OPTIONAL_FIELDS) - {"seed", "resolution", "num_images"}
-    max_images = 1
+    # Kontext has no seed, resolution or image count; FLUX 2 has its own table (FLUX2_TAKES).
+    fields = KONTEXT_TAKES.fields | FLUX2_TAKES.fields
+    max_images = FLUX2_MAX_IMAGES
+
+    def takes(self, model: str) -> Takes:
+        return FLUX2_TAKES if model in FLUX2_MODELS else KONTEXT_TAKES
+
+    def image_range(self, model: str) -> tuple[int, int]:
+        return (0, FLUX2_MAX_IMAGES) if model in FLUX2_MODELS else (0, 1)
 
     def validate(self, request: TaskRequest) -> dict[str, str]:
-        errors: dict[str, str] = {}
-        params = request.params
-        ratio = params.get("aspect_ratio")
-        if ratio is not None and ratio not in (*ASPECT_RATIOS, *MATCH_INPUT):
-            errors["aspect_ratio"] = f"apimart takes one of {', '.join((*ASPECT_RATIOS, *MATCH_INPUT))}"
-        elif ratio in MATCH_INPUT and not request.images:
-            errors["aspect_ratio"] = f"{ratio} matches the input image, and there is none"
-        if "output_format" in params and params["output_format"] not in RESPONSE_FORMATS:
-            errors["output_format"] = "apimart takes png or jpeg"
-        if "safety_tolerance" in params and params["safety_tolerance"] not in SAFETY_TOLERANCE:
-            errors["safety_tolerance"] = "apimart takes 0 to 6"
+        errors = super().validate(request)
+        model = self.request_model(request)
+        named = "aspect_ratio" in request.params or "size" in request.options
+        if model in FLUX2_MODELS and request.images and not named:
+            # apimart's FLUX 2 makes 1:1 unless told, unlike its Kontext: an edit naming no ratio gets
+            # its first image's own ratio, which must then be known and one apimart makes.
+            size = request.image_sizes[0] if request.image_sizes else None
+            takes = ", ".join(FLUX2_RATIOS)
+            if size is None:
+                errors["aspect_ratio"] = (
+                    f"apimart's FLUX 2 does not follow the input image (it makes 1:1 unless told), and "
+                    f"this image's size is not known here: name one of {takes}, or give the image as "
+                    "an upload or a data URI so its own ratio is sent"
+                )
+            elif ratio_of(size) is None:
+                errors["aspect_ratio"] = (
+                    f"the input image is {size[0]}x{size[1]}, not a ratio apimart's FLUX 2 makes: "
+                    f"name one of {takes}"
+                )
         return errors
 
     def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
         # English error messages unless the app asks otherwise: they reach our users and our
         # moderation check reads them.
         body: dict[str, Any] = {"language": "en", **task.options, "model": task.model, "prompt": task.prompt}
-        if task.images:
-            body["image_urls"] = [task.images[0]]
         params = task.params
+        flux2 = task.model in FLUX2_MODELS
+        if task.images:
+            body["image_urls"] = list(task.images) if flux2 else [task.images[0]]
         if "aspect_ratio" in params:
             body["size"] = params["aspect_ratio"]
+        elif flux2 and task.images and "size" not in body:  # an options.size stands
+            ratio = ratio_of(task.image_sizes[0] if task.image_sizes else None)
+            if ratio is not None:
+                body["size"] = ratio
+        if "resolution" in params:
+            body["resolution"] = params["resolution"]
         if "output_format" in params:
             body["response_format"] = RESPONSE_FORMATS[params["output_format"]]
         for name in ("safety_tolerance", "prompt_upsampling"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 from typing import ClassVar
 
@@ -43,6 +44,97 @@ FLUX2_MODELS = ("flux-2-pro", "flux-2-flex")
 SHARED_MODELS = (*KONTEXT_MODELS, *FLUX2_MODELS)
 
 
+@dataclass(frozen=True)
+class Span:
+    """A numeric range a field or an option takes, both ends included."""
+
+    low: float
+    high: float
+    whole: bool = True  # only whole numbers
+
+    def holds(self, value: Any) -> bool:
+        kinds = int if self.whole else int | float
+        return isinstance(value, kinds) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def __str__(self) -> str:
+        return f"{self.low:g} to {self.high:g}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"min": self.low, "max": self.high, "whole": self.whole}
+
+
+@dataclass(frozen=True)
+class Takes:
+    """What one model takes at one provider: the table `validate` checks a request against and
+    GET /v1/providers shows, so what is documented is what is enforced. Empty means "not limited here"
+    (the field may still be refused by `fields`, or checked by the provider's own rules)."""
+
+    fields: frozenset[str]
+    aspect_ratios: tuple[str, ...] = ()
+    edit_ratios: tuple[str, ...] = ()  # values that mean "like the input image": only with images
+    resolutions: tuple[str, ...] = ()
+    output_formats: tuple[str, ...] = ()
+    safety_tolerance: Span | None = None
+    edit_safety_tolerance: Span | None = None  # when it differs with input images
+    num_images: Span = Span(1, 1)
+    options: Mapping[str, Span] = field(default_factory=dict)  # native options with checked values
+    refused_options: Mapping[str, str] = field(default_factory=dict)  # native options refused, and why
+    who: str = ""  # who takes it, in error messages: the provider's name unless the model differs
+
+    def as_json(self) -> dict[str, Any]:
+        safety = self.safety_tolerance
+        return {
+            "fields": sorted(self.fields),
+            "aspect_ratios": list(self.aspect_ratios) or None,
+            "edit_aspect_ratios": list(self.edit_ratios),
+            "resolutions": list(self.resolutions) or None,
+            "output_formats": list(self.output_formats) or None,
+            "safety_tolerance": safety.as_json() if safety and "safety_tolerance" in self.fields else None,
+            "edit_safety_tolerance": self.edit_safety_tolerance.as_json()
+            if self.edit_safety_tolerance
+            else None,
+            "num_images": self.num_images.as_json(),
+            "options": {name: span.as_json() for name, span in self.options.items()},
+        }
+
+
+def value_problems(takes: Takes, request: TaskRequest) -> dict[str, str]:
+    """The request's values that `takes` does not list, each named with what is taken instead."""
+    who = takes.who or "this provider"
+    errors: dict[str, str] = {}
+    params = request.params
+    ratio = params.get("aspect_ratio")
+    if ratio is not None and takes.aspect_ratios and ratio not in (*takes.aspect_ratios, *takes.edit_ratios):
+        listed = ", ".join((*takes.aspect_ratios, *takes.edit_ratios))
+        errors["aspect_ratio"] = f"{who} takes one of {listed}"
+    elif ratio in takes.edit_ratios and not request.images:
+        errors["aspect_ratio"] = (
+            f"{ratio} follows the input image, and there is none: {who} takes one of "
+            + (", ".join(takes.aspect_ratios))
+        )
+    for name, values in (("resolution", takes.resolutions), ("output_format", takes.output_formats)):
+        if name in params and values and params[name] not in values:
+            said = f"makes {values[0]} only" if len(values) == 1 else f"takes {' or '.join(values)}"
+            errors[name] = f"{who} {said}"
+    safety = takes.edit_safety_tolerance if request.images and takes.edit_safety_tolerance else None
+    safety = safety or takes.safety_tolerance
+    if "safety_tolerance" in params and safety is not None and not safety.holds(params["safety_tolerance"]):
+        editing = " when editing" if request.images and takes.edit_safety_tolerance else ""
+        errors["safety_tolerance"] = f"{who} takes {safety}{editing}"
+    count = takes.num_images
+    if not count.holds(params.get("num_images", 1)):
+        many = "one image" if count.high == 1 else f"{count} images"
+        errors["num_images"] = f"{who} makes {many} per task"
+    for name, why in takes.refused_options.items():
+        if name in request.options:
+            errors[f"options.{name}"] = why
+    for name, span in takes.options.items():
+        if name in request.options and not span.holds(request.options[name]):
+            kind = "a whole number" if span.whole else "a number"
+            errors[f"options.{name}"] = f"{who} takes {kind} from {span}"
+    return errors
+
+
 class Provider:
     """Defaults for every provider; a provider module overrides what its API spells differently."""
 
@@ -70,9 +162,16 @@ class Provider:
     max_concurrent: ClassVar[int | None] = None
     max_concurrent_by_model: ClassVar[Mapping[str, int]] = {}
 
+    def takes(self, model: str) -> Takes:
+        """What `model` takes here (a shared name or a native id): fields and their values."""
+        return Takes(self.fields, who=self.name)
+
+    def request_model(self, request: TaskRequest) -> str:
+        return request.model or self.model_for(bool(request.images))
+
     def validate(self, request: TaskRequest) -> dict[str, str]:
         """Field errors for values this provider cannot take; the shell already checked types."""
-        return {}
+        return value_problems(self.takes(self.request_model(request)), request)
 
     # -- models and inputs ---------------------------------------------------------------------------
 
@@ -97,10 +196,10 @@ class Provider:
     def problems(self, request: TaskRequest) -> dict[str, str]:
         """The shape checks every provider shares: fields it does not take, a model it does not sell,
         an image count out of range. `validate` checks the values after these pass."""
-        errors = {
-            name: f"{self.name} does not take this field" for name in sorted(request.given() - self.fields)
-        }
-        model = request.model or self.model_for(bool(request.images))
+        model = self.request_model(request)
+        takes = self.takes(model)
+        who = takes.who or self.name
+        errors = {name: f"{who} does not take this field" for name in sorted(request.given() - takes.fields)}
         if model not in (*self.models, *self.native_models) and not self.accepts_any_model:
             errors["model"] = f"{self.name} sells {self.sells()}"
         elif "images" not in errors:
@@ -266,6 +365,8 @@ __all__ = [
     "Provider",
     "ProviderRejected",
     "ProviderUnavailable",
+    "Span",
+    "Takes",
     "bearer_request",
     "json_object",
     "mapping",
@@ -276,4 +377,5 @@ __all__ = [
     "retry_after",
     "same_origin",
     "text",
+    "value_problems",
 ]

@@ -7,8 +7,10 @@ import binascii
 import functools
 import hashlib
 import hmac
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -26,9 +28,12 @@ from receiver.models import Submission
 from receiver.models import TaskError
 from receiver.models import TaskRequest
 from receiver.models import TaskSpec
+from receiver.providers.base import FLUX2_MODELS
 from receiver.providers.base import KONTEXT_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
+from receiver.providers.base import Span
+from receiver.providers.base import Takes
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
 from receiver.providers.base import raise_for_http_status
@@ -53,6 +58,65 @@ FLUX2_MAX_IMAGES = 8
 # plain path segments are taken (no dot-segments, no query, no percent-escapes).
 ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)+")
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
+# FLUX 2 on fal has no aspect_ratio: its size is `image_size`, a named size or {width, height}
+# (providers.md, "Third look"). A ratio with a named size gets it; the others an explicit size.
+NAMED_SIZES = {
+    "1:1": "square_hd",
+    "4:3": "landscape_4_3",
+    "3:4": "portrait_4_3",
+    "16:9": "landscape_16_9",
+    "9:16": "portrait_16_9",
+}
+MATCH_INPUT = "auto"  # the edit endpoints' own default: the size follows the input images
+ONE_MEGAPIXEL = 1024 * 1024
+SIDE_STEP = 16
+# FLUX 2 endpoints (shared names and their fal ids) → the shared name whose rules they follow.
+FLUX2_ENDPOINTS = {endpoint: model for model in FLUX2_MODELS for endpoint in (model, *MODEL_ENDPOINTS[model])}
+KONTEXT_TAKES = Takes(
+    frozenset(OPTIONAL_FIELDS) - {"resolution"},
+    aspect_ratios=ASPECT_RATIOS,
+    output_formats=("jpeg", "png"),
+    safety_tolerance=Span(1, 6),
+    num_images=Span(1, 4),
+    options={"guidance_scale": Span(1, 20, whole=False)},
+    refused_options={"sync_mode": "the receiver needs fal's queue and webhook; sync_mode is not taken"},
+    who="fal",
+)
+# Kontext fields FLUX 2 on fal does not have: passed as options they would be dropped without a word.
+NOT_FLUX2_OPTIONS = {
+    "aspect_ratio": "fal's FLUX 2 has no aspect_ratio: give the request's aspect_ratio (sent as image_size)",
+    "num_images": "fal's FLUX 2 makes one image per request",
+    "enhance_prompt": "fal's FLUX 2 has no enhance_prompt",
+}
+# flex only: its sampler's knobs (fal's flux-2-flex page), refused on pro rather than ignored there.
+FLEX_OPTIONS = {"guidance_scale": Span(1.5, 10, whole=False), "num_inference_steps": Span(2, 50)}
+FLUX2_PRO_TAKES = Takes(
+    frozenset(OPTIONAL_FIELDS) - {"resolution", "prompt_upsampling"},
+    aspect_ratios=ASPECT_RATIOS,
+    edit_ratios=(MATCH_INPUT,),
+    output_formats=("jpeg", "png"),
+    safety_tolerance=Span(1, 5),
+    refused_options={
+        **KONTEXT_TAKES.refused_options,
+        **{name: f"fal's flux-2-pro does not take {name} (flux-2-flex does)" for name in FLEX_OPTIONS},
+        **NOT_FLUX2_OPTIONS,
+    },
+    who="fal's flux-2-pro",
+)
+FLUX2_TAKES = {
+    "flux-2-pro": FLUX2_PRO_TAKES,
+    # flex expands prompts itself (enable_prompt_expansion): the shared prompt_upsampling sets it.
+    "flux-2-flex": replace(
+        FLUX2_PRO_TAKES,
+        fields=FLUX2_PRO_TAKES.fields | {"prompt_upsampling"},
+        options=FLEX_OPTIONS,
+        refused_options={**KONTEXT_TAKES.refused_options, **NOT_FLUX2_OPTIONS},
+        who="fal's flux-2-flex",
+    ),
+}
+# The shared field each FLUX 2 and Kontext endpoint spells its own way.
+PROMPT_UPSAMPLING = {"flux-2-flex": "enable_prompt_expansion"}
+KONTEXT_PROMPT_UPSAMPLING = "enhance_prompt"
 SIGNATURE_TOLERANCE = 300
 SIGNATURE_HEADERS = (
     "x-fal-webhook-request-id",
@@ -73,6 +137,21 @@ def fal_endpoint(model: str, has_image: bool) -> str:
     if pair is None:
         return model
     return pair[1] if has_image else pair[0]
+
+
+def image_size(ratio: str) -> str | dict[str, int]:
+    """fal's FLUX 2 `image_size` for a ratio we take: its named size, else {width, height} at that
+    ratio near one megapixel, sides multiples of 16 (the ratios we take come out exact)."""
+    if ratio in NAMED_SIZES or ratio == MATCH_INPUT:
+        return NAMED_SIZES.get(ratio, MATCH_INPUT)
+    across, down = (int(part) for part in ratio.split(":"))
+    width = math.sqrt(ONE_MEGAPIXEL * across / down)
+    height = width * down / across
+    return {"width": _step(width), "height": _step(height)}
+
+
+def _step(side: float) -> int:
+    return max(SIDE_STEP, round(side / SIDE_STEP) * SIDE_STEP)
 
 
 def is_endpoint_id(model: str) -> bool:
@@ -210,8 +289,7 @@ class Fal(Provider):
     default_model = "flux-kontext-pro"
     accepts_any_model = True  # a full fal endpoint id, checked in validate
     native_hint = "a fal endpoint id such as fal-ai/flux-pro/kontext/max/multi"
-    # Kontext on fal has no resolution; its prompt enhancer is `enhance_prompt` [I], left to options.
-    fields = frozenset(OPTIONAL_FIELDS) - {"resolution", "prompt_upsampling"}
+    fields = KONTEXT_TAKES.fields | FLUX2_TAKES["flux-2-flex"].fields
     max_images = FLUX2_MAX_IMAGES
     inline_images = True  # fal takes data URIs in image_url: no need for it to reach our uploads
 
@@ -225,38 +303,49 @@ class Fal(Provider):
             return 0, FLUX2_MAX_IMAGES
         return 0, 1  # another endpoint id: one image_url
 
+    def takes(self, model: str) -> Takes:
+        """FLUX 2 (by shared name or fal id) has its own table; Kontext and other endpoint ids keep
+        fal's Kontext fields."""
+        flux2 = FLUX2_ENDPOINTS.get(model)
+        return FLUX2_TAKES[flux2] if flux2 else KONTEXT_TAKES
+
     def validate(self, request: TaskRequest) -> dict[str, str]:
-        errors: dict[str, str] = {}
-        params = request.params
+        errors = super().validate(request)
         model = request.model
         if model is not None and model not in MODEL_ENDPOINTS and not is_endpoint_id(model):
             errors["model"] = f"fal sells {self.sells()}"
-        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
-            errors["aspect_ratio"] = f"fal takes one of {', '.join(ASPECT_RATIOS)}"
-        if "output_format" in params and params["output_format"] not in ("jpeg", "png"):
-            errors["output_format"] = "fal takes jpeg or png"
-        if "safety_tolerance" in params and not 1 <= params["safety_tolerance"] <= 6:
-            errors["safety_tolerance"] = "fal takes 1 to 6"
-        if "num_images" in params and not 1 <= params["num_images"] <= 4:
-            errors["num_images"] = "fal makes 1 to 4 images per task"
-        if "sync_mode" in request.options:
-            # sync_mode answers with data URIs and skips fal's history: no callback, nothing to fetch.
-            errors["options.sync_mode"] = "the receiver needs fal's queue and webhook; sync_mode is not taken"
-        guidance = request.options.get("guidance_scale")
-        if guidance is not None and (
-            isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 1 <= guidance <= 20
-        ):
-            errors["options.guidance_scale"] = "fal takes a number from 1 to 20"
+        flux2 = FLUX2_ENDPOINTS.get(self.request_model(request))
+        if flux2 and "image_size" in request.options and "aspect_ratio" in request.params:
+            errors["options.image_size"] = "give aspect_ratio or options.image_size, not both"
         return errors
 
     def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
         body: dict[str, Any] = {key: value for key, value in task.options.items() if key != "sync_mode"}
         body["prompt"] = task.prompt
-        for field in ("aspect_ratio", "output_format", "seed", "num_images"):
-            if field in task.params:
-                body[field] = task.params[field]
-        if "safety_tolerance" in task.params:
-            body["safety_tolerance"] = str(task.params["safety_tolerance"])  # fal's enum is "1".."6"
+        params = task.params
+        flux2 = FLUX2_ENDPOINTS.get(task.model)
+        for field in ("output_format", "seed"):
+            if field in params:
+                body[field] = params[field]
+        if "safety_tolerance" in params:
+            body["safety_tolerance"] = str(params["safety_tolerance"])  # fal's enum is "1".."6" ("5")
+        if flux2 is None:
+            # Kontext (and other endpoint ids): fal's own aspect_ratio, num_images and enhance_prompt.
+            for field in ("aspect_ratio", "num_images"):
+                if field in params:
+                    body[field] = params[field]
+            if "prompt_upsampling" in params:
+                body[KONTEXT_PROMPT_UPSAMPLING] = params["prompt_upsampling"]
+        else:
+            # FLUX 2 makes one image and sizes it by image_size: an edit naming no ratio keeps fal's
+            # `auto` (sized like its inputs); a text-to-image naming none gets the square megapixel a
+            # shared request means everywhere, not fal's landscape_4_3 default.
+            # A size given natively (options.image_size, e.g. 2048 x 2048) stands.
+            default = MATCH_INPUT if task.images else "1:1"
+            body.setdefault("image_size", image_size(params.get("aspect_ratio", default)))
+            spelled = PROMPT_UPSAMPLING.get(flux2)  # validate refused it where there is none
+            if spelled and "prompt_upsampling" in params:
+                body[spelled] = params["prompt_upsampling"]
         endpoint = fal_endpoint(task.model, bool(task.images))
         if task.images:
             if LIST_IMAGE_ENDPOINTS.fullmatch(endpoint):

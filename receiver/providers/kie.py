@@ -19,11 +19,12 @@ from receiver.models import ProviderRejected
 from receiver.models import ProviderUnavailable
 from receiver.models import Submission
 from receiver.models import TaskError
-from receiver.models import TaskRequest
 from receiver.models import TaskSpec
 from receiver.providers.base import KONTEXT_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
+from receiver.providers.base import Span
+from receiver.providers.base import Takes
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
@@ -33,6 +34,14 @@ from receiver.providers.base import response_json
 from receiver.providers.base import text
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
+TAKES = Takes(
+    frozenset(OPTIONAL_FIELDS) - {"seed", "resolution"},
+    aspect_ratios=ASPECT_RATIOS,
+    output_formats=("jpeg", "png"),
+    safety_tolerance=Span(0, 6),
+    edit_safety_tolerance=Span(0, 2),
+    who="kie",
+)
 SIGNATURE_TOLERANCE = 300
 # kie answers HTTP 200 and puts the real status in the body's `code` (§1.2).
 TRANSIENT_CODES = frozenset({408, 429, 455, 500, 502, 503, 504})
@@ -145,27 +154,13 @@ class Kie(Provider):
     models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
     # kie's Kontext API has no seed and no resolution; num_images is accepted as 1 (validate).
-    fields = frozenset(OPTIONAL_FIELDS) - {"seed", "resolution"}
+    fields = TAKES.fields
     max_images = 1
     pace_group = "kie"
     rate_limit = (20, 10.0)  # providers.md §1.5: 20 new generation requests per 10 s per account
 
-    def validate(self, request: TaskRequest) -> dict[str, str]:
-        errors: dict[str, str] = {}
-        params = request.params
-        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
-            errors["aspect_ratio"] = f"kie takes one of {', '.join(ASPECT_RATIOS)}"
-        if "output_format" in params and params["output_format"] not in ("jpeg", "png"):
-            errors["output_format"] = "kie takes jpeg or png"
-        if "safety_tolerance" in params:
-            top = 2 if request.images else 6
-            if not 0 <= params["safety_tolerance"] <= top:
-                errors["safety_tolerance"] = (
-                    f"kie takes 0 to {top} {'when editing' if request.images else ''}"
-                )
-        if params.get("num_images", 1) != 1:
-            errors["num_images"] = "kie makes one image per task"
-        return errors
+    def takes(self, model: str) -> Takes:
+        return TAKES
 
     def build_submit(self, task: TaskSpec, ctx: Context) -> httpx.Request:
         body: dict[str, Any] = {**task.options, "prompt": task.prompt, "model": task.model}

@@ -24,13 +24,13 @@ from receiver.models import TaskSpec
 from receiver.providers.base import FLUX2_MODELS
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
+from receiver.providers.base import Takes
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
 from receiver.providers.base import mentions_moderation
 from receiver.providers.base import present
 from receiver.providers.base import text
-from receiver.providers.kie import failure_code
 from receiver.providers.kie import kie_code
 from receiver.providers.kie import kie_status_body
 from receiver.providers.kie import kie_status_request
@@ -38,8 +38,17 @@ from receiver.providers.kie import kie_task_id
 from receiver.providers.kie import parse_kie_submit
 from receiver.providers.kie import verify_kie_hmac
 
-ASPECT_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3", "auto")
+ASPECT_RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3")
+MATCH_INPUT = "auto"  # sized like the input images: a text-to-image job refuses it
 RESOLUTIONS = ("1K", "2K")
+# No seed, output_format, safety_tolerance or prompt_upsampling in the Market schema (§2.1).
+TAKES = Takes(
+    frozenset({"model", "images", "aspect_ratio", "resolution", "num_images", "options"}),
+    aspect_ratios=ASPECT_RATIOS,
+    edit_ratios=(MATCH_INPUT,),
+    resolutions=RESOLUTIONS,
+    who="kie-market",
+)
 PROMPT_LENGTH = (3, 5000)
 # Market model ids are `<family>/<variant>`; this provider sends FLUX 2 jobs only.
 FLUX2_MODEL = re.compile(r"^flux-2/[a-z0-9][a-z0-9.-]*$")
@@ -48,14 +57,12 @@ MARKET_KINDS = ("text-to-image", "image-to-image")
 SPELLED_INPUT = frozenset({"input_urls", "prompt"})
 
 
-def market_failure_code(code: str, message: str) -> ErrorCode:
-    """content_moderated for kie's flagged code "400" or a message that names moderation, else
-    generation_failed. kie publishes no list of moderation failCodes: its Kontext API says "400" for a
-    flagged prompt (§1.3, kie.failure_code); Market failures may carry another code with a message that
-    says so."""
-    if failure_code(code) is ErrorCode.CONTENT_MODERATED or mentions_moderation(message):
-        return ErrorCode.CONTENT_MODERATED
-    return ErrorCode.GENERATION_FAILED
+def market_failure_code(message: str) -> ErrorCode:
+    """content_moderated only when the message says a content check stopped it, else
+    generation_failed (so a fallback provider gets its turn). kie publishes no list of Market
+    failCodes, and "400" is its generic failure on other Market models (providers.md, "Third look"):
+    unlike the Kontext API's flagged "400" (kie.failure_code), a code is not evidence of moderation."""
+    return ErrorCode.CONTENT_MODERATED if mentions_moderation(message) else ErrorCode.GENERATION_FAILED
 
 
 def result_urls(value: Any) -> tuple[str, ...]:
@@ -95,7 +102,7 @@ def job_outcome(data: Mapping[str, Any], task_id: str | None, top_code: str, top
         return Outcome.pending(task_id, detail)
     provider_code = present(data.get("failCode")) or (top_code if top_code != "200" else "")
     message = present(data.get("failMsg")) or top_msg or "kie reported a failed job"
-    error = TaskError(market_failure_code(provider_code, message), message, provider_code or None)
+    error = TaskError(market_failure_code(message), message, provider_code or None)
     return Outcome.failed(task_id, error, detail)
 
 
@@ -107,8 +114,7 @@ class KieMarket(Provider):
     default_model = "flux-2/pro-image-to-image"
     accepts_any_model = True  # other FLUX 2 Market ids by id; validate() keeps them to flux-2/…
     native_hint = "another FLUX 2 Market id (flux-2/<variant>)"
-    # No seed, output_format, safety_tolerance or prompt_upsampling in the Market schema (§2.1).
-    fields = frozenset({"model", "images", "aspect_ratio", "resolution", "num_images", "options"})
+    fields = TAKES.fields
     max_images = 8
     pace_group = "kie"  # one kie account, one limit for both APIs (§1.5); the group's limits are kie's
 
@@ -130,21 +136,17 @@ class KieMarket(Provider):
             return 1, self.max_images
         return 0, self.max_images
 
+    def takes(self, model: str) -> Takes:
+        return TAKES
+
     def validate(self, request: TaskRequest) -> dict[str, str]:
-        errors: dict[str, str] = {}
+        errors = super().validate(request)
         shortest, longest = PROMPT_LENGTH
         if not shortest <= len(request.prompt) <= longest:
             errors["prompt"] = f"kie-market takes {shortest} to {longest} characters"
         model = request.model
         if model is not None and model not in FLUX2_MODELS and not FLUX2_MODEL.match(model):
             errors["model"] = f"kie-market sells {self.sells()}"
-        params = request.params
-        if "aspect_ratio" in params and params["aspect_ratio"] not in ASPECT_RATIOS:
-            errors["aspect_ratio"] = f"kie-market takes one of {', '.join(ASPECT_RATIOS)}"
-        if "resolution" in params and params["resolution"] not in RESOLUTIONS:
-            errors["resolution"] = f"kie-market takes one of {', '.join(RESOLUTIONS)}"
-        if params.get("num_images", 1) != 1:
-            errors["num_images"] = "kie-market makes one image per task"
         clashing = sorted(SPELLED_INPUT & set(request.options))
         if clashing:
             errors["options"] = f"{', '.join(clashing)} come from the request's prompt and images"

@@ -23,6 +23,8 @@ from receiver.models import TaskRequest
 from receiver.models import TaskSpec
 from receiver.providers.base import Context
 from receiver.providers.base import Provider
+from receiver.providers.base import Span
+from receiver.providers.base import Takes
 from receiver.providers.base import bearer_request
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
@@ -51,15 +53,15 @@ class Sandbox(Provider):
     fields = frozenset({"model", "images", "aspect_ratio", "output_format", "seed", "num_images", "options"})
     max_images = 1
 
+    def takes(self, model: str) -> Takes:
+        # Any W:H between 1:4 and 4:1 (checked in validate), so no list of ratios here.
+        return Takes(self.fields, output_formats=("png",), num_images=Span(1, 4), who="the sandbox")
+
     def validate(self, request: TaskRequest) -> dict[str, str]:
-        errors: dict[str, str] = {}
+        errors = super().validate(request)
         params = request.params
         if "aspect_ratio" in params and parse_ratio(params["aspect_ratio"]) is None:
             errors["aspect_ratio"] = "the sandbox takes W:H between 1:4 and 4:1, e.g. 16:9"
-        if params.get("output_format", "png") != "png":
-            errors["output_format"] = "the sandbox makes png only"
-        if not 1 <= params.get("num_images", 1) <= 4:
-            errors["num_images"] = "the sandbox makes 1 to 4 images"
         outcome = request.options.get("outcome", "succeeded")
         if outcome not in OUTCOMES:
             errors["options"] = f"options.outcome must be one of {', '.join(OUTCOMES)}"

@@ -584,23 +584,41 @@
     view.replaceChildren(el("div", { class: "toolbar" }, el("h1", { text: "New task" })), form);
 
     const chosen = () => offered.find((p) => p.name === providerSelect.value);
+    // What the chosen model takes, from the same table the service checks requests against
+    // (/v1/providers `takes`); a model it does not list falls back to the provider's fields.
+    const modelTakes = (provider) => (provider.takes || {})[model.value.trim() || provider.default_model];
+    const adaptModel = () => {
+      const provider = chosen();
+      if (!provider) return;
+      const entry = modelTakes(provider);
+      const takes = new Set(entry ? entry.fields : provider.fields);
+      fields.aspect_ratio.hidden = !takes.has("aspect_ratio");
+      fields.seed.hidden = !takes.has("seed");
+      const ratios = entry && entry.aspect_ratios ? [...entry.aspect_ratios, ...entry.edit_aspect_ratios] : ASPECT_RATIOS;
+      const kept = ratios.includes(aspect.value) ? aspect.value : "";
+      aspect.replaceChildren(
+        el("option", { value: "", text: "provider default" }),
+        ...ratios.map((r) => el("option", { value: r, text: r, selected: r === kept })),
+      );
+      aspect.value = kept;
+    };
     const adapt = () => {
       const provider = chosen();
       if (!provider) return;
       const takes = new Set(provider.fields);
       fields.model.hidden = !takes.has("model");
-      fields.aspect_ratio.hidden = !takes.has("aspect_ratio");
-      fields.seed.hidden = !takes.has("seed");
       fields.images.hidden = !takes.has("images") || provider.max_images < 1;
       modelList.replaceChildren(...provider.models.map((m) => el("option", { value: m })));
       model.value = provider.default_model;
       model.placeholder = provider.default_model;
+      adaptModel();
       imageHint.textContent =
         provider.min_images > 0
           ? `${provider.name} needs an input image (a URL, or a file uploaded to this service).`
           : "Optional: a URL, or a file uploaded to this service, to edit instead of generating from scratch.";
     };
     providerSelect.addEventListener("change", adapt);
+    model.addEventListener("input", adaptModel);
     adapt();
     prompt.focus();
 

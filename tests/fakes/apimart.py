@@ -33,6 +33,27 @@ def callback_target(webhook: str) -> str:
     return webhook.rstrip("/") + "/callback"
 
 
+FLUX2_MODELS = ("flux-2-pro", "flux-2-flex")
+FLUX2_SIZES = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3")
+
+
+def refusal(body: dict[str, Any]) -> str | None:
+    """What apimart's generations endpoint would refuse in `body` (its model pages), or None."""
+    urls = body.get("image_urls", [])
+    if not isinstance(urls, list) or not all(isinstance(url, str) and url.startswith("http") for url in urls):
+        return "image_urls must be a list of public URLs"
+    if body.get("model") in FLUX2_MODELS:
+        if "size" in body and body["size"] not in FLUX2_SIZES:
+            return f"invalid size {body['size']!r} for {body['model']}"
+        if "resolution" in body and str(body["resolution"]).upper() not in ("1K", "2K"):
+            return f"invalid resolution {body['resolution']!r}"
+        if len(urls) > 8:
+            return "at most 8 reference images"
+    elif len(urls) > 1:
+        return "only 1 image supported"
+    return None
+
+
 class ApimartFake(ProviderFake):
     name = "apimart"
     signs = False
@@ -64,6 +85,9 @@ class ApimartFake(ProviderFake):
         scripted = self.scripted_answer(GENERATIONS)
         if scripted is not None:
             return scripted
+        refused = refusal(recorded.json())
+        if refused is not None:
+            return JSONResponse(error_envelope(refused, "invalid_request"), status_code=400)
         task_id = f"task_01FAKE{next(self.ids):020d}"
         self.tasks[task_id] = {
             "id": task_id,

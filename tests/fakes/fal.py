@@ -55,6 +55,61 @@ def wire(body: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True).encode()
 
 
+FLUX2_ENDPOINTS = ("fal-ai/flux-2-pro", "fal-ai/flux-2-flex")
+IMAGE_SIZES = ("square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9")
+# Fields of fal's FLUX 2 input schemas (its model pages); anything else fal ignores without a word.
+FLUX2_FIELDS = frozenset(
+    {
+        "prompt",
+        "image_size",
+        "seed",
+        "safety_tolerance",
+        "enable_safety_checker",
+        "output_format",
+        "sync_mode",
+    }
+)
+FLEX_FIELDS = frozenset({"guidance_scale", "num_inference_steps", "enable_prompt_expansion"})
+
+
+def number_in(value: Any, low: float, high: float, whole: bool = False) -> bool:
+    kinds = int if whole else int | float
+    return isinstance(value, kinds) and not isinstance(value, bool) and low <= value <= high
+
+
+def flux2_problems(endpoint: str, body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """What fal's FLUX 2 schema would refuse in `body` (FastAPI-style `detail` items for its 422), and
+    the fields it would silently ignore."""
+    edit = endpoint.endswith("/edit")
+    flex = endpoint.startswith("fal-ai/flux-2-flex")
+    known = FLUX2_FIELDS | (FLEX_FIELDS if flex else frozenset()) | ({"image_urls"} if edit else frozenset())
+    problems: list[tuple[str, str]] = []
+    size = body.get("image_size")
+    sizes = (*IMAGE_SIZES, "auto") if edit else IMAGE_SIZES
+    if size is not None and not (
+        size in sizes
+        or (
+            isinstance(size, dict)
+            and set(size) == {"width", "height"}
+            and all(number_in(size[side], 1, 14142, whole=True) for side in ("width", "height"))
+        )
+    ):
+        problems.append(("image_size", f"Input should be one of {', '.join(sizes)} or an ImageSize"))
+    if "safety_tolerance" in body and body["safety_tolerance"] not in ("1", "2", "3", "4", "5"):
+        problems.append(("safety_tolerance", "Input should be '1', '2', '3', '4' or '5'"))
+    if "output_format" in body and body["output_format"] not in ("jpeg", "png"):
+        problems.append(("output_format", "Input should be 'jpeg' or 'png'"))
+    if flex and "guidance_scale" in body and not number_in(body["guidance_scale"], 1.5, 10):
+        problems.append(("guidance_scale", "Input should be between 1.5 and 10"))
+    if flex and "num_inference_steps" in body and not number_in(body["num_inference_steps"], 2, 50, True):
+        problems.append(("num_inference_steps", "Input should be between 2 and 50"))
+    urls = body.get("image_urls")
+    if edit and not (isinstance(urls, list) and urls and all(isinstance(url, str) for url in urls)):
+        problems.append(("image_urls", "Field required: a list of image URLs"))
+    detail = [{"loc": ["body", name], "msg": msg, "type": "value_error"} for name, msg in problems]
+    return detail, sorted(set(body) - known)
+
+
 @dataclass
 class QueuedRequest:
     endpoint: str
@@ -79,6 +134,7 @@ class FalFake(ProviderFake):
         self.jwks_down = False
         self.queue: dict[str, QueuedRequest] = {}  # request_id -> the request
         self.order: list[str] = []
+        self.ignored: list[str] = []  # fields of FLUX 2 bodies that fal would have dropped silently
         super().__init__()
 
     def receiver_env(self) -> dict[str, str]:
@@ -114,6 +170,11 @@ class FalFake(ProviderFake):
             return scripted
         request_id = str(uuid.uuid4())
         endpoint = request.path_params["endpoint"]
+        if endpoint.startswith(FLUX2_ENDPOINTS):
+            detail, ignored = flux2_problems(endpoint, recorded.json())
+            self.ignored += ignored
+            if detail:
+                return JSONResponse({"detail": detail}, status_code=422)
         self.queue[request_id] = QueuedRequest(
             endpoint, recorded.query.get("fal_webhook", ""), recorded.json()
         )

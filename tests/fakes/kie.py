@@ -71,6 +71,9 @@ class KieFamilyFake(ProviderFake):
         scripted = self.scripted_answer(self.submit_path)
         if scripted is not None:
             return scripted
+        refused = self.refusal(recorded.json())
+        if refused is not None:
+            return JSONResponse({"code": 422, "msg": refused})
         task_id = self.new_task_id()
         self.records[task_id] = self.new_record(task_id, recorded.json())
         self.callback_urls[task_id] = recorded.json()["callBackUrl"]
@@ -91,6 +94,10 @@ class KieFamilyFake(ProviderFake):
 
     def new_task_id(self) -> str:
         raise NotImplementedError
+
+    def refusal(self, submitted: Any) -> str | None:
+        """Why kie would refuse this submit body (its `msg` with code 422), or None."""
+        return None
 
     def new_record(self, task_id: str, submitted: Any) -> dict[str, Any]:
         """The job as the status query will show it, right after the submit."""

@@ -13,6 +13,7 @@ from tests.fakes.kie import KieFamilyFake
 CREATE_TASK = "/api/v1/jobs/createTask"
 RECORD_INFO = "/api/v1/jobs/recordInfo"
 MODEL = "flux-2/pro-image-to-image"
+RATIOS = ("1:1", "4:3", "3:4", "16:9", "9:16", "3:2", "2:3")
 CREATED_AT = 1765174753676  # ms epoch, as in the §2.2 example task id
 
 
@@ -26,6 +27,21 @@ class KieMarketFake(KieFamilyFake):
     text_to_image = False  # Market image-to-image needs at least one input_urls entry
     submit_path = CREATE_TASK
     status_path = RECORD_INFO
+
+    def refusal(self, submitted: Any) -> str | None:
+        """The Market FLUX 2 schema (§2.1; providers.md, "Third look"): ratios, resolution, 1-8 URLs
+        for image-to-image, and `auto` only with an input image."""
+        job = submitted.get("input", {})
+        urls = job.get("input_urls", [])
+        if job.get("aspect_ratio") not in (*RATIOS, "auto"):
+            return f"aspect_ratio must be one of {', '.join(RATIOS)}, auto"
+        if job.get("aspect_ratio") == "auto" and not urls:
+            return "aspect_ratio auto needs input_urls"
+        if job.get("resolution") not in ("1K", "2K"):
+            return "resolution must be 1K or 2K"
+        if str(submitted.get("model", "")).endswith("image-to-image") and not 1 <= len(urls) <= 8:
+            return "input_urls takes 1 to 8 images"
+        return None
 
     def new_task_id(self) -> str:
         return f"task_flux-2_{CREATED_AT + next(self.ids)}"
@@ -110,6 +126,9 @@ class KieMarketFake(KieFamilyFake):
     def fail(
         self, task_id: str, moderated: bool, message: str, deliver: bool = True
     ) -> httpx.Response | None:
+        # kie's Market codes say nothing about moderation ("400" is its generic failure): only the
+        # message does, so a moderated failure says so in failMsg.
         fail_code = "400" if moderated else "500"
+        message = f"Content moderation flagged the request: {message}" if moderated else message
         self.records[task_id].update(state="fail", failCode=fail_code, failMsg=message)
         return self.send(task_id, self.failure_body(task_id, fail_code, message)) if deliver else None
