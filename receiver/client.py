@@ -55,7 +55,9 @@ __all__ = [
     "Event",
     "LocalFileError",
     "ModelInputs",
+    "ModelTakes",
     "NotificationError",
+    "NumberRange",
     "Page",
     "ProviderInfo",
     "ProviderLimits",
@@ -181,6 +183,26 @@ class ModelInputs(TypedDict):
     edit: str | None
 
 
+class NumberRange(TypedDict):
+    min: float
+    max: float
+    whole: bool
+
+
+class ModelTakes(TypedDict):
+    """What one model takes at a provider: the table the service checks each request against."""
+
+    fields: list[str]
+    aspect_ratios: list[str] | None
+    edit_aspect_ratios: list[str]
+    resolutions: list[str] | None
+    output_formats: list[str] | None
+    safety_tolerance: NumberRange | None
+    edit_safety_tolerance: NumberRange | None
+    num_images: NumberRange
+    options: dict[str, NumberRange]
+
+
 class ProviderLimits(TypedDict):
     max_concurrent: int | None
     max_concurrent_by_model: dict[str, int]
@@ -200,6 +222,7 @@ class ProviderInfo(TypedDict):
     native_models: list[str]
     other_models: str | None
     model_inputs: dict[str, ModelInputs]
+    takes: dict[str, ModelTakes]
     data_uris: str
     synchronous: bool
     limits: ProviderLimits

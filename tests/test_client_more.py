@@ -295,6 +295,8 @@ MIRRORS: dict[type, type[msgspec.Struct]] = {
     client_module.ProviderInfo: schema.ProviderInfo,
     client_module.ProviderLimits: schema.ProviderLimits,
     client_module.ModelInputs: schema.ModelInputs,
+    client_module.ModelTakes: schema.ModelTakes,
+    client_module.NumberRange: schema.NumberRange,
 }
 
 
