@@ -1,4 +1,5 @@
-"""Downloads a hostile image host cannot stretch: a compressed body counted as it inflates.
+"""Downloads a hostile image host cannot stretch: an overall time limit per attempt, a task that ends takes
+its download with it (the slot given back at once), and a compressed body counted as it inflates.
 
 Over real HTTP: the receiver served for real, the kie fake as the provider, and an image host
 (tests/fakes/image_host.py) that trickles a byte at a time or sends a compression bomb.
@@ -18,6 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
+from receiver.config import ConfigError
+from receiver.config import load_settings
+from tests.conftest import database_settings
 from tests.fakes.common import png
 from tests.fakes.image_host import ImageHost
 from tests.fakes.image_host import bomb
@@ -30,6 +34,12 @@ from tests.test_downloads import _peak_rss_kib
 
 CAP = 4 * 1024 * 1024  # RECEIVER_MAX_IMAGE_BYTES in the compression tests
 INFLATED = 256 * 1024 * 1024  # what a bomb inflates to: 64 x the cap, from about 256 KiB on the wire
+
+
+@pytest.fixture
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """SQLite, unless a test asks for PostgreSQL too (parametrized indirectly)."""
+    return database_settings(request, getattr(request, "param", "sqlite"))
 
 
 @pytest.fixture
@@ -72,6 +82,91 @@ def start_kie(kie: KieFake, start_receiver: Callable[..., Receiver]) -> Callable
         return start_receiver(KIE_API_KEY=KEY, KIE_BASE_URL=kie.url, **env)
 
     return start
+
+
+# -- a task that ends cancels its download ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("database_env", "process"),
+    [("sqlite", "1"), ("sqlite", "0"), ("postgres", "1")],
+    ids=["sqlite-child", "sqlite-in-process", "postgres-child"],
+    indirect=["database_env"],
+)
+def test_trickling_downloads_give_their_slots_back_when_their_tasks_time_out(
+    kie: KieFake, image_host: ImageHost, start_kie: Callable[..., Receiver], process: str
+) -> None:
+    # The deadline ends the trickling tasks (the download limit stays at 300 s).
+    receiver = start_kie(
+        RECEIVER_DOWNLOAD_PROCESS=process, RECEIVER_DOWNLOAD_CONCURRENCY=4, RECEIVER_TASK_DEADLINE=8
+    )
+    # One tenant's four results trickle a byte at a time, within every read timeout, forever.
+    trickling = [finished_at(receiver.alice, kie, image_host.trickle(f"t{n}.png")) for n in range(4)]
+    image_host.wait_until(lambda: image_host.trickling == 4)  # every download slot is held
+    for task_id in trickling:
+        ended = receiver.wait(task_id, 60)
+        assert ended["status"] == "failed"
+        assert ended["error"]["code"] == "timed_out"
+    # Each download was cancelled with its task: the host sees every connection closed.
+    image_host.wait_until(lambda: image_host.trickling == 0)
+    # The next tenant's normal task downloads at once, well inside its own deadline.
+    normal = finished_at(receiver.bob, kie, image_host.host("fine.png", png(40, 30)))
+    done = receiver.wait(normal, 60, client=receiver.bob)
+    assert done["status"] == "succeeded", done
+    assert done["images"][0]["size"] == len(png(40, 30))
+    assert image_host.fetches["/files/fine.png"] == 1
+
+
+def test_a_task_ended_by_news_while_downloading_closes_its_download_at_once(
+    kie: KieFake, image_host: ImageHost, start_kie: Callable[..., Receiver]
+) -> None:
+    """Not only the deadline: whatever ends the task (here the provider's late failure) ends the
+    download, long before RECEIVER_DOWNLOAD_TIMEOUT (300 s) or the task deadline (an hour)."""
+    receiver = start_kie()
+    task_id = finished_at(receiver.alice, kie, image_host.trickle("late.png"))
+    image_host.wait_until(lambda: image_host.trickling == 1)
+    answer = kie.fail(kie.last_task_id(), moderated=False, message="the node went away")
+    assert answer is not None and answer.status_code == 200
+    done = receiver.wait(task_id, 30)
+    assert (done["status"], done["error"]["code"]) == ("failed", "generation_failed")
+    image_host.wait_until(lambda: image_host.trickling == 0, 30)
+    assert receiver.alice.get(f"/v1/tasks/{task_id}").json()["images"] == []
+
+
+# -- RECEIVER_DOWNLOAD_TIMEOUT ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("process", ["1", "0"], ids=["child", "in-process"])
+def test_a_trickling_download_is_cut_at_the_download_timeout_and_retried_on_the_schedule(
+    kie: KieFake, image_host: ImageHost, start_kie: Callable[..., Receiver], process: str
+) -> None:
+    # One retry after the first try's timeout, then download_failed.
+    receiver = start_kie(
+        RECEIVER_DOWNLOAD_PROCESS=process, RECEIVER_DOWNLOAD_TIMEOUT=1, RECEIVER_DOWNLOAD_RETRY_DELAYS="0.05"
+    )
+    task_id = finished_at(receiver.alice, kie, image_host.trickle("slow.png"))
+    done = receiver.wait(task_id, 60)
+    assert done["status"] == "failed"
+    assert done["error"] == {
+        "code": "download_failed",
+        "message": "image 0: no whole image within 1 s (RECEIVER_DOWNLOAD_TIMEOUT) after 2 tries",
+        "provider_code": None,
+    }
+    tries = [e["summary"] for e in receiver.events(task_id) if e["kind"] == "download"]
+    assert tries[0] == "image 0 try 1 failed: no whole image within 1 s (RECEIVER_DOWNLOAD_TIMEOUT)"
+    # The second try may not have reached the host within its second (the download child runs niced
+    # on a busy machine); either way each try's connection was closed when its time was up.
+    assert image_host.fetches["/trickle/slow.png"] in (1, 2)
+    image_host.wait_until(lambda: image_host.trickling == 0)
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-5"])
+def test_the_download_timeout_is_checked_at_start(tmp_path: Path, value: str) -> None:
+    env = {"RECEIVER_DATA_DIR": str(tmp_path), "RECEIVER_DOWNLOAD_TIMEOUT": value}
+    with pytest.raises(ConfigError, match="RECEIVER_DOWNLOAD_TIMEOUT"):
+        load_settings(env)
+    assert load_settings({"RECEIVER_DATA_DIR": str(tmp_path)}).download_timeout == 300.0
+    assert load_settings({**env, "RECEIVER_DOWNLOAD_TIMEOUT": "2.5"}).download_timeout == 2.5
 
 
 # -- compressed bodies ----------------------------------------------------------------------------
