@@ -60,6 +60,9 @@ class Settings:
     http_timeout: float = 30.0
     sync_timeout: float = 300.0  # a synchronous provider's submit: the whole generation happens in it
     download_concurrency: int = 4
+    download_timeout: float = (
+        300.0  # RECEIVER_DOWNLOAD_TIMEOUT: one download attempt in all, trickling or not
+    )
     max_callback_bytes: int = 1024 * 1024
     dev_api_key_created: bool = False
     log_level: str = "INFO"
@@ -386,6 +389,7 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1),
         sync_timeout=_number(env, "RECEIVER_SYNC_TIMEOUT", 300.0, minimum=0.1),
         download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1),
+        download_timeout=_number(env, "RECEIVER_DOWNLOAD_TIMEOUT", 300.0, minimum=0.1),
         notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule),
         notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1),
         dev_api_key_created=dev_key_created,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import zlib
+from collections.abc import AsyncIterator
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -108,6 +110,64 @@ async def check_url(url: str, allow_private: bool) -> str | None:
 
 
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# Asked of every image host: PNG, JPEG and WebP are compressed already (gzip takes 0.8 % off a sandbox
+# PNG, 0-3 % off a JPEG), so compression would only cost CPU here. A host may send it anyway.
+ACCEPT = {"Accept-Encoding": "identity"}
+# The Content-Encodings a body is read in; anything else is refused.
+CODINGS = ("gzip", "x-gzip", "deflate")
+PIECE = 1024 * 1024  # decompressed bytes at a time: what one compressed piece may cost in memory
+
+
+def _broken(coding: str) -> DownloadError:
+    return DownloadError(f"the image host sent a broken {coding} body", permanent=True, kind="encoding")
+
+
+def content_coding(response: httpx.Response) -> str | None:
+    """The body's one compression (gzip or deflate), None for none; DownloadError for any other."""
+    codings = [
+        value.strip().lower()
+        for value in response.headers.get_list("content-encoding", split_commas=True)
+        if value.strip().lower() not in ("", "identity")
+    ]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in CODINGS:
+        return codings[0]
+    raise DownloadError(
+        f"the image host sent a body in an encoding this service does not read ({', '.join(codings)})",
+        permanent=True,
+        kind="encoding",
+    )
+
+
+async def inflated(raw: AsyncIterator[bytes], coding: str) -> AsyncIterator[bytes]:
+    """`raw` decompressed, at most PIECE bytes at a time, so the size cap counts a body that inflates to
+    gigabytes (a compression bomb) piece by piece and stops it, instead of it being inflated whole first
+    (as httpx's own decoders do with each piece read)."""
+    inflater = None if coding == "deflate" else zlib.decompressobj(zlib.MAX_WBITS | 16)
+    head = b""
+    async for chunk in raw:
+        if inflater is None:
+            # deflate is zlib-wrapped (RFC 9110), but some servers send it raw: the first two bytes tell.
+            head += chunk
+            if len(head) < 2:
+                continue
+            wrapped = head[0] & 0x0F == 8 and int.from_bytes(head[:2], "big") % 31 == 0
+            inflater = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            chunk = head
+        data = chunk
+        while not inflater.eof:
+            try:
+                piece = inflater.decompress(data, PIECE)
+            except zlib.error:
+                raise _broken(coding) from None
+            if piece:
+                yield piece
+            data = inflater.unconsumed_tail
+            if not data and len(piece) < PIECE:
+                break  # all of this chunk taken in and given out (a full piece may have more behind it)
+    if inflater is None or not inflater.eof:
+        raise _broken(coding)
 
 
 async def fetch_image(
@@ -118,7 +178,7 @@ async def fetch_image(
     if problem:
         raise DownloadError(f"the image link: {problem}", permanent=True, kind="bad_url")
     try:
-        async with client.stream("GET", url) as response:
+        async with client.stream("GET", url, headers=ACCEPT) as response:
             status = response.status_code
             if status in TRANSIENT_STATUSES or status >= 500:
                 raise DownloadError(
@@ -128,9 +188,11 @@ async def fetch_image(
                 raise DownloadError(
                     f"HTTP {status} from the image host", permanent=True, kind=f"http_{status}"
                 )
+            coding = content_coding(response)
             declared = response.headers.get("content-length")
             if (
-                declared is not None
+                coding is None
+                and declared is not None
                 and declared.isascii()
                 and declared.isdigit()
                 and int(declared) > max_bytes
@@ -140,8 +202,9 @@ async def fetch_image(
                     permanent=True,
                     kind="too_large",
                 )
-            # As they arrive: no re-chunking copies.
-            return await store_image(media, stem, response.aiter_bytes(), max_bytes)
+            # As they arrive: no re-chunking copies. A compressed body is counted as it inflates.
+            chunks = response.aiter_raw() if coding is None else inflated(response.aiter_raw(), coding)
+            return await store_image(media, stem, chunks, max_bytes)
     except ImageRefused as exc:
         reason = "the link did not give a PNG, JPEG or WebP image" if exc.kind == "not_image" else exc.reason
         raise DownloadError(reason, permanent=True, kind=exc.kind) from None

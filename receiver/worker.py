@@ -22,6 +22,7 @@ from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import DownloadError
 from receiver.fetcher import open_fetcher
+from receiver.intake import StoredImage
 from receiver.logs import event
 from receiver.logs import url_host
 from receiver.media import Media
@@ -39,6 +40,7 @@ from receiver.pacing import Pacer
 from receiver.providers import REGISTRY
 from receiver.providers import Context
 from receiver.providers import Provider
+from receiver.store import DownloadTarget
 from receiver.store import Job
 from receiver.store import Store
 from receiver.store import TaskRecord
@@ -55,6 +57,10 @@ INBOX_SLICE = 256  # callbacks applied per worker turn
 BUSY_INBOX_SLICE = 32  # … while callbacks are arriving, so no callback's commit waits behind a long one
 BUSY_PAUSE = 0.02  # seconds between worker turns while callbacks are arriving
 DATABASE_RETRY = 1.0  # seconds between claims while the database cannot be reached
+# Seconds between looks at whether a running download is still wanted, besides the look each change of
+# its task prompts (this process's own changes, and every replica's under PostgreSQL): the bound on how
+# long a task ended by another process (an SQLite `--role api`, a lost NOTIFY) keeps its download slot.
+WANTED_CHECK = 5.0
 
 
 def build_pacer(settings: Settings) -> Pacer:
@@ -107,6 +113,17 @@ def maybe_ran(exc: Exception) -> bool:
     if isinstance(exc, ProviderUnavailable):
         return exc.maybe_ran
     return isinstance(exc, httpx.TransportError) and not isinstance(exc, NEVER_SENT)
+
+
+def _wanted(target: DownloadTarget | None, url: str) -> bool:
+    """Whether the task still wants this image from this link: it is downloading and the image is not
+    stored yet (a task that ended, whatever ended it, or moved on wants nothing more from the link)."""
+    return (
+        target is not None
+        and target.status == Status.DOWNLOADING
+        and target.image.path is None
+        and target.image.source_url == url
+    )
 
 
 def _filled(jobs: list[Job], slots: dict[str, int]) -> bool:
@@ -472,18 +489,13 @@ class Worker:
 
     async def download(self, job: Job) -> None:
         target = await self.store.download_target(job.task_id, job.arg)
-        if target is None or target.status != Status.DOWNLOADING or target.image.path is not None:
+        if target is None or not _wanted(target, target.image.source_url):
             await self.store.finish_job(job)  # already stored, or the task ended
             return
         url = target.image.source_url
         started = time.monotonic()
         try:
-            stored = await self.fetcher.fetch(
-                url,
-                f"{job.task_id}/{job.arg}",
-                self.settings.max_image_bytes,
-                trusted=url.startswith(self._own_links),
-            )
+            stored = await self._fetch_while_wanted(job, url)
         except DownloadError as exc:
             metrics.DOWNLOADS.labels(exc.kind).inc()
             delays = self.settings.download_retry_delays
@@ -503,6 +515,11 @@ class Worker:
             )
             delay = delays[min(job.attempts, len(delays)) - 1] if delays else 1.0
             await self.store.retry_job(job, delay, exc.reason)
+            return
+        if stored is None:
+            metrics.DOWNLOADS.labels("cancelled").inc()
+            event(log, "download cancelled: the task no longer wants it", task_id=job.task_id, image=job.arg)
+            await self.store.finish_job(job)
             return
         metrics.DOWNLOADS.labels("stored").inc()
         metrics.DOWNLOAD_BYTES.inc(stored.size)
@@ -525,6 +542,47 @@ class Worker:
             width=stored.width,
             height=stored.height,
         )
+
+    async def _fetch_while_wanted(self, job: Job, url: str) -> StoredImage | None:
+        """The image, or None once the task no longer wants it: then the fetch is cancelled at once (in the
+        download child too) and the slot is free. RECEIVER_DOWNLOAD_TIMEOUT bounds the attempt in all, so
+        a host that trickles a byte at a time, within every read timeout, cannot hold a slot for longer."""
+        limit = self.settings.download_timeout
+        fetch = asyncio.ensure_future(
+            self.fetcher.fetch(
+                url,
+                f"{job.task_id}/{job.arg}",
+                self.settings.max_image_bytes,
+                trusted=url.startswith(self._own_links),
+            )
+        )
+        unwanted = asyncio.ensure_future(self._until_unwanted(job, url))
+        try:
+            await asyncio.wait((fetch, unwanted), timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for running in (fetch, unwanted):
+                running.cancel()
+            await asyncio.gather(fetch, unwanted, return_exceptions=True)
+        if fetch.done() and not fetch.cancelled():
+            return fetch.result()
+        if unwanted.done() and not unwanted.cancelled():
+            return None
+        raise DownloadError(
+            f"no whole image within {limit:g} s (RECEIVER_DOWNLOAD_TIMEOUT)", permanent=False, kind="timeout"
+        )
+
+    async def _until_unwanted(self, job: Job, url: str) -> None:
+        """Return once the task no longer wants the image from `url`: looked at whenever the task changes,
+        and every WANTED_CHECK seconds."""
+        while True:
+            await self.store.wait_for_change(job.task_id, WANTED_CHECK)
+            try:
+                target = await self.store.download_target(job.task_id, job.arg)
+            except Exception as exc:  # the database is away: the download goes on, the next look tries again
+                event(log, "cannot check a running download", level=logging.WARNING, reason=str(exc)[:200])
+                continue
+            if not _wanted(target, url):
+                return
 
     async def reconcile(self, job: Job) -> None:
         row = await self.store.task_row(job.task_id)
