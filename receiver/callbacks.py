@@ -27,6 +27,7 @@ from receiver.config import Settings
 from receiver.logs import event
 from receiver.models import CallbackRejected
 from receiver.models import MalformedCallback
+from receiver.models import Outcome
 from receiver.models import TaskSpec
 from receiver.providers import REGISTRY
 from receiver.providers import Context
@@ -193,6 +194,13 @@ class Callbacks:
         except MalformedCallback as exc:
             await self.store.add_refusal(task_id, "callback", True, f"unreadable body: {exc}")
             raise ApiError(400, "malformed", str(exc)) from None
+        if outcome.state != "pending" and not outcome.provider_task_id:
+            # Nothing to hold against the task's own provider id, so the wrong-task check below
+            # cannot run: the news is not taken as it came, the provider's status endpoint is asked
+            # at once (one status query, by reconcile) and its answer is what counts.
+            said = outcome.detail or outcome.state
+            said = f"{said}, naming no provider task: the provider is asked"
+            outcome = Outcome.pending(None, said, ask_now=True)
         known = row.provider_task_id
         if outcome.provider_task_id and known and outcome.provider_task_id != known:
             await self.store.add_refusal(
