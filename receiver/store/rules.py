@@ -636,7 +636,7 @@ async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], 
             if outcome.provider_task_id and known and outcome.provider_task_id != known:
                 # Checked when it came too; this catches an id the submit answer set in between.
                 note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
-                await _event(tx, task["id"], "callback", True, note, None)
+                await _news_event(tx, task["id"], "callback", True, note, None)
                 applied.append((task["id"], task["provider"], "ignored"))
             else:
                 change = await _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
@@ -870,7 +870,7 @@ async def _apply(
         summary = (
             f"late news from {outcome.provider} (the task moved to {task['provider']}): {outcome.detail}"
         )
-        await _event(tx, task_id, kind, verified, summary, None)
+        await _news_event(tx, task_id, kind, verified, summary, None)
         return ""
     if outcome.provider_task_id and not task["provider_task_id"]:
         await tx.run(
@@ -908,8 +908,27 @@ async def _apply(
     summary = outcome.detail or outcome.state
     if outcome.state != "pending" and change is None:
         summary = f"{summary} (duplicate or late: the task is already {task['status']})"
-    await _event(tx, task_id, kind, verified, summary, change)
+    await _news_event(tx, task_id, kind, verified, summary, change)
     return change or ""
+
+
+async def _news_event(
+    tx: Tx, task_id: str, kind: str, verified: bool, summary: str, change: str | None
+) -> None:
+    """The event for a piece of news. News that changed nothing and says what an event since the
+    task's last change already said (a provider's retry, the same poll answer again, a flood of one
+    callback) is that event again: it is not written twice, so duplicates cannot grow the events
+    without bound. News that changed something always gets its own event."""
+    if change is None:
+        seen = await tx.one(
+            "SELECT id FROM events WHERE task_id=:id AND change IS NULL AND kind=:kind"
+            " AND verified=:verified AND summary=:summary AND id>COALESCE("
+            "(SELECT MAX(id) FROM events WHERE task_id=:id AND change IS NOT NULL), 0) LIMIT 1",
+            {"id": task_id, "kind": kind, "verified": int(verified), "summary": summary[:500]},
+        )
+        if seen is not None:
+            return
+    await _event(tx, task_id, kind, verified, summary, change)
 
 
 def committed(tx: Tx) -> None:
