@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import replace
 from typing import Any
+from typing import Literal
 
 import httpx
 from starlette.requests import Request
@@ -87,7 +88,10 @@ class KeySets:
             return keys
 
 
-def token_standing(row: TaskRecord, route: str, hop: int | None) -> str:
+Standing = Literal["current", "late", "refused"]
+
+
+def token_standing(row: TaskRecord, route: str, hop: int | None) -> Standing:
     """What a verified token posted to `route` may do for the task: "current" (its news counts),
     "late" (the provider and hop the task has left: recorded, changes nothing) or "refused".
 

@@ -31,12 +31,14 @@ def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 @pytest.fixture
 def kie(start_fake: Callable[..., Any]) -> KieFake:
-    return start_fake(KieFake, hmac_key=None)  # kie unsigned: the token is all a callback carries
+    fake: KieFake = start_fake(KieFake, hmac_key=None)  # unsigned: the token is all a callback carries
+    return fake
 
 
 @pytest.fixture
 def apimart(start_fake: Callable[..., Any]) -> ApimartFake:
-    return start_fake(ApimartFake)
+    fake: ApimartFake = start_fake(ApimartFake)
+    return fake
 
 
 @pytest.fixture
