@@ -207,3 +207,22 @@ def test_duplicate_callbacks_are_recorded_once(receiver: Receiver, apimart: Apim
     assert len([e for e in settled if "duplicate or late" in e["summary"]]) == 1, settled
     assert len(settled) == len(events) + 2, settled
     assert apimart.files["real.png"].fetches == 1
+
+
+def test_a_flood_of_different_bodies_that_change_nothing_is_bounded(
+    receiver: Receiver, apimart: ApimartFake
+) -> None:
+    task_id, apimart_id = at_apimart(receiver, apimart)
+    url = callback_target(apimart.webhooks[apimart_id])
+    with httpx.Client(timeout=30) as client:
+        for n in range(80):  # each body says something else, none of it news
+            body = json.dumps({"id": apimart_id, "status": f"processing-{n}"}).encode()
+            assert client.post(url, content=body).status_code == 200
+    real = apimart.host("real.png")
+    assert apimart.complete(apimart_id, [real]) is not None
+    done = receiver.wait(task_id)
+    assert done["status"] == "succeeded" and done["images"][0]["source_url"] == real
+    events = receiver.events(task_id)
+    flood = [e for e in events if e["summary"].startswith("status processing-")]
+    assert 1 <= len(flood) <= 50, len(flood)
+    assert any(e["change"] for e in events if e["kind"] == "callback")  # the success still counted

@@ -57,6 +57,8 @@ log = logging.getLogger("receiver.store")
 T = TypeVar("T")
 V = TypeVar("V", bound=TaskView)
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
+# Events of one kind that changed nothing, kept per task between two changes (see _news_event).
+NEWS_WITHOUT_CHANGE = 50
 PACE_SENDS_READ = 32  # sends per pace group whose times each worker turn reads (the rest are counted)
 Op = Callable[[Tx], Coroutine[Any, Any, T]]
 
@@ -917,16 +919,17 @@ async def _news_event(
 ) -> None:
     """The event for a piece of news. News that changed nothing and says what an event since the
     task's last change already said (a provider's retry, the same poll answer again, a flood of one
-    callback) is that event again: it is not written twice, so duplicates cannot grow the events
-    without bound. News that changed something always gets its own event."""
+    callback) is that event again: it is not written twice. Nor is any past NEWS_WITHOUT_CHANGE
+    of a kind since that change (a flood whose every body differs), so no run of callbacks or polls
+    can grow a task's events without bound. News that changed something always gets its own event."""
     if change is None:
-        seen = await tx.one(
-            "SELECT id FROM events WHERE task_id=:id AND change IS NULL AND kind=:kind"
-            " AND verified=:verified AND summary=:summary AND id>COALESCE("
-            "(SELECT MAX(id) FROM events WHERE task_id=:id AND change IS NOT NULL), 0) LIMIT 1",
+        since = await tx.one(
+            "SELECT COUNT(*) AS n, MAX(CASE WHEN verified=:verified AND summary=:summary THEN 1 ELSE 0 END)"
+            " AS seen FROM events WHERE task_id=:id AND change IS NULL AND kind=:kind AND id>COALESCE("
+            "(SELECT MAX(id) FROM events WHERE task_id=:id AND change IS NOT NULL), 0)",
             {"id": task_id, "kind": kind, "verified": int(verified), "summary": summary[:500]},
         )
-        if seen is not None:
+        if since is not None and (since["seen"] or int(since["n"]) >= NEWS_WITHOUT_CHANGE):
             return
     await _event(tx, task_id, kind, verified, summary, change)
 
