@@ -65,11 +65,20 @@ def moved_to_apimart(receiver: Receiver, kie: KieFake, apimart: ApimartFake) -> 
     return task_id, kie_url, apimart_id
 
 
-def at_apimart(receiver: Receiver, apimart: ApimartFake) -> tuple[str, str]:
-    """A task apimart accepted: (our id, apimart's)."""
+def at_apimart(receiver: Receiver, apimart: ApimartFake) -> tuple[str, str, str]:
+    """A task apimart accepted: (our id, apimart's, the URL apimart calls back)."""
     task = receiver.submit(provider="apimart", prompt="p")
     receiver.wait_status(str(task["id"]), "submitted")
-    return str(task["id"]), apimart.provider_task_id()
+    apimart_id = apimart.provider_task_id()
+    return str(task["id"]), apimart_id, callback_target(apimart.webhooks[apimart_id])
+
+
+def post_each(url: str, bodies: list[bytes]) -> None:
+    """Deliver each body in turn, on one connection; every one must be answered 200."""
+    with httpx.Client(timeout=30) as client:
+        for body in bodies:
+            answer = client.post(url, content=body, headers={"Content-Type": "application/json"})
+            assert answer.status_code == 200, answer.text
 
 
 def unchanged(receiver: Receiver, task_id: str) -> None:
@@ -110,8 +119,7 @@ def test_a_left_providers_token_is_refused_at_the_next_providers_route(
 def test_a_callback_naming_no_provider_task_is_confirmed_by_a_status_query(
     receiver: Receiver, apimart: ApimartFake
 ) -> None:
-    task_id, apimart_id = at_apimart(receiver, apimart)
-    url = callback_target(apimart.webhooks[apimart_id])
+    task_id, apimart_id, url = at_apimart(receiver, apimart)
     forged = apimart.host("forged.png")
     # A success without an `id` (another task's result, say): answered, but not taken as it came.
     answer = httpx.post(url, content=forged_success(apimart, None, forged))
@@ -153,7 +161,7 @@ def legacy_token(receiver: Receiver, task_id: str) -> str:
 def test_tokens_issued_before_the_upgrade_still_finish_their_task(
     receiver: Receiver, apimart: ApimartFake
 ) -> None:
-    task_id, apimart_id = at_apimart(receiver, apimart)
+    task_id, apimart_id, _ = at_apimart(receiver, apimart)
     real = apimart.host("real.png")
     apimart.complete(apimart_id, [real], deliver=False)
     url = f"{receiver.url}/callbacks/apimart/{legacy_token(receiver, task_id)}/callback"
@@ -183,13 +191,9 @@ def test_an_old_token_is_refused_once_the_task_has_moved(
 
 
 def test_duplicate_callbacks_are_recorded_once(receiver: Receiver, apimart: ApimartFake) -> None:
-    task_id, apimart_id = at_apimart(receiver, apimart)
-    url = callback_target(apimart.webhooks[apimart_id])
+    task_id, apimart_id, url = at_apimart(receiver, apimart)
     processing = json.dumps({"id": apimart_id, "status": "processing", "progress": 40}).encode()
-    with httpx.Client(timeout=30) as client:
-        for _ in range(300):
-            answer = client.post(url, content=processing, headers={"Content-Type": "application/json"})
-            assert answer.status_code == 200, answer.text
+    post_each(url, [processing] * 300)
     real = apimart.host("real.png")
     assert apimart.complete(apimart_id, [real]) is not None
     done = receiver.wait(task_id)  # callbacks apply in the order they came: every duplicate is in
@@ -212,12 +216,9 @@ def test_duplicate_callbacks_are_recorded_once(receiver: Receiver, apimart: Apim
 def test_a_flood_of_different_bodies_that_change_nothing_is_bounded(
     receiver: Receiver, apimart: ApimartFake
 ) -> None:
-    task_id, apimart_id = at_apimart(receiver, apimart)
-    url = callback_target(apimart.webhooks[apimart_id])
-    with httpx.Client(timeout=30) as client:
-        for n in range(80):  # each body says something else, none of it news
-            body = json.dumps({"id": apimart_id, "status": f"processing-{n}"}).encode()
-            assert client.post(url, content=body).status_code == 200
+    task_id, apimart_id, url = at_apimart(receiver, apimart)
+    # Each body says something else, none of it news.
+    post_each(url, [json.dumps({"id": apimart_id, "status": f"processing-{n}"}).encode() for n in range(80)])
     real = apimart.host("real.png")
     assert apimart.complete(apimart_id, [real]) is not None
     done = receiver.wait(task_id)
