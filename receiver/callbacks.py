@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import replace
 from typing import Any
+from typing import Literal
 
 import httpx
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from receiver.config import Settings
 from receiver.logs import event
 from receiver.models import CallbackRejected
 from receiver.models import MalformedCallback
+from receiver.models import Outcome
 from receiver.models import TaskSpec
 from receiver.providers import REGISTRY
 from receiver.providers import Context
@@ -86,6 +88,30 @@ class KeySets:
             return keys
 
 
+Standing = Literal["current", "late", "refused"]
+
+
+def token_standing(row: TaskRecord, route: str, hop: int | None) -> Standing:
+    """What a verified token posted to `route` may do for the task: "current" (its news counts),
+    "late" (the provider and hop the task has left: recorded, changes nothing) or "refused".
+
+    A token names the provider and the hop it was issued for, so it counts only at that provider's
+    route while the task is still at that hop. A token from before tokens named them (`hop` None) is
+    good only while the task is still with its first provider: once the task has moved, it cannot tell
+    the provider now responsible from one it left, so it is refused and a task that was submitted with
+    one after a fallback is finished by reconcile's status queries instead."""
+    current = len(row.attempts)
+    if hop is None:
+        if route == row.provider and current == 0:
+            return "current"
+        return "late" if any(attempt.get("provider") == route for attempt in row.attempts) else "refused"
+    if hop == current:
+        return "current" if route == row.provider else "refused"
+    if hop < current and row.attempts[hop].get("provider") == route:
+        return "late"
+    return "refused"
+
+
 class Callbacks:
     def __init__(self, settings: Settings, store: Store, tokens: Tokens, key_sets: KeySets) -> None:
         self.settings = settings
@@ -131,18 +157,19 @@ class Callbacks:
 
     async def _receive(self, request: Request, provider_name: str) -> tuple[Response, str]:
         raw = await read_capped(request, self.settings.max_callback_bytes, self.settings.body_timeout)
-        task_id = self.tokens.task_of(request.path_params["token"])
+        claim = self.tokens.callback_of(provider_name, request.path_params["token"])
         provider = REGISTRY.get(provider_name)
-        if task_id is None or provider is None:
+        if claim is None or provider is None:
             raise ApiError(401, "bad_token", "the callback token is not valid")
+        task_id = claim.task_id
         request.state.task_id = task_id
         row = await self.store.task_row(task_id)
         if row is None:
             raise ApiError(404, "not_found", "no such task")
-        if row.provider != provider_name:
-            left = {attempt.get("provider") for attempt in row.attempts}
-            if provider_name not in left:
-                raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
+        standing = token_standing(row, provider_name, claim.hop)
+        if standing == "refused":
+            raise ApiError(401, "bad_token", "the callback token is not valid for this provider")
+        if standing == "late":
             # A provider the task has left (fallback) reports late: recorded, changes nothing, and
             # answered 2xx so it stops retrying.
             summary = f"late callback from {provider_name} (the task moved to {row.provider}): ignored"
@@ -171,6 +198,13 @@ class Callbacks:
         except MalformedCallback as exc:
             await self.store.add_refusal(task_id, "callback", True, f"unreadable body: {exc}")
             raise ApiError(400, "malformed", str(exc)) from None
+        if outcome.state != "pending" and not outcome.provider_task_id:
+            # Nothing to hold against the task's own provider id, so the wrong-task check below
+            # cannot run: the news is not taken as it came, the provider's status endpoint is asked
+            # at once (one status query, by reconcile) and its answer is what counts.
+            said = outcome.detail or outcome.state
+            said = f"{said}, naming no provider task: the provider is asked"
+            outcome = Outcome.pending(None, said, ask_now=True)
         known = row.provider_task_id
         if outcome.provider_task_id and known and outcome.provider_task_id != known:
             await self.store.add_refusal(

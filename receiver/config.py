@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import hmac
 import importlib.util
+import ipaddress
 import os
 import re
 import secrets
@@ -14,7 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
+from urllib.parse import SplitResult
 from urllib.parse import urlsplit
+
+from receiver.webhooks import MIN_SECRET_BYTES
+from receiver.webhooks import secret_bytes
 
 
 class ConfigError(Exception):
@@ -117,29 +122,46 @@ PROVIDER_ENV: Mapping[str, tuple[str, str, str, tuple[str, ...]]] = {
 FAL_JWKS_DEFAULT = "https://rest.fal.ai/.well-known/jwks.json"
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float:
+MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
+# Numbers as an operator writes them: ASCII digits, a point, an exponent of a few digits. Not what
+# float() also takes ("nan", "inf", "1_000", other scripts' digits).
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+_WHOLE = re.compile(r"[+-]?[0-9]{1,18}")
+# A host name (underscores allowed: container networks use them) or an IPv4 address.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+# Where a variable's value is not UTF-8 text (the environment held other bytes), it is refused whole;
+# RECEIVER_DATA_DIR is a path and may be any bytes.
+OUR_PREFIXES = ("RECEIVER_", "KIE_", "APIMART_", "APICORE_", "FAL_", "SANDBOX_", "AWS_")
+
+
+def _shown(raw: str) -> str:
+    return repr(raw if len(raw) <= 60 else raw[:57] + "...")
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0, maximum: float
+) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < minimum or value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name} must be at least {minimum:g}, got {raw!r}")
+    if not _DECIMAL.fullmatch(raw.strip()):
+        raise ConfigError(f"{name} must be a number of seconds, got {_shown(raw)}")
+    value = float(raw)
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be from {minimum:g} to {maximum:g} seconds, got {_shown(raw)}")
     return value
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    if not _WHOLE.fullmatch(raw.strip()):
+        raise ConfigError(f"{name} must be a whole number, got {_shown(raw)}")
+    value = int(raw)
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be from {minimum} to {maximum}, got {_shown(raw)}")
     return value
 
 
@@ -148,7 +170,7 @@ def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default
     for value in allowed:
         if raw.lower() == value.lower():
             return value
-    raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {_shown(raw)}")
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -157,14 +179,92 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
         return True
     if raw in ("", "0", "false", "no", "off"):
         return False
-    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+    raise ConfigError(f"{name} must be 1 or 0, got {_shown(raw)}")
+
+
+def _split(raw: str) -> SplitResult | None:
+    """The URL's parts, its port checked (1 to 65535), or None when it is not one."""
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError:  # "http://[", "http://h:abc", "http://h:99999"
+        return None
+    if port == 0 or parts.netloc.endswith(":"):
+        return None
+    return parts
+
+
+def _url_problem(raw: str) -> str | None:
+    """What is wrong with a base URL of ours or a provider's, or None."""
+    if not raw.isascii() or any(char.isspace() or not char.isprintable() for char in raw):
+        return "ASCII without spaces or control characters (an international name in its xn-- form)"
+    parts = _split(raw)
+    if parts is None:
+        return "a host and, if any, a port from 1 to 65535"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "http:// or https:// and a host"
+    if parts.query or parts.fragment or "?" in raw or "#" in raw:
+        return "no query or fragment: paths are added to it"
+    if "@" in parts.netloc:
+        return "no user or password in it"
+    host = parts.hostname
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return "a host"
+    elif not _HOST.fullmatch(host) or len(host) > 253:
+        return "a host"
+    return None
 
 
 def _url(name: str, raw: str) -> str:
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name} must be an http(s) URL, got {raw!r}")
+    problem = _url_problem(raw)
+    if problem is not None:
+        shown = _shown(raw) if "@" not in raw else "a URL with a user or password (not shown)"
+        raise ConfigError(f"{name} must be an http(s) URL with {problem}, got {shown}")
     return raw.rstrip("/")
+
+
+def _plain(name: str, value: str) -> str:
+    """A key or token that goes into a header or a signature: printable ASCII, no spaces."""
+    if not value.isascii() or any(char.isspace() or not char.isprintable() for char in value):
+        raise ConfigError(f"{name} must be printable ASCII without spaces")
+    return value
+
+
+def _secret_key(value: str, origin: str) -> str:
+    """RECEIVER_SECRET_KEY (or the one kept in the data dir): 32 characters or more, spaces aside."""
+    if sum(not char.isspace() for char in value) < 32:
+        raise ConfigError(f"{origin} must be at least 32 characters, not counting whitespace")
+    return value
+
+
+def _notify_secrets(value: str, origin: str) -> tuple[str, ...]:
+    """RECEIVER_NOTIFY_SECRET (or the one kept): whsec_<base64> secrets of 24 bytes or more."""
+    found = tuple(value.split())
+    for secret in found:
+        try:
+            key = secret_bytes(secret) if secret.startswith("whsec_") else b""
+        except ValueError:
+            key = b""
+        if len(key) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"{origin} must hold whsec_<base64> secrets of {MIN_SECRET_BYTES} bytes or more,"
+                " separated by spaces"
+            )
+    if not found:
+        raise ConfigError(f"{origin} names no whsec_ secret")
+    return found
+
+
+def _undecodable(env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if name.startswith(OUR_PREFIXES) and name != "RECEIVER_DATA_DIR":
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                raise ConfigError(f"{name} is not UTF-8 text") from None
 
 
 AWS_VARIABLES = (
@@ -190,18 +290,22 @@ def _media(env: Mapping[str, str]) -> tuple[str | None, bool, dict[str, str]]:
                 "RECEIVER_MEDIA_REDIRECT=1 needs RECEIVER_MEDIA_URL (a bucket to presign links for)"
             )
         return None, False, {}
-    parts = urlsplit(raw)
-    prefix = parts.path.strip("/")
+    parts = _split(raw)
+    prefix = parts.path.strip("/") if parts else ""
     if (
-        parts.scheme != "s3"
+        parts is None
+        or parts.scheme != "s3"
         or not _BUCKET.match(parts.netloc)
         or (prefix and (not _PREFIX.match(prefix) or ".." in prefix.split("/")))
         or parts.query
         or parts.fragment
     ):
-        raise ConfigError(f"RECEIVER_MEDIA_URL must be s3://bucket or s3://bucket/prefix, got {raw!r}")
+        raise ConfigError(f"RECEIVER_MEDIA_URL must be s3://bucket or s3://bucket/prefix, got {_shown(raw)}")
     if "AWS_ENDPOINT_URL" in aws:
         aws["AWS_ENDPOINT_URL"] = _url("AWS_ENDPOINT_URL", aws["AWS_ENDPOINT_URL"])
+    for name in AWS_VARIABLES[1:]:
+        if name in aws:
+            _plain(name, aws[name])
     if ("AWS_ACCESS_KEY_ID" in aws) != ("AWS_SECRET_ACCESS_KEY" in aws):
         raise ConfigError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together")
     return f"s3://{parts.netloc}" + (f"/{prefix}" if prefix else ""), redirect, aws
@@ -214,13 +318,15 @@ def _api_keys(raw: str) -> dict[str, str]:
         if not item:
             continue
         name, sep, key = item.partition(":")
-        if not sep or not name.strip() or len(key.strip()) < 16:
+        key = key.strip()
+        if not sep or not name.strip() or len(key) < 16 or not key.isascii() or not key.isprintable():
             raise ConfigError(
                 "RECEIVER_API_KEYS must be name:key pairs separated by commas, keys of 16+ characters"
             )
-        if key.strip() in keys:
+        _plain("RECEIVER_API_KEYS", key)
+        if key in keys:
             raise ConfigError("RECEIVER_API_KEYS lists the same key twice")
-        keys[key.strip()] = name.strip()
+        keys[key] = name.strip()
     if not keys:
         raise ConfigError("RECEIVER_API_KEYS is set but names no key")
     return keys
@@ -241,43 +347,39 @@ def _kept_secret(data_dir: Path, filename: str, make: str) -> str:
     return make
 
 
-def _delays(env: Mapping[str, str], name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+def _delays(
+    env: Mapping[str, str], name: str, default: tuple[float, ...], *, maximum: float
+) -> tuple[float, ...]:
     raw = env.get(name)
     if not raw:
         return default
-    try:
-        values = tuple(float(part) for part in raw.split(","))
-    except ValueError:
-        raise ConfigError(f"{name} must be comma-separated seconds, got {raw!r}") from None
-    if any(v < 0 for v in values):
-        raise ConfigError(f"{name} must not contain negative delays")
+    parts = raw.split(",")
+    if len(parts) > 100 or not all(_DECIMAL.fullmatch(part.strip()) for part in parts):
+        raise ConfigError(f"{name} must be up to 100 comma-separated seconds, got {_shown(raw)}")
+    values = tuple(float(part) for part in parts)
+    if not all(0 <= value <= maximum for value in values):
+        raise ConfigError(f"{name} must hold delays from 0 to {maximum:g} seconds, got {_shown(raw)}")
     return values
 
 
 def _database_url(raw: str) -> str:
     """A PostgreSQL URL; the message never repeats it (it may hold a password)."""
-    parts = urlsplit(raw)
-    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
-        shown = f"{parts.scheme}://…" if parts.scheme else "a value that is not a URL"
+    try:
+        scheme = urlsplit(raw).scheme
+    except ValueError:
+        scheme = ""
+    parts = _split(raw)
+    if parts is None or parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        shown = f"{scheme}://…" if scheme else "a value that is not a URL"
+        if parts is None and scheme:
+            shown += " (its host or port cannot be read; a port is a number from 1 to 65535)"
         raise ConfigError(
             f"RECEIVER_DATABASE_URL must be postgresql://user:password@host:port/dbname, got {shown}"
         )
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ConfigError("RECEIVER_DATABASE_URL has a port that is not a number") from None
     return raw
 
 
 SHARED_SECRETS = ("RECEIVER_SECRET_KEY", "RECEIVER_NOTIFY_SECRET", "RECEIVER_API_KEYS")
-
-
-def _base64_key(text: str) -> bytes:
-    """The key bytes of a whsec_ secret (standard base64, padding optional); empty when it is not one."""
-    try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except ValueError:
-        return b""
 
 
 def _pacing(env: Mapping[str, str], provider: str) -> tuple[int | None, int | None]:
@@ -285,13 +387,14 @@ def _pacing(env: Mapping[str, str], provider: str) -> tuple[int | None, int | No
     prefix = provider.upper().replace("-", "_")
     concurrent, per_minute = (f"{prefix}_MAX_CONCURRENT", f"{prefix}_MAX_PER_MINUTE")
     return (
-        _integer(env, concurrent, 0, minimum=1) if env.get(concurrent) else None,
-        _integer(env, per_minute, 0, minimum=1) if env.get(per_minute) else None,
+        _integer(env, concurrent, 0, minimum=1, maximum=10_000) if env.get(concurrent) else None,
+        _integer(env, per_minute, 0, minimum=1, maximum=1_000_000) if env.get(per_minute) else None,
     )
 
 
 def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
     """Read every setting; create the data dir and the kept secrets. Raises ConfigError on a bad value."""
+    _undecodable(env)
     data_dir = Path(env.get("RECEIVER_DATA_DIR") or "./data").resolve()
     try:
         (data_dir / "media").mkdir(parents=True, exist_ok=True)
@@ -311,13 +414,14 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
             f"with RECEIVER_DATABASE_URL, set {' and '.join(missing)} (shared by every replica)"
         )
 
-    public_url = _url("RECEIVER_PUBLIC_URL", env.get("RECEIVER_PUBLIC_URL") or f"http://{host}:{port}")
+    listening = f"[{host}]" if ":" in host else host
+    public_url = _url("RECEIVER_PUBLIC_URL", env.get("RECEIVER_PUBLIC_URL") or f"http://{listening}:{port}")
 
-    secret_key = env.get("RECEIVER_SECRET_KEY") or ""
-    if secret_key and len(secret_key) < 32:
-        raise ConfigError("RECEIVER_SECRET_KEY must be at least 32 characters")
-    if not secret_key:
-        secret_key = _kept_secret(data_dir, "secret_key", secrets.token_urlsafe(48))
+    if env.get("RECEIVER_SECRET_KEY"):
+        secret_key = _secret_key(env["RECEIVER_SECRET_KEY"], "RECEIVER_SECRET_KEY")
+    else:
+        kept = _kept_secret(data_dir, "secret_key", secrets.token_urlsafe(48))
+        secret_key = _secret_key(kept, f"RECEIVER_SECRET_KEY (kept in {data_dir / 'secret_key'})")
 
     dev_key_created = False
     if env.get("RECEIVER_API_KEYS"):
@@ -327,27 +431,26 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         api_keys = {dev_key: "dev"}
         dev_key_created = True
 
-    notify_raw = env.get("RECEIVER_NOTIFY_SECRET") or ""
-    if not notify_raw:
-        notify_raw = _kept_secret(
+    if env.get("RECEIVER_NOTIFY_SECRET"):
+        notify_secrets = _notify_secrets(env["RECEIVER_NOTIFY_SECRET"], "RECEIVER_NOTIFY_SECRET")
+    else:
+        kept = _kept_secret(
             data_dir, "notify_secret", "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
         )
-    notify_secrets = tuple(notify_raw.split())
-    for secret in notify_secrets:
-        if not secret.startswith("whsec_") or not _base64_key(secret.removeprefix("whsec_")):
-            raise ConfigError("RECEIVER_NOTIFY_SECRET must hold whsec_<base64> secrets separated by spaces")
+        origin = f"RECEIVER_NOTIFY_SECRET (kept in {data_dir / 'notify_secret'})"
+        notify_secrets = _notify_secrets(kept, origin)
 
     providers: dict[str, ProviderSettings] = {}
     for name, (key_var, base_var, base_default, extras) in PROVIDER_ENV.items():
         base = _url(base_var, env.get(base_var) or base_default)
-        extra = {var: env[var] for var in extras if env.get(var)}
+        extra = {var: _plain(var, env[var]) for var in extras if env.get(var)}
         if name == "fal":
             extra["FAL_JWKS_URL"] = _url("FAL_JWKS_URL", env.get("FAL_JWKS_URL") or FAL_JWKS_DEFAULT)
         if name == "apicore":
             extra["APICORE_REQUIRE_SIGNATURE"] = "1" if _flag(env, "APICORE_REQUIRE_SIGNATURE") else "0"
         concurrent, per_minute = _pacing(env, name)
         providers[name] = ProviderSettings(
-            api_key=env.get(key_var) or None,
+            api_key=_plain(key_var, env[key_var]) if env.get(key_var) else None,
             base_url=base,
             extra=extra,
             max_concurrent=concurrent,
@@ -362,9 +465,9 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
     )
 
     media_url, media_redirect, aws = _media(env)
-    max_connections = _integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, minimum=0) or None
-    reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0)
-    task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0)
+    max_connections = _integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, maximum=1_000_000) or None
+    reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0, maximum=30 * DAY)
+    task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0, maximum=30 * DAY)
     return Settings(
         host=host,
         port=port,
@@ -376,39 +479,41 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
         allow_private_urls=_flag(env, "RECEIVER_ALLOW_PRIVATE_URLS"),
         reconcile_after=reconcile_after,
         task_deadline=task_deadline,
-        max_image_bytes=_integer(env, "RECEIVER_MAX_IMAGE_BYTES", 52_428_800, minimum=1024),
-        link_ttl=_integer(env, "RECEIVER_LINK_TTL", 604_800, minimum=1),
+        max_image_bytes=_integer(env, "RECEIVER_MAX_IMAGE_BYTES", 52_428_800, minimum=1024, maximum=2**30),
+        link_ttl=_integer(env, "RECEIVER_LINK_TTL", 604_800, minimum=1, maximum=int(365 * DAY)),
         providers=providers,
-        submit_retries=_integer(env, "RECEIVER_SUBMIT_RETRIES", 5),
-        retry_base=_number(env, "RECEIVER_RETRY_BASE", 1.0),
+        submit_retries=_integer(env, "RECEIVER_SUBMIT_RETRIES", 5, maximum=100),
+        retry_base=_number(env, "RECEIVER_RETRY_BASE", 1.0, maximum=HOUR),
         download_retry_delays=_delays(
-            env, "RECEIVER_DOWNLOAD_RETRY_DELAYS", (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
+            env, "RECEIVER_DOWNLOAD_RETRY_DELAYS", Settings.download_retry_delays, maximum=DAY
         ),
-        reconcile_interval=_number(env, "RECEIVER_RECONCILE_INTERVAL", 60.0, minimum=0.01),
-        sandbox_delay=_number(env, "RECEIVER_SANDBOX_DELAY", 1.0),
-        http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1),
-        sync_timeout=_number(env, "RECEIVER_SYNC_TIMEOUT", 300.0, minimum=0.1),
-        download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1),
-        download_timeout=_number(env, "RECEIVER_DOWNLOAD_TIMEOUT", 300.0, minimum=0.1),
-        notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule),
-        notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1),
+        reconcile_interval=_number(env, "RECEIVER_RECONCILE_INTERVAL", 60.0, minimum=0.01, maximum=DAY),
+        sandbox_delay=_number(env, "RECEIVER_SANDBOX_DELAY", 1.0, maximum=HOUR),
+        http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1, maximum=HOUR),
+        sync_timeout=_number(env, "RECEIVER_SYNC_TIMEOUT", 300.0, minimum=0.1, maximum=HOUR),
+        download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1, maximum=256),
+        download_timeout=_number(env, "RECEIVER_DOWNLOAD_TIMEOUT", 300.0, minimum=0.1, maximum=DAY),
+        notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule, maximum=7 * DAY),
+        notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1, maximum=5 * MINUTE),
         dev_api_key_created=dev_key_created,
         log_level=_choice(env, "RECEIVER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
         log_format=_choice(env, "RECEIVER_LOG_FORMAT", ("auto", "json", "text"), "auto"),
-        shutdown_grace=_number(env, "RECEIVER_SHUTDOWN_GRACE", 20.0),
-        key_set_refresh=_number(env, "RECEIVER_KEY_SET_REFRESH", 60.0),
+        shutdown_grace=_number(env, "RECEIVER_SHUTDOWN_GRACE", 20.0, maximum=HOUR),
+        key_set_refresh=_number(env, "RECEIVER_KEY_SET_REFRESH", 60.0, maximum=DAY),
         media_url=media_url,
         media_redirect=media_redirect,
         aws=aws,
         metrics_token=_metrics_token(env),
-        body_timeout=_number(env, "RECEIVER_BODY_TIMEOUT", 30.0, minimum=0.1),
-        keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1),
+        body_timeout=_number(env, "RECEIVER_BODY_TIMEOUT", 30.0, minimum=0.1, maximum=HOUR),
+        keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1, maximum=HOUR),
         max_connections=max_connections,
         max_waits_per_tenant=_max_waits_per_tenant(env, max_connections),
         notify_per_tenant=_notify_per_tenant(env),
-        max_header_bytes=_integer(env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024),
+        max_header_bytes=_integer(
+            env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024, maximum=1024 * 1024
+        ),
         database_url=database_url,
-        job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0),
+        job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0, maximum=DAY),
         download_process=_download_process(env),
     )
 
@@ -420,7 +525,7 @@ def _max_waits_per_tenant(env: Mapping[str, str], max_connections: int | None) -
     most = None if max_connections is None else max(1, max_connections // 2)
     if not env.get(name):
         return Settings.max_waits_per_tenant if most is None else min(Settings.max_waits_per_tenant, most)
-    value = _integer(env, name, Settings.max_waits_per_tenant, minimum=1)
+    value = _integer(env, name, Settings.max_waits_per_tenant, minimum=1, maximum=1_000_000)
     if most is not None and value > most:
         raise ConfigError(
             f"{name} must be at most half of RECEIVER_MAX_CONNECTIONS ({most}), got {env[name]!r}:"
@@ -433,7 +538,7 @@ def _notify_per_tenant(env: Mapping[str, str]) -> int:
     """RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: from 1 to one less than the notification slots, so that
     no tenant's hanging hosts can take every slot."""
     name = "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT"
-    value = _integer(env, name, Settings.notify_per_tenant, minimum=1)
+    value = _integer(env, name, Settings.notify_per_tenant, minimum=1, maximum=1_000_000)
     if value >= Settings.notify_slots:
         raise ConfigError(
             f"{name} must be under {Settings.notify_slots} (the notifications delivered at once),"
@@ -471,4 +576,4 @@ def _metrics_token(env: Mapping[str, str]) -> str | None:
     token = env.get("RECEIVER_METRICS_TOKEN") or None
     if token is not None and len(token) < 16:
         raise ConfigError("RECEIVER_METRICS_TOKEN must be at least 16 characters")
-    return token
+    return _plain("RECEIVER_METRICS_TOKEN", token) if token is not None else None

@@ -342,10 +342,11 @@ class Worker:
         delay *= 1 + random.random() * 0.25
         return max(delay, retry_after or 0.0)
 
-    def _context(self, provider: str, task_id: str = "") -> Context:
+    def _context(self, row: TaskRecord) -> Context:
+        # The callback URL names the provider and the hop it is for (see receiver.tokens).
         return Context(
-            settings=self.settings.provider(provider),
-            callback_url=self.tokens.callback_url(provider, task_id) if task_id else "",
+            settings=self.settings.provider(row.provider),
+            callback_url=self.tokens.callback_url(row.provider, row.id, len(row.attempts)),
         )
 
     # -- jobs ------------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ class Worker:
             if provider.inline_images:
                 inline = {name: await self.media.read(f"uploads/{name}") for name in uploads_of(row)}
             spec = task_spec(row, self.tokens, inline)
-            request = provider.build_submit(spec, self._context(row.provider, row.id))
+            request = provider.build_submit(spec, self._context(row))
             # A synchronous provider generates inside this call: it gets the long timeout.
             request.extensions["timeout"] = httpx.Timeout(timeout, connect=CONNECT_TIMEOUT).as_dict()
             response = await self._call(provider.name, "submit", request)
@@ -593,7 +594,7 @@ class Worker:
         interval = min(
             self.settings.reconcile_interval * 2 ** max(0, job.attempts - 1), MAX_RECONCILE_INTERVAL
         )
-        request = provider.build_status(task_spec(row), self._context(row.provider, row.id))
+        request = provider.build_status(task_spec(row), self._context(row))
         if request is None:
             await self.store.retry_job(job, interval, "nothing to ask yet")
             return

@@ -19,6 +19,7 @@ from receiver.models import Status
 from receiver.providers.base import json_object
 from receiver.store.sqlite import MIGRATIONS
 from receiver.store.sqlite import migrate
+from receiver.tokens import CallbackClaim
 from receiver.tokens import Tokens
 from tests.fakes.common import png
 
@@ -82,23 +83,27 @@ def test_status_moves_forward_only() -> None:
 def test_tokens_and_links() -> None:
     tokens = Tokens("k" * 40, "https://r.example", 60)
     other = Tokens("j" * 40, "https://r.example", 60)
-    token = tokens.callback_token("tsk_1")
-    assert tokens.task_of(token) == "tsk_1"
-    assert tokens.task_of(token) == "tsk_1"  # from the cache
-    assert other.task_of(token) is None
-    assert tokens.task_of(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
-    assert tokens.task_of("tsk_1") is None
+    token = tokens.callback_token("kie", "tsk_1", 0)
+    claim = CallbackClaim("tsk_1", 0)
+    assert tokens.callback_of("kie", token) == claim
+    assert tokens.callback_of("kie", token) == claim  # from the cache
+    assert other.callback_of("kie", token) is None
+    assert tokens.callback_of("apimart", token) is None  # bound to the provider it was given to
+    assert tokens.callback_of("kie", token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    assert tokens.callback_of("kie", "tsk_1") is None
     # Cached by its exact text only: a near twin of a cached token is checked, and refused.
     for twin in (token + "=", token + "==", " " + token, token.upper(), "tsk_2" + token[5:], token[:-1], ""):
-        assert tokens.task_of(twin) is None, twin
-    assert tokens.task_of(token.replace(".", "é", 1)) is None
+        assert tokens.callback_of("kie", twin) is None, twin
+    assert tokens.callback_of("kie", token.replace(".", "é", 1)) is None
     # The one-HMAC check agrees with itsdangerous on every token it issues.
     for task_id in ("tsk_1", "a.b", "x" * 64):
-        issued = tokens.callback_token(task_id)
-        assert Signer("k" * 40, salt="receiver.callback", digest_method=hashlib.sha256).unsign(issued) == (
-            task_id.encode()
-        )
-        assert tokens.task_of(issued) == task_id
+        issued = tokens.callback_token("fal", task_id, 2)
+        signer = Signer("k" * 40, salt="receiver.callback.fal", digest_method=hashlib.sha256)
+        assert signer.unsign(issued) == f"{task_id}.2".encode()
+        assert tokens.callback_of("fal", issued) == CallbackClaim(task_id, 2)
+        # A token from before tokens were bound names the task alone, on any route.
+        legacy = Signer("k" * 40, salt="receiver.callback", digest_method=hashlib.sha256).sign(task_id)
+        assert tokens.callback_of("apimart", legacy.decode()) == CallbackClaim(task_id, None)
     link = tokens.signed_link("/v1/tasks/tsk_1/images/0")
     query = dict(part.split("=") for part in link.split("?")[1].split("&"))
     assert tokens.link_valid("/v1/tasks/tsk_1/images/0", query["expires"], query["signature"])

@@ -58,6 +58,8 @@ T = TypeVar("T")
 V = TypeVar("V", bound=TaskView)
 URGENT_LEAD = 3600.0  # jobs are claimed oldest-due first: an urgent download is due an hour "ago"
 MAX_LOGGED_MESSAGE = 300  # characters of a failed task's message in its log line
+# Events of one kind that changed nothing, kept per task between two changes (see _news_event).
+NEWS_WITHOUT_CHANGE = 50
 PACE_SENDS_READ = 32  # sends per pace group whose times each worker turn reads (the rest are counted)
 Op = Callable[[Tx], Coroutine[Any, Any, T]]
 
@@ -647,7 +649,7 @@ async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], 
             if outcome.provider_task_id and known and outcome.provider_task_id != known:
                 # Checked when it came too; this catches an id the submit answer set in between.
                 note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
-                await _event(tx, task["id"], "callback", True, note, None)
+                await _news_event(tx, task["id"], "callback", True, note, None)
                 applied.append((task["id"], task["provider"], "ignored"))
             else:
                 change = await _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
@@ -908,7 +910,7 @@ async def _apply(
         summary = (
             f"late news from {outcome.provider} (the task moved to {task['provider']}): {outcome.detail}"
         )
-        await _event(tx, task_id, kind, verified, summary, None)
+        await _news_event(tx, task_id, kind, verified, summary, None)
         return ""
     if outcome.provider_task_id and not task["provider_task_id"]:
         await tx.run(
@@ -946,8 +948,28 @@ async def _apply(
     summary = outcome.detail or outcome.state
     if outcome.state != "pending" and change is None:
         summary = f"{summary} (duplicate or late: the task is already {task['status']})"
-    await _event(tx, task_id, kind, verified, summary, change)
+    await _news_event(tx, task_id, kind, verified, summary, change)
     return change or ""
+
+
+async def _news_event(
+    tx: Tx, task_id: str, kind: str, verified: bool, summary: str, change: str | None
+) -> None:
+    """The event for a piece of news. News that changed nothing and says what an event since the
+    task's last change already said (a provider's retry, the same poll answer again, a flood of one
+    callback) is that event again: it is not written twice. Nor is any past NEWS_WITHOUT_CHANGE
+    of a kind since that change (a flood whose every body differs), so no run of callbacks or polls
+    can grow a task's events without bound. News that changed something always gets its own event."""
+    if change is None:
+        since = await tx.one(
+            "SELECT COUNT(*) AS n, MAX(CASE WHEN verified=:verified AND summary=:summary THEN 1 ELSE 0 END)"
+            " AS seen FROM events WHERE task_id=:id AND change IS NULL AND kind=:kind AND id>COALESCE("
+            "(SELECT MAX(id) FROM events WHERE task_id=:id AND change IS NOT NULL), 0)",
+            {"id": task_id, "kind": kind, "verified": int(verified), "summary": summary[:500]},
+        )
+        if since is not None and (since["seen"] or int(since["n"]) >= NEWS_WITHOUT_CHANGE):
+            return
+    await _event(tx, task_id, kind, verified, summary, change)
 
 
 def committed(tx: Tx) -> None:
