@@ -23,6 +23,8 @@ from tests.conftest import database_settings
 from tests.fakes.apimart import ApimartFake
 from tests.harness import Receiver
 
+POISONED = "tsk_00000000000000000000dead"  # a task made bad in the database (its request is not JSON)
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
@@ -135,6 +137,31 @@ def test_a_callback_nested_2000_levels_is_a_400(apimart: ApimartFake, start: Cal
     other_tenant_completes(receiver)
 
 
+def test_a_provider_answer_holding_a_lone_surrogate_is_a_malformed_answer(
+    apimart: ApimartFake, start_receiver: Callable[..., Receiver]
+) -> None:
+    """A status answer is read by the same reader as a callback: one it refuses is a passing fault
+    (recorded, asked again later), never a crash of the job or a stored surrogate."""
+    receiver = start_receiver(**apimart.receiver_env(), RECEIVER_RECONCILE_AFTER="0.2")
+    task_id, provider_id = receiver.submitted(apimart)
+    path = f"/v1/tasks/{provider_id}"
+    answer = b'{"code":200,"data":{"id":"' + provider_id.encode() + b'","status":"\\ud800"}}'
+    for _ in range(2):
+        apimart.script(path, 200, answer)
+
+    def refused() -> list[dict[str, Any]]:
+        return [
+            item for item in receiver.events(task_id) if item["summary"].startswith("status query failed")
+        ]
+
+    wait_until(lambda: len(refused()) >= 2)
+    assert all("not a JSON object" in item["summary"] for item in refused())
+    assert receiver.alice.get(f"/v1/tasks/{task_id}").json()["status"] == "submitted"
+    assert apimart.complete(provider_id, [apimart.host("ok.png")]).status_code == 200  # type: ignore[union-attr]
+    assert receiver.wait(task_id)["status"] == "succeeded"
+    other_tenant_completes(receiver)
+
+
 def test_text_from_outside_is_stored_as_a_database_can_keep_it(
     apimart: ApimartFake, start: Callable[[], Receiver]
 ) -> None:
@@ -223,12 +250,13 @@ def test_a_job_that_keeps_failing_is_parked_while_the_rest_goes_on(
     sql(
         receiver,
         "INSERT INTO tasks (id, tenant, provider, model, prompt, request, status, created_at, updated_at)"
-        " VALUES ('tsk_00000000000000000000dead', 'alice', 'sandbox', 'flux-kontext-pro', 'x', '{not json', 'queued', ?, ?)",
+        " VALUES (?, 'alice', 'sandbox', 'flux-kontext-pro', 'x', '{not json', 'queued', ?, ?)",
+        POISONED,
         now,
         now,
     )
     job = "INSERT INTO jobs (kind, task_id, arg, due_at) VALUES (?, {}, 0, ?)"
-    sql(receiver, job.format("'tsk_00000000000000000000dead'"), "submit", now)
+    sql(receiver, job.format("?"), "submit", POISONED, now)
     kinds = {"submit": 1}
     if receiver.settings.database_url is None:
         # A job whose task id cannot even be decoded: the claim itself fails on it.
@@ -236,8 +264,8 @@ def test_a_job_that_keeps_failing_is_parked_while_the_rest_goes_on(
         kinds["reconcile"] = 1
     other_tenant_completes(receiver)
     wait_until(lambda: all(metric(receiver, "receiver_parked_rows", kind=k) == n for k, n in kinds.items()))
-    assert sql(receiver, "SELECT COUNT(*) FROM jobs WHERE task_id='tsk_00000000000000000000dead'") == [(0,)]
-    [parked] = [item for item in receiver.events("tsk_00000000000000000000dead") if item["kind"] == "parked"]
+    assert sql(receiver, "SELECT COUNT(*) FROM jobs WHERE task_id=?", POISONED) == [(0,)]
+    [parked] = [item for item in receiver.events(POISONED) if item["kind"] == "parked"]
     assert parked["summary"].startswith(f"the submit job failed {MAX_FAILURES} times and was set aside")
     assert "JSONDecodeError" in parked["summary"]
 
@@ -246,4 +274,4 @@ def test_a_job_that_keeps_failing_is_parked_while_the_rest_goes_on(
     other_tenant_completes(receiver)
     for kind, count in kinds.items():
         assert metric(receiver, "receiver_parked_rows", kind=kind) == count
-    assert receiver.alice.get("/v1/tasks/tsk_00000000000000000000dead").json()["status"] == "queued"
+    assert receiver.alice.get(f"/v1/tasks/{POISONED}").json()["status"] == "queued"
