@@ -144,7 +144,7 @@ class Claimed:
     next_due: float | None
     in_flight: dict[tuple[str, str], int]
     applied: list[tuple[str, str, str]]  # (task, provider, changed|duplicate|pending|ignored) per inbox row
-    more_news: bool  # the inbox still holds callbacks to apply
+    more_news: bool  # claim again at once: the inbox holds more, or a row failed and is to be tried again
     paces: dict[str, Pace] = field(default_factory=dict)  # pace group -> its shared state
 
 
