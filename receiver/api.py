@@ -63,6 +63,8 @@ from receiver.tasks import render_event
 from receiver.tasks import render_task
 from receiver.tasks import upload_type
 from receiver.tokens import Tokens
+from receiver.untrusted import UnreadableJson
+from receiver.untrusted import read_json
 from receiver.uploads import NAME
 from receiver.uploads import UploadError
 from receiver.uploads import data_uri_dimensions
@@ -73,8 +75,6 @@ from receiver.web import MEDIA_HEADERS
 from receiver.web import ApiError
 from receiver.web import body_too_slow
 from receiver.web import client_gone
-from receiver.web import deep_field
-from receiver.web import json_problem
 from receiver.web import read_capped
 from receiver.web import small_number
 
@@ -143,13 +143,12 @@ class Api:
         idempotency_key = headers.idempotency_key
         raw = await read_capped(request, body_cap(self.settings.max_image_bytes), self.settings.body_timeout)
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "invalid_json", "the body is not JSON") from None
-        except RecursionError:
-            field = deep_field(raw) or "body"
+            body = read_json(raw)
+        except UnreadableJson as exc:
+            if exc.field is None:
+                raise ApiError(400, "invalid_json", exc.message) from None
             raise ApiError(
-                422, "invalid", "the request is nested too deeply", {field: "nested too deeply"}
+                422, "invalid", "the request has invalid fields", {exc.field: exc.message}
             ) from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "the body must be a JSON object")
@@ -259,10 +258,6 @@ class Api:
             )
             for name, problem in provider.problems(draft).items():
                 errors.setdefault(name, problem)
-        for name, value in body.items():
-            problem = json_problem(value)
-            if problem:
-                errors[name] = problem
         if errors:
             raise ApiError(422, "invalid", "the request has invalid fields", errors)
         assert create is not None and provider is not None

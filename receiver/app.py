@@ -112,6 +112,9 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         for kind, (count, oldest) in (await store.jobs_due()).items():
             metrics.JOBS_DUE.labels(kind).set(count)
             metrics.OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
+        metrics.PARKED.clear()
+        for kind, count in (await store.parked_counts()).items():
+            metrics.PARKED.labels(kind).set(count)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     document = encode(openapi_document(settings.public_url))

@@ -37,6 +37,7 @@ from receiver.store import Store
 from receiver.store import TaskRecord
 from receiver.tasks import task_spec
 from receiver.tokens import Tokens
+from receiver.untrusted import read_json
 from receiver.web import ApiError
 from receiver.web import error_response
 from receiver.web import read_capped
@@ -80,7 +81,7 @@ class KeySets:
                 response.raise_for_status()
                 if len(response.content) > MAX_KEY_SET_BYTES:
                     raise ValueError("key set too large")
-                keys = response.json()
+                keys = read_json(response.content)
             except (httpx.HTTPError, ValueError) as exc:
                 log.warning("could not fetch the key set at %s: %s", url, type(exc).__name__)
                 return cached[1] if cached else None

@@ -75,6 +75,18 @@ CALLBACKS_APPLIED = Counter(
 )
 TASKS = Gauge("receiver_tasks", "Tasks by provider and status", ["provider", "status"], registry=REGISTRY)
 JOBS_DUE = Gauge("receiver_jobs_due", "Jobs due now, by kind", ["kind"], registry=REGISTRY)
+JOBS_PARKED = Counter(
+    "receiver_jobs_parked_total",
+    "Recorded callbacks (kind callback) and jobs set aside by this process after failing again and again",
+    ["kind"],
+    registry=REGISTRY,
+)
+PARKED = Gauge(
+    "receiver_parked_rows",
+    "Rows set aside in the database (the parked table), by kind: callback, or the job's kind",
+    ["kind"],
+    registry=REGISTRY,
+)
 OLDEST_DUE = Gauge(
     "receiver_oldest_due_job_seconds",
     "How long the oldest due job of each kind has waited",

@@ -6,9 +6,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from enum import StrEnum
 from typing import Any
 from typing import Literal
+
+from receiver.untrusted import storable
 
 
 class Status(StrEnum):
@@ -61,6 +64,11 @@ class TaskError:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TaskError:
         return cls(ErrorCode(data["code"]), data["message"], data.get("provider_code"))
+
+    def storable(self) -> TaskError:
+        """This error with its text from outside as a database can keep it (see receiver.untrusted)."""
+        code = None if self.provider_code is None else storable(self.provider_code)
+        return TaskError(self.code, storable(self.message), code)
 
 
 # provider_code of a submit whose outcome is unknown (it may have run and been billed): such a task is
@@ -156,6 +164,16 @@ class Outcome:
     @classmethod
     def failed(cls, provider_task_id: str | None, error: TaskError, detail: str = "") -> Outcome:
         return cls("failed", provider_task_id, error=error, detail=detail)
+
+    def storable(self) -> Outcome:
+        """This news with its text from outside as a database can keep it (see receiver.untrusted)."""
+        return replace(
+            self,
+            provider_task_id=None if self.provider_task_id is None else storable(self.provider_task_id),
+            image_urls=tuple(storable(url) for url in self.image_urls),
+            error=None if self.error is None else self.error.storable(),
+            detail=storable(self.detail),
+        )
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from receiver.media import MediaError
 from receiver.media import MediaMissing
 from receiver.media import one_chunk
 from receiver.providers.sandbox import parse_ratio
+from receiver.untrusted import read_object
 from receiver.web import MEDIA_HEADERS
 from receiver.web import read_capped
 
@@ -115,7 +116,7 @@ class SandboxService:
         if not self._authorized(request):
             return JSONResponse({"error": "bad sandbox key"}, status_code=401)
         try:
-            body = json.loads(await read_capped(request, MAX_REQUEST))
+            body = read_object(await read_capped(request, MAX_REQUEST))
             callback_url = str(body.get("callback_url") or "")
             delay = body.get("delay")
             job: dict[str, Any] = {

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import re
 from collections.abc import Mapping
-from typing import Any
 
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
@@ -18,10 +15,10 @@ from receiver.logs import event
 from receiver.schema import ErrorBody
 from receiver.schema import ErrorDetail
 from receiver.schema import ModelResponse
+from receiver.untrusted import printable
 
 log = logging.getLogger("receiver.web")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive, whole (RECEIVER_BODY_TIMEOUT)
-MAX_DEPTH = 32  # levels of JSON nesting a stored value may have (CONTRACT.md v2, request limits)
 # A whole number as a query parameter or signed-link expiry: ASCII digits only (str.isdigit() also
 # takes '²'), few enough that int() never meets Python's digit limit and SQLite's 64-bit range holds.
 SMALL_NUMBER = re.compile(r"[0-9]{1,18}")
@@ -59,68 +56,11 @@ def error_response(
     return ModelResponse(ErrorBody(ErrorDetail(code, message, named)), status_code=status, headers=headers)
 
 
-def printable(text: str) -> str:
-    """`text` with any unpaired surrogate spelled as an escape, so it can be encoded as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def small_number(text: str | None) -> int | None:
     """A query parameter as a non-negative int, or None when it is not plainly one."""
     if text is None or not SMALL_NUMBER.fullmatch(text):
         return None
     return int(text)
-
-
-def json_problem(value: Any, depth: int = 1) -> str | None:
-    """Why a parsed JSON value cannot be stored and echoed back as JSON, or None when it can:
-    NaN or Infinity, a string with an unpaired surrogate, or nesting deeper than MAX_DEPTH."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else "NaN and Infinity are not JSON numbers"
-    if isinstance(value, str):
-        return None if _encodable(value) else "a string holds an unpaired surrogate"
-    if isinstance(value, dict | list):
-        if depth > MAX_DEPTH:
-            return f"nested deeper than {MAX_DEPTH} levels"
-        if isinstance(value, dict):
-            for key in value:
-                if not _encodable(key):
-                    return "a key holds an unpaired surrogate"
-        for item in value.values() if isinstance(value, dict) else value:
-            problem = json_problem(item, depth + 1)
-            if problem:
-                return problem
-    return None
-
-
-JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"\s*:?|[\[\]{}]')
-
-
-def deep_field(raw: bytes) -> str | None:
-    """The top-level field of a JSON object too deeply nested to parse at all, found by a scan of its
-    brackets and strings that stops at the first level past MAX_DEPTH; None when none is found."""
-    depth, field = 0, None
-    for match in JSON_TOKEN.finditer(raw):
-        token = match.group()
-        if token in (b"{", b"["):
-            depth += 1
-            if depth > MAX_DEPTH + 1:
-                return field
-        elif token in (b"}", b"]"):
-            depth -= 1
-        elif depth == 1 and token.endswith(b":"):
-            try:
-                field = printable(json.loads(token.rstrip(b": \t\r\n")))
-            except ValueError:
-                return None
-    return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 async def read_capped(request: Request, cap: int, timeout: float = BODY_TIMEOUT) -> bytes:

@@ -43,6 +43,7 @@ from receiver.providers import Provider
 from receiver.store import DownloadTarget
 from receiver.store import Job
 from receiver.store import Store
+from receiver.store import StoreUnavailable
 from receiver.store import TaskRecord
 from receiver.store import timed_out
 from receiver.tasks import task_spec
@@ -312,12 +313,19 @@ class Worker:
             await handler(job)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug must not kill the loop; the job runs again later
+        except StoreUnavailable as exc:  # the database is away: not the job's fault, it runs again
+            event(log, "job interrupted", level=logging.WARNING, kind=job.kind, reason=str(exc)[:200])
+            await self._retry_or_lease(self.store.retry_job(job, self._backoff(job.attempts), str(exc)), job)
+        except Exception as exc:  # a bug, or a row it cannot read: never a loop (see Store.job_failed)
             log.exception("job %s %s for task %s failed", job.kind, job.id, job.task_id)
-            try:
-                await self.store.retry_job(job, self._backoff(job.attempts), f"{type(exc).__name__}: {exc}")
-            except Exception:  # the database is away too: the job's lease runs out and it runs again
-                log.warning("job %s %s left to its lease: cannot record the failure", job.kind, job.id)
+            reason = f"{type(exc).__name__}: {exc}"
+            await self._retry_or_lease(self.store.job_failed(job, self._backoff(job.attempts), reason), job)
+
+    async def _retry_or_lease(self, recording: Awaitable[object], job: Job) -> None:
+        try:
+            await recording
+        except Exception:  # the database is away too: the job's lease runs out and it runs again
+            log.warning("job %s %s left to its lease: cannot record the failure", job.kind, job.id)
 
     def running(self) -> int:
         return sum(len(tasks) for tasks in self._running.values())

@@ -161,6 +161,9 @@ INSERT = (
     "INSERT INTO tasks (id, tenant, provider, model, prompt, request, status, created_at, updated_at)"
     " VALUES (:id, 'alice', 'kie', 'm', 'p', :request, 'queued', 0, 0)"
 )
+# The migration that adds and fills the fallback column (the first one spelled per dialect): the
+# database is made as it was just before it, and brought up to date from there.
+FALLBACK_MIGRATION = next(n for n, step in enumerate(schema.MIGRATIONS) if isinstance(step, schema.Spelled))
 OLD_TASKS = {
     "tsk_chain": ('{"fallback":["fal","apicore"],"images":[],"options":{"a":"\\u0000"}}', ["fal", "apicore"]),
     "tsk_odd": (r'{"fallback":["kie"],"options":{"a":"\ud800 \\u0000 \\\udfff","b":"\udbff"}}', ["kie"]),
@@ -171,7 +174,7 @@ OLD_TASKS = {
 
 def test_the_fallback_column_is_filled_for_tasks_already_there_on_sqlite(tmp_path: Any) -> None:
     conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
-    before = schema.MIGRATIONS[:-1]
+    before = schema.MIGRATIONS[:FALLBACK_MIGRATION]
     assert all(isinstance(script, str) for script in before)
     apply(tuple(str(script) for script in before), conn)
     conn.execute(f"PRAGMA user_version={len(before)}")
@@ -188,7 +191,7 @@ def test_the_fallback_column_is_filled_for_tasks_already_there_on_postgres(pg_cl
     async def run(url: str) -> dict[str, Any]:
         conn = await asyncpg.connect(url)
         try:
-            before = postgres_store.MIGRATIONS[:-1]
+            before = postgres_store.MIGRATIONS[:FALLBACK_MIGRATION]
             await conn.execute("CREATE TABLE receiver_schema (version INTEGER NOT NULL)")
             for number, script in enumerate(before, start=1):
                 await conn.execute(script)

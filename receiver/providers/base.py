@@ -7,7 +7,6 @@ sends, stores and retries.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
@@ -15,7 +14,6 @@ from typing import Any
 from typing import ClassVar
 
 import httpx
-import msgspec
 
 from receiver.config import ProviderSettings
 from receiver.models import MalformedCallback
@@ -25,6 +23,8 @@ from receiver.models import ProviderUnavailable
 from receiver.models import Submission
 from receiver.models import TaskRequest
 from receiver.models import TaskSpec
+from receiver.untrusted import UnreadableJson
+from receiver.untrusted import read_object
 
 
 @dataclass(frozen=True)
@@ -246,20 +246,14 @@ class Provider:
 
 
 def json_object(raw: bytes | str) -> dict[str, Any]:
-    """Parse a JSON object or raise MalformedCallback; big integers stay exact (Python ints).
-
-    msgspec reads the common case several times faster; what it refuses (a lone surrogate escape,
-    NaN, a byte order mark) goes to the json module, so the same bodies are taken as before."""
+    """A provider's JSON object (a callback body or an answer), read by the one reader of JSON from
+    outside (receiver.untrusted): whatever could not be stored (a lone surrogate, NaN, nesting past
+    32 levels, bytes that are not UTF-8) is MalformedCallback, as is anything but an object."""
     try:
-        value = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
-        try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MalformedCallback(f"body is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise MalformedCallback("body is not a JSON object")
-    return value
+        return read_object(raw)
+    except UnreadableJson as exc:
+        where = f" (in {exc.field})" if exc.field else ""
+        raise MalformedCallback(f"body is not JSON we can take: {exc.message}{where}") from None
 
 
 def response_json(response: httpx.Response) -> dict[str, Any]:

@@ -8,9 +8,11 @@ must spell (row locks), the transaction names the clause.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC
 from abc import abstractmethod
+from collections.abc import AsyncIterator
 from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -49,6 +51,38 @@ class Tx(ABC):
         self.hops: list[
             tuple[str, str, str]
         ] = []  # fallback moves (from, to, reason), counted once committed
+        self.parked: list[str] = []  # kinds of the rows this transaction set aside, counted once committed
+
+    def mark(self) -> tuple[set[str], bool, int, int, int]:
+        """What this transaction has noted so far, to go back to should a part of it be undone."""
+        return set(self.changed), self.jobs_added, len(self.ended), len(self.hops), len(self.parked)
+
+    def undo(self, mark: tuple[set[str], bool, int, int, int]) -> None:
+        """Forget what was noted since `mark` (its rows were rolled back)."""
+        self.changed, self.jobs_added = mark[0], mark[1]
+        del self.ended[mark[2] :]
+        del self.hops[mark[3] :]
+        del self.parked[mark[4] :]
+
+    @contextlib.asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """A part of the transaction that may fail alone: on an exception, its rows and its notes are
+        undone and the exception goes on; the rest of the transaction stands."""
+        mark = self.mark()
+        await self.run("SAVEPOINT part")
+        try:
+            yield
+        except Exception:  # (a cancellation ends the whole transaction: nothing to keep)
+            await self.run("ROLLBACK TO SAVEPOINT part")
+            await self.run("RELEASE SAVEPOINT part")
+            self.undo(mark)
+            raise
+        await self.run("RELEASE SAVEPOINT part")
+
+    def about_database(self, exc: BaseException) -> bool:
+        """Whether `exc` is the database's trouble (away, deadlocked, full), not a row's: such an error
+        ends the whole operation and counts against no row."""
+        return False
 
     @abstractmethod
     async def one(self, sql: str, params: Params | None = None) -> Row | None: ...

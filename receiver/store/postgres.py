@@ -126,6 +126,9 @@ class PgTx(Tx):
             text, names = positional(sql)
             await self.conn.executemany(text, [[row[name] for name in names] for row in rows])
 
+    def about_database(self, exc: BaseException) -> bool:
+        return isinstance(exc, (*UNREACHABLE, asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
+
 
 async def migrate(conn: asyncpg.Connection) -> int:
     """Apply the migrations this database has not seen, one replica at a time; returns the version."""

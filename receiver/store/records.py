@@ -12,6 +12,7 @@ from typing import Self
 
 from receiver.models import Status
 from receiver.models import TaskError
+from receiver.untrusted import storable_json
 
 
 class IdempotencyConflict(Exception):
@@ -50,6 +51,10 @@ class TaskView:
         for name in JSON_COLUMNS.intersection(values):
             values[name] = json.loads(values[name])
         values["error"] = json.loads(values["error"]) if values["error"] else None
+        # Errors come from outside: one kept by an older version may hold what no encoder can write.
+        values["error"] = storable_json(values["error"])
+        if "attempts" in values:
+            values["attempts"] = storable_json(values["attempts"])
         values["status"] = Status(values["status"])
         return cls(**values)
 
@@ -139,7 +144,7 @@ class Claimed:
     next_due: float | None
     in_flight: dict[tuple[str, str], int]
     applied: list[tuple[str, str, str]]  # (task, provider, changed|duplicate|pending|ignored) per inbox row
-    more_news: bool  # the inbox still holds callbacks to apply
+    more_news: bool  # claim again at once: the inbox holds more, or a row failed and is to be tried again
     paces: dict[str, Pace] = field(default_factory=dict)  # pace group -> its shared state
 
 

@@ -8,6 +8,7 @@ Each state change is one transaction: the task row, its events and its jobs move
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import secrets
 import socket
 from abc import ABC
 from abc import abstractmethod
+from collections.abc import Awaitable
 from collections.abc import Callable
 from collections.abc import Coroutine
 from collections.abc import Iterable
@@ -52,6 +54,8 @@ from receiver.store.records import NewTask
 from receiver.store.records import Pace
 from receiver.store.records import TaskRecord
 from receiver.store.records import TaskView
+from receiver.untrusted import storable
+from receiver.untrusted import storable_json
 
 log = logging.getLogger("receiver.store")
 T = TypeVar("T")
@@ -61,6 +65,10 @@ MAX_LOGGED_MESSAGE = 300  # characters of a failed task's message in its log lin
 # Events of one kind that changed nothing, kept per task between two changes (see _news_event).
 NEWS_WITHOUT_CHANGE = 50
 PACE_SENDS_READ = 32  # sends per pace group whose times each worker turn reads (the rest are counted)
+# Times one inbox or job row may fail to apply, to be claimed or to run before it is parked: set aside
+# in the `parked` table with an event on its task, never tried again (a constant: a row that failed
+# five times in a row will fail a sixth; what matters is that it cannot hold up the rest).
+MAX_FAILURES = 5
 Op = Callable[[Tx], Coroutine[Any, Any, T]]
 
 
@@ -291,19 +299,20 @@ class Store(ABC):
                 return
             if task["submitted_at"] is not None:
                 return  # recorded already (by a process whose lease ran out): never twice
-            state = {**json.loads(task["provider_state"]), **submission.state}
+            state = {**json.loads(task["provider_state"]), **storable_json(submission.state)}
+            ptid = None if submission.provider_task_id is None else storable(submission.provider_task_id)
             await tx.run(
                 "UPDATE tasks SET provider_task_id=COALESCE(provider_task_id, :ptid), provider_state=:state,"
                 " submitted_at=:now, updated_at=:now WHERE id=:id",
                 {
-                    "ptid": submission.provider_task_id,
+                    "ptid": ptid,
                     "state": _dumps(state),
                     "now": tx.now,
                     "id": job.task_id,
                 },
             )
             change = await _move(tx, task, Status.SUBMITTED)
-            accepted = f"accepted by the provider as {submission.provider_task_id or '(no id)'}"
+            accepted = f"accepted by the provider as {ptid or '(no id)'}"
             summary = submission.note or accepted
             await _event(tx, job.task_id, "submit", True, summary, change)
             if submission.outcome is not None:
@@ -355,7 +364,7 @@ class Store(ABC):
                         "now": tx.now,
                         "kind": kind,
                         "verified": int(verified),
-                        "summary": summary[:500],
+                        "summary": storable(summary[:500]),
                         "event": last["id"],
                     },
                 )
@@ -454,25 +463,25 @@ class Store(ABC):
         next_due = f"SELECT MIN(due_at) AS due FROM jobs WHERE running=0{held}"  # noqa: S608
 
         async def op(tx: Tx) -> Claimed:
-            applied, more_news = await _apply_inbox(tx, inbox_batch)
+            applied, again = await _apply_inbox(tx, inbox_batch)
             await _release_expired(tx)
 
-            def claim(only: str = "") -> str:
-                """Lease up to :free due jobs of :kind, oldest first (`only` narrows them further)."""
+            def pick(only: str = "") -> str:
+                """The ids of up to :free due jobs of :kind, oldest first (`only` narrows them further)."""
                 return (
-                    "UPDATE jobs SET running=1, attempts=attempts+1, lease_until=:lease, owner=:owner"  # noqa: S608
-                    " WHERE id IN ("
-                    f" SELECT id FROM jobs WHERE running=0 AND kind=:kind AND due_at<=:now{held}{only}"
-                    f" ORDER BY due_at, id LIMIT :free{tx.skip_locked})"
-                    " RETURNING id, kind, task_id, arg, attempts"
+                    f"SELECT id FROM jobs WHERE running=0 AND kind=:kind AND due_at<=:now{held}{only}"  # noqa: S608
+                    f" ORDER BY due_at, id LIMIT :free{tx.skip_locked}"
                 )
 
             jobs: list[Job] = []
-            # One look at which kinds have a job due, so a turn runs no claim that cannot find one.
+            # One look at which kinds have a job due, so a turn runs no claim that cannot find one
+            # (only the kinds asked for are read: a row of another kind is never even decoded).
+            kinds, kind_params = in_list("k", sorted(slots))
             due_kinds = {
                 row["kind"]
                 for row in await tx.all(
-                    "SELECT DISTINCT kind FROM jobs WHERE running=0 AND due_at<=:now", {"now": tx.now}
+                    f"SELECT DISTINCT kind FROM jobs WHERE running=0 AND due_at<=:now AND kind IN ({kinds})",  # noqa: S608
+                    {"now": tx.now, **kind_params},
                 )
             }
             for kind, free in slots.items():
@@ -483,17 +492,19 @@ class Store(ABC):
                         "lease": tx.now + self.timings.job_lease,
                         "owner": self.owner,
                         "free": free,
+                        **skip_params,
                     }
                     if per_tenant and kind in per_tenant:
-                        rows = await _claim_per_tenant(tx, claim, {**params, **skip_params}, per_tenant[kind])
+                        taken, failed = await _claim_per_tenant(tx, kind, pick, params, per_tenant[kind])
                     else:
-                        rows = await tx.all(claim(), {**params, **skip_params})
-                    jobs += sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
+                        taken, failed = await _claim_jobs(tx, kind, pick(), params)
+                    jobs += taken
+                    again = again or failed
             due = await tx.one(next_due, skip_params)
             in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
             due_at = None if due is None or due["due"] is None else float(due["due"])
             paces = await _paces(tx, pace_windows) if pace_windows is not None else {}
-            return Claimed(jobs, due_at, in_flight, applied, more_news, paces)
+            return Claimed(jobs, due_at, in_flight, applied, again, paces)
 
         return await self.write(op)
 
@@ -609,6 +620,23 @@ class Store(ABC):
     async def retry_job(self, job: Job, delay: float, error: str) -> None:
         await self.write(lambda tx: _reschedule(tx, job, delay, error, self.owner))
 
+    async def job_failed(self, job: Job, delay: float, error: str) -> bool:
+        """A job that raised (a bug, or a row it cannot read): one more failure; the job is due again
+        after `delay`, or parked once it has failed MAX_FAILURES times. True when it was parked."""
+
+        async def op(tx: Tx) -> bool:
+            if await _failed(tx, "jobs", job.id, job.kind, error, self.owner):
+                return True
+            await _reschedule(tx, job, delay, error, self.owner)
+            return False
+
+        return await self.write(op)
+
+    async def parked_counts(self) -> dict[str, int]:
+        """Rows set aside so far, by kind (`callback` for recorded callbacks, else the job's kind)."""
+        rows = await self.fetch("SELECT kind, COUNT(*) AS n FROM parked GROUP BY kind")
+        return {row["kind"]: int(row["n"]) for row in rows}
+
     async def finish_job(self, job: Job) -> None:
         await self.write(lambda tx: _delete_job(tx, job.id))
 
@@ -635,55 +663,174 @@ async def insert_inbox(tx: Tx, rows: Sequence[tuple[str, str, int]]) -> None:
 
 
 async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], bool]:
-    """Apply the oldest recorded callbacks, in the order they came; returns what each changed."""
-    rows = await tx.all(
-        f"SELECT * FROM inbox ORDER BY id LIMIT :limit{tx.skip_locked}",  # noqa: S608
-        {"limit": limit + 1},
-    )
+    """Apply the oldest recorded callbacks, in the order they came; returns what each changed, and
+    whether to come back at once (more are waiting, or one failed and is to be tried again).
+
+    The batch is applied in one piece. Should any row of it fail (it cannot be read, or its change
+    cannot be written), the piece is undone and each row applied alone: the others go on, and the bad
+    one is counted and, at MAX_FAILURES, parked. No stored callback can stop the worker."""
+    pick = f"SELECT {{}} FROM inbox ORDER BY id LIMIT :limit{tx.skip_locked}"  # noqa: S608
+    params = {"limit": limit + 1}
+
+    async def batch() -> tuple[list[tuple[str, str, str]], bool]:
+        rows = await tx.all(pick.format("*"), params)
+        done = [await _apply_news(tx, row) for row in rows[:limit]]
+        return [result for result in done if result is not None], len(rows) > limit
+
+    whole, failure = await _alone(tx, batch)
+    if whole is not None:
+        return whole
+    ids = [int(row["id"]) for row in await tx.all(pick.format("id"), params)]
     applied: list[tuple[str, str, str]] = []
-    for row in rows[:limit]:
-        task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": row["task_id"]})  # noqa: S608
-        if task is not None:
-            outcome = Outcome.from_json(row["outcome"])
-            known = task["provider_task_id"]
-            if outcome.provider_task_id and known and outcome.provider_task_id != known:
-                # Checked when it came too; this catches an id the submit answer set in between.
-                note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
-                await _news_event(tx, task["id"], "callback", True, note, None)
-                applied.append((task["id"], task["provider"], "ignored"))
-            else:
-                change = await _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
-                result = "changed" if change else ("pending" if outcome.state == "pending" else "duplicate")
-                applied.append((task["id"], task["provider"], result))
-        await tx.run("DELETE FROM inbox WHERE id=:id", {"id": row["id"]})
-    return applied, len(rows) > limit
+    again = len(ids) > limit
+    for row_id in ids[:limit]:
+        result, failure = await _alone(tx, functools.partial(_apply_kept, tx, row_id))
+        if failure is not None:
+            again |= not await _failed(tx, "inbox", row_id, "callback", _reason(failure))
+        elif result is not None:
+            applied.append(result)
+    return applied, again
 
 
-async def _claim_per_tenant(tx: Tx, claim: Callable[[str], str], params: Params, cap: int) -> list[Row]:
-    """The `claim` of one kind run for one tenant at a time, the tenant with the oldest due job first,
-    each taking no more than leaves it `cap` running; up to `params["free"]` in all."""
+async def _apply_kept(tx: Tx, row_id: int) -> tuple[str, str, str] | None:
+    row = await tx.one("SELECT * FROM inbox WHERE id=:id", {"id": row_id})
+    return None if row is None else await _apply_news(tx, row)
+
+
+async def _apply_news(tx: Tx, row: Row) -> tuple[str, str, str] | None:
+    """Apply one recorded callback and take it from the inbox: (task, provider, what it did)."""
+    applied = None
+    task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": row["task_id"]})  # noqa: S608
+    if task is not None:
+        outcome = Outcome.from_json(row["outcome"])
+        known = task["provider_task_id"]
+        if outcome.provider_task_id and known and outcome.provider_task_id != known:
+            # Checked when it came too; this catches an id the submit answer set in between.
+            note = f"names provider task {outcome.provider_task_id}, not {known}: ignored"
+            await _news_event(tx, task["id"], "callback", True, note, None)
+            applied = (task["id"], task["provider"], "ignored")
+        else:
+            change = await _apply(tx, task["id"], outcome, "callback", True, bool(row["urgent"]), task)
+            result = "changed" if change else ("pending" if outcome.state == "pending" else "duplicate")
+            applied = (task["id"], task["provider"], result)
+    await tx.run("DELETE FROM inbox WHERE id=:id", {"id": row["id"]})
+    return applied
+
+
+async def _claim_jobs(tx: Tx, kind: str, pick: str, params: Params) -> tuple[list[Job], bool]:
+    """Lease the due jobs of `kind` that `pick` (a SELECT of ids) finds; returns them, and whether a
+    row failed to be claimed and is to be tried again. As with the inbox, the claim is one statement,
+    and only when it fails are the rows claimed one by one, so a bad row is counted alone."""
+    take = (
+        "UPDATE jobs SET running=1, attempts=attempts+1, lease_until=:lease, owner=:owner"
+        " WHERE id IN ({}) RETURNING id, kind, task_id, arg, attempts"
+    )
+
+    async def claim(which: str, extra: Params) -> list[Job]:
+        rows = await tx.all(take.format(which), {**params, **extra})
+        return sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
+
+    whole, failure = await _alone(tx, lambda: claim(pick, {}))
+    if whole is not None:
+        return whole, False
+    jobs: list[Job] = []
+    again = False
+    for row in await tx.all(pick, params):
+        job_id = int(row["id"])
+        one, failure = await _alone(tx, functools.partial(claim, ":id", {"id": job_id}))
+        if failure is not None:
+            again |= not await _failed(tx, "jobs", job_id, kind, _reason(failure))
+        else:
+            jobs += one or []
+    return jobs, again
+
+
+async def _alone(tx: Tx, step: Callable[[], Awaitable[T]]) -> tuple[T | None, Exception | None]:
+    """Run `step` in a savepoint of its own: when it fails (other than for the database's own
+    trouble, which ends the whole operation) it alone is undone, and its error returned."""
+    try:
+        async with tx.savepoint():
+            return await step(), None
+    except Exception as exc:
+        if tx.about_database(exc):
+            raise
+        return None, exc
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+async def _failed(tx: Tx, table: str, row_id: int, kind: str, reason: str, owner: str | None = None) -> bool:
+    """One more failure of an inbox or job row (of this `owner`'s, if given). At MAX_FAILURES the row
+    is parked: copied as it is to `parked` (by the database: nothing of it is decoded here), taken
+    out of its queue, and told on its task as an event. True when it was parked."""
+    reason = storable(reason)[:500]
+    mine = " AND owner=:owner" if owner is not None else ""
+    row = await tx.one(
+        f"UPDATE {table} SET failures=failures+1 WHERE id=:id{mine} RETURNING failures",  # noqa: S608
+        {"id": row_id, "owner": owner},
+    )
+    if row is None or int(row["failures"]) < MAX_FAILURES:
+        return False
+    body = "outcome" if table == "inbox" else "CAST(arg AS TEXT)"
+    parked = await tx.one(
+        f"INSERT INTO parked (source, kind, task_id, body, failures) SELECT '{table}', '', task_id,"  # noqa: S608
+        f" {body}, failures FROM {table} WHERE id=:id RETURNING id",
+        {"id": row_id},
+    )
+    assert parked is not None  # the row was just counted
+    await tx.run(
+        "UPDATE parked SET kind=:kind, error=:error, parked_at=:now WHERE id=:id",
+        {"kind": kind, "error": reason, "now": tx.now, "id": parked["id"]},
+    )
+    # The task by its own row: a task id in the parked row that cannot be decoded names no task.
+    task = await tx.one(
+        f"SELECT t.id FROM tasks t JOIN {table} r ON r.task_id=t.id WHERE r.id=:id",  # noqa: S608
+        {"id": row_id},
+    )
+    await tx.run(f"DELETE FROM {table} WHERE id=:id", {"id": row_id})  # noqa: S608
+    if task is not None:
+        what = "a recorded callback" if table == "inbox" else f"the {kind} job"
+        summary = f"{what} failed {MAX_FAILURES} times and was set aside (parked): {reason}"
+        await _event(tx, task["id"], "parked", True, summary, None)
+    tx.parked.append(kind)
+    return True
+
+
+async def _claim_per_tenant(
+    tx: Tx, kind: str, pick: Callable[[str], str], params: Params, cap: int
+) -> tuple[list[Job], bool]:
+    """The claim of one kind run for one tenant at a time, the tenant with the oldest due job first,
+    each taking no more than leaves it `cap` running; up to `params["free"]` in all. Returns the jobs,
+    and whether a row failed to be claimed (as `_claim_jobs`)."""
     running = {
         row["tenant"]: int(row["n"])
         for row in await tx.all(
             "SELECT t.tenant, COUNT(*) AS n FROM jobs j JOIN tasks t ON t.id=j.task_id"
             " WHERE j.kind=:kind AND j.running=1 GROUP BY t.tenant",
-            {"kind": params["kind"]},
+            {"kind": kind},
         )
     }
     waiting = await tx.all(
         "SELECT t.tenant, MIN(j.due_at) AS first FROM jobs j JOIN tasks t ON t.id=j.task_id"
         " WHERE j.kind=:kind AND j.running=0 AND j.due_at<=:now GROUP BY t.tenant ORDER BY first, t.tenant",
-        {"kind": params["kind"], "now": params["now"]},
+        {"kind": kind, "now": params["now"]},
     )
-    of_tenant = claim(" AND task_id IN (SELECT id FROM tasks WHERE tenant=:tenant)")
-    rows: list[Row] = []
+    of_tenant = pick(" AND task_id IN (SELECT id FROM tasks WHERE tenant=:tenant)")
+    jobs: list[Job] = []
+    again = False
     for row in waiting:
-        room = min(params["free"] - len(rows), cap - running.get(row["tenant"], 0))
+        room = min(params["free"] - len(jobs), cap - running.get(row["tenant"], 0))
         if room > 0:
-            rows += await tx.all(of_tenant, {**params, "free": room, "tenant": row["tenant"]})
-        if len(rows) >= params["free"]:
+            taken, failed = await _claim_jobs(
+                tx, kind, of_tenant, {**params, "free": room, "tenant": row["tenant"]}
+            )
+            jobs += taken
+            again = again or failed
+        if len(jobs) >= params["free"]:
             break
-    return rows
+    return sorted(jobs, key=lambda job: job.id), again
 
 
 async def _release_expired(tx: Tx) -> None:
@@ -774,7 +921,7 @@ async def _reschedule(tx: Tx, job: Job, delay: float, error: str, owner: str) ->
     await tx.run(
         "UPDATE jobs SET running=0, lease_until=NULL, due_at=:due, last_error=:error"
         " WHERE id=:id AND owner=:owner",
-        {"due": tx.now + delay, "error": error, "id": job.id, "owner": owner},
+        {"due": tx.now + delay, "error": storable(error), "id": job.id, "owner": owner},
     )
     tx.jobs_added = True
 
@@ -798,9 +945,9 @@ async def _event(
             "now": tx.now,
             "kind": kind,
             "verified": int(verified),
-            "summary": summary[:500],
+            "summary": storable(summary[:500]),
             "change": change,
-            "detail": detail,
+            "detail": None if detail is None else storable(detail),
             "repeats": repeats,
         },
     )
@@ -903,7 +1050,10 @@ async def _apply(
     urgent: bool = False,
     task: Row | None = None,
 ) -> str:
-    """Record the news and make the forward-only change it calls for; returns what changed."""
+    """Record the news and make the forward-only change it calls for; returns what changed.
+
+    Every piece of news passes here, so here its text from outside is made storable, once."""
+    outcome = outcome.storable()
     task = task if task is not None else await _task(tx, task_id)
     if outcome.provider and outcome.provider != task["provider"]:
         # News from a provider the task has left (fallback): recorded, changes nothing.
@@ -978,6 +1128,9 @@ def committed(tx: Tx) -> None:
         log_ended(ended)
     for origin, target, reason in tx.hops:
         metrics.FALLBACKS.labels(origin, target, reason).inc()
+    for kind in tx.parked:
+        metrics.JOBS_PARKED.labels(kind).inc()
+        event(log, "row parked", level=logging.WARNING, kind=kind, failures=MAX_FAILURES)
 
 
 def log_ended(ended: Ended) -> None:

@@ -141,4 +141,20 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
         """ FROM tasks WHERE request LIKE '%"fallback":[%') AS old"""
         " WHERE tasks.id=old.old_id AND json_typeof(clean::json -> 'fallback')='array'",
     ),
+    # No stored row may stop the worker: an inbox or job row that fails to apply or to be claimed is
+    # counted, and past a few failures (rules.py, MAX_FAILURES) set aside here with what went wrong.
+    """
+    ALTER TABLE inbox ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE parked (
+        id INTEGER PRIMARY KEY,
+        source TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        task_id TEXT,
+        body TEXT,
+        failures INTEGER NOT NULL DEFAULT 0,
+        error TEXT,
+        parked_at REAL NOT NULL DEFAULT 0
+    )
+    """,
 )

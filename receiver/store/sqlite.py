@@ -49,6 +49,20 @@ WATCH_INTERVAL = 0.25
 __all__ = ["MIGRATIONS", "SqliteStore", "migrate"]
 
 
+# SQLite's own troubles (primary result codes): the file is locked, full, unreadable or out of memory.
+TROUBLE = frozenset(
+    (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+    )
+)
+
+
 def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
     return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
 
@@ -70,6 +84,11 @@ class SqliteTx(Tx):
 
     async def many(self, sql: str, rows: Sequence[Params]) -> None:
         self.conn.executemany(sql, rows)
+
+    def about_database(self, exc: BaseException) -> bool:
+        # A text column that cannot be decoded is an OperationalError too, but with no SQLite code.
+        code = getattr(exc, "sqlite_errorcode", None)
+        return isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in TROUBLE
 
 
 def drive(step: Coroutine[Any, Any, T]) -> T:
@@ -271,16 +290,13 @@ class SqliteStore(Store):
                         return [(False, exc)], set(), False
                     continue
                 conn.execute("SAVEPOINT op")
-                before_changed, before_jobs = set(tx.changed), tx.jobs_added
-                before_ended, before_hops = len(tx.ended), len(tx.hops)
+                mark = tx.mark()
                 try:
                     value = drive(op(tx))
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    tx.changed, tx.jobs_added = before_changed, before_jobs
-                    del tx.ended[before_ended:]
-                    del tx.hops[before_hops:]
+                    tx.undo(mark)
                     results.append((False, exc))
                 else:
                     conn.execute("RELEASE op")
