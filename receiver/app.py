@@ -107,6 +107,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         for kind, (count, oldest) in (await store.jobs_due()).items():
             metrics.JOBS_DUE.labels(kind).set(count)
             metrics.OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
+        metrics.LONG_POLLS.set(store.waiting())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     document = encode(openapi_document(settings.public_url))
@@ -138,6 +139,22 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     # A worker alone answers only the health checks and /metrics; the API lives in the other roles.
     routes = service_routes if role == "worker" else [*api_routes, *service_routes]
 
+    stopping: asyncio.Task[int] | None = None
+
+    def drain() -> None:
+        """The first step of a shutdown, taken at the signal (`receiver serve` calls it before uvicorn
+        waits for open connections): new work is refused with a 503, every open `?wait` answers with its
+        task as it stands, and the worker stops claiming while its running jobs get the grace."""
+        nonlocal stopping
+        if stopping is not None:
+            return
+        api.draining = True
+        store.wake_all()
+        event(log, "shutting down", running_jobs=worker.running(), grace=settings.shutdown_grace)
+        stopping = asyncio.get_running_loop().create_task(
+            worker.stop(grace=settings.shutdown_grace), name="receiver-worker-stop"
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
@@ -159,8 +176,9 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         try:
             yield
         finally:
-            event(log, "shutting down", running_jobs=worker.running(), grace=settings.shutdown_grace)
-            left = await worker.stop(grace=settings.shutdown_grace)
+            drain()  # already taken at the signal under `receiver serve`; here for every other host
+            assert stopping is not None
+            left = await stopping
             if runner is not None:
                 runner.cancel()
                 with contextlib.suppress(BaseException):
@@ -232,4 +250,5 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     app.state.callbacks = callbacks
     app.state.settings = settings
     app.state.media = media
+    app.state.drain = drain
     return app

@@ -379,6 +379,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver.app import create_app
+    from receiver.server import DrainingServer
     from receiver.store import RoleTaken
     from receiver.store.sqlite import lock_worker
 
@@ -409,9 +410,10 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if settings.dev_api_key_created:
         print(welcome(settings), file=sys.stderr, flush=True)
-    server = uvicorn.Server(
+    app = create_app(settings, role=args.role)
+    server = DrainingServer(
         uvicorn.Config(
-            create_app(settings, role=args.role),
+            app,
             host=args.host,
             port=args.port,
             http=args.http,
@@ -420,7 +422,8 @@ def serve(args: argparse.Namespace) -> int:
             access_log=False,  # an access log would print callback tokens and signed links
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
             **http_limits(settings),
-        )
+        ),
+        app.state.drain,
     )
     with sock:
         server.run(sockets=[sock])

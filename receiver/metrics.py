@@ -81,6 +81,7 @@ OLDEST_DUE = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+LONG_POLLS = Gauge("receiver_long_polls", "`?wait` long-polls open now in this process", registry=REGISTRY)
 DOWNLOADS = Counter(
     "receiver_downloads_total",
     "Image downloads by result (stored, or the failure's reason)",

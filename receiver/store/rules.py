@@ -123,6 +123,14 @@ class Store(ABC):
         if jobs_added:
             self.jobs_changed.set()
 
+    def wake_all(self) -> None:
+        """Every open `wait_for_change` returns now (a shutdown answers its long-polls as they stand)."""
+        self.announce(list(self._task_waiters), False)
+
+    def waiting(self) -> int:
+        """How many `wait_for_change` calls (long-polls) are open in this process."""
+        return sum(len(waiters) for waiters in self._task_waiters.values())
+
     async def wait_for_change(self, task_id: str, timeout: float) -> None:
         """Return when the task changes or `timeout` passes, whichever is first."""
         event = asyncio.Event()
