@@ -16,7 +16,11 @@ from tests.harness import served_receiver
 
 GRACE = 30.0  # long, so an answer that came "at once" cannot be an answer that waited out the grace
 SLOW = {"RECEIVER_SHUTDOWN_GRACE": str(GRACE)}
-NEVER = {"provider": "sandbox", "prompt": "never done", "options": {"outcome": "no_callback", "delay": 600}}
+NEVER: dict[str, Any] = {
+    "provider": "sandbox",
+    "prompt": "never done",
+    "options": {"outcome": "no_callback", "delay": 600},
+}
 
 
 def until(predicate: Callable[[], bool], what: str, seconds: float = 30) -> None:
