@@ -28,9 +28,12 @@ from receiver.config import Settings
 from receiver.console import console_routes
 from receiver.logs import event
 from receiver.media import open_media
+from receiver.models import ErrorCode
+from receiver.models import Status
 from receiver.notify import NOTIFY_SLOTS
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
+from receiver.providers import REGISTRY
 from receiver.sandbox_service import SandboxService
 from receiver.schema import Health
 from receiver.schema import ModelResponse
@@ -97,16 +100,15 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
                 raise ApiError(
                     401, "unauthorized", "/metrics wants 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'"
                 )
-        counts = await store.task_counts()
-        metrics.TASKS.clear()
-        for (provider, status), count in counts.items():
-            metrics.TASKS.labels(provider, status).set(count)
-        metrics.JOBS_DUE.clear()
-        metrics.OLDEST_DUE.clear()
-        now = time.time()
-        for kind, (count, oldest) in (await store.jobs_due()).items():
-            metrics.JOBS_DUE.labels(kind).set(count)
-            metrics.OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
+        metrics.show_state(
+            await store.task_counts(),
+            await store.jobs_due(),
+            providers=[name for name in REGISTRY if settings.provider(name).api_key],
+            statuses=list(Status),
+            kinds=list(worker.handlers),
+            errors=list(ErrorCode),
+            now=time.time(),
+        )
         metrics.LONG_POLLS.set(store.waiting())
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -925,6 +925,8 @@ def committed(tx: Tx) -> None:
     """What a transaction did, told once it is committed: each task's end, each fallback move."""
     for ended in tx.ended:
         log_ended(ended)
+        error = str(ended.error.code) if ended.error else None
+        metrics.task_ended(ended.provider, str(ended.status), error, ended.seconds)
     for origin, target, reason in tx.hops:
         metrics.FALLBACKS.labels(origin, target, reason).inc()
 
