@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import database_settings
 from tests.harness import Receiver
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,6 +22,12 @@ NEEDS_PROMTOOL = pytest.mark.skipif(
     PROMTOOL is None, reason="promtool not found (Debian: apt-get install prometheus; .ci/run installs it)"
 )
 JOB_KINDS = ("submit", "download", "reconcile", "deadline", "notify")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Both backends: a task's end is observed where its transaction commits, on either."""
+    return database_settings(request, request.param)
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

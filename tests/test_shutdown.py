@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from tests.conftest import database_settings
 from tests.harness import ALICE
+from tests.harness import Receiver
 from tests.harness import ReceiverProcess
-from tests.harness import served_receiver
 
 GRACE = 30.0  # long, so an answer that came "at once" cannot be an answer that waited out the grace
 SLOW = {"RECEIVER_SHUTDOWN_GRACE": str(GRACE)}
@@ -38,6 +40,12 @@ def long_polls(client: httpx.Client) -> float:
     return 0.0
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The drain runs on both backends (a PostgreSQL long-poll also wakes on NOTIFY)."""
+    return database_settings(request, request.param)
+
+
 class LongPoll(threading.Thread):
     """`GET /v1/tasks/{id}?wait=60` in a thread of its own; its answer kept."""
 
@@ -57,8 +65,10 @@ class LongPoll(threading.Thread):
             self.error = exc
 
 
-def test_sigterm_answers_an_open_wait_with_the_task_and_exits_0(tmp_path: Path) -> None:
-    process = ReceiverProcess(tmp_path / "data", SLOW).start()
+def test_sigterm_answers_an_open_wait_with_the_task_and_exits_0(
+    tmp_path: Path, database_env: dict[str, str]
+) -> None:
+    process = ReceiverProcess(tmp_path / "data", {**SLOW, **database_env}).start()
     assert process.process is not None
     with httpx.Client(base_url=process.url, headers={"Authorization": f"Bearer {ALICE}"}) as client:
         task = client.post("/v1/tasks", json=NEVER).json()
@@ -81,36 +91,38 @@ def test_sigterm_answers_an_open_wait_with_the_task_and_exits_0(tmp_path: Path) 
     assert "shutting down" in log and "stopped" in log
 
 
-def test_while_draining_new_work_is_refused_and_open_waits_answered(tmp_path: Path) -> None:
+def test_while_draining_new_work_is_refused_and_open_waits_answered(
+    start_receiver: Callable[..., Receiver],
+) -> None:
     # The app's drain is what the signal starts; here it is started directly, so the service still
     # listens and what it answers new work while it drains can be asked for.
-    with served_receiver(tmp_path / "data", SLOW) as receiver:
-        task = receiver.submit(**NEVER)
-        receiver.wait_status(task["id"], "submitted")
-        poll = LongPoll(receiver.url, task["id"])
-        poll.start()
-        until(lambda: long_polls(receiver.anon) == 1, "the long-poll is open in the service")
+    receiver = start_receiver(**SLOW)
+    task = receiver.submit(**NEVER)
+    receiver.wait_status(task["id"], "submitted")
+    poll = LongPoll(receiver.url, task["id"])
+    poll.start()
+    until(lambda: long_polls(receiver.anon) == 1, "the long-poll is open in the service")
 
-        drain: Callable[[], Any] = receiver.app.state.drain
-        assert receiver.served.loop is not None
-        receiver.served.loop.call_soon_threadsafe(drain)
+    drain: Callable[[], Any] = receiver.app.state.drain
+    assert receiver.served.loop is not None
+    receiver.served.loop.call_soon_threadsafe(drain)
 
-        poll.join(GRACE - 5)
-        assert poll.response is not None and poll.response.status_code == 200
-        assert poll.response.json()["status"] == "submitted"
+    poll.join(GRACE - 5)
+    assert poll.response is not None and poll.response.status_code == 200
+    assert poll.response.json()["status"] == "submitted"
 
-        created = receiver.alice.post("/v1/tasks", json={"provider": "sandbox", "prompt": "too late"})
-        assert created.status_code == 503, created.text
-        assert created.json()["error"]["code"] == "shutting_down"
-        assert created.headers["Retry-After"].isdigit()
+    created = receiver.alice.post("/v1/tasks", json={"provider": "sandbox", "prompt": "too late"})
+    assert created.status_code == 503, created.text
+    assert created.json()["error"]["code"] == "shutting_down"
+    assert created.headers["Retry-After"].isdigit()
 
-        waited = receiver.alice.get(f"/v1/tasks/{task['id']}", params={"wait": 30})
-        assert waited.status_code == 503, waited.text
-        assert waited.json()["error"]["code"] == "shutting_down"
-        assert "Retry-After" in waited.headers
+    waited = receiver.alice.get(f"/v1/tasks/{task['id']}", params={"wait": 30})
+    assert waited.status_code == 503, waited.text
+    assert waited.json()["error"]["code"] == "shutting_down"
+    assert "Retry-After" in waited.headers
 
-        # A plain lookup is no new work: still answered.
-        looked = receiver.alice.get(f"/v1/tasks/{task['id']}")
-        assert looked.status_code == 200 and looked.json()["status"] == "submitted"
-        listed = receiver.alice.get("/v1/tasks").json()["items"]
-        assert [item["id"] for item in listed] == [task["id"]]  # the refused create made nothing
+    # A plain lookup is no new work: still answered.
+    looked = receiver.alice.get(f"/v1/tasks/{task['id']}")
+    assert looked.status_code == 200 and looked.json()["status"] == "submitted"
+    listed = receiver.alice.get("/v1/tasks").json()["items"]
+    assert [item["id"] for item in listed] == [task["id"]]  # the refused create made nothing
