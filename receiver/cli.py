@@ -770,7 +770,7 @@ CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "events": list_events,
     "providers": list_providers,
 }
-COMMANDS = ("serve", "backup", "restore", *CLIENT_COMMANDS)
+COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore")
 VALUED_FLAGS = ("--url", "--api-key")  # the options before a command that take a value
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -126,3 +128,31 @@ def test_while_draining_new_work_is_refused_and_open_waits_answered(
     assert looked.status_code == 200 and looked.json()["status"] == "submitted"
     listed = receiver.alice.get("/v1/tasks").json()["items"]
     assert [item["id"] for item in listed] == [task["id"]]  # the refused create made nothing
+
+
+def test_a_create_whose_body_arrives_after_sigterm_gets_503(tmp_path: Path) -> None:
+    process = ReceiverProcess(tmp_path / "data", SLOW).start()
+    assert process.process is not None
+    body = json.dumps(NEVER).encode()
+    head = (
+        "POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {ALICE}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", process.port), timeout=30) as conn:
+        conn.sendall(head.encode())
+        # `100 Continue` comes when the handler asks for the body: the request is being served.
+        assert conn.recv(1024).startswith(b"HTTP/1.1 100")
+        process.process.terminate()
+        until(lambda: "shutting down" in process.log.read_text(), "the drain began")
+        conn.sendall(body)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 503"), answer
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    assert b"retry-after: 1" in headers.lower()
+    assert json.loads(payload)["error"]["code"] == "shutting_down"
+    assert process.process.wait(GRACE + 10) == 0
+    assert "Traceback" not in process.log.read_text()
