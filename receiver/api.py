@@ -75,6 +75,7 @@ from receiver.web import MEDIA_HEADERS
 from receiver.web import ApiError
 from receiver.web import body_too_slow
 from receiver.web import client_gone
+from receiver.web import error_response
 from receiver.web import read_capped
 from receiver.web import small_number
 
@@ -84,6 +85,7 @@ MAX_OPTIONS = 16 * 1024
 EVENTS_PAGE = 100  # events per page of /events unless ?limit= says otherwise
 MAX_EVENTS_PAGE = 500
 MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
+SHUTDOWN_RETRY_AFTER = 1  # seconds: by then a load balancer sends the retry to another replica
 PRESIGN_SECONDS = 300  # a redirect's presigned URL: long enough to start the download, no longer
 MOST_IMAGES = max(provider.max_images for provider in REGISTRY.values())
 TASK_ID = re.compile(TASK_ID_PATTERN)
@@ -113,6 +115,7 @@ class Api:
         self.media = media
         self.store = store
         self.tokens = tokens
+        self.draining = False  # set at SIGTERM: new work is refused, open long-polls answer at once
         self._keys = {
             hashlib.sha256(key.encode()).digest(): tenant for key, tenant in settings.api_keys.items()
         }
@@ -142,6 +145,8 @@ class Api:
             raise ApiError(422, "invalid", "the request has invalid headers", errors)
         idempotency_key = headers.idempotency_key
         raw = await read_capped(request, body_cap(self.settings.max_image_bytes), self.settings.body_timeout)
+        if self.draining:  # checked once the body is in: a create whose body arrives after SIGTERM
+            return _shutting_down()
         try:
             body = read_json(raw)
         except UnreadableJson as exc:
@@ -349,10 +354,14 @@ class Api:
         headers = None
         if query.wait is not None and not row.status.terminal:
             assert tenant is not None
+            if self.draining:
+                return _shutting_down()
             if self._wait_taken(tenant):
                 try:
                     loop_deadline = _now() + query.wait
-                    while not row.status.terminal and (left := loop_deadline - _now()) > 0:
+                    while (
+                        not row.status.terminal and not self.draining and (left := loop_deadline - _now()) > 0
+                    ):
                         await self.store.wait_for_change(task_id, left)
                         row = await self._owned(task_id, tenant)
                 finally:
@@ -519,6 +528,16 @@ class Api:
 
 def _media_unavailable() -> ApiError:
     return ApiError(503, "media_unavailable", "the media store cannot be reached right now; try again")
+
+
+def _shutting_down() -> Response:
+    """New work while the service drains: another replica, or this one once restarted, takes it."""
+    return error_response(
+        503,
+        "shutting_down",
+        "the service is shutting down; try again in a moment",
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER)},
+    )
 
 
 def _now() -> float:

@@ -28,8 +28,11 @@ from receiver.config import Settings
 from receiver.console import console_routes
 from receiver.logs import event
 from receiver.media import open_media
+from receiver.models import ErrorCode
+from receiver.models import Status
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
+from receiver.providers import REGISTRY
 from receiver.sandbox_service import SandboxService
 from receiver.schema import Health
 from receiver.schema import ModelResponse
@@ -102,16 +105,16 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
                 raise ApiError(
                     401, "unauthorized", "/metrics wants 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'"
                 )
-        counts = await store.task_counts()
-        metrics.TASKS.clear()
-        for (provider, status), count in counts.items():
-            metrics.TASKS.labels(provider, status).set(count)
-        metrics.JOBS_DUE.clear()
-        metrics.OLDEST_DUE.clear()
-        now = time.time()
-        for kind, (count, oldest) in (await store.jobs_due()).items():
-            metrics.JOBS_DUE.labels(kind).set(count)
-            metrics.OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
+        metrics.show_state(
+            await store.task_counts(),
+            await store.jobs_due(),
+            providers=[name for name in REGISTRY if settings.provider(name).api_key],
+            statuses=list(Status),
+            kinds=list(worker.handlers),
+            errors=list(ErrorCode),
+            now=time.time(),
+        )
+        metrics.LONG_POLLS.set(store.waiting())
         metrics.PARKED.clear()
         for kind, count in (await store.parked_counts()).items():
             metrics.PARKED.labels(kind).set(count)
@@ -146,6 +149,22 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     # A worker alone answers only the health checks and /metrics; the API lives in the other roles.
     routes = service_routes if role == "worker" else [*api_routes, *service_routes]
 
+    stopping: asyncio.Task[int] | None = None
+
+    def drain() -> None:
+        """The first step of a shutdown, taken at the signal (`receiver serve` calls it before uvicorn
+        waits for open connections): new work is refused with a 503, every open `?wait` answers with its
+        task as it stands, and the worker stops claiming while its running jobs get the grace."""
+        nonlocal stopping
+        if stopping is not None:
+            return
+        api.draining = True
+        store.wake_all()
+        event(log, "shutting down", running_jobs=worker.running(), grace=settings.shutdown_grace)
+        stopping = asyncio.get_running_loop().create_task(
+            worker.stop(grace=settings.shutdown_grace), name="receiver-worker-stop"
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await store.open()
@@ -167,8 +186,9 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         try:
             yield
         finally:
-            event(log, "shutting down", running_jobs=worker.running(), grace=settings.shutdown_grace)
-            left = await worker.stop(grace=settings.shutdown_grace)
+            drain()  # already taken at the signal under `receiver serve`; here for every other host
+            assert stopping is not None
+            left = await stopping
             if runner is not None:
                 runner.cancel()
                 with contextlib.suppress(BaseException):
@@ -240,4 +260,5 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     app.state.callbacks = callbacks
     app.state.settings = settings
     app.state.media = media
+    app.state.drain = drain
     return app

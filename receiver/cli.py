@@ -193,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="api: the HTTP API, callbacks and console; worker: the jobs; all: both (default)",
     )
 
+    backup = commands.add_parser(
+        "backup",
+        help="write a backup of the data dir (SQLite and media) while the service runs",
+        description="Write RECEIVER_DATA_DIR's database (a consistent snapshot, taken with SQLite's "
+        "online-backup API while the service runs), its media and its kept secrets into one tar file, "
+        "gzipped when FILE ends in .gz or .tgz; readable by its owner only. Under PostgreSQL or S3 "
+        "media it names the tools that do this job there and exits 2.",
+    )
+    backup.add_argument("file", type=Path, metavar="FILE", help="the backup file to write")
+    restore = commands.add_parser(
+        "restore",
+        help="put a backup back into an empty data dir",
+        description="Unpack a backup written by `receiver backup` into RECEIVER_DATA_DIR, which must be "
+        "empty or absent (a non-empty one is refused, exit 2). Start `receiver serve` on it after.",
+    )
+    restore.add_argument("file", type=Path, metavar="FILE", help="the backup file to read")
+
     submit = client_command(
         commands,
         "submit",
@@ -379,6 +396,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from receiver.app import create_app
+    from receiver.server import DrainingServer
     from receiver.store import RoleTaken
     from receiver.store.sqlite import lock_worker
 
@@ -409,9 +427,10 @@ def serve(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if settings.dev_api_key_created:
         print(welcome(settings), file=sys.stderr, flush=True)
-    server = uvicorn.Server(
+    app = create_app(settings, role=args.role)
+    server = DrainingServer(
         uvicorn.Config(
-            create_app(settings, role=args.role),
+            app,
             host=args.host,
             port=args.port,
             http=args.http,
@@ -420,12 +439,28 @@ def serve(args: argparse.Namespace) -> int:
             access_log=False,  # an access log would print callback tokens and signed links
             timeout_graceful_shutdown=max(1, round(settings.shutdown_grace)),
             **http_limits(settings),
-        )
+        ),
+        app.state.drain,
     )
     with sock:
         server.run(sockets=[sock])
     if not server.started:
         return EXIT_UNREACHABLE  # the start failed (its reason is logged); uvicorn's own status too
+    return 0
+
+
+def backup_or_restore(args: argparse.Namespace) -> int:
+    from receiver.backup import BackupError
+    from receiver.backup import backup
+    from receiver.backup import restore
+
+    os.umask(0o077)  # as serve: what is written is its user's only
+    try:
+        summary = (backup if args.command == "backup" else restore)(os.environ, args.file)
+    except BackupError as exc:
+        print(f"receiver: {exc.message}", file=sys.stderr)
+        return exc.status
+    print(summary, file=sys.stderr)
     return 0
 
 
@@ -735,7 +770,7 @@ CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "events": list_events,
     "providers": list_providers,
 }
-COMMANDS = ("serve", *CLIENT_COMMANDS)
+COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore")
 VALUED_FLAGS = ("--url", "--api-key")  # the options before a command that take a value
 
 
@@ -766,6 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command == "serve":
         return serve(args)
+    if args.command in ("backup", "restore"):
+        return backup_or_restore(args)
     command = CLIENT_COMMANDS.get(args.command or "")
     if command is None:
         parser.print_help(sys.stderr)

@@ -392,10 +392,15 @@ def _pacing(env: Mapping[str, str], provider: str) -> tuple[int | None, int | No
     )
 
 
+def data_dir_of(env: Mapping[str, str]) -> Path:
+    """RECEIVER_DATA_DIR as an absolute path, as it is (load_settings creates it; backup must not)."""
+    return Path(env.get("RECEIVER_DATA_DIR") or "./data").resolve()
+
+
 def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
     """Read every setting; create the data dir and the kept secrets. Raises ConfigError on a bad value."""
     _undecodable(env)
-    data_dir = Path(env.get("RECEIVER_DATA_DIR") or "./data").resolve()
+    data_dir = data_dir_of(env)
     try:
         (data_dir / "media").mkdir(parents=True, exist_ok=True)
     except OSError as exc:

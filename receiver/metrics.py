@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterable
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter
@@ -93,6 +95,7 @@ OLDEST_DUE = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+LONG_POLLS = Gauge("receiver_long_polls", "`?wait` long-polls open now in this process", registry=REGISTRY)
 DOWNLOADS = Counter(
     "receiver_downloads_total",
     "Image downloads by result (stored, or the failure's reason)",
@@ -110,6 +113,26 @@ PROVIDER_REQUESTS = Counter(
     "receiver_provider_requests_total",
     "Requests to providers by provider, endpoint and HTTP status",
     ["provider", "endpoint", "status"],
+    registry=REGISTRY,
+)
+PROVIDER_SECONDS = Histogram(
+    "receiver_provider_request_seconds",
+    "Time a request to a provider took (until its answer was read, or it failed), by provider and endpoint",
+    ["provider", "endpoint"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+    registry=REGISTRY,
+)
+TASK_SECONDS = Histogram(
+    "receiver_task_seconds",
+    "Time from a task's creation to its end, by the provider that ended it and its outcome",
+    ["provider", "outcome"],
+    buckets=(1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0),
+    registry=REGISTRY,
+)
+TASKS_ENDED = Counter(
+    "receiver_tasks_ended_total",
+    "Tasks ended, by provider, status and error code (`none` for a success)",
+    ["provider", "status", "error"],
     registry=REGISTRY,
 )
 NOTIFICATIONS = Counter(
@@ -139,6 +162,44 @@ WAITS_CAPPED = Counter(
 def callback_seen(provider: str, result: str, seconds: float) -> None:
     CALLBACKS.labels(provider, result).inc()
     CALLBACK_SECONDS.labels(provider).observe(seconds)
+
+
+def task_ended(provider: str, status: str, error: str | None, seconds: float) -> None:
+    """Once per task, in the process whose transaction ended it (so once across replicas too)."""
+    TASK_SECONDS.labels(provider, status).observe(seconds)
+    TASKS_ENDED.labels(provider, status, error or "none").inc()
+
+
+def show_state(
+    tasks: Mapping[tuple[str, str], int],
+    jobs_due: Mapping[str, tuple[int, float]],
+    providers: Iterable[str],
+    statuses: Iterable[str],
+    kinds: Iterable[str],
+    errors: Iterable[str],
+    now: float,
+) -> None:
+    """The gauges read at scrape time. Every provider offered, status and job kind has its series,
+    0 when there is nothing, so an alert on it sees a 0 rather than no data (which fires nothing)."""
+    statuses, errors = list(statuses), list(errors)
+    TASKS.clear()
+    for provider in providers:
+        for status in statuses:
+            TASKS.labels(provider, status).set(0)
+        # Counters at 0 until the first end, so `increase()` sees the first one too.
+        TASKS_ENDED.labels(provider, "succeeded", "none")
+        for error in errors:
+            TASKS_ENDED.labels(provider, "failed", error)
+    for (provider, status), count in tasks.items():
+        TASKS.labels(provider, status).set(count)
+    JOBS_DUE.clear()
+    OLDEST_DUE.clear()
+    for kind in kinds:
+        JOBS_DUE.labels(kind).set(0)
+        OLDEST_DUE.labels(kind).set(0)
+    for kind, (count, oldest) in jobs_due.items():
+        JOBS_DUE.labels(kind).set(count)
+        OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
 
 
 def render() -> bytes:

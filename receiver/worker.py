@@ -650,10 +650,13 @@ class Worker:
     async def _call(self, provider: str, endpoint: str, request: httpx.Request) -> httpx.Response:
         """A request to a provider, counted by provider, endpoint and answer."""
         request.headers["User-Agent"] = USER_AGENT
+        started = time.monotonic()
         try:
             response = await send_capped(self.provider_http, request, MAX_PROVIDER_ANSWER)
         except (httpx.HTTPError, ProviderUnavailable):
             metrics.PROVIDER_REQUESTS.labels(provider, endpoint, "error").inc()
             raise
+        finally:
+            metrics.PROVIDER_SECONDS.labels(provider, endpoint).observe(time.monotonic() - started)
         metrics.PROVIDER_REQUESTS.labels(provider, endpoint, str(response.status_code)).inc()
         return response

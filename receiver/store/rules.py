@@ -133,6 +133,14 @@ class Store(ABC):
         if jobs_added:
             self.jobs_changed.set()
 
+    def wake_all(self) -> None:
+        """Every open `wait_for_change` returns now (a shutdown answers its long-polls as they stand)."""
+        self.announce(list(self._task_waiters), False)
+
+    def waiting(self) -> int:
+        """How many `wait_for_change` calls (long-polls) are open in this process."""
+        return sum(len(waiters) for waiters in self._task_waiters.values())
+
     async def wait_for_change(self, task_id: str, timeout: float) -> None:
         """Return when the task changes or `timeout` passes, whichever is first."""
         event = asyncio.Event()
@@ -1126,6 +1134,8 @@ def committed(tx: Tx) -> None:
     """What a transaction did, told once it is committed: each task's end, each fallback move."""
     for ended in tx.ended:
         log_ended(ended)
+        error = str(ended.error.code) if ended.error else None
+        metrics.task_ended(ended.provider, str(ended.status), error, ended.seconds)
     for origin, target, reason in tx.hops:
         metrics.FALLBACKS.labels(origin, target, reason).inc()
     for kind in tx.parked:
