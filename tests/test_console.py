@@ -17,7 +17,6 @@ from tests.harness import ALICE
 from tests.harness import Receiver
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -177,7 +176,7 @@ def sign_in(page: Any, receiver: Receiver) -> None:
 
 
 def test_console_submits_a_sandbox_task_and_shows_its_image(
-    browser_page: tuple[Any, Receiver, list[str]],
+    browser_page: tuple[Any, Receiver, list[str]], artifacts: Path
 ) -> None:
     page, receiver, problems = browser_page
     api_requests: list[tuple[str, str, str | None]] = []
@@ -223,8 +222,7 @@ def test_console_submits_a_sandbox_task_and_shows_its_image(
     timeline = page.text_content("#task-events")
     assert "callback" in timeline and "verified" in timeline
     assert "768 \u00d7 432" in page.text_content("#task-images")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "console.png"), full_page=True)
 
     # Updated in place by long-polling: one page load, no short-interval polling of the task.
     assert len(loads) == 1
@@ -245,8 +243,7 @@ def test_console_submits_a_sandbox_task_and_shows_its_image(
     assert rendered_image(page, f"{row} img.thumb")[0] > 0
     assert page.text_content(f"{row} .status") == "succeeded"
     assert page.text_content(f"{row} .prompt") == prompt
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "console-list.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "console-list.png"), full_page=True)
     page.select_option("#filter-status", "failed")
     page.wait_for_function("() => location.hash === '#/?status=failed'")
     page.wait_for_selector(".empty:not([hidden])")
@@ -258,7 +255,7 @@ def test_console_submits_a_sandbox_task_and_shows_its_image(
 
 
 def test_console_uploads_a_file_and_shows_field_errors(
-    browser_page: tuple[Any, Receiver, list[str]], tmp_path: Path
+    browser_page: tuple[Any, Receiver, list[str]], tmp_path: Path, artifacts: Path
 ) -> None:
     page, receiver, problems = browser_page
     sign_in(page, receiver)
@@ -271,8 +268,7 @@ def test_console_uploads_a_file_and_shows_field_errors(
     page.click("#submit-task")
     page.wait_for_selector("[data-field=model] .field-error:not([hidden])")
     assert "sandbox sells sandbox" in page.text_content("[data-field=model] .field-error")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "console-form.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "console-form.png"), full_page=True)
     page.fill("#model", "sandbox")
 
     picture = tmp_path / "input.png"
@@ -295,7 +291,7 @@ def test_console_uploads_a_file_and_shows_field_errors(
 
 
 def test_console_follows_a_running_task_in_the_list_and_shows_errors(
-    browser_page: tuple[Any, Receiver, list[str]],
+    browser_page: tuple[Any, Receiver, list[str]], artifacts: Path
 ) -> None:
     page, receiver, problems = browser_page
     failed = receiver.submit(provider="sandbox", prompt="refused", options={"outcome": "content_moderated"})
@@ -329,8 +325,7 @@ def test_console_follows_a_running_task_in_the_list_and_shows_errors(
     assert "content_moderated" in page.text_content("#task-error")
     assert page.text_content("#task-images") == "This task has no images."
     assert "null" not in page.text_content(".toolbar")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "console-failed.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "console-failed.png"), full_page=True)
     assert problems == []
 
 

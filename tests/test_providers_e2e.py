@@ -25,15 +25,12 @@ from tests.fakes.common import png
 from tests.harness import Receiver
 from tests.harness import download_children
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-
 
 @pytest.fixture(scope="module", autouse=True)
-def metrics_after_the_suite() -> Iterator[None]:
-    """Keep what /metrics shows once the suite has run (tests/artifacts/metrics-after-e2e.txt)."""
+def metrics_after_the_suite(artifacts: Path) -> Iterator[None]:
+    """Keep what /metrics shows once the suite has run (metrics-after-e2e.txt in `artifacts`)."""
     yield
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "metrics-after-e2e.txt").write_bytes(metrics.render())
+    (artifacts / "metrics-after-e2e.txt").write_bytes(metrics.render())
 
 
 @pytest.fixture
