@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -13,6 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
+from typing import TypeVar
 from urllib.parse import parse_qsl
 from urllib.parse import urlsplit
 
@@ -35,12 +35,12 @@ from receiver.media import one_chunk
 from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import TaskRequest
+from receiver.offer import offered
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
+from receiver.routes import url_path
 from receiver.schema import IMAGE_TYPES
-from receiver.schema import MAX_PAGE_LIMIT
 from receiver.schema import MAX_SEED
-from receiver.schema import PAGE_LIMIT
 from receiver.schema import TASK_ID_PATTERN
 from receiver.schema import CreateHeaders
 from receiver.schema import EventPage
@@ -53,6 +53,8 @@ from receiver.schema import TaskPage
 from receiver.schema import Upload
 from receiver.schema import WaitQuery
 from receiver.schema import check
+from receiver.schema import decode_cursor
+from receiver.schema import encode_cursor
 from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
@@ -77,13 +79,10 @@ from receiver.web import body_too_slow
 from receiver.web import client_gone
 from receiver.web import error_response
 from receiver.web import read_capped
-from receiver.web import small_number
 
 log = logging.getLogger("receiver.api")
 MAX_METADATA = 16 * 1024  # bytes of compact JSON, as stored
 MAX_OPTIONS = 16 * 1024
-EVENTS_PAGE = 100  # events per page of /events unless ?limit= says otherwise
-MAX_EVENTS_PAGE = 500
 MAX_IMAGE_INDEX = 64  # no provider returns more images than this for one task
 SHUTDOWN_RETRY_AFTER = 1  # seconds: by then a load balancer sends the retry to another replica
 PRESIGN_SECONDS = 300  # a redirect's presigned URL: long enough to start the download, no longer
@@ -93,6 +92,8 @@ TASK_ID = re.compile(TASK_ID_PATTERN)
 UPLOAD_TYPES = (*IMAGE_TYPES, "application/octet-stream")
 # The optional fields that reach the provider as `params` (model, images and options go their own way).
 PARAMS = tuple(name for name in OPTIONAL_FIELDS if name not in ("model", "images", "options"))
+# Where our uploads' links start (under RECEIVER_PUBLIC_URL): such an input image is ours, not fetched.
+UPLOADS = url_path("get_upload", name="-").removesuffix("-")
 
 
 def fallback_chain(fallback: list[str] | None, request: TaskRequest) -> dict[str, Any]:
@@ -120,6 +121,7 @@ class Api:
             hashlib.sha256(key.encode()).digest(): tenant for key, tenant in settings.api_keys.items()
         }
         self._waits: dict[str, int] = {}  # tenant -> ?wait long-polls open in this process
+        self.offered = offered(settings)  # settings are fixed for the process: built once
 
     # -- auth ------------------------------------------------------------------------------------
 
@@ -194,7 +196,9 @@ class Api:
         results = await self.store.image_rows(row.id) if not created else []
         rendered = render_task(row, results, self.tokens)
         return ModelResponse(
-            rendered, status_code=202 if created else 200, headers={"Location": f"/v1/tasks/{row.id}"}
+            rendered,
+            status_code=202 if created else 200,
+            headers={"Location": url_path("get_task", id=row.id)},
         )
 
     async def _image_sizes(self, images: Any) -> tuple[tuple[int, int] | None, ...]:
@@ -202,7 +206,7 @@ class Api:
         from its first bytes, one of our own uploads (a valid signed link) from the media store."""
         if not isinstance(images, list) or len(images) > MOST_IMAGES:
             return ()
-        own = f"{self.settings.public_url}/uploads/"
+        own = self.settings.public_url + UPLOADS
         sizes: list[tuple[int, int] | None] = []
         for value in images:
             size = None
@@ -212,10 +216,9 @@ class Api:
                 link = urlsplit(value)
                 name = link.path.rsplit("/", 1)[-1]
                 query = dict(parse_qsl(link.query))
-                signed = self.tokens.link_valid(
-                    f"/uploads/{name}", query.get("expires"), query.get("signature")
-                )
-                if signed and NAME.match(name):
+                if NAME.match(name) and self.tokens.link_valid(
+                    url_path("get_upload", name=name), query.get("expires"), query.get("signature")
+                ):
                     size = await upload_dimensions(self.media, name)
             sizes.append(size)
         return tuple(sizes)
@@ -316,7 +319,7 @@ class Api:
     async def _check_urls(self, task_request: TaskRequest) -> None:
         errors: dict[str, str] = {}
         allow = self.settings.allow_private_urls
-        own = f"{self.settings.public_url}/uploads/"
+        own = self.settings.public_url + UPLOADS
         for index, url in enumerate(task_request.images):
             if url.startswith(("http://", "https://")) and not url.startswith(own):
                 problem = await check_url(url, allow)
@@ -402,10 +405,8 @@ class Api:
     async def list_tasks(self, request: Request) -> Response:
         tenant = self.tenant(request)
         assert tenant is not None
-        query, errors = check(request.query_params, ListQuery, strict=False)
-        limit, before = _paging(request.query_params, "seq", PAGE_LIMIT, MAX_PAGE_LIMIT, errors)
-        if query is None or errors:
-            raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+        query, before = _page_query(request, ListQuery)
+        limit = query.limit
         status = query.status.value if query.status is not None else None
         provider = query.provider.value if query.provider is not None else None
         rows = await self.store.tasks(
@@ -413,7 +414,7 @@ class Api:
         )
         page = rows[:limit]
         images = await self.store.images_of([row.id for row in page])
-        next_cursor = _encode_cursor("seq", page[-1].seq) if len(rows) > limit else None
+        next_cursor = encode_cursor(ListQuery.CURSOR, page[-1].seq) if len(rows) > limit else None
         return ModelResponse(
             TaskPage(
                 items=[render_task(row, images[row.id], self.tokens) for row in page],
@@ -424,13 +425,11 @@ class Api:
     async def task_events(self, request: Request) -> Response:
         tenant = self.tenant(request)
         row = await self._owned(request.path_params["id"], tenant)
-        query, errors = check(request.query_params, EventsQuery, strict=False)
-        limit, after = _paging(request.query_params, "evt", EVENTS_PAGE, MAX_EVENTS_PAGE, errors)
-        if query is None or errors:
-            raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+        query, after = _page_query(request, EventsQuery)
+        limit = query.limit
         events = await self.store.events(row.id, after=after or 0, limit=limit + 1)
         page = events[:limit]
-        next_cursor = _encode_cursor("evt", page[-1].id) if len(events) > limit else None
+        next_cursor = encode_cursor(EventsQuery.CURSOR, page[-1].id) if len(events) > limit else None
         items = [render_event(event) for event in page]
         return ModelResponse(EventPage(items=items, next_cursor=next_cursor))
 
@@ -478,6 +477,12 @@ class Api:
         headers["Content-Length"] = str(stored.size)
         return StreamingResponse(stored.chunks, media_type=content_type, headers=headers)
 
+    # -- providers -------------------------------------------------------------------------------
+
+    async def list_providers(self, request: Request) -> Response:
+        self.tenant(request)
+        return ModelResponse(self.offered)
+
     # -- uploads ---------------------------------------------------------------------------------
 
     async def create_upload(self, request: Request) -> Response:
@@ -507,7 +512,7 @@ class Api:
                 exc.status, "unsupported_media_type" if exc.status == 415 else "too_large", exc.message
             ) from None
         upload = Upload(
-            url=self.tokens.signed_link(f"/uploads/{name}"),
+            url=self.tokens.signed_link(url_path("get_upload", name=name)),
             sha256=name.split(".")[0],
             content_type=ImageType(kind),
             size=size,
@@ -517,7 +522,9 @@ class Api:
     async def get_upload(self, request: Request) -> Response:
         name = request.path_params["name"]
         valid = self.tokens.link_valid(
-            f"/uploads/{name}", request.query_params.get("expires"), request.query_params.get("signature")
+            url_path("get_upload", name=name),
+            request.query_params.get("expires"),
+            request.query_params.get("signature"),
         )
         if not valid:
             raise ApiError(401, "unauthorized", "this link is not signed, or has expired")
@@ -540,6 +547,23 @@ def _shutting_down() -> Response:
     )
 
 
+Paged = TypeVar("Paged", ListQuery, EventsQuery)
+
+
+def _page_query(request: Request, model: type[Paged]) -> tuple[Paged, int | None]:
+    """A list's query parsed by its Struct (filters, `limit` in its range), and where its `cursor`
+    says the page starts (None: from the first); a bad parameter is a 422 naming it."""
+    query, errors = check(request.query_params, model, strict=False)
+    position = None
+    if query is not None and query.cursor is not None:
+        position = decode_cursor(model.CURSOR, query.cursor)
+        if position is None:
+            errors["cursor"] = "not a cursor this service gave"
+    if query is None or errors:
+        raise ApiError(422, "invalid", "the query has invalid parameters", errors)
+    return query, position
+
+
 def _now() -> float:
     return time.monotonic()
 
@@ -559,36 +583,3 @@ def _json_size(value: Any) -> int:
 def _params(create: TaskCreate) -> dict[str, Any]:
     """The optional provider parameters the request gave."""
     return {name: getattr(create, name) for name in PARAMS if getattr(create, name) is not None}
-
-
-def _paging(
-    query: Mapping[str, str], kind: str, default: int, most: int, errors: dict[str, str]
-) -> tuple[int, int | None]:
-    """`limit` and `cursor` of a list (tasks: `seq`, events: `evt`); a bad one is named in `errors`."""
-    limit = default
-    if query.get("limit"):
-        given = small_number(query["limit"])
-        if given is None or not 1 <= given <= most:
-            errors["limit"] = f"a whole number from 1 to {most}"
-        else:
-            limit = given
-    position: int | None = None
-    if query.get("cursor"):
-        position = _decode_cursor(kind, query["cursor"])
-        if position is None:
-            errors["cursor"] = "not a cursor this service gave"
-    return limit, position
-
-
-def _encode_cursor(kind: str, position: int) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(kind: str, cursor: str) -> int | None:
-    try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not text.startswith(f"{kind}:"):
-        return None
-    return small_number(text[len(kind) + 1 :])

@@ -17,6 +17,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse
 from starlette.responses import Response
+from starlette.routing import BaseRoute
 from starlette.routing import Match
 from starlette.routing import Route
 
@@ -33,6 +34,7 @@ from receiver.models import Status
 from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.providers import REGISTRY
+from receiver.routes import routes as table_routes
 from receiver.sandbox_service import SandboxService
 from receiver.schema import Health
 from receiver.schema import ModelResponse
@@ -120,34 +122,32 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
             metrics.PARKED.labels(kind).set(count)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    document = encode(openapi_document(settings.public_url))
-
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
-    service_routes = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False),  # for Prometheus
-    ]
-    api_routes = [
-        # For providers, not for apps: out of the public OpenAPI document. First, so the busiest path
-        # is matched without trying every other route's pattern before it (no other path overlaps).
-        Route("/callbacks/{provider}/{token}", callbacks, methods=["POST"], include_in_schema=False),
-        Route("/callbacks/{provider}/{token}/callback", callbacks, methods=["POST"], include_in_schema=False),
-        Route("/v1/tasks", api.create_task, methods=["POST"]),
-        Route("/v1/tasks", api.list_tasks, methods=["GET"]),
-        Route("/v1/tasks/{id}", api.get_task, methods=["GET"]),
-        Route("/v1/tasks/{id}/events", api.task_events, methods=["GET"]),
-        Route("/v1/tasks/{id}/images/{index:int}", api.task_image, methods=["GET"]),
-        Route("/v1/uploads", api.create_upload, methods=["POST"]),
-        Route("/uploads/{name}", api.get_upload, methods=["GET"]),
-        Route("/openapi.json", openapi, methods=["GET"]),
-        *sandbox.routes(),
-        *console_routes(settings, api.tenant),
-    ]
+    handlers = {
+        "callback": callbacks,
+        "callback_suffixed": callbacks,
+        "create_task": api.create_task,
+        "list_tasks": api.list_tasks,
+        "get_task": api.get_task,
+        "task_events": api.task_events,
+        "task_image": api.task_image,
+        "create_upload": api.create_upload,
+        "get_upload": api.get_upload,
+        "list_providers": api.list_providers,
+        "healthz": healthz,
+        "readyz": readyz,
+        "openapi": openapi,
+        "metrics": metrics_endpoint,
+    }
     # A worker alone answers only the health checks and /metrics; the API lives in the other roles.
-    routes = service_routes if role == "worker" else [*api_routes, *service_routes]
+    routes: list[BaseRoute] = (
+        [*table_routes(handlers, every_role_only=True)]
+        if role == "worker"
+        else [*table_routes(handlers), *sandbox.routes(), *console_routes(settings)]
+    )
+    document = encode(openapi_document(settings.public_url, routes))
 
     stopping: asyncio.Task[int] | None = None
 

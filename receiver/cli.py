@@ -46,6 +46,8 @@ from receiver.config import ConfigError
 from receiver.config import Settings
 from receiver.config import load_settings
 from receiver.models import OPTIONAL_FIELDS
+from receiver.models import Status
+from receiver.schema import ProviderName
 
 EXIT_SUCCEEDED = 0
 EXIT_FAILED = 1
@@ -218,9 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "honour are refused with the field named.",
     )
     request = submit.add_argument_group("request fields")
-    request.add_argument(
-        "--provider", required=True, help="kie, kie-market, apimart, apicore, fal or sandbox"
-    )
+    request.add_argument("--provider", required=True, help=_one_of(ProviderName))
     request.add_argument("--prompt", required=True, help="what to make, or how to edit the input image")
     request.add_argument("--model", help="the provider's model (default: the provider's default)")
     request.add_argument(
@@ -327,10 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         "list tasks, newest first",
         "List your tasks, newest first.",
     )
-    tasks.add_argument(
-        "--status", help="only tasks in this status (queued, submitted, downloading, succeeded, failed)"
-    )
-    tasks.add_argument("--provider", help="only tasks for this provider")
+    tasks.add_argument("--status", help=f"only tasks in this status ({', '.join(Status)})")
+    tasks.add_argument("--provider", help=f"only tasks for this provider ({', '.join(ProviderName)})")
     tasks.add_argument("--limit", type=_positive, default=20, help="at most this many (default 20)")
     tasks.add_argument("--json", action="store_true", help="print the tasks as JSON lines instead")
 
@@ -510,6 +508,12 @@ def cli_error(exc: ReceiverError, url: str, key_from: str) -> CliError:
     if isinstance(exc, ServiceUnreachable):
         return CliError(exc.message, EXIT_UNREACHABLE)
     return CliError(exc.message, EXIT_USAGE)
+
+
+def _one_of(values: Iterable[str]) -> str:
+    """`a, b or c`: the values a flag takes, in a help line, from the schema's enum."""
+    *most, last = values
+    return f"{', '.join(most)} or {last}" if most else last
 
 
 def request_fields(args: argparse.Namespace) -> dict[str, Any]:

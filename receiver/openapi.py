@@ -1,32 +1,37 @@
 """The public OpenAPI 3.1 document, built from the Structs in `receiver.schema`.
 
-Schemas, query and header parameters come from the same classes that validate requests and encode
-answers; this module adds what a type cannot say: each operation's id, tag, summary and error answers,
-the examples, and the notification under `webhooks`. Routes for providers, the sandbox, the console
-and Prometheus are served with `include_in_schema=False` and stay out; a test keeps the documented
-operations equal to the served ones.
+Paths come from the routes served (the table in `receiver.routes`, where each endpoint's id, tag,
+summary, answers and examples are declared beside its path); schemas, query and header parameters
+from the same Structs that validate requests and encode answers. This module adds the notification
+under `webhooks`. Routes for providers, the sandbox, the console and Prometheus are served with
+`include_in_schema=False` and stay out.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+from starlette.convertors import IntegerConvertor
+from starlette.routing import BaseRoute
+from starlette.routing import Route
 
 from receiver import __version__
 from receiver import schema
-from receiver.models import ErrorCode
-from receiver.models import Status
+from receiver.routes import BEARER
+from receiver.routes import EXAMPLE_FAILED
+from receiver.routes import EXAMPLE_TASK
+from receiver.routes import OPERATIONS
+from receiver.routes import PATH_SCHEMAS
+from receiver.routes import REF
+from receiver.routes import TABLE
+from receiver.routes import Operation
+from receiver.routes import ref
 
-REF = "#/components/schemas/{name}"
-BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
-BINARY = {"schema": {"type": "string", "format": "binary"}}
-# An image is served with its own type; application/octet-stream is listed too (first), since that is
-# how client generators (openapi-python-client with its defaults) know a body of raw bytes.
-IMAGE_CONTENT = {"application/octet-stream": BINARY, **{kind.value: BINARY for kind in schema.ImageType}}
-# One entry, not one per image type: client generators (openapi-python-client) emit broken code for an
-# operation whose body has several raw media types. The image types it takes are in the description.
-UPLOAD_CONTENT = {"application/octet-stream": BINARY}
+CONVERTER = re.compile(r":\w+}")
 
 # Structs the document names; parameter Structs are spread into parameters, not kept as schemas.
 MODELS: tuple[type[msgspec.Struct], ...] = (
@@ -49,90 +54,9 @@ PARAMETER_MODELS: tuple[type[msgspec.Struct], ...] = (
     schema.LinkQuery,
 )
 
-EXAMPLE_TASK = schema.Task(
-    id="tsk_5f0c6a1e9b2d4c7a8e3f1b2c",
-    status=Status.SUCCEEDED,
-    provider=schema.ProviderName.FAL,
-    model="flux-kontext-pro",
-    prompt="Put a donut next to the flour",
-    provider_task_id="764cabcf-b745-4b3e-ae38-1200304cf45b",
-    images=[
-        schema.Image(
-            index=0,
-            url="https://receiver.example.org/v1/tasks/tsk_5f0c6a1e9b2d4c7a8e3f1b2c/images/0"
-            "?expires=1767225600&signature=3Ch2Xx8a",
-            content_type=schema.ImageType.PNG,
-            size=1482213,
-            sha256="9f2c1d0b7a4e5f60718293a4b5c6d7e8f9a0b1c2d3e4f5061728394a5b6c7d8e",
-            width=1024,
-            height=768,
-            source_url="https://v3.fal.media/files/rabbit/result.png",
-        )
-    ],
-    error=None,
-    fallback=[],
-    attempts=[],
-    metadata={"order": 4711},
-    created_at="2026-05-01T12:00:00.000Z",
-    updated_at="2026-05-01T12:00:09.250Z",
-    completed_at="2026-05-01T12:00:09.250Z",
-)
-EXAMPLE_QUEUED = msgspec.structs.replace(
-    EXAMPLE_TASK,
-    status=Status.QUEUED,
-    provider_task_id=None,
-    images=[],
-    updated_at=EXAMPLE_TASK.created_at,
-    completed_at=None,
-)
-EXAMPLE_FAILED = msgspec.structs.replace(
-    EXAMPLE_TASK,
-    status=Status.FAILED,
-    images=[],
-    error=schema.TaskFailure(ErrorCode.CONTENT_MODERATED, "the prompt was flagged", "nsfw"),
-)
-EXAMPLE_CREATE = {
-    "provider": "fal",
-    "model": "flux-kontext-pro",
-    "prompt": "Put a donut next to the flour",
-    "images": ["https://images.example.org/kitchen.png"],
-    "aspect_ratio": "16:9",
-    "notify_url": "https://app.example.org/hooks/images",
-    "metadata": {"order": 4711},
-}
-EXAMPLE_ERROR = schema.ErrorBody(
-    schema.ErrorDetail("invalid", "the request has invalid fields", {"prompt": "required"})
-)
-
-
-def _ref(model: type[msgspec.Struct]) -> dict[str, str]:
-    return {"$ref": REF.format(name=model.__name__)}
-
-
-def _json(model: type[msgspec.Struct], description: str, example: Any = None) -> dict[str, Any]:
-    media: dict[str, Any] = {"schema": _ref(model)}
-    if example is not None:
-        media["example"] = msgspec.to_builtins(example)
-    return {"description": description, "content": {"application/json": media}}
-
 
 def _example(value: msgspec.Struct) -> dict[str, Any]:
     return {"value": msgspec.to_builtins(value)}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return _json(schema.ErrorBody, description)
-
-
-UNAUTHORIZED = {"401": _error("no valid `Authorization: Bearer <key>` (answered with WWW-Authenticate)")}
-NOT_FOUND = {"404": _error("no such task for this tenant")}
-INVALID = {"422": _error("invalid fields, each named in error.fields")}
-TASK_ID = {
-    "name": "id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": schema.TASK_ID_PATTERN},
-}
 
 
 def _typed_enums(node: Any) -> Any:
@@ -156,200 +80,62 @@ def _without_null(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if not (k == "default" and v is None)}
 
 
-def _parameters(model: dict[str, Any], location: str) -> list[dict[str, Any]]:
+def _parameters(model: dict[str, Any]) -> list[dict[str, Any]]:
+    """A parameter Struct's fields as OpenAPI parameters (their `in` is filled in by `_operation`)."""
     required = set(model.get("required", ()))
     parameters = []
     for name, item in model["properties"].items():
         item = _without_null(item)
-        parameter: dict[str, Any] = {"name": name, "in": location, "required": name in required}
+        parameter: dict[str, Any] = {"name": name, "required": name in required}
         if "description" in item:
             parameter["description"] = item.pop("description")
         parameters.append({**parameter, "schema": item})
     return parameters
 
 
-def openapi_document(server_url: str) -> dict[str, Any]:
+def _operation(
+    route: Route, operation: Operation, parameters: Mapping[type[msgspec.Struct], list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """One operation object: the route's path parameters (typed by their convertor, or `PATH_SCHEMAS`),
+    then the header and query parameters of the Structs its handler parses them with."""
+    given: list[dict[str, Any]] = []
+    for name, convertor in route.param_convertors.items():
+        kind = {"type": "integer"} if isinstance(convertor, IntegerConvertor) else {"type": "string"}
+        given.append({"name": name, "in": "path", "required": True, "schema": PATH_SCHEMAS.get(name, kind)})
+    for model, location in ((operation.headers, "header"), (operation.query, "query")):
+        if model is not None:
+            given += [{**parameter, "in": location} for parameter in parameters[model]]
+    document: dict[str, Any] = {
+        "operationId": operation.id,
+        "tags": [operation.tag],
+        "summary": operation.summary,
+    }
+    if operation.description is not None:
+        document["description"] = operation.description
+    if operation.security is not None:
+        document["security"] = operation.security
+    if given:
+        document["parameters"] = given
+    if operation.body is not None:
+        document["requestBody"] = operation.body
+    document["responses"] = operation.responses
+    return document
+
+
+def openapi_document(server_url: str, served: Sequence[BaseRoute] = TABLE.routes) -> dict[str, Any]:
+    """The document for `served` (create_app's routes; by default the route table they are made from):
+    each route in the schema with its endpoint's `Operation`, walked as Starlette's SchemaGenerator does."""
     _, schemas = msgspec.json.schema_components(MODELS + PARAMETER_MODELS, ref_template=REF)
     _typed_enums(schemas)
-    header = _parameters(schemas.pop("CreateHeaders"), "header")
-    list_query = _parameters(schemas.pop("ListQuery"), "query")
-    wait_query = _parameters(schemas.pop("WaitQuery"), "query")
-    events_query = _parameters(schemas.pop("EventsQuery"), "query")
-    link_query = _parameters(schemas.pop("LinkQuery"), "query")
-    image_answer = {
-        "description": "the stored bytes",
-        "headers": {
-            "ETag": {"schema": {"type": "string"}, "description": "the sha256, quoted"},
-            "X-Content-Type-Options": {"schema": {"type": "string", "const": "nosniff"}},
-        },
-        "content": IMAGE_CONTENT,
-    }
-    not_modified = {"304": {"description": "not modified (If-None-Match matched the ETag)"}}
-    paths: dict[str, Any] = {
-        "/v1/tasks": {
-            "post": {
-                "operationId": "createTask",
-                "tags": ["tasks"],
-                "summary": "Create a task",
-                "description": "Records the task and submits it to the provider; the answer does not wait "
-                "for the image. Bodies over the size cap are a 413.",
-                "parameters": header,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": _ref(schema.TaskCreate), "example": EXAMPLE_CREATE}
-                    },
-                },
-                "responses": {
-                    "202": {
-                        **_json(schema.Task, "accepted", EXAMPLE_QUEUED),
-                        "headers": {"Location": {"schema": {"type": "string"}, "description": "the task"}},
-                    },
-                    "200": _json(schema.Task, "the same Idempotency-Key and body again: the same task"),
-                    "400": _error("the body is not a JSON object (code invalid_json)"),
-                    **UNAUTHORIZED,
-                    "409": _error("the same Idempotency-Key with another body"),
-                    "413": _error("the body is over the size cap"),
-                    "422": _json(
-                        schema.ErrorBody, "invalid fields, each named in error.fields", EXAMPLE_ERROR
-                    ),
-                },
-            },
-            "get": {
-                "operationId": "listTasks",
-                "tags": ["tasks"],
-                "summary": "List tasks, newest first",
-                "parameters": list_query,
-                "responses": {"200": _json(schema.TaskPage, "a page of tasks"), **UNAUTHORIZED, **INVALID},
-            },
-        },
-        "/v1/tasks/{id}": {
-            "get": {
-                "operationId": "getTask",
-                "tags": ["tasks"],
-                "summary": "A task; with wait, the answer waits until it ends or N seconds pass",
-                "parameters": [TASK_ID, *wait_query],
-                "responses": {
-                    "200": _json(schema.Task, "the task", EXAMPLE_TASK),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    **INVALID,
-                },
-            }
-        },
-        "/v1/tasks/{id}/events": {
-            "get": {
-                "operationId": "listTaskEvents",
-                "tags": ["tasks"],
-                "summary": "Every callback, poll, download and notification of the task, oldest first",
-                "parameters": [TASK_ID, *events_query],
-                "responses": {
-                    "200": _json(schema.EventPage, "a page of events"),
-                    **UNAUTHORIZED,
-                    **NOT_FOUND,
-                    **INVALID,
-                },
-            }
-        },
-        "/v1/tasks/{id}/images/{index}": {
-            "get": {
-                "operationId": "getTaskImage",
-                "tags": ["images"],
-                "summary": "A stored image: with the owner's bearer key, or as the signed link in `url`",
-                "security": [*BEARER, {}],
-                "parameters": [
-                    TASK_ID,
-                    {"name": "index", "in": "path", "required": True, "schema": {"type": "integer"}},
-                    *link_query,
-                ],
-                "responses": {
-                    "200": image_answer,
-                    **not_modified,
-                    **UNAUTHORIZED,
-                    "404": _error("no such task or image (yet)"),
-                },
-            }
-        },
-        "/v1/uploads": {
-            "post": {
-                "operationId": "createUpload",
-                "tags": ["uploads"],
-                "summary": "Upload an image for use in a task's `images`",
-                "description": "The body is the image's raw bytes, PNG, JPEG or WebP (told apart by their "
-                "first bytes, not by the header), sent with Content-Type image/png, image/jpeg, image/webp "
-                "or application/octet-stream; anything else is a 415.",
-                "requestBody": {"required": True, "content": UPLOAD_CONTENT},
-                "responses": {
-                    "201": _json(schema.Upload, "stored"),
-                    **UNAUTHORIZED,
-                    "413": _error("over RECEIVER_MAX_IMAGE_BYTES"),
-                    "415": _error("the Content-Type or the bytes are not PNG, JPEG or WebP"),
-                },
-            }
-        },
-        "/uploads/{name}": {
-            "get": {
-                "operationId": "getUpload",
-                "tags": ["uploads"],
-                "summary": "An uploaded image, by its signed link",
-                "security": [],
-                "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
-                    *link_query,
-                ],
-                "responses": {
-                    "200": image_answer,
-                    "401": _error("the link is not signed, or has expired"),
-                    "404": _error("no such upload"),
-                },
-            }
-        },
-        "/v1/providers": {
-            "get": {
-                "operationId": "listProviders",
-                "tags": ["providers"],
-                "summary": "The providers this deployment offers (key set, and the sandbox)",
-                "responses": {"200": _json(schema.ProviderList, "the providers"), **UNAUTHORIZED},
-            }
-        },
-        "/healthz": {
-            "get": {
-                "operationId": "health",
-                "tags": ["service"],
-                "summary": "The process is alive",
-                "security": [],
-                "responses": {"200": _json(schema.Health, "alive")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "operationId": "readiness",
-                "tags": ["service"],
-                "summary": "The database and the media store both work",
-                "security": [],
-                "responses": {
-                    "200": _json(schema.Readiness, "ready"),
-                    "503": _json(schema.Readiness, "not ready, with the problems"),
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "operationId": "openapiDocument",
-                "tags": ["service"],
-                "summary": "This document",
-                "security": [],
-                "responses": {
-                    "200": {
-                        "description": "OpenAPI 3.1",
-                        "content": {
-                            "application/json": {"schema": {"type": "object", "additionalProperties": True}}
-                        },
-                    }
-                },
-            }
-        },
-    }
+    parameters = {model: _parameters(schemas.pop(model.__name__)) for model in PARAMETER_MODELS}
+    paths: dict[str, Any] = {}
+    for route in served:
+        if not isinstance(route, Route) or not route.include_in_schema:
+            continue
+        operation = OPERATIONS[route.name]
+        path = CONVERTER.sub("}", route.path)  # `{index:int}` is `{index}` in OpenAPI
+        for method in sorted((route.methods or set()) - {"HEAD"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(route, operation, parameters)
     at = "2026-05-01T12:00:09.250Z"
     webhook_headers = [
         {"name": name, "in": "header", "required": True, "schema": {"type": "string"}, "description": text}
@@ -389,7 +175,7 @@ def openapi_document(server_url: str) -> dict[str, Any]:
                         "required": True,
                         "content": {
                             "application/json": {
-                                "schema": _ref(schema.Notification),
+                                "schema": ref(schema.Notification),
                                 "examples": {
                                     "succeeded": _example(
                                         schema.Notification("task.succeeded", at, EXAMPLE_TASK)

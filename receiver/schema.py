@@ -8,6 +8,7 @@ to public addresses, byte caps) stay in code beside the call that applies them.
 
 from __future__ import annotations
 
+import base64
 import enum
 import functools
 import re
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Annotated
 from typing import Any
+from typing import ClassVar
 from typing import Literal
 from typing import TypeVar
 from typing import Union
@@ -38,6 +40,8 @@ MAX_SEED = 2**64 - 1
 MAX_WAIT = 60.0
 PAGE_LIMIT = 50
 MAX_PAGE_LIMIT = 200
+EVENTS_PAGE = 100
+MAX_EVENTS_PAGE = 500
 MAX_NAMED_UNKNOWN = 20  # unknown fields named in one answer; a body of thousands gets a short one
 NOT_BLANK = r"\S"
 _PATTERNS_MEAN = {NOT_BLANK: "must not be empty or only whitespace"}  # each pattern validated, in words
@@ -156,20 +160,42 @@ class CreateHeaders(Struct, kw_only=True):
     idempotency_key: IdempotencyKey | None = msgspec.field(default=None, name="Idempotency-Key")
 
 
+Cursor = Annotated[str, Meta(min_length=1, description="next_cursor of the page before")]
+
+
+def encode_cursor(kind: str, position: int) -> str:
+    """An opaque next_cursor: the position after which the next page starts, and what it counts."""
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(kind: str, cursor: str) -> int | None:
+    """The position in a cursor this service gave for `kind`; None for anything else."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    number = text.removeprefix(f"{kind}:")
+    if number == text or not number.isascii() or not number.isdigit() or len(number) > 18:
+        return None
+    return int(number)
+
+
 class ListQuery(Struct, kw_only=True):
     """GET /v1/tasks's query. An empty value is refused like any other value outside the schema."""
 
+    CURSOR: ClassVar[str] = "seq"  # a task's place in the list, newest first
     status: Status | None = None
     provider: ProviderName | None = None
     limit: Annotated[int, Meta(ge=1, le=MAX_PAGE_LIMIT)] = PAGE_LIMIT
-    cursor: Annotated[str, Meta(min_length=1, description="next_cursor of the page before")] | None = None
+    cursor: Cursor | None = None
 
 
 class EventsQuery(Struct, kw_only=True):
     """GET /v1/tasks/{id}/events's query: oldest first, a page at a time."""
 
-    limit: Annotated[int, Meta(ge=1, le=500)] = 100
-    cursor: Annotated[str, Meta(min_length=1, description="next_cursor of the page before")] | None = None
+    CURSOR: ClassVar[str] = "evt"  # an event's id
+    limit: Annotated[int, Meta(ge=1, le=MAX_EVENTS_PAGE)] = EVENTS_PAGE
+    cursor: Cursor | None = None
 
 
 class WaitQuery(Struct, kw_only=True):

@@ -13,6 +13,7 @@ from typing import overload
 from receiver.models import ErrorCode
 from receiver.models import Status
 from receiver.models import TaskSpec
+from receiver.routes import url_path
 from receiver.schema import Attempt
 from receiver.schema import Event
 from receiver.schema import Image
@@ -40,7 +41,7 @@ def iso(timestamp: float | None) -> str | None:
 
 
 def image_path(task_id: str, index: int) -> str:
-    return f"/v1/tasks/{task_id}/images/{index}"
+    return url_path("task_image", id=task_id, index=index)
 
 
 def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) -> Task:
@@ -130,7 +131,7 @@ def task_spec(
         if inline is not None and name in inline:
             images.append(data_uri(name, inline[name]))
         else:
-            images.append(tokens.signed_link(f"/uploads/{name}"))
+            images.append(tokens.signed_link(url_path("get_upload", name=name)))
     return TaskSpec(
         id=row.id,
         model=row.model,

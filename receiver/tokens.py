@@ -23,6 +23,8 @@ from urllib.parse import urlencode
 from itsdangerous import Signer
 from itsdangerous.encoding import base64_encode
 
+from receiver.routes import url_path
+
 # An expiry time: ASCII digits, few enough for int() (str.isdigit() also takes '²').
 EXPIRES = re.compile(r"[0-9]{1,18}")
 # A hop in a callback token: the chain holds at most a handful of providers.
@@ -62,7 +64,9 @@ class Tokens:
         return signer.sign(f"{task_id}.{hop}").decode()
 
     def callback_url(self, provider: str, task_id: str, hop: int = 0) -> str:
-        return f"{self._public_url}/callbacks/{provider}/{self.callback_token(provider, task_id, hop)}"
+        return self._public_url + url_path(
+            "callback", provider=provider, token=self.callback_token(provider, task_id, hop)
+        )
 
     def callback_of(self, provider: str, token: str) -> CallbackClaim | None:
         """What a token posted to `provider`'s route names, or None when it is not one we gave that
