@@ -3,15 +3,18 @@
 Every test gets one tier marker at collection, read from what it reaches rather than written in each
 file: `browser` (drives chromium), `pg` (runs on PostgreSQL), `s3` (moto's S3 server), `e2e` (starts a
 served app, a provider fake, a subprocess), and `unit` for the rest; `slow` is added to the few that
-take tens of seconds. A `unit` test really starts nothing: binding a socket or starting a process
-fails it (so `scripts/test --fast`, which runs `-m unit`, cannot quietly grow servers).
+take tens of seconds. A `unit` test really starts nothing and waits for nothing: binding a socket,
+starting a process or sleeping fails it (so `scripts/test --fast`, which runs `-m unit`, cannot
+quietly grow servers or waits).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import socket
 import subprocess
+import time
 import types
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -254,11 +257,25 @@ def _refuse(what: str) -> Callable[..., Any]:
 
 
 def _unit_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A test marked `unit` that binds a socket or starts a process fails, naming its tier."""
+    """A test marked `unit` that binds a socket, starts a process or sleeps fails, naming its tier."""
     if request.node.get_closest_marker("unit") is None:
         return
     monkeypatch.setattr(socket.socket, "bind", _refuse("bound a socket (started a server)"))
     monkeypatch.setattr(subprocess.Popen, "__init__", _refuse("started a process"))
+    monkeypatch.setattr(time, "sleep", _refuse("slept (wall time is for e2e tests)"))
+    monkeypatch.setattr(asyncio, "sleep", _no_nap)
+
+
+_nap = asyncio.sleep
+
+
+async def _no_nap(delay: float, result: Any = None) -> Any:
+    """asyncio.sleep for a unit test: yielding to the loop (0) is fine, waiting is not."""
+    if delay > 0:
+        raise AssertionError(
+            f"a unit test slept {delay}s; it belongs in the e2e tier (see tests/conftest.py)"
+        )
+    return await _nap(0, result)
 
 
 unit_starts_nothing = pytest.fixture(autouse=True, name="unit_starts_nothing")(_unit_guard)

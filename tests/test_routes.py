@@ -175,3 +175,5 @@ def test_the_clients_paths_are_the_servers() -> None:
     assert client.task_path(TASK) == url_path("get_task", id=TASK)
     assert f"{client.task_path(TASK)}/events" == url_path("task_events", id=TASK)
     assert client.image_path(TASK, 3) == url_path("task_image", id=TASK, index=3)
+    # The largest page it asks for is the one ListQuery allows.
+    assert client.PAGE_LIMIT == schema.MAX_PAGE_LIMIT

@@ -1,11 +1,14 @@
-"""The suite's tiers (tests/conftest.py): a `unit` test starts nothing, and the tiers cover the suite."""
+"""The suite's tiers (tests/conftest.py): a `unit` test starts and waits for nothing, and the tiers
+cover the suite."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,15 @@ def test_a_unit_test_cannot_bind_a_socket(request: pytest.FixtureRequest) -> Non
     assert request.node.get_closest_marker("unit") is not None
     with socket.socket() as sock, pytest.raises(AssertionError, match="e2e tier"):
         sock.bind(("127.0.0.1", 0))
+
+
+@pytest.mark.unit
+def test_a_unit_test_cannot_wait_on_wall_time() -> None:
+    with pytest.raises(AssertionError, match="e2e tier"):
+        time.sleep(0.01)
+    asyncio.run(asyncio.sleep(0))  # yielding to the loop is not waiting
+    with pytest.raises(AssertionError, match="e2e tier"):
+        asyncio.run(asyncio.sleep(0.01))
 
 
 def collected(*args: str) -> set[str]:
