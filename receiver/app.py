@@ -125,6 +125,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     async def openapi(request: Request) -> Response:
         return Response(document, media_type="application/json")
 
+    # What answers each endpoint of the route table (receiver/routes.py), by the endpoint's name.
     handlers = {
         "callback": callbacks,
         "callback_suffixed": callbacks,
