@@ -30,7 +30,6 @@ from receiver.logs import event
 from receiver.media import open_media
 from receiver.models import ErrorCode
 from receiver.models import Status
-from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.providers import REGISTRY
 from receiver.sandbox_service import SandboxService
@@ -72,12 +71,6 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
     )
     worker = Worker(settings, store, tokens, provider_http, outside_http, media)
     worker.callbacks_busy = callbacks.busy
-    worker.add_handler(
-        "notify",
-        settings.notify_slots,
-        Notifier(settings, store, tokens, outside_http).deliver,
-        per_tenant=settings.notify_per_tenant,
-    )
 
     async def healthz(request: Request) -> Response:
         return ModelResponse(Health("ok"))
