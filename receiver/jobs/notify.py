@@ -55,7 +55,7 @@ class Notify:
             attempt = await self.notifier.post(row.notify_url, message_id(job.task_id), body)
         finally:
             in_flight.dec()
-        result, outcome = self._judge(job, attempt)
+        result, outcome = self.judge(job, attempt)
         metrics.NOTIFICATIONS.labels(result).inc()
         event(
             log,
@@ -68,7 +68,7 @@ class Notify:
         )
         return outcome
 
-    def _judge(self, job: Job, attempt: Attempt) -> tuple[str, Outcome]:
+    def judge(self, job: Job, attempt: Attempt) -> tuple[str, Outcome]:
         """What the attempt came to (for the metric and the log line), and the job's outcome."""
         number = f"attempt {job.attempts}"
         said = attempt.problem or f"HTTP {attempt.status}"
