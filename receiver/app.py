@@ -26,6 +26,7 @@ from receiver.callbacks import Callbacks
 from receiver.callbacks import KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
+from receiver.jobs.kinds import wire_jobs
 from receiver.logs import event
 from receiver.media import open_media
 from receiver.models import ErrorCode
@@ -69,7 +70,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         settings.sandbox_delay,
         provider_http,
     )
-    worker = Worker(settings, store, tokens, provider_http, outside_http, media)
+    worker = Worker(settings, store, wire_jobs(settings, store, tokens, provider_http, outside_http, media))
     worker.callbacks_busy = callbacks.busy
 
     async def healthz(request: Request) -> Response:

@@ -13,25 +13,20 @@ import logging
 from collections.abc import Awaitable
 from collections.abc import Callable
 
-import httpx
-
 from receiver import metrics
 from receiver.config import Settings
-from receiver.fetcher import open_fetcher
 from receiver.jobs import SYSTEM_CLOCK
 from receiver.jobs import Clock
 from receiver.jobs import record
 from receiver.jobs import retry_backoff
-from receiver.jobs.kinds import job_kinds
+from receiver.jobs.kinds import Jobs
 from receiver.jobs.paced import PaceKeeper
 from receiver.jobs.submit import build_pacer as build_pacer  # where tests and tools look for it
 from receiver.logs import event
-from receiver.media import Media
 from receiver.store import Claimed
 from receiver.store import Job
 from receiver.store import Store
 from receiver.store import StoreUnavailable
-from receiver.tokens import Tokens
 
 log = logging.getLogger("receiver.worker")
 INBOX_SLICE = 256  # callbacks applied per worker turn
@@ -50,26 +45,13 @@ def _filled(jobs: list[Job], slots: dict[str, int]) -> bool:
 
 
 class Worker:
-    def __init__(
-        self,
-        settings: Settings,
-        store: Store,
-        tokens: Tokens,
-        provider_http: httpx.AsyncClient,
-        outside_http: httpx.AsyncClient,
-        media: Media,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
+    def __init__(self, settings: Settings, store: Store, jobs: Jobs, clock: Clock = SYSTEM_CLOCK) -> None:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.pacer = build_pacer(settings)
-        self.pace = PaceKeeper(self.pacer, store, clock)
-        # Downloads run in a child process (RECEIVER_DOWNLOAD_PROCESS); their results are recorded here.
-        self.fetcher = open_fetcher(settings, provider_http, outside_http, media)
-        self.handlers = job_kinds(
-            settings, store, tokens, provider_http, outside_http, media, self.fetcher, self.pacer, clock
-        )
+        self.handlers = jobs.kinds
+        self.fetcher = jobs.fetcher
+        self.pace = PaceKeeper(jobs.pacer, store, clock)
         self._per_tenant = {
             kind: k.per_tenant for kind, k in self.handlers.items() if k.per_tenant is not None
         }
@@ -113,9 +95,9 @@ class Worker:
             claimed = await self.store.claim_due(
                 slots,
                 paced_out,
-                self.pacer.counted_providers(),
+                self.pace.pacer.counted_providers(),
                 BUSY_INBOX_SLICE if busy else INBOX_SLICE,
-                self.pacer.rate_windows(),
+                self.pace.pacer.rate_windows(),
                 self._per_tenant,
             )
         except Exception as exc:  # the database is away: jobs wait in it, try again shortly

@@ -35,6 +35,7 @@ from receiver.jobs import Fail
 from receiver.jobs import Retry
 from receiver.jobs.deadline import deadline
 from receiver.jobs.download import Download
+from receiver.jobs.kinds import wire_jobs
 from receiver.jobs.notify import Notify
 from receiver.media import open_media
 from receiver.models import ErrorCode
@@ -284,7 +285,8 @@ async def running_worker(store: Store, settings: Settings, clock: FakeClock) -> 
         provider_client(timeout=5) as provider_http,
         outside_client(allow_private=True, timeout=5) as outside_http,
     ):
-        worker = Worker(settings, store, tokens, provider_http, outside_http, media, clock)
+        jobs = wire_jobs(settings, store, tokens, provider_http, outside_http, media, clock)
+        worker = Worker(settings, store, jobs, clock)
         runner = asyncio.create_task(worker.run())
         try:
             yield worker

@@ -1,4 +1,5 @@
-"""The job kinds the worker runs: for each, how many at once, how many of one tenant's, and its handler."""
+"""What the worker runs, wired once: each job kind (how many at once, how many of one tenant's, its
+handler), the pacer the submits share and the fetcher the downloads use."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import httpx
 
 from receiver.config import Settings
 from receiver.fetcher import Fetcher
+from receiver.fetcher import open_fetcher
+from receiver.jobs import SYSTEM_CLOCK
 from receiver.jobs import Clock
 from receiver.jobs import Handler
 from receiver.jobs.calls import ProviderCalls
@@ -16,6 +19,7 @@ from receiver.jobs.download import Download
 from receiver.jobs.notify import Notify
 from receiver.jobs.reconcile import Reconcile
 from receiver.jobs.submit import Submit
+from receiver.jobs.submit import build_pacer
 from receiver.media import Media
 from receiver.notify import Notifier
 from receiver.pacing import Pacer
@@ -32,20 +36,28 @@ class Kind:
     per_tenant: int | None = None
 
 
-def job_kinds(
+@dataclass(frozen=True)
+class Jobs:
+    kinds: dict[str, Kind]
+    pacer: Pacer
+    fetcher: Fetcher  # closed by the worker once its downloads are over
+
+
+def wire_jobs(
     settings: Settings,
     store: Store,
     tokens: Tokens,
     provider_http: httpx.AsyncClient,
     outside_http: httpx.AsyncClient,
     media: Media,
-    fetcher: Fetcher,
-    pacer: Pacer,
-    clock: Clock,
-) -> dict[str, Kind]:
+    clock: Clock = SYSTEM_CLOCK,
+) -> Jobs:
+    pacer = build_pacer(settings)
+    # Downloads run in a child process (RECEIVER_DOWNLOAD_PROCESS); their results are recorded here.
+    fetcher = open_fetcher(settings, provider_http, outside_http, media)
     calls = ProviderCalls(settings, tokens, provider_http, clock)
     notifier = Notifier(settings, outside_http, clock)
-    return {
+    kinds = {
         "submit": Kind(8, Submit(settings, store, tokens, media, calls, pacer, clock)),
         "download": Kind(settings.download_concurrency, Download(settings, store, fetcher, clock)),
         "reconcile": Kind(4, Reconcile(settings, store, calls)),
@@ -54,3 +66,4 @@ def job_kinds(
             settings.notify_slots, Notify(settings, store, tokens, notifier), settings.notify_per_tenant
         ),
     }
+    return Jobs(kinds, pacer, fetcher)
