@@ -648,6 +648,36 @@ class Store(ABC):
     async def finish_job(self, job: Job) -> None:
         await self.write(lambda tx: _delete_job(tx, job.id))
 
+    async def settle_job(
+        self,
+        job: Job,
+        retry_in: float | None,
+        note: str = "",
+        *,
+        event: tuple[str, str] | None = None,
+        detail: str | None = None,
+        requeue: bool = False,
+    ) -> None:
+        """A job's outcome in one write (see receiver.jobs.record): an event on its task (`event`: kind and
+        summary), then the job ended (`retry_in` None), due again in `retry_in` s with `note` as its last
+        error, or with `requeue` put back untouched like `unclaim`."""
+
+        async def op(tx: Tx) -> None:
+            if event is not None:
+                await _event(tx, job.task_id, event[0], True, event[1], None, detail)
+            if requeue:
+                await tx.run(
+                    "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
+                    " WHERE id=:id AND owner=:owner",
+                    {"id": job.id, "owner": self.owner},
+                )
+            elif retry_in is None:
+                await _delete_job(tx, job.id)
+            else:
+                await _reschedule(tx, job, retry_in, note, self.owner)
+
+        await self.write(op)
+
 
 def owned(kind: type[V], rows: Sequence[Row], tenant: str | None) -> V | None:
     """The task read by its id, if there is one and it is the tenant's (any tenant's for None)."""
