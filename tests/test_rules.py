@@ -312,3 +312,25 @@ def test_the_only_worker_frees_the_leases_of_a_dead_one(tmp_path: Path) -> None:
             await second.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.unit
+def test_the_rules_import_no_backend() -> None:
+    """The seam: the rules and the protocol import no backend (a backend imports them); no backend
+    is a Store, so none can override a rule."""
+    import ast
+
+    import receiver.store.base
+    import receiver.store.rules
+
+    for module in (receiver.store.rules, receiver.store.base):
+        assert module.__file__ is not None
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {
+            alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+        }
+        store_modules = {name for name in imported if name and name.startswith("receiver.store.")}
+        assert store_modules <= {"receiver.store.base", "receiver.store.records"}, module.__name__
+    assert not issubclass(SqliteBackend, Store) and not issubclass(PostgresBackend, Store)
+    assert Store.__subclasses__() == []
