@@ -52,7 +52,7 @@ class Dialect:
     `INSERT … ON CONFLICT … DO UPDATE`, window functions) is written plainly."""
 
     name: str  # which text of a `Spelled` migration this database runs
-    types: Mapping[str, str]  # the schema's column types by the name it uses (`{key}`, `{int}`, …)
+    types: Mapping[str, str]  # the schema's column types by the name it uses (`$key`, `$int`, …)
     # Appended to a SELECT of rows the transaction goes on to change: PostgreSQL locks them (so two
     # replicas cannot both move a task from the same state); SQLite has one writer and needs nothing.
     lock: str = ""
