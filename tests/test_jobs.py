@@ -265,7 +265,7 @@ def with_store(
 
     async def run() -> None:
         store = make_store(settings)
-        store.clock = clock.time
+        store.backend.clock = clock.time
         await store.open()
         await store.claim_worker()
         try:

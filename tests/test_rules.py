@@ -197,7 +197,7 @@ def test_jobs_are_leased_until_released_or_expired(make_backend: MakeBackend) ->
         [job] = (await store.claim_due(slots)).jobs
         assert (job.kind, job.task_id, job.attempts) == ("submit", "tsk_j", 1)
         assert (await store.claim_due(slots)).jobs == []  # leased: nobody else takes it
-        await store.unclaim(job)  # pacing said not yet: back in its place, the attempt not counted
+        await store.settle_job(job, None, requeue=True)  # pacing said not yet: back in its place, uncounted
         [again] = (await store.claim_due(slots)).jobs
         assert (again.id, again.attempts) == (job.id, 1)
         clock.now += LEASE - 1

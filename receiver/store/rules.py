@@ -343,9 +343,6 @@ class Store:
 
         return await self.write(op)
 
-    async def add_event(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
-        await self.write(lambda tx: _event(tx, task_id, kind, verified, summary, None))
-
     async def add_refusal(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
         """A refused callback. Refusals in a row are one event that counts them (its time and summary
         the latest), so a flood of bad callbacks cannot grow a task's events without bound."""
@@ -369,20 +366,6 @@ class Store:
                 tx.changed.add(task_id)
                 return
             await _event(tx, task_id, kind, verified, summary, None, repeats=1)
-
-        await self.write(op)
-
-    async def record_notify_attempt(
-        self, job: Job, summary: str, detail: str | None, retry_in: float | None
-    ) -> None:
-        """One delivery attempt and what follows it, together: a retry in `retry_in` s, or (None) no more."""
-
-        async def op(tx: Tx) -> None:
-            await _event(tx, job.task_id, "notify", True, summary, None, detail)
-            if retry_in is None:
-                await _delete_job(tx, job.id)
-            else:
-                await _reschedule(tx, job, retry_in, summary[:500], self.owner)
 
         await self.write(op)
 
@@ -520,18 +503,6 @@ class Store:
 
         await self.write(op)
 
-    async def unclaim(self, job: Job) -> None:
-        """Put a claimed job back untouched (pacing said not yet): its place in the queue is kept."""
-
-        async def op(tx: Tx) -> None:
-            await tx.run(
-                "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
-                " WHERE id=:id AND owner=:owner",
-                {"id": job.id, "owner": self.owner},
-            )
-
-        await self.write(op)
-
     async def in_flight(self, providers: Sequence[str]) -> dict[tuple[str, str], int]:
         """Tasks accepted by their provider and not finished, by (provider, model).
 
@@ -635,9 +606,6 @@ class Store:
         rows = await self.fetch("SELECT kind, COUNT(*) AS n FROM parked GROUP BY kind")
         return {row["kind"]: int(row["n"]) for row in rows}
 
-    async def finish_job(self, job: Job) -> None:
-        await self.write(lambda tx: _delete_job(tx, job.id))
-
     async def settle_job(
         self,
         job: Job,
@@ -650,12 +618,12 @@ class Store:
     ) -> None:
         """A job's outcome in one write (see receiver.jobs.record): an event on its task (`event`: kind and
         summary), then the job ended (`retry_in` None), due again in `retry_in` s with `note` as its last
-        error, or with `requeue` put back untouched like `unclaim`."""
+        error, or with `requeue` put back untouched."""
 
         async def op(tx: Tx) -> None:
             if event is not None:
                 await _event(tx, job.task_id, event[0], True, event[1], None, detail)
-            if requeue:
+            if requeue:  # pacing said not yet: back untouched, its place in the queue kept
                 await tx.run(
                     "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
                     " WHERE id=:id AND owner=:owner",
