@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -16,6 +17,8 @@ from typing import TypeVar
 from urllib.parse import parse_qsl
 from urllib.parse import urlsplit
 
+import msgspec
+import msgspec.inspect
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
 from starlette.responses import FileResponse
@@ -559,9 +562,20 @@ def _page_query(request: Request, model: type[Paged]) -> tuple[Paged, int | None
         position = decode_cursor(model.CURSOR, query.cursor)
         if position is None:
             errors["cursor"] = "not a cursor this service gave"
+    if "limit" in errors:  # one wording for any bad limit, with the bounds the Struct declares
+        errors["limit"] = _whole_number_range(model, "limit")
     if query is None or errors:
         raise ApiError(422, "invalid", "the query has invalid parameters", errors)
     return query, position
+
+
+@functools.cache
+def _whole_number_range(model: type[msgspec.Struct], name: str) -> str:
+    info = msgspec.inspect.type_info(model)
+    assert isinstance(info, msgspec.inspect.StructType)
+    [kind] = [field.type for field in info.fields if field.name == name]
+    assert isinstance(kind, msgspec.inspect.IntType)
+    return f"a whole number from {kind.ge} to {kind.le}"
 
 
 def _now() -> float:

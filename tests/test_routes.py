@@ -132,9 +132,13 @@ def test_lists_page_by_their_query_structs(start_receiver: Callable[..., Receive
         refused = receiver.alice.get("/v1/tasks", params=query)
         assert refused.status_code == 422, query
         assert set(refused.json()["error"]["fields"]) == {field}, query
+        if field == "limit":  # the words of before: the range, whatever was wrong
+            assert refused.json()["error"]["fields"]["limit"] == "a whole number from 1 to 200", query
     task_cursor = schema.encode_cursor(schema.ListQuery.CURSOR, 1)
     refused = receiver.alice.get(f"/v1/tasks/{second['id']}/events", params={"cursor": task_cursor})
     assert refused.status_code == 422 and set(refused.json()["error"]["fields"]) == {"cursor"}
+    refused = receiver.alice.get(f"/v1/tasks/{second['id']}/events", params={"limit": 501})
+    assert refused.json()["error"]["fields"] == {"limit": "a whole number from 1 to 500"}
 
 
 def test_the_cli_flags_follow_the_request_schema() -> None:
