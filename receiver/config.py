@@ -108,7 +108,7 @@ class Settings:
     def max_waits(self) -> int | None:
         """Open ?wait long-polls of all tenants together: half the connections at most, so the other
         half is always there for lookups, callbacks and health checks."""
-        return None if self.max_connections is None else max(1, self.max_connections // 2)
+        return waits_cap(self.max_connections)
 
     @property
     def db_path(self) -> Path:
@@ -120,6 +120,11 @@ class Settings:
 
     def provider(self, name: str) -> ProviderSettings:
         return self.providers.get(name, ProviderSettings(api_key=None, base_url=""))
+
+
+def waits_cap(max_connections: int | None) -> int | None:
+    """Half the connections at most, so the other half is always there for everything else."""
+    return None if max_connections is None else max(1, max_connections // 2)
 
 
 # -- the parsers with a shape of their own ----------------------------------------------------------
@@ -447,7 +452,7 @@ STORAGE = (
         backends=("S3 media",),
     ),
 )
-# Read only with RECEIVER_MEDIA_URL set (elsewhere they may be set for other programs).
+# Read only with RECEIVER_MEDIA_URL set.
 AWS = (
     Variable(
         "AWS_ENDPOINT_URL",
@@ -586,8 +591,8 @@ def data_dir_of(env: Mapping[str, str]) -> Path:
 def _read(env: Mapping[str, str], host: str, port: int) -> tuple[Settings, Reading]:
     _undecodable(env)
     reading = Reading()
-    for section in (SERVICE, SCHEDULES, LIMITS, STORAGE, provider_variables(), PACING):
-        for var in section:
+    for var in VARIABLES.values():
+        if var not in AWS:  # those only with a bucket (below): elsewhere they may be other programs'
             reading.take(var, env)
     values = reading.values
     data_dir = data_dir_of(env)
@@ -629,7 +634,6 @@ def _read(env: Mapping[str, str], host: str, port: int) -> tuple[Settings, Readi
         "max_connections": max_connections,
         "max_waits_per_tenant": _max_waits_per_tenant(env, reading, max_connections),
         "download_process": _download_process(values["RECEIVER_DOWNLOAD_PROCESS"]),
-        "media_redirect": redirect and media_url is not None,
     }
     settings = Settings(
         host=host,
@@ -681,7 +685,7 @@ def _max_waits_per_tenant(env: Mapping[str, str], reading: Reading, max_connecti
     RECEIVER_MAX_CONNECTIONS); unset, the default within that."""
     name = "RECEIVER_MAX_WAITS_PER_TENANT"
     value: int = reading.values[name]
-    most = None if max_connections is None else max(1, max_connections // 2)
+    most = waits_cap(max_connections)
     if most is None or value <= most:
         return value
     if reading.origins[name] == "default":
