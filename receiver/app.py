@@ -26,11 +26,11 @@ from receiver.callbacks import Callbacks
 from receiver.callbacks import KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
+from receiver.jobs.kinds import wire_jobs
 from receiver.logs import event
 from receiver.media import open_media
 from receiver.models import ErrorCode
 from receiver.models import Status
-from receiver.notify import Notifier
 from receiver.openapi import openapi_document
 from receiver.providers import REGISTRY
 from receiver.sandbox_service import SandboxService
@@ -70,14 +70,8 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         settings.sandbox_delay,
         provider_http,
     )
-    worker = Worker(settings, store, tokens, provider_http, outside_http, media)
+    worker = Worker(settings, store, wire_jobs(settings, store, tokens, provider_http, outside_http, media))
     worker.callbacks_busy = callbacks.busy
-    worker.add_handler(
-        "notify",
-        settings.notify_slots,
-        Notifier(settings, store, tokens, outside_http).deliver,
-        per_tenant=settings.notify_per_tenant,
-    )
 
     async def healthz(request: Request) -> Response:
         return ModelResponse(Health("ok"))

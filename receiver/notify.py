@@ -1,4 +1,4 @@
-"""Notifications to the app: Standard Webhooks signing and the durable `notify` job that delivers them.
+"""Notifications to the app: Standard Webhooks signing and delivery for the durable `notify` job.
 
 A task that ends with a `notify_url` gets a `notify` job in the same transaction (store/rules.py,
 _finish), so a restart loses nothing. Each attempt is one POST, signed afresh, never redirected, over in
@@ -14,33 +14,19 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import random
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import httpx
 
-from receiver import metrics
 from receiver.config import Settings
 from receiver.downloads import AddressRefused
 from receiver.downloads import check_url
-from receiver.logs import event
-from receiver.logs import url_host
-from receiver.models import Status
-from receiver.schema import Notification
-from receiver.schema import encode
-from receiver.store import Job
-from receiver.store import Store
-from receiver.tasks import iso
-from receiver.tasks import render_task
-from receiver.tokens import Tokens
+from receiver.jobs import SYSTEM_CLOCK
+from receiver.jobs import Clock
 from receiver.webhooks import WebhookSigner
 
 log = logging.getLogger("receiver.notify")
 ANSWER_EXCERPT = 2048
-JITTER = 0.1  # each wait is the schedule's step ±10 %, so many apps failing at once do not retry in step
 MAX_RETRY_AFTER = 86_400.0  # an app may ask for a pause, not for the notification to be parked for ever
 # A host that does not even accept the connection is given up on sooner than one that is slow to answer.
 CONNECT_TIMEOUT = 3.0
@@ -82,73 +68,13 @@ class Notifier:
     def __init__(
         self,
         settings: Settings,
-        store: Store,
-        tokens: Tokens,
         client: httpx.AsyncClient,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.settings = settings
-        self.store = store
-        self.tokens = tokens
         self.client = client
         self.clock = clock
         self.signer = WebhookSigner(settings.notify_secrets)
-
-    async def deliver(self, job: Job) -> None:
-        """The `notify` job: one attempt, then done, stopped, given up, or due again later."""
-        row = await self.store.task_view(job.task_id)
-        if row is None or not row.notify_url or not row.status.terminal:
-            await self.store.finish_job(job)
-            return
-        task = render_task(row, await self.store.image_rows(job.task_id), self.tokens)
-        kind: Literal["task.succeeded", "task.failed"] = (
-            "task.succeeded" if row.status == Status.SUCCEEDED else "task.failed"
-        )
-        body = encode(Notification(type=kind, timestamp=iso(row.completed_at or row.updated_at), data=task))
-        in_flight = metrics.NOTIFICATIONS_IN_FLIGHT.labels(row.tenant)
-        in_flight.inc()
-        try:
-            attempt = await self.post(row.notify_url, message_id(job.task_id), body)
-        finally:
-            in_flight.dec()
-
-        number = f"attempt {job.attempts}"
-        outcome = attempt.problem or f"HTTP {attempt.status}"
-        if attempt.elapsed_ms is not None:
-            outcome += f" ({attempt.elapsed_ms} ms)"
-        if attempt.status is not None and 200 <= attempt.status < 300:
-            result, summary, retry_in = "delivered", f"{number}: delivered, {outcome}", None
-        elif attempt.status == 410:
-            result, summary, retry_in = (
-                "gone",
-                f"{number}: {outcome}; the app said Gone, no more attempts",
-                None,
-            )
-        elif job.attempts > len(self.settings.notify_schedule):
-            result, summary, retry_in = (
-                "gave_up",
-                f"{number}: {outcome}; gave up, that was the last attempt",
-                None,
-            )
-        else:
-            result = "retry"
-            step = self.settings.notify_schedule[job.attempts - 1]
-            retry_in = step * random.uniform(1 - JITTER, 1 + JITTER)
-            if attempt.retry_after is not None and attempt.retry_after > retry_in:
-                retry_in = attempt.retry_after
-            summary = f"{number}: {outcome}; next attempt in {retry_in:.{2 if retry_in < 10 else 0}f} s"
-        await self.store.record_notify_attempt(job, summary, attempt.answer, retry_in)
-        metrics.NOTIFICATIONS.labels(result).inc()
-        level = logging.INFO if result == "delivered" else logging.WARNING
-        event(
-            log,
-            f"notification {result.replace('_', ' ')}",
-            level=level,
-            task_id=job.task_id,
-            attempt=job.attempts,
-            status=attempt.status,
-            host=url_host(row.notify_url),
-        )
 
     async def post(self, url: str, message: str, body: bytes) -> Attempt:
         """One signed POST: the address guard first, no redirects, `notify_timeout` for all of it."""
@@ -156,8 +82,9 @@ class Notifier:
         if problem:
             return Attempt(None, None, None, None, f"refused: {problem}")
         # Only 2 KB of the answer is read: asking for it uncompressed means nothing inflates past that.
-        headers = {**self.signer.headers(message, int(self.clock()), body), "accept-encoding": "identity"}
-        started = time.monotonic()
+        signed = self.signer.headers(message, int(self.clock.time()), body)
+        headers = {**signed, "accept-encoding": "identity"}
+        started = self.clock.monotonic()
         timeout = self.settings.notify_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -179,10 +106,10 @@ class Notifier:
             problem = f"refused: {exc}"
         except httpx.HTTPError as exc:
             problem = f"{type(exc).__name__}: {exc or 'network error'}"
-        elapsed_ms = round((time.monotonic() - started) * 1000)
+        elapsed_ms = round((self.clock.monotonic() - started) * 1000)
         if problem:
             return Attempt(None, elapsed_ms, None, None, problem)
-        wait = retry_after(response.headers.get("retry-after"), self.clock())
+        wait = retry_after(response.headers.get("retry-after"), self.clock.time())
         return Attempt(response.status_code, elapsed_ms, answer, wait)
 
 

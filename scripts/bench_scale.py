@@ -59,7 +59,8 @@ from bench import write_requests  # noqa: E402
 from bench import wrk  # noqa: E402
 
 from receiver.store.base import Timings  # noqa: E402
-from receiver.store.postgres import PostgresStore  # noqa: E402
+from receiver.store.postgres import PostgresBackend  # noqa: E402
+from receiver.store.rules import Store  # noqa: E402
 from tests.pg import HOW_TO_GET  # noqa: E402
 from tests.pg import SECRETS  # noqa: E402
 from tests.pg import Cluster  # noqa: E402
@@ -91,7 +92,7 @@ class Database:
 
     async def _migrate(self) -> None:
         assert self.url
-        store = PostgresStore(self.url, Timings(3600.0, 86400.0))
+        store = Store(PostgresBackend(self.url), Timings(3600.0, 86400.0))
         await store.open()
         await store.close()
 

@@ -174,9 +174,8 @@ OLD_TASKS = {
 
 def test_the_fallback_column_is_filled_for_tasks_already_there_on_sqlite(tmp_path: Any) -> None:
     conn = sqlite3.connect(tmp_path / "old.db", isolation_level=None)
-    before = schema.MIGRATIONS[:FALLBACK_MIGRATION]
-    assert all(isinstance(script, str) for script in before)
-    apply(tuple(str(script) for script in before), conn)
+    before = sqlite_store.MIGRATIONS[:FALLBACK_MIGRATION]
+    apply(before, conn)
     conn.execute(f"PRAGMA user_version={len(before)}")
     for task_id, (request, _) in OLD_TASKS.items():
         conn.execute(INSERT, {"id": task_id, "request": request})

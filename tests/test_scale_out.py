@@ -19,7 +19,8 @@ import httpx
 
 from receiver.store.base import Timings
 from receiver.store.postgres import MIGRATIONS
-from receiver.store.postgres import PostgresStore
+from receiver.store.postgres import PostgresBackend
+from receiver.store.rules import Store
 from tests.fakes.common import png
 from tests.fakes.kie import GENERATE
 from tests.fakes.kie import KEY
@@ -39,7 +40,7 @@ def test_replicas_that_start_together_migrate_once(pg_env: dict[str, str]) -> No
     url = pg_env["RECEIVER_DATABASE_URL"]
 
     async def start_four() -> list[int]:
-        stores = [PostgresStore(url, Timings(1.0, 60.0)) for _ in range(4)]
+        stores = [Store(PostgresBackend(url), Timings(1.0, 60.0)) for _ in range(4)]
         await asyncio.gather(*(store.open() for store in stores))
         for store in stores:
             await store.close()

@@ -1,9 +1,12 @@
 """The store: typed records out, one transaction per state change in, on SQLite or PostgreSQL.
 
 records.py   what leaves the store (TaskView, TaskRecord, ImageRecord, EventRecord, Job, …)
-base.py      the transaction protocol the rules are written against (one/all/run, a clock)
-rules.py     every read and state change, written once (Store)
+base.py      what the rules are written against (Tx: one/all/run, a clock) and what a backend gives
+             them (Backend: transactions, reads, wake-ups; Dialect: the words that differ)
+rules.py     every read and state change, written once (Store, which composes a backend)
+schema.py    the migrations, written once with the dialects' differences declared
 sqlite.py    the embedded default: a writer thread with group commit
+postgres.py  replicas: a pool, row locks, LISTEN/NOTIFY wake-ups
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ def make_store(settings: Settings) -> Store:
     """The backend the settings name: PostgreSQL with RECEIVER_DATABASE_URL, else SQLite in the data dir."""
     timings = Timings(settings.reconcile_after, settings.task_deadline, settings.job_lease)
     if settings.database_url is not None:
-        from receiver.store.postgres import PostgresStore
+        from receiver.store.postgres import PostgresBackend
 
-        return PostgresStore(settings.database_url, timings)
-    from receiver.store.sqlite import SqliteStore
+        return Store(PostgresBackend(settings.database_url), timings)
+    from receiver.store.sqlite import SqliteBackend
 
-    return SqliteStore(settings.db_path, timings)
+    return Store(SqliteBackend(settings.db_path), timings)

@@ -24,15 +24,16 @@ from typing import Union
 
 import asyncpg
 
-from receiver.store import schema
+from receiver.store.base import Backend
+from receiver.store.base import Clock
+from receiver.store.base import Dialect
+from receiver.store.base import Op
 from receiver.store.base import Params
 from receiver.store.base import Row
-from receiver.store.base import Timings
 from receiver.store.base import Tx
-from receiver.store.rules import Op
-from receiver.store.rules import Store
+from receiver.store.base import system_clock
 from receiver.store.rules import StoreUnavailable
-from receiver.store.rules import committed
+from receiver.store.schema import spelled_for
 
 log = logging.getLogger("receiver.store")
 T = TypeVar("T")
@@ -57,19 +58,21 @@ UNREACHABLE = (
 NOTIFY_CHUNK = 7000  # bytes of task ids per NOTIFY payload (the limit is 8000)
 
 
-def postgres_dialect(script: str) -> str:
-    """A migration in PostgreSQL's types: identity keys, 64-bit integers (as SQLite's), double floats."""
-    script = re.sub(
-        r"INTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", script
-    )
-    script = script.replace(") WITHOUT ROWID", ")")
-    script = re.sub(r"\bINTEGER\b", "BIGINT", script)
-    return re.sub(r"\bREAL\b", "DOUBLE PRECISION", script)
-
-
-MIGRATIONS = tuple(
-    postgres_dialect(script) if isinstance(script, str) else script.postgres for script in schema.MIGRATIONS
+IDENTITY = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+POSTGRES = Dialect(
+    name="postgres",
+    # 64-bit integers and double floats, as SQLite's; keys the database numbers and never reuses.
+    types={
+        "key": IDENTITY,
+        "serial": IDENTITY,
+        "int": "BIGINT",
+        "real": "DOUBLE PRECISION",
+        "without_rowid": "",
+    },
+    lock=" FOR UPDATE",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
 )
+MIGRATIONS = spelled_for(POSTGRES)
 
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
@@ -101,11 +104,8 @@ def _count(status: str) -> int:
 
 
 class PgTx(Tx):
-    lock = " FOR UPDATE"
-    skip_locked = " FOR UPDATE SKIP LOCKED"
-
     def __init__(self, conn: Connection, now: float) -> None:
-        super().__init__(now)
+        super().__init__(now, POSTGRES)
         self.conn = conn
 
     async def one(self, sql: str, params: Params | None = None) -> Row | None:
@@ -156,9 +156,11 @@ async def unusable_because(url: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-class PostgresStore(Store):
-    def __init__(self, url: str, timings: Timings) -> None:
-        super().__init__(timings)
+class PostgresBackend(Backend):
+    dialect = POSTGRES
+
+    def __init__(self, url: str, clock: Clock = system_clock) -> None:
+        super().__init__(clock)
         self.url = url
         self.pool_size = POOL_SIZE
         self._pool: asyncpg.Pool | None = None
@@ -187,8 +189,9 @@ class PostgresStore(Store):
         if self._pool is not None:
             await self._pool.close()
 
-    async def claim_worker(self) -> None:
+    async def claim_worker(self) -> bool:
         """Any number of workers share a PostgreSQL database: leases keep their jobs apart."""
+        return False
 
     async def writable(self) -> bool:
         try:
@@ -207,7 +210,7 @@ class PostgresStore(Store):
 
     def _heard(self, conn: object, pid: int, channel: str, payload: object) -> None:
         jobs, _, ids = str(payload).partition("|")
-        self.announce([task_id for task_id in ids.split(",") if task_id], jobs == "1")
+        self.wakeups.announce([task_id for task_id in ids.split(",") if task_id], jobs == "1")
 
     def _lost(self, conn: object) -> None:
         if not self._closing and (self._relisten is None or self._relisten.done()):
@@ -217,7 +220,7 @@ class PostgresStore(Store):
         """The listening connection dropped (database restart): reconnect, waking everyone meanwhile."""
         delay = 0.5
         while not self._closing:
-            self.announce(list(self._task_waiters), True)  # whatever changed meanwhile, look again
+            self.wakeups.announce(self.wakeups.everyone(), True)  # whatever changed meanwhile, look again
             try:
                 await self._listen()
                 log.info("listening for changes again")
@@ -229,7 +232,7 @@ class PostgresStore(Store):
 
     async def wait_for_change(self, task_id: str, timeout: float) -> None:
         # A NOTIFY lost with a dropped connection must not hold a long-poll for its whole wait.
-        await super().wait_for_change(task_id, min(timeout, SWEEP))
+        await self.wakeups.wait(task_id, min(timeout, SWEEP))
 
     # -- transactions ----------------------------------------------------------------------------
 
@@ -252,8 +255,8 @@ class PostgresStore(Store):
                     if attempt == RETRIES:
                         raise
                     continue
-            committed(tx)  # its task ends logged, its fallback moves counted: now they are true
-            self.announce(tx.changed, tx.jobs_added)
+            self.committed(tx)  # its task ends logged, its fallback moves counted: now they are true
+            self.wakeups.announce(tx.changed, tx.jobs_added)
             return value
         raise AssertionError("unreachable")
 

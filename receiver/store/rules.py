@@ -1,7 +1,8 @@
 """The domain rules, written once for every backend: forward-only moves, dedupe, the inbox, jobs, leases.
 
-`Store` holds every read and every state change as SQL with named parameters against the `Tx` protocol;
-a backend (`sqlite.py`, `postgres.py`) supplies connections, transactions and wake-ups, nothing else.
+`Store` holds every read and every state change as SQL with named parameters against the `Tx` protocol,
+and composes a `Backend` (base.py; `sqlite.py`, `postgres.py`) that supplies connections, transactions,
+wake-ups and a dialect, nothing else: no backend can override a rule.
 Each state change is one transaction: the task row, its events and its jobs move together or not at all.
 """
 
@@ -14,11 +15,8 @@ import logging
 import os
 import secrets
 import socket
-from abc import ABC
-from abc import abstractmethod
 from collections.abc import Awaitable
 from collections.abc import Callable
-from collections.abc import Coroutine
 from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
@@ -34,13 +32,14 @@ from receiver.models import Status
 from receiver.models import Submission
 from receiver.models import TaskError
 from receiver.models import fallback_reason
+from receiver.store.base import Backend
 from receiver.store.base import Clock
+from receiver.store.base import Op
 from receiver.store.base import Params
 from receiver.store.base import Row
 from receiver.store.base import Timings
 from receiver.store.base import Tx
 from receiver.store.base import in_list
-from receiver.store.base import system_clock
 from receiver.store.records import TASK_STATE
 from receiver.store.records import TASK_VIEW
 from receiver.store.records import Claimed
@@ -69,7 +68,10 @@ PACE_SENDS_READ = 32  # sends per pace group whose times each worker turn reads 
 # in the `parked` table with an event on its task, never tried again (a constant: a row that failed
 # five times in a row will fail a sixth; what matters is that it cannot hold up the rest).
 MAX_FAILURES = 5
-Op = Callable[[Tx], Coroutine[Any, Any, T]]
+# The reads by primary key, each spelled once whichever way it is run.
+TASK_BY_ID = "SELECT * FROM tasks WHERE id=:id"
+TASK_VIEW_BY_ID = f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id"  # noqa: S608 - column names only
+IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id=:id ORDER BY idx"
 
 
 class StoreUnavailable(Exception):
@@ -80,41 +82,51 @@ class RoleTaken(Exception):
     """This process may not become a worker here: the message says why, in one line."""
 
 
-class Store(ABC):
-    """Reads and state changes; the backend below decides how SQL reaches the database."""
+class Store:
+    """Reads and state changes, composed with the backend that carries their SQL to a database."""
 
-    def __init__(self, timings: Timings, clock: Clock = system_clock) -> None:
+    def __init__(self, backend: Backend, timings: Timings) -> None:
+        self.backend = backend
         self.timings = timings
-        self.clock = clock
+        backend.committed = committed
         # This process, as the owner of the jobs it claims (host, pid and a nonce: pids are reused).
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._task_waiters: dict[str, set[asyncio.Event]] = {}
-        self.jobs_changed = asyncio.Event()
 
-    # -- what a backend provides -----------------------------------------------------------------
+    @property
+    def clock(self) -> Clock:
+        return self.backend.clock
 
-    @abstractmethod
+    @property
+    def jobs_changed(self) -> asyncio.Event:
+        """Set whenever a job may have become due (here or, where the backend tells, elsewhere)."""
+        return self.backend.wakeups.jobs_changed
+
+    # -- the backend's part ----------------------------------------------------------------------
+
     async def open(self) -> None:
         """Connect and bring the schema up to date."""
+        await self.backend.open()
 
-    @abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        await self.backend.close()
 
-    @abstractmethod
     async def writable(self) -> bool:
         """Whether a write can commit right now (for /readyz)."""
+        return await self.backend.writable()
 
-    @abstractmethod
     async def write(self, op: Op[T]) -> T:
         """Run `op` inside a write transaction and commit it; announce what it changed."""
+        return await self.backend.write(op)
 
-    @abstractmethod
     async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
         """A read outside any write transaction."""
+        return await self.backend.fetch(sql, params)
 
-    @abstractmethod
     async def claim_worker(self) -> None:
-        """Become this database's worker (or raise RoleTaken where only one worker may run)."""
+        """Become this database's worker (or raise RoleTaken where only one worker may run). Where
+        this process is now the only worker, every job still leased is a dead process's: free again."""
+        if await self.backend.claim_worker():
+            await self.write(_free_all_jobs)
 
     async def record_callback(self, task_id: str, outcome: Outcome, *, urgent: bool = False) -> None:
         """Keep a verified callback durably; the worker applies it right after.
@@ -122,66 +134,44 @@ class Store(ABC):
         This is all a callback waits for before its answer: one row. Applying it (the state change,
         image rows, download jobs, the event) is the worker's next step, so a kill -9 after the answer
         loses nothing and the answer stays fast."""
-        await self.write(lambda tx: insert_inbox(tx, [(task_id, outcome.to_json(), int(urgent))]))
+        await self.backend.keep((task_id, outcome.to_json(), int(urgent)), insert_inbox)
 
     # -- wake-ups --------------------------------------------------------------------------------
 
-    def announce(self, changed: Iterable[str], jobs_added: bool) -> None:
-        for task_id in changed:
-            for waiter in self._task_waiters.get(task_id, ()):
-                waiter.set()
-        if jobs_added:
-            self.jobs_changed.set()
-
     def wake_all(self) -> None:
         """Every open `wait_for_change` returns now (a shutdown answers its long-polls as they stand)."""
-        self.announce(list(self._task_waiters), False)
+        wakeups = self.backend.wakeups
+        wakeups.announce(wakeups.everyone(), False)
 
     def waiting(self) -> int:
         """How many `wait_for_change` calls (long-polls) are open in this process."""
-        return sum(len(waiters) for waiters in self._task_waiters.values())
+        return sum(len(waiters) for waiters in self.backend.wakeups.task_waiters.values())
 
     async def wait_for_change(self, task_id: str, timeout: float) -> None:
         """Return when the task changes or `timeout` passes, whichever is first."""
-        event = asyncio.Event()
-        self._task_waiters.setdefault(task_id, set()).add(event)
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
-        finally:
-            waiters = self._task_waiters.get(task_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._task_waiters[task_id]
+        await self.backend.wait_for_change(task_id, timeout)
 
     # -- reads -----------------------------------------------------------------------------------
 
     async def task(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
         """The whole task, request included: for the worker, which spells provider requests from it."""
-        return owned(
-            TaskRecord, await self.fetch("SELECT * FROM tasks WHERE id=:id", {"id": task_id}), tenant
-        )
+        return owned(TaskRecord, await self.fetch(TASK_BY_ID, {"id": task_id}), tenant)
 
     async def task_row(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
-        """A whole task by primary key on the callback path and for the worker's jobs (a backend may read
-        it faster)."""
-        return await self.task(task_id, tenant)
+        """A whole task by primary key on the callback path and for the worker's jobs (a point read)."""
+        return owned(TaskRecord, await self.backend.point(TASK_BY_ID, {"id": task_id}), tenant)
 
     async def task_view(self, task_id: str, tenant: str | None = None) -> TaskView | None:
-        """A task as lookups, events and notifications show it: never its request (a backend may read
-        it faster)."""
-        rows = await self.fetch(f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id", {"id": task_id})  # noqa: S608
-        return owned(TaskView, rows, tenant)
+        """A task as lookups, events and notifications show it: never its request (a point read)."""
+        return owned(TaskView, await self.backend.point(TASK_VIEW_BY_ID, {"id": task_id}), tenant)
 
     async def images(self, task_id: str) -> list[ImageRecord]:
-        rows = await self.fetch("SELECT * FROM images WHERE task_id=:id ORDER BY idx", {"id": task_id})
-        return [ImageRecord.from_row(row) for row in rows]
+        return [ImageRecord.from_row(row) for row in await self.fetch(IMAGES_OF_TASK, {"id": task_id})]
 
     async def image_rows(self, task_id: str) -> list[ImageRecord]:
-        """A task's images on the lookup path (a backend may read them faster)."""
-        return await self.images(task_id)
+        """A task's images on the lookup path (a point read)."""
+        rows = await self.backend.point(IMAGES_OF_TASK, {"id": task_id})
+        return [ImageRecord.from_row(row) for row in rows]
 
     async def images_of(self, task_ids: Sequence[str]) -> dict[str, list[ImageRecord]]:
         found: dict[str, list[ImageRecord]] = {task_id: [] for task_id in task_ids}
@@ -353,9 +343,6 @@ class Store(ABC):
 
         return await self.write(op)
 
-    async def add_event(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
-        await self.write(lambda tx: _event(tx, task_id, kind, verified, summary, None))
-
     async def add_refusal(self, task_id: str, kind: str, verified: bool, summary: str) -> None:
         """A refused callback. Refusals in a row are one event that counts them (its time and summary
         the latest), so a flood of bad callbacks cannot grow a task's events without bound."""
@@ -379,20 +366,6 @@ class Store(ABC):
                 tx.changed.add(task_id)
                 return
             await _event(tx, task_id, kind, verified, summary, None, repeats=1)
-
-        await self.write(op)
-
-    async def record_notify_attempt(
-        self, job: Job, summary: str, detail: str | None, retry_in: float | None
-    ) -> None:
-        """One delivery attempt and what follows it, together: a retry in `retry_in` s, or (None) no more."""
-
-        async def op(tx: Tx) -> None:
-            await _event(tx, job.task_id, "notify", True, summary, None, detail)
-            if retry_in is None:
-                await _delete_job(tx, job.id)
-            else:
-                await _reschedule(tx, job, retry_in, summary[:500], self.owner)
 
         await self.write(op)
 
@@ -530,18 +503,6 @@ class Store(ABC):
 
         await self.write(op)
 
-    async def unclaim(self, job: Job) -> None:
-        """Put a claimed job back untouched (pacing said not yet): its place in the queue is kept."""
-
-        async def op(tx: Tx) -> None:
-            await tx.run(
-                "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
-                " WHERE id=:id AND owner=:owner",
-                {"id": job.id, "owner": self.owner},
-            )
-
-        await self.write(op)
-
     async def in_flight(self, providers: Sequence[str]) -> dict[tuple[str, str], int]:
         """Tasks accepted by their provider and not finished, by (provider, model).
 
@@ -645,8 +606,35 @@ class Store(ABC):
         rows = await self.fetch("SELECT kind, COUNT(*) AS n FROM parked GROUP BY kind")
         return {row["kind"]: int(row["n"]) for row in rows}
 
-    async def finish_job(self, job: Job) -> None:
-        await self.write(lambda tx: _delete_job(tx, job.id))
+    async def settle_job(
+        self,
+        job: Job,
+        retry_in: float | None,
+        note: str = "",
+        *,
+        event: tuple[str, str] | None = None,
+        detail: str | None = None,
+        requeue: bool = False,
+    ) -> None:
+        """A job's outcome in one write (see receiver.jobs.record): an event on its task (`event`: kind and
+        summary), then the job ended (`retry_in` None), due again in `retry_in` s with `note` as its last
+        error, or with `requeue` put back untouched."""
+
+        async def op(tx: Tx) -> None:
+            if event is not None:
+                await _event(tx, job.task_id, event[0], True, event[1], None, detail)
+            if requeue:  # pacing said not yet: back untouched, its place in the queue kept
+                await tx.run(
+                    "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
+                    " WHERE id=:id AND owner=:owner",
+                    {"id": job.id, "owner": self.owner},
+                )
+            elif retry_in is None:
+                await _delete_job(tx, job.id)
+            else:
+                await _reschedule(tx, job, retry_in, note, self.owner)
+
+        await self.write(op)
 
 
 def owned(kind: type[V], rows: Sequence[Row], tenant: str | None) -> V | None:
@@ -920,6 +908,19 @@ async def _add_job(tx: Tx, kind: str, task_id: str, arg: int, due_at: float) -> 
     tx.jobs_added = True
 
 
+async def _drop_idle_jobs(tx: Tx, task_id: str, which: str) -> None:
+    """Delete the task's jobs that `which` names and no process is running (found through the task_id
+    index, not by scanning every idle job: the dialect keeps the planner off `running`'s index)."""
+    idle = f"{tx.dialect.unindexed}running=0"
+    await tx.run(f"DELETE FROM jobs WHERE task_id=:id AND {which} AND {idle}", {"id": task_id})  # noqa: S608
+
+
+async def _free_all_jobs(tx: Tx) -> None:
+    """Every lease is a dead process's (this one is the only worker now): each job is free again."""
+    await tx.run("UPDATE jobs SET running=0, lease_until=NULL WHERE running=1")
+    tx.jobs_added = True
+
+
 async def _delete_job(tx: Tx, job_id: int) -> None:
     await tx.run("DELETE FROM jobs WHERE id=:id", {"id": job_id})
 
@@ -1014,9 +1015,7 @@ async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
             "id": task["id"],
         },
     )
-    await tx.run(
-        "DELETE FROM jobs WHERE task_id=:id AND kind <> 'deadline' AND +running=0", {"id": task["id"]}
-    )
+    await _drop_idle_jobs(tx, task["id"], "kind <> 'deadline'")
     # Its own submit job, numbered by the hop: a submit of the provider left may still be running, and
     # the worker drops any submit job whose number is not the task's current hop.
     await _add_job(tx, "submit", task["id"], len(attempts), tx.now)
@@ -1040,8 +1039,7 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
         {"now": tx.now, "error": _dumps(error.as_json()) if error else None, "id": task["id"]},
     )
     # An ended task needs no more work; only its notification (if any) is still to come.
-    # `+running` keeps SQLite on the task_id index instead of scanning every idle job.
-    await tx.run("DELETE FROM jobs WHERE task_id=:id AND kind <> 'notify' AND +running=0", {"id": task["id"]})
+    await _drop_idle_jobs(tx, task["id"], "kind <> 'notify'")
     if task["notify_url"]:
         await _add_job(tx, "notify", task["id"], 0, tx.now)
     # Every end of every task passes here (download, callback, poll, submit, deadline): its one log line.
@@ -1090,16 +1088,15 @@ async def _apply(
             due = tx.now - URGENT_LEAD if urgent else tx.now
             for index in range(len(outcome.image_urls)):
                 await _add_job(tx, "download", task_id, index, due)
-            await tx.run(
-                "DELETE FROM jobs WHERE task_id=:id AND kind='reconcile' AND +running=0", {"id": task_id}
-            )
+            await _drop_idle_jobs(tx, task_id, "kind='reconcile'")
     elif outcome.state == "failed":
         assert outcome.error is not None
         change = await _finish(tx, task, Status.FAILED, outcome.error)
     elif outcome.ask_now and task["status"] == Status.SUBMITTED:
         # The provider says the result waits at its status endpoint: reconcile fetches it at once.
         await tx.run(
-            "UPDATE jobs SET due_at=:now WHERE task_id=:id AND kind='reconcile' AND +running=0",
+            "UPDATE jobs SET due_at=:now WHERE task_id=:id AND kind='reconcile'"  # noqa: S608
+            f" AND {tx.dialect.unindexed}running=0",
             {"now": tx.now, "id": task_id},
         )
         tx.jobs_added = True

@@ -1,14 +1,19 @@
-"""The schema, as migrations in the order they came, written once in SQLite's dialect.
+"""The schema, as migrations in the order they came, written once for both dialects.
 
-SQLite runs them as they are; the PostgreSQL backend translates the few type names that differ
-(postgres.py, `postgres_dialect`). A migration the dialects spell differently beyond type names (JSON
-functions, to fill a new column from old ones) is a `Spelled` with each dialect's text. A change to the
-schema is a new entry at the end, never an edit.
+Where the dialects name a column type differently, a migration names it by a field the dialect
+declares (base.py, `Dialect.types`): `$key` an integer primary key the database numbers, `$serial` one
+that is never reused, `$int` a 64-bit integer, `$real` a double float, `$without_rowid` SQLite's
+table option. A migration the dialects spell differently beyond that (JSON functions, to fill a new
+column from old ones) is a `Spelled` with each dialect's text. A change to the schema is a new entry at
+the end, never an edit: a database knows how many of them it has run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from string import Template
+
+from receiver.store.base import Dialect
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,7 @@ class Spelled:
 MIGRATIONS: tuple[str | Spelled, ...] = (
     """
     CREATE TABLE tasks (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        seq $serial,
         id TEXT NOT NULL UNIQUE,
         tenant TEXT NOT NULL,
         provider TEXT NOT NULL,
@@ -37,11 +42,11 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
         notify_url TEXT,
         idempotency_key TEXT,
         request_hash TEXT,
-        image_count INTEGER,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL,
-        submitted_at REAL,
-        completed_at REAL,
+        image_count $int,
+        created_at $real NOT NULL,
+        updated_at $real NOT NULL,
+        submitted_at $real,
+        completed_at $real,
         UNIQUE (tenant, idempotency_key)
     );
     CREATE INDEX tasks_by_tenant ON tasks (tenant, seq DESC);
@@ -49,35 +54,35 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
     CREATE INDEX tasks_by_provider ON tasks (tenant, provider, seq DESC);
     CREATE TABLE images (
         task_id TEXT NOT NULL,
-        idx INTEGER NOT NULL,
+        idx $int NOT NULL,
         source_url TEXT NOT NULL,
         path TEXT,
         content_type TEXT,
-        size INTEGER,
+        size $int,
         sha256 TEXT,
-        width INTEGER,
-        height INTEGER,
-        stored_at REAL,
+        width $int,
+        height $int,
+        stored_at $real,
         PRIMARY KEY (task_id, idx)
-    ) WITHOUT ROWID;
+    )$without_rowid;
     CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
+        id $key,
         task_id TEXT NOT NULL,
-        at REAL NOT NULL,
+        at $real NOT NULL,
         kind TEXT NOT NULL,
-        verified INTEGER NOT NULL,
+        verified $int NOT NULL,
         summary TEXT NOT NULL,
         change TEXT
     );
     CREATE INDEX events_by_task ON events (task_id, id);
     CREATE TABLE jobs (
-        id INTEGER PRIMARY KEY,
+        id $key,
         kind TEXT NOT NULL,
         task_id TEXT NOT NULL,
-        arg INTEGER NOT NULL DEFAULT 0,
-        due_at REAL NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        running INTEGER NOT NULL DEFAULT 0,
+        arg $int NOT NULL DEFAULT 0,
+        due_at $real NOT NULL,
+        attempts $int NOT NULL DEFAULT 0,
+        running $int NOT NULL DEFAULT 0,
         last_error TEXT,
         UNIQUE (kind, task_id, arg)
     );
@@ -96,19 +101,19 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
     # Verified callbacks, kept before they are answered and applied right after (see record_callback).
     """
     CREATE TABLE inbox (
-        id INTEGER PRIMARY KEY,
+        id $key,
         task_id TEXT NOT NULL,
-        received_at REAL NOT NULL,
+        received_at $real NOT NULL,
         outcome TEXT NOT NULL,
-        urgent INTEGER NOT NULL DEFAULT 0
+        urgent $int NOT NULL DEFAULT 0
     )
     """,
     # Fallback: each provider the task left, with the error that made it leave (JSON list).
     "ALTER TABLE tasks ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]'",
     # Refused callbacks in a row are one event: how many came (NULL for every other event).
-    "ALTER TABLE events ADD COLUMN repeats INTEGER",
+    "ALTER TABLE events ADD COLUMN repeats $int",
     # Jobs are leased, not just marked: a claim holds until `lease_until`, then any worker may take it.
-    "ALTER TABLE jobs ADD COLUMN lease_until REAL",
+    "ALTER TABLE jobs ADD COLUMN lease_until $real",
     # Which process holds a claimed job: pacing counts the submits other processes are sending.
     "ALTER TABLE jobs ADD COLUMN owner TEXT",
     # Pacing shared by every worker process: each pace group's 429 hold (and how many holds came), and
@@ -116,13 +121,13 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
     """
     CREATE TABLE pace_holds (
         grp TEXT PRIMARY KEY,
-        held_until REAL NOT NULL DEFAULT 0,
-        holds INTEGER NOT NULL DEFAULT 0
+        held_until $real NOT NULL DEFAULT 0,
+        holds $int NOT NULL DEFAULT 0
     );
     CREATE TABLE pace_sends (
-        id INTEGER PRIMARY KEY,
+        id $key,
         grp TEXT NOT NULL,
-        at REAL NOT NULL
+        at $real NOT NULL
     );
     CREATE INDEX pace_sends_by_group ON pace_sends (grp, at)
     """,
@@ -144,17 +149,25 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
     # No stored row may stop the worker: an inbox or job row that fails to apply or to be claimed is
     # counted, and past a few failures (rules.py, MAX_FAILURES) set aside here with what went wrong.
     """
-    ALTER TABLE inbox ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE inbox ADD COLUMN failures $int NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN failures $int NOT NULL DEFAULT 0;
     CREATE TABLE parked (
-        id INTEGER PRIMARY KEY,
+        id $key,
         source TEXT NOT NULL,
         kind TEXT NOT NULL,
         task_id TEXT,
         body TEXT,
-        failures INTEGER NOT NULL DEFAULT 0,
+        failures $int NOT NULL DEFAULT 0,
         error TEXT,
-        parked_at REAL NOT NULL DEFAULT 0
+        parked_at $real NOT NULL DEFAULT 0
     )
     """,
 )
+
+
+def spelled_for(dialect: Dialect) -> tuple[str, ...]:
+    """The migrations as `dialect` runs them."""
+    return tuple(
+        Template(step).substitute(dialect.types) if isinstance(step, str) else getattr(step, dialect.name)
+        for step in MIGRATIONS
+    )

@@ -26,27 +26,36 @@ from typing import cast
 
 import aiosqlite
 
-from receiver.models import Outcome
+from receiver.store.base import Backend
+from receiver.store.base import Clock
+from receiver.store.base import Dialect
+from receiver.store.base import InboxRow
+from receiver.store.base import InsertInbox
+from receiver.store.base import Op
 from receiver.store.base import Params
 from receiver.store.base import Row
-from receiver.store.base import Timings
 from receiver.store.base import Tx
-from receiver.store.records import TASK_VIEW
-from receiver.store.records import ImageRecord
-from receiver.store.records import TaskRecord
-from receiver.store.records import TaskView
-from receiver.store.rules import Op
+from receiver.store.base import system_clock
 from receiver.store.rules import RoleTaken
-from receiver.store.rules import Store
-from receiver.store.rules import committed
-from receiver.store.rules import insert_inbox
-from receiver.store.rules import owned
-from receiver.store.schema import MIGRATIONS
+from receiver.store.schema import spelled_for
 
 T = TypeVar("T")
 # Seconds between looks at the database for other processes' commits while a long-poll waits here.
 WATCH_INTERVAL = 0.25
-__all__ = ["MIGRATIONS", "SqliteStore", "migrate"]
+__all__ = ["MIGRATIONS", "SQLITE", "SqliteBackend", "migrate"]
+
+SQLITE = Dialect(
+    name="sqlite",
+    types={
+        "key": "INTEGER PRIMARY KEY",
+        "serial": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "int": "INTEGER",
+        "real": "REAL",
+        "without_rowid": " WITHOUT ROWID",
+    },
+    unindexed="+",
+)
+MIGRATIONS = spelled_for(SQLITE)
 
 
 # SQLite's own troubles (primary result codes): the file is locked, full, unreadable or out of memory.
@@ -69,7 +78,7 @@ def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
 
 class SqliteTx(Tx):
     def __init__(self, conn: sqlite3.Connection, now: float) -> None:
-        super().__init__(now)
+        super().__init__(now, SQLITE)
         self.conn = conn
 
     async def one(self, sql: str, params: Params | None = None) -> Row | None:
@@ -118,8 +127,7 @@ def migrate(conn: sqlite3.Connection) -> int:
     cursor = conn.cursor()
     cursor.row_factory = None  # a plain tuple, whatever the connection's row factory
     version = int(cursor.execute("PRAGMA user_version").fetchone()[0])
-    for number, migration in enumerate(MIGRATIONS[version:], start=version + 1):
-        script = migration if isinstance(migration, str) else migration.sqlite
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
         conn.execute("BEGIN IMMEDIATE")
         try:
             for statement in script.split(";"):
@@ -133,9 +141,11 @@ def migrate(conn: sqlite3.Connection) -> int:
     return len(MIGRATIONS)
 
 
-class SqliteStore(Store):
-    def __init__(self, path: Path, timings: Timings) -> None:
-        super().__init__(timings)
+class SqliteBackend(Backend):
+    dialect = SQLITE
+
+    def __init__(self, path: Path, clock: Clock = system_clock) -> None:
+        super().__init__(clock)
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="receiver-writer")
         self._writer: sqlite3.Connection | None = None
@@ -144,7 +154,8 @@ class SqliteStore(Store):
         self._worker_of: Path | None = None
         self._pending: list[tuple[Op[Any], asyncio.Future[Any]]] = []
         # Verified callbacks waiting for the next commit: one INSERT for all of them (group commit).
-        self._inbox: list[tuple[tuple[str, str, int], asyncio.Future[None]]] = []
+        self._inbox: list[tuple[InboxRow, asyncio.Future[None]]] = []
+        self._insert_inbox: InsertInbox | None = None
         self._wake_writer = asyncio.Event()
         self._writer_task: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -163,11 +174,10 @@ class SqliteStore(Store):
         await self._reader.execute("PRAGMA busy_timeout=5000")
         self._writer_task = asyncio.create_task(self._write_loop(), name="receiver-store-writer")
 
-    async def claim_worker(self) -> None:
+    async def claim_worker(self) -> bool:
         lock_worker(self.path.parent)
         self._worker_of = self.path.parent
-        # This process alone runs jobs here: jobs still leased by a worker that died are free again.
-        await self.write(_free_all_jobs)
+        return True  # this process alone runs jobs here
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -204,7 +214,7 @@ class SqliteStore(Store):
         change in another process's commits: while someone here waits, it watches for them."""
         if self._worker_of is None and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.create_task(self._watch_others(), name="receiver-store-watcher")
-        await super().wait_for_change(task_id, timeout)
+        await self.wakeups.wait(task_id, timeout)
 
     async def _watch_others(self) -> None:
         # PRAGMA data_version moves whenever another connection committed (the worker's process, or
@@ -212,14 +222,15 @@ class SqliteStore(Store):
         # Once at the start, after the first look, too: a commit between a waiter's read of its task
         # and that first look would otherwise go unseen.
         assert self._point is not None
+        wakeups = self.wakeups
         seen = self._point.execute("PRAGMA data_version").fetchone()
-        self.announce(list(self._task_waiters), False)
-        while self._task_waiters:
+        wakeups.announce(wakeups.everyone(), False)
+        while wakeups.task_waiters:
             await asyncio.sleep(WATCH_INTERVAL)
             now = self._point.execute("PRAGMA data_version").fetchone()
             if now != seen:
                 seen = now
-                self.announce(list(self._task_waiters), False)
+                wakeups.announce(wakeups.everyone(), False)
 
     # -- the writer ------------------------------------------------------------------------------
 
@@ -230,11 +241,12 @@ class SqliteStore(Store):
         self._wake_writer.set()
         return await future
 
-    async def record_callback(self, task_id: str, outcome: Outcome, *, urgent: bool = False) -> None:
+    async def keep(self, row: InboxRow, insert: InsertInbox) -> None:
         """Keep a verified callback durably, inserted with every other callback of the moment in one
         statement and one commit."""
+        self._insert_inbox = insert
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._inbox.append(((task_id, outcome.to_json(), int(urgent)), done))
+        self._inbox.append((row, done))
         self._wake_writer.set()
         await done
 
@@ -266,10 +278,10 @@ class SqliteStore(Store):
                     future.set_result(value)
                 else:
                     future.set_exception(value)
-            self.announce(changed, jobs_added)
+            self.wakeups.announce(changed, jobs_added)
 
     def _commit_batch(
-        self, ops: list[Op[Any]], inbox: list[tuple[str, str, int]]
+        self, ops: list[Op[Any]], inbox: list[InboxRow]
     ) -> tuple[list[tuple[bool, Any]], set[str], bool]:
         conn = self._writer
         assert conn is not None
@@ -280,33 +292,24 @@ class SqliteStore(Store):
         conn.execute("BEGIN IMMEDIATE")
         try:
             if inbox:
-                drive(insert_inbox(tx, inbox))
+                assert self._insert_inbox is not None  # given with the rows
+                drive(self._insert_inbox(tx, inbox))
             for op in ops:
-                if alone:
-                    try:
-                        results.append((True, drive(op(tx))))
-                    except Exception as exc:
+                try:
+                    value = drive(op(tx) if alone else _in_savepoint(tx, op))
+                except Exception as exc:
+                    if alone:
                         conn.rollback()
                         return [(False, exc)], set(), False
-                    continue
-                conn.execute("SAVEPOINT op")
-                mark = tx.mark()
-                try:
-                    value = drive(op(tx))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    tx.undo(mark)
                     results.append((False, exc))
                 else:
-                    conn.execute("RELEASE op")
                     results.append((True, value))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        committed(tx)  # now it is true
+        self.committed(tx)  # now it is true
         return results, tx.changed, tx.jobs_added
 
     # -- reads -----------------------------------------------------------------------------------
@@ -316,24 +319,17 @@ class SqliteStore(Store):
         rows = await self._reader.execute_fetchall(sql, params or {})  # one hand-off, not three
         return cast(list[Row], list(rows))  # made by _dict_row
 
-    async def task_row(self, task_id: str, tenant: str | None = None) -> TaskRecord | None:
-        """A task by primary key, read on the event loop itself: a point read takes microseconds,
-        less than handing it to a thread and back (the callback path and the worker use it)."""
+    async def point(self, sql: str, params: Params) -> list[Row]:
+        """Read on the event loop itself: a point read takes microseconds, less than handing it to a
+        thread and back (the callback path, lookups and the worker's jobs use it)."""
         assert self._point is not None
-        rows = self._point.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchall()
-        return owned(TaskRecord, rows, tenant)
+        return list(self._point.execute(sql, params).fetchall())
 
-    async def task_view(self, task_id: str, tenant: str | None = None) -> TaskView | None:
-        """A task as lookups show it (never its request), read on the event loop like task_row."""
-        assert self._point is not None
-        rows = self._point.execute(f"SELECT {TASK_VIEW} FROM tasks WHERE id=?", (task_id,)).fetchall()  # noqa: S608
-        return owned(TaskView, rows, tenant)
 
-    async def image_rows(self, task_id: str) -> list[ImageRecord]:
-        """A task's images by primary key, read on the event loop like task_row."""
-        assert self._point is not None
-        rows = self._point.execute("SELECT * FROM images WHERE task_id=? ORDER BY idx", (task_id,))
-        return [ImageRecord.from_row(row) for row in rows]
+async def _in_savepoint(tx: Tx, op: Op[T]) -> T:
+    """`op` as one of a batch: should it fail, only its own rows and notes are undone."""
+    async with tx.savepoint():
+        return await op(tx)
 
 
 _worker_locks: dict[Path, IO[str]] = {}
@@ -367,8 +363,3 @@ def unlock_worker(data_dir: Path) -> None:
     handle = _worker_locks.pop(data_dir, None)
     if handle is not None:
         handle.close()  # closing the file releases the lock
-
-
-async def _free_all_jobs(tx: Tx) -> None:
-    await tx.run("UPDATE jobs SET running=0, lease_until=NULL WHERE running=1")
-    tx.jobs_added = True
