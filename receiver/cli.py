@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -44,7 +45,8 @@ from receiver.client import base_url
 from receiver.client import image_name
 from receiver.config import ConfigError
 from receiver.config import Settings
-from receiver.config import load_settings
+from receiver.config import effective
+from receiver.config import prepare_settings
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import Status
 from receiver.schema import ProviderName
@@ -211,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         "empty or absent (a non-empty one is refused, exit 2). Start `receiver serve` on it after.",
     )
     restore.add_argument("file", type=Path, metavar="FILE", help="the backup file to read")
+    config = commands.add_parser(
+        "config",
+        help="print the configuration serve would use, secrets masked",
+        description="Print every setting the service reads, the value `receiver serve` would use here "
+        "and where it came from (environment, default, data dir), secrets masked. Writes nothing; a bad "
+        "value is one line and exit 2, as for serve.",
+    )
+    config.add_argument("--json", action="store_true", help="print the settings as JSON lines instead")
 
     submit = client_command(
         commands,
@@ -383,7 +393,7 @@ def http_limits(settings: Settings) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> int:
     os.umask(0o077)  # every file the service makes (database, media, kept secrets) is its user's only
     try:
-        settings = load_settings(os.environ, host=args.host, port=args.port)
+        settings = prepare_settings(os.environ, host=args.host, port=args.port)
     except ConfigError as exc:
         print(f"receiver: {exc}", file=sys.stderr)
         return 2
@@ -460,6 +470,28 @@ def backup_or_restore(args: argparse.Namespace) -> int:
         return exc.status
     print(summary, file=sys.stderr)
     return 0
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """`receiver config`: the settings table with this environment's values, secrets masked."""
+    try:
+        rows = effective(os.environ)
+    except ConfigError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.json:
+            json_lines(dataclasses.asdict(row) for row in rows)
+        else:
+            header, cells = (
+                ["VARIABLE", "VALUE", "ORIGIN"],
+                [[row.name, row.value, row.origin] for row in rows],
+            )
+            show(header, cells, sys.stdout.isatty())
+        sys.stdout.flush()
+    except BrokenPipeError:  # `receiver config | head`: the reader has what it wanted
+        silence_stdout()
+    return EXIT_SUCCEEDED
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -774,7 +806,7 @@ CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "events": list_events,
     "providers": list_providers,
 }
-COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore")
+COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore", "config")
 VALUED_FLAGS = ("--url", "--api-key")  # the options before a command that take a value
 
 
@@ -807,6 +839,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command in ("backup", "restore"):
         return backup_or_restore(args)
+    if args.command == "config":
+        return print_config(args)
     command = CLIENT_COMMANDS.get(args.command or "")
     if command is None:
         parser.print_help(sys.stderr)

@@ -1,4 +1,11 @@
-"""Settings read once from the environment; one clear line for each mistake."""
+"""Settings: the table of every variable the service reads, and `Settings` built from it.
+
+Each variable is declared once below (or, for a provider's own, in its provider module) with its parser
+and range, default, help line and section; `load_settings` reads and checks them, one clear line for
+each mistake, and writes nothing. `prepare_settings` is `serve`'s step that also makes the data dir,
+the media dir and the secrets kept there. The docs' configuration tables (scripts/docs_hooks.py) and
+`receiver config` (`effective`) are rendered from the same table.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,6 @@ import contextlib
 import hashlib
 import hmac
 import importlib.util
-import ipaddress
 import os
 import re
 import secrets
@@ -15,30 +21,42 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
-from urllib.parse import SplitResult
+from typing import Any
 from urllib.parse import urlsplit
 
-from receiver.webhooks import MIN_SECRET_BYTES
-from receiver.webhooks import secret_bytes
+from receiver.providers import REGISTRY
+from receiver.providers import Provider
+from receiver.variables import DAY
+from receiver.variables import HOUR
+from receiver.variables import MINUTE
+from receiver.variables import Check
+from receiver.variables import Choice
+from receiver.variables import ConfigError
+from receiver.variables import Delays
+from receiver.variables import Flag
+from receiver.variables import Kept
+from receiver.variables import Plain
+from receiver.variables import ProviderSettings
+from receiver.variables import Seconds
+from receiver.variables import Url
+from receiver.variables import Variable
+from receiver.variables import Whole
+from receiver.variables import as_text
+from receiver.variables import notify_secrets
+from receiver.variables import secret_key
+from receiver.variables import shown
+from receiver.variables import split_url
+
+__all__ = ["ConfigError", "ProviderSettings", "Settings", "load_settings", "prepare_settings"]
+
+NOTIFY_SLOTS = 16  # notifications delivered at once by one worker process (not a setting)
 
 
-class ConfigError(Exception):
-    """A bad setting. The message names the variable and is meant for one line on stderr."""
-
-
-@dataclass(frozen=True)
-class ProviderSettings:
-    """What the operator set for one provider; `api_key` None means the provider is not offered."""
-
-    api_key: str | None
-    base_url: str
-    extra: Mapping[str, str] = field(default_factory=dict)
-    max_concurrent: int | None = None  # <NAME>_MAX_CONCURRENT, overriding the provider's own default
-    max_per_minute: int | None = None  # <NAME>_MAX_PER_MINUTE, likewise
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
+    """Every setting, read from the table below; field names follow the variables' (RECEIVER_LINK_TTL is
+    `link_ttl`). No field has a default here: the table states each one."""
+
     host: str
     port: int
     public_url: str
@@ -52,47 +70,45 @@ class Settings:
     max_image_bytes: int
     link_ttl: int
     providers: Mapping[str, ProviderSettings]
-    # Schedules. Tests shrink these; operators rarely need to.
-    submit_retries: int = 5
-    retry_base: float = 1.0
-    download_retry_delays: tuple[float, ...] = (2.0, 5.0, 15.0, 60.0, 300.0, 900.0)
-    notify_schedule: tuple[float, ...] = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
-    notify_timeout: float = 10.0
-    notify_slots: int = 16  # notifications delivered at once by one worker process
-    notify_per_tenant: int = 4  # RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: of those, one tenant's at most
-    reconcile_interval: float = 60.0
-    sandbox_delay: float = 1.0
-    http_timeout: float = 30.0
-    sync_timeout: float = 300.0  # a synchronous provider's submit: the whole generation happens in it
-    download_concurrency: int = 4
-    download_timeout: float = (
-        300.0  # RECEIVER_DOWNLOAD_TIMEOUT: one download attempt in all, trickling or not
-    )
-    max_callback_bytes: int = 1024 * 1024
-    dev_api_key_created: bool = False
-    log_level: str = "INFO"
-    log_format: str = "auto"
-    shutdown_grace: float = 20.0
-    key_set_refresh: float = 60.0  # least seconds between two fetches of a provider's key set (fal JWKS)
-    media_url: str | None = None  # s3://bucket[/prefix]; None: the media directory under data_dir
-    media_redirect: bool = False
-    aws: Mapping[str, str] = field(default_factory=dict)  # the AWS_* variables the bucket is reached with
-    metrics_token: str | None = None  # RECEIVER_METRICS_TOKEN: when set, /metrics wants it as a bearer
+    submit_retries: int
+    retry_base: float
+    download_retry_delays: tuple[float, ...]
+    notify_schedule: tuple[float, ...]
+    notify_timeout: float
+    notify_per_tenant: int  # of the notification slots, one tenant's at most
+    reconcile_interval: float
+    sandbox_delay: float
+    http_timeout: float
+    sync_timeout: float  # a synchronous provider's submit: the whole generation happens in it
+    download_concurrency: int
+    download_timeout: float  # one download attempt in all, trickling or not
+    dev_api_key_created: bool  # RECEIVER_API_KEYS unset: `serve` prints the development key
+    log_level: str
+    log_format: str
+    shutdown_grace: float
+    key_set_refresh: float  # least seconds between two fetches of a provider's key set (fal JWKS)
+    media_url: str | None  # s3://bucket[/prefix]; None: the media directory under data_dir
+    media_redirect: bool
+    aws: Mapping[str, str]  # the AWS_* variables the bucket is reached with
+    metrics_token: str | None  # when set, /metrics wants it as a bearer
     # What one client may hold of the server (uvicorn's limits, and the body read in the app).
-    body_timeout: float = 30.0
-    keep_alive: float = 5.0
-    max_connections: int | None = None
-    max_waits_per_tenant: int = 50  # RECEIVER_MAX_WAITS_PER_TENANT: a tenant's open ?wait long-polls
-    max_header_bytes: int = 16 * 1024
-    database_url: str | None = None  # postgresql://…; None: SQLite in the data dir
-    job_lease: float = 60.0  # seconds a claimed job stays with its process before others may take it
-    download_process: bool = False  # RECEIVER_DOWNLOAD_PROCESS: downloads in a child process (fetcher.py)
+    body_timeout: float
+    keep_alive: float
+    max_connections: int | None  # None: no limit
+    max_waits_per_tenant: int  # a tenant's open ?wait long-polls
+    max_header_bytes: int
+    database_url: str | None  # postgresql://…; None: SQLite in the data dir
+    job_lease: float  # seconds a claimed job stays with its process before others may take it
+    download_process: bool  # downloads in a child process (fetcher.py)
+    # Constants of the service, not settings.
+    notify_slots: int = NOTIFY_SLOTS
+    max_callback_bytes: int = 1024 * 1024  # a callback body's cap (CONTRACT: 413 over 1 MiB)
 
     @property
     def max_waits(self) -> int | None:
         """Open ?wait long-polls of all tenants together: half the connections at most, so the other
         half is always there for lookups, callbacks and health checks."""
-        return None if self.max_connections is None else max(1, self.max_connections // 2)
+        return waits_cap(self.max_connections)
 
     @property
     def db_path(self) -> Path:
@@ -106,156 +122,443 @@ class Settings:
         return self.providers.get(name, ProviderSettings(api_key=None, base_url=""))
 
 
-# Each provider's variables: (key variable, base-url variable, default base URL, extra variables).
-PROVIDER_ENV: Mapping[str, tuple[str, str, str, tuple[str, ...]]] = {
-    "kie": ("KIE_API_KEY", "KIE_BASE_URL", "https://api.kie.ai", ("KIE_WEBHOOK_HMAC_KEY",)),
-    "kie-market": ("KIE_API_KEY", "KIE_BASE_URL", "https://api.kie.ai", ("KIE_WEBHOOK_HMAC_KEY",)),
-    "apimart": ("APIMART_API_KEY", "APIMART_BASE_URL", "https://api.apimart.ai", ()),
-    "apicore": (
-        "APICORE_API_KEY",
-        "APICORE_BASE_URL",
-        "https://api.apicore.ai",
-        ("APICORE_REQUIRE_SIGNATURE",),
+def waits_cap(max_connections: int | None) -> int | None:
+    """Half the connections at most, so the other half is always there for everything else."""
+    return None if max_connections is None else max(1, max_connections // 2)
+
+
+# -- the parsers with a shape of their own ----------------------------------------------------------
+
+# S3's rules for a bucket name; a prefix is a plain relative path.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PREFIX = re.compile(r"^[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*$")
+
+
+def _media_url(name: str, raw: str) -> str:
+    parts = split_url(raw)
+    prefix = parts.path.strip("/") if parts else ""
+    if (
+        parts is None
+        or parts.scheme != "s3"
+        or not _BUCKET.match(parts.netloc)
+        or (prefix and (not _PREFIX.match(prefix) or ".." in prefix.split("/")))
+        or parts.query
+        or parts.fragment
+    ):
+        raise ConfigError(f"{name} must be s3://bucket or s3://bucket/prefix, got {shown(raw)}")
+    return f"s3://{parts.netloc}" + (f"/{prefix}" if prefix else "")
+
+
+def _api_keys(name: str, raw: str) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        tenant, sep, key = item.partition(":")
+        key = key.strip()
+        if not sep or not tenant.strip() or len(key) < 16 or not key.isascii() or not key.isprintable():
+            raise ConfigError(f"{name} must be name:key pairs separated by commas, keys of 16+ characters")
+        Plain()(name, key)
+        if key in keys:
+            raise ConfigError(f"{name} lists the same key twice")
+        keys[key] = tenant.strip()
+    if not keys:
+        raise ConfigError(f"{name} is set but names no key")
+    return keys
+
+
+def _database_url(name: str, raw: str) -> str:
+    """A PostgreSQL URL; the message never repeats it (it may hold a password)."""
+    try:
+        scheme = urlsplit(raw).scheme
+    except ValueError:
+        scheme = ""
+    parts = split_url(raw)
+    if parts is None or parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        said = f"{scheme}://…" if scheme else "a value that is not a URL"
+        if parts is None and scheme:
+            said += " (its host or port cannot be read; a port is a number from 1 to 65535)"
+        raise ConfigError(f"{name} must be postgresql://user:password@host:port/dbname, got {said}")
+    return raw
+
+
+def _notify_per_tenant(name: str, raw: str) -> int:
+    """From 1 to one less than the notification slots, so that no tenant's hanging hosts can take every
+    slot."""
+    value: int = Whole(1, 1_000_000)(name, raw)
+    if value >= NOTIFY_SLOTS:
+        raise ConfigError(
+            f"{name} must be under {NOTIFY_SLOTS} (the notifications delivered at once),"
+            f" so one tenant never takes them all, got {raw!r}"
+        )
+    return value
+
+
+# -- the table --------------------------------------------------------------------------------------
+
+KEPT_IN_DATA_DIR = "generated once, kept in the data dir"
+SERVICE = (
+    Variable(
+        "RECEIVER_PUBLIC_URL",
+        Url(),
+        help="base URL at which providers and browsers reach this service (https in production)",
+        shown_default="`http://HOST:PORT`",
     ),
-    "fal": ("FAL_KEY", "FAL_QUEUE_URL", "https://queue.fal.run", ("FAL_JWKS_URL",)),
+    Variable(
+        "RECEIVER_SECRET_KEY",
+        Check(secret_key),
+        help="key for callback tokens and signed links (≥ 32 characters, whitespace not counted)",
+        shown_default=KEPT_IN_DATA_DIR,
+        secret=True,
+        kept=Kept("secret_key", lambda: secrets.token_urlsafe(48)),
+    ),
+    Variable("RECEIVER_DATA_DIR", Check(lambda name, raw: raw), "./data", "database and media"),
+    Variable(
+        "RECEIVER_API_KEYS",
+        Check(_api_keys),
+        help="`name:key,name:key` — each name is a tenant; keys ≥ 16 chars",
+        shown_default="none: `serve` creates a dev key, prints it and keeps it in"
+        " `$RECEIVER_DATA_DIR/dev_api_key`",
+        secret=True,
+        # The development key alone is kept (the file is what a developer reads it from).
+        kept=Kept("dev_api_key", lambda: "dev_" + secrets.token_urlsafe(24), lambda name, key: {key: "dev"}),
+    ),
+    Variable(
+        "RECEIVER_NOTIFY_SECRET",
+        Check(notify_secrets),
+        help="`whsec_…` secret(s) for outbound [notifications](notifications.md), space-separated for"
+        " rotation; each `whsec_` + base64 of 24 bytes or more",
+        shown_default=KEPT_IN_DATA_DIR,
+        secret=True,
+        field="notify_secrets",
+        kept=Kept("notify_secret", lambda: "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()),
+    ),
+    Variable(
+        "RECEIVER_ALLOW_PRIVATE_URLS",
+        Flag(),
+        False,
+        "`1` lets downloads, input image URLs and notify URLs reach loopback/private addresses (local"
+        " testing only)",
+    ),
+    Variable(
+        "RECEIVER_RECONCILE_AFTER",
+        Seconds(0.0, 30 * DAY),
+        300.0,
+        "seconds without a callback, counted from the provider's acceptance, before its status endpoint"
+        " is asked",
+    ),
+    Variable(
+        "RECEIVER_TASK_DEADLINE",
+        Seconds(1.0, 30 * DAY),
+        3600.0,
+        "seconds after which an unfinished task fails with `timed_out`",
+    ),
+    Variable(
+        "RECEIVER_MAX_IMAGE_BYTES",
+        Whole(1024, 2**30),
+        52_428_800,
+        "largest image downloaded or uploaded",
+    ),
+    Variable(
+        "RECEIVER_LINK_TTL",
+        Whole(1, int(365 * DAY), unit="s"),
+        604_800,
+        "seconds a signed image or upload link stays valid",
+    ),
+    Variable(
+        "RECEIVER_METRICS_TOKEN",
+        Plain(least=16),
+        help="when set (≥ 16 chars), `GET /metrics` wants `Authorization: Bearer <token>` and answers"
+        " 401 otherwise; unset, `/metrics` is open (keep it behind your proxy)",
+        secret=True,
+    ),
+    Variable(
+        "RECEIVER_LOG_LEVEL", Choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO", "the least level logged"
+    ),
+    Variable(
+        "RECEIVER_LOG_FORMAT",
+        Choice(("auto", "json", "text")),
+        "auto",
+        "`auto` is text on a terminal, JSON elsewhere",
+    ),
+    Variable(
+        "RECEIVER_SHUTDOWN_GRACE",
+        Seconds(0.0, HOUR),
+        20.0,
+        "seconds in-flight work may finish after SIGTERM",
+    ),
+)
+
+SCHEDULES = (
+    Variable(
+        "RECEIVER_SUBMIT_RETRIES",
+        Whole(0, 100),
+        5,
+        "retries of a submit that surely never reached the provider (connection error, 429, 5xx; see"
+        " [Submits that may have run](how-it-works.md#submits-that-may-have-run)), before"
+        " `provider_unavailable`",
+    ),
+    Variable(
+        "RECEIVER_RETRY_BASE",
+        Seconds(0.0, HOUR),
+        1.0,
+        "first submit backoff in seconds (doubles each try, +0 to 25 % jitter; `Retry-After` wins when"
+        " longer)",
+    ),
+    Variable(
+        "RECEIVER_DOWNLOAD_RETRY_DELAYS",
+        Delays(DAY),
+        (2.0, 5.0, 15.0, 60.0, 300.0, 900.0),
+        "comma-separated seconds between download tries; the first three within 30 s",
+    ),
+    Variable(
+        "RECEIVER_RECONCILE_INTERVAL",
+        Seconds(0.01, DAY),
+        60.0,
+        "first interval between status queries (doubles, at most 600 s)",
+    ),
+    Variable("RECEIVER_HTTP_TIMEOUT", Seconds(0.1, HOUR), 30.0, "seconds for each outbound HTTP call"),
+    Variable(
+        "RECEIVER_SYNC_TIMEOUT",
+        Seconds(0.1, HOUR),
+        300.0,
+        "seconds a synchronous provider's submit (apicore: the whole generation happens inside it) may take",
+    ),
+    Variable(
+        "RECEIVER_KEY_SET_REFRESH",
+        Seconds(0.0, DAY),
+        60.0,
+        "least seconds between two fetches of a provider's key set (fal's JWKS) when no key verifies",
+    ),
+    Variable(
+        "RECEIVER_DOWNLOAD_CONCURRENCY",
+        Whole(1, 256),
+        4,
+        "downloads at once (kept small so callbacks stay fast)",
+    ),
+    Variable(
+        "RECEIVER_DOWNLOAD_TIMEOUT",
+        Seconds(0.1, DAY),
+        300.0,
+        "seconds one download try may take in all, however steadily the bytes come"
+        " (`RECEIVER_HTTP_TIMEOUT` bounds each read); past it the try counts as a timeout and is retried"
+        " on `RECEIVER_DOWNLOAD_RETRY_DELAYS`",
+    ),
+    Variable(
+        "RECEIVER_DOWNLOAD_PROCESS",
+        Choice(("auto", "1", "0")),
+        "auto",
+        "`1`: downloads (HTTP, sha256, the write to the media store) run in a child process that the"
+        " worker starts with the first download, so they never share a core with the answers to"
+        " callbacks; the child writes no database, the worker records what it stored (see"
+        " [Benchmarks](benchmarks.md)). `0`: on the worker's own event loop. `auto`: `1` when the"
+        " process may use two cores or more",
+    ),
+    Variable("RECEIVER_SANDBOX_DELAY", Seconds(0.0, HOUR), 1.0, 'seconds the sandbox takes to "generate"'),
+    Variable(
+        "RECEIVER_NOTIFY_SCHEDULE",
+        Delays(7 * DAY),
+        (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0),
+        "comma-separated seconds between notify attempts (the first is immediate); its length + 1 is"
+        " the number of attempts",
+    ),
+    Variable(
+        "RECEIVER_NOTIFY_TIMEOUT",
+        Seconds(0.1, 5 * MINUTE),
+        10.0,
+        "seconds one notify attempt may take, all in",
+    ),
+    Variable(
+        "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT",
+        Check(_notify_per_tenant),
+        4,
+        f"notifications of one tenant delivered at once, of the worker's {NOTIFY_SLOTS} (1 to"
+        f" {NOTIFY_SLOTS - 1}; see [Fairness between tenants](how-it-works.md#fairness-between-tenants))",
+        field="notify_per_tenant",
+    ),
+)
+
+LIMITS = (
+    Variable(
+        "RECEIVER_BODY_TIMEOUT",
+        Seconds(0.1, HOUR),
+        30.0,
+        "seconds a request body (create, upload, callback) may take to arrive, whole; then a 408"
+        " `body_timeout`",
+    ),
+    Variable(
+        "RECEIVER_KEEP_ALIVE",
+        Seconds(0.1, HOUR),
+        5.0,
+        "seconds an idle keep-alive connection is kept open (uvicorn's `timeout_keep_alive`)",
+    ),
+    Variable(
+        "RECEIVER_MAX_CONNECTIONS",
+        Whole(0, 1_000_000),
+        1000,
+        "open connections at once; past it a new request is answered 503 at once (uvicorn's"
+        " `limit_concurrency`); `0` for no limit",
+    ),
+    Variable(
+        "RECEIVER_MAX_WAITS_PER_TENANT",
+        Whole(1, 1_000_000),
+        50,
+        "`?wait` long-polls one tenant may hold open at once (per process); past it `?wait` answers at"
+        " once. At most half of `RECEIVER_MAX_CONNECTIONS`",
+        shown_default="`50` (or that half, if smaller)",
+    ),
+    Variable(
+        "RECEIVER_MAX_HEADER_BYTES",
+        Whole(1024, 1024 * 1024),
+        16 * 1024,
+        "bytes of an unfinished request head (uvicorn's `h11_max_incomplete_event_size`; with the `fast`"
+        " extra httptools applies its own limit)",
+    ),
+)
+
+STORAGE = (
+    Variable(
+        "RECEIVER_DATABASE_URL",
+        Check(_database_url),
+        help="`postgresql://user:password@host:port/dbname`; needs the `postgres` extra (`pip install"
+        " '.[postgres]'`; in the Docker image)",
+        shown_default="unset: SQLite at `$RECEIVER_DATA_DIR/receiver.db`",
+        secret=True,  # it may hold a password
+        backends=("PostgreSQL",),
+    ),
+    Variable(
+        "RECEIVER_JOB_LEASE",
+        Seconds(1.0, DAY),
+        60.0,
+        "seconds a claimed job stays with the process that claimed it; a process that died loses its"
+        " jobs to the others after this",
+    ),
+    Variable(
+        "RECEIVER_MEDIA_URL",
+        Check(_media_url),
+        help="`s3://bucket` or `s3://bucket/prefix`: images, uploads (and the sandbox's pictures) in that"
+        " bucket, under the prefix",
+        shown_default="unset: `$RECEIVER_DATA_DIR/media/`",
+        backends=("S3 media",),
+    ),
+    Variable(
+        "RECEIVER_MEDIA_REDIRECT",
+        Flag(),
+        False,
+        "`1`: an image or upload link answers `302` to a presigned URL of the object, valid 5 minutes,"
+        " instead of streaming the bytes through the service; needs `RECEIVER_MEDIA_URL` and an endpoint"
+        " your users can reach",
+        backends=("S3 media",),
+    ),
+)
+# Read only with RECEIVER_MEDIA_URL set.
+AWS = (
+    Variable(
+        "AWS_ENDPOINT_URL",
+        Url(),
+        help="the S3 API's base URL, for MinIO, Cloudflare R2, Ceph … (`http://` is allowed for a private"
+        " endpoint)",
+        shown_default="AWS for `AWS_REGION`",
+        backends=("S3 media",),
+    ),
+    Variable(
+        "AWS_REGION", Plain(), help="the bucket's region", shown_default="`us-east-1`", backends=("S3 media",)
+    ),
+    Variable(
+        "AWS_ACCESS_KEY_ID",
+        Plain(),
+        help="credentials; set both or neither (neither: the usual AWS chain, e.g. an instance role)",
+        backends=("S3 media",),
+    ),
+    Variable(
+        "AWS_SECRET_ACCESS_KEY",
+        Plain(),
+        help="the secret of `AWS_ACCESS_KEY_ID`",
+        secret=True,
+        backends=("S3 media",),
+    ),
+    Variable(
+        "AWS_SESSION_TOKEN",
+        Plain(),
+        help="a session token for temporary credentials",
+        secret=True,
+        backends=("S3 media",),
+    ),
+)
+
+
+def _pacing_default(provider: Provider, kind: str) -> str:
+    """The documented limit a <NAME>_MAX_* variable overrides, as the provider declares it."""
+    if provider.pace_group not in (None, provider.name):
+        return f"{provider.pace_group}'s (one account): set `{_prefix(provider.pace_group)}_{kind}`"
+    if kind == "MAX_PER_MINUTE":
+        if provider.rate_limit is None:
+            return "none"
+        count, seconds = provider.rate_limit
+        return f"{count} per {seconds:g} s"
+    if provider.max_concurrent is None:
+        return "none"
+    by_model = "; ".join(
+        f"{count} for `{model}`" for model, count in provider.max_concurrent_by_model.items()
+    )
+    return f"{provider.max_concurrent}" + (f" ({by_model})" if by_model else "")
+
+
+def _prefix(provider: str) -> str:
+    return provider.upper().replace("-", "_")
+
+
+def pacing_variables(provider: Provider) -> tuple[Variable, Variable]:
+    """<NAME>_MAX_CONCURRENT and <NAME>_MAX_PER_MINUTE: every provider's, overriding its own limits."""
+    prefix = _prefix(provider.name)
+    return (
+        Variable(
+            f"{prefix}_MAX_CONCURRENT",
+            Whole(1, 10_000),
+            help=f"tasks {provider.name} may have accepted and unfinished at once",
+            shown_default=_pacing_default(provider, "MAX_CONCURRENT"),
+        ),
+        Variable(
+            f"{prefix}_MAX_PER_MINUTE",
+            Whole(1, 1_000_000),
+            help=f"new tasks {provider.name} may be sent per minute",
+            shown_default=_pacing_default(provider, "MAX_PER_MINUTE"),
+        ),
+    )
+
+
+def provider_variables() -> tuple[Variable, ...]:
+    """The providers' own variables, each once (kie and kie-market share kie's), in registry order."""
+    found: dict[str, Variable] = {}
+    for provider in REGISTRY.values():
+        for var in provider.variables.all():
+            found.setdefault(var.name, var)
+    return tuple(found.values())
+
+
+PACING = tuple(var for provider in REGISTRY.values() for var in pacing_variables(provider))
+# Sections in the order the docs show them (docs/operations.md has a marker for each).
+SECTIONS: Mapping[str, tuple[Variable, ...]] = {
+    "service": SERVICE,
+    "providers": provider_variables(),
+    "pacing": PACING,
+    "schedules": SCHEDULES,
+    "limits": LIMITS,
+    "storage": (*STORAGE, *AWS),
 }
-FAL_JWKS_DEFAULT = "https://rest.fal.ai/.well-known/jwks.json"
+VARIABLES: Mapping[str, Variable] = {var.name: var for section in SECTIONS.values() for var in section}
 
 
-MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
-# Numbers as an operator writes them: ASCII digits, a point, an exponent of a few digits. Not what
-# float() also takes ("nan", "inf", "1_000", other scripts' digits).
-_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
-_WHOLE = re.compile(r"[+-]?[0-9]{1,18}")
-# A host name (underscores allowed: container networks use them) or an IPv4 address.
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
-_HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+KEPT = tuple(var for var in SERVICE if var.kept is not None)  # secrets generated once, kept in the data dir
+SHARED_SECRETS = tuple(var.name for var in KEPT)  # every replica must be given the same
+
+
+# -- reading ----------------------------------------------------------------------------------------
+
 # Where a variable's value is not UTF-8 text (the environment held other bytes), it is refused whole;
 # RECEIVER_DATA_DIR is a path and may be any bytes.
 OUR_PREFIXES = ("RECEIVER_", "KIE_", "APIMART_", "APICORE_", "FAL_", "SANDBOX_", "AWS_")
-
-
-def _shown(raw: str) -> str:
-    return repr(raw if len(raw) <= 60 else raw[:57] + "...")
-
-
-def _number(
-    env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0, maximum: float
-) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if not _DECIMAL.fullmatch(raw.strip()):
-        raise ConfigError(f"{name} must be a number of seconds, got {_shown(raw)}")
-    value = float(raw)
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name} must be from {minimum:g} to {maximum:g} seconds, got {_shown(raw)}")
-    return value
-
-
-def _integer(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, maximum: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if not _WHOLE.fullmatch(raw.strip()):
-        raise ConfigError(f"{name} must be a whole number, got {_shown(raw)}")
-    value = int(raw)
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name} must be from {minimum} to {maximum}, got {_shown(raw)}")
-    return value
-
-
-def _choice(env: Mapping[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
-    raw = env.get(name) or default
-    for value in allowed:
-        if raw.lower() == value.lower():
-            return value
-    raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {_shown(raw)}")
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "0").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be 1 or 0, got {_shown(raw)}")
-
-
-def _split(raw: str) -> SplitResult | None:
-    """The URL's parts, its port checked (1 to 65535), or None when it is not one."""
-    try:
-        parts = urlsplit(raw)
-        port = parts.port
-    except ValueError:  # "http://[", "http://h:abc", "http://h:99999"
-        return None
-    if port == 0 or parts.netloc.endswith(":"):
-        return None
-    return parts
-
-
-def _url_problem(raw: str) -> str | None:
-    """What is wrong with a base URL of ours or a provider's, or None."""
-    if not raw.isascii() or any(char.isspace() or not char.isprintable() for char in raw):
-        return "ASCII without spaces or control characters (an international name in its xn-- form)"
-    parts = _split(raw)
-    if parts is None:
-        return "a host and, if any, a port from 1 to 65535"
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "http:// or https:// and a host"
-    if parts.query or parts.fragment or "?" in raw or "#" in raw:
-        return "no query or fragment: paths are added to it"
-    if "@" in parts.netloc:
-        return "no user or password in it"
-    host = parts.hostname
-    if parts.netloc.startswith("["):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            return "a host"
-    elif not _HOST.fullmatch(host) or len(host) > 253:
-        return "a host"
-    return None
-
-
-def _url(name: str, raw: str) -> str:
-    problem = _url_problem(raw)
-    if problem is not None:
-        shown = _shown(raw) if "@" not in raw else "a URL with a user or password (not shown)"
-        raise ConfigError(f"{name} must be an http(s) URL with {problem}, got {shown}")
-    return raw.rstrip("/")
-
-
-def _plain(name: str, value: str) -> str:
-    """A key or token that goes into a header or a signature: printable ASCII, no spaces."""
-    if not value.isascii() or any(char.isspace() or not char.isprintable() for char in value):
-        raise ConfigError(f"{name} must be printable ASCII without spaces")
-    return value
-
-
-def _secret_key(value: str, origin: str) -> str:
-    """RECEIVER_SECRET_KEY (or the one kept in the data dir): 32 characters or more, spaces aside."""
-    if sum(not char.isspace() for char in value) < 32:
-        raise ConfigError(f"{origin} must be at least 32 characters, not counting whitespace")
-    return value
-
-
-def _notify_secrets(value: str, origin: str) -> tuple[str, ...]:
-    """RECEIVER_NOTIFY_SECRET (or the one kept): whsec_<base64> secrets of 24 bytes or more."""
-    found = tuple(value.split())
-    for secret in found:
-        try:
-            key = secret_bytes(secret) if secret.startswith("whsec_") else b""
-        except ValueError:
-            key = b""
-        if len(key) < MIN_SECRET_BYTES:
-            raise ConfigError(
-                f"{origin} must hold whsec_<base64> secrets of {MIN_SECRET_BYTES} bytes or more,"
-                " separated by spaces"
-            )
-    if not found:
-        raise ConfigError(f"{origin} names no whsec_ secret")
-    return found
 
 
 def _undecodable(env: Mapping[str, str]) -> None:
@@ -267,139 +570,153 @@ def _undecodable(env: Mapping[str, str]) -> None:
                 raise ConfigError(f"{name} is not UTF-8 text") from None
 
 
-AWS_VARIABLES = (
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
-# S3's rules for a bucket name; a prefix is a plain relative path.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_PREFIX = re.compile(r"^[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*$")
+@dataclass
+class Reading:
+    """Every variable's value and where it came from: "environment", "default", "data dir" (a kept
+    secret) or "generated" (one not kept yet: `prepare_settings` keeps it)."""
 
+    values: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
 
-def _media(env: Mapping[str, str]) -> tuple[str | None, bool, dict[str, str]]:
-    """RECEIVER_MEDIA_URL, RECEIVER_MEDIA_REDIRECT and the AWS_* variables, checked together."""
-    raw = env.get("RECEIVER_MEDIA_URL") or ""
-    redirect = _flag(env, "RECEIVER_MEDIA_REDIRECT")
-    aws = {name: env[name] for name in AWS_VARIABLES if env.get(name)}
-    if not raw:
-        if redirect:
-            raise ConfigError(
-                "RECEIVER_MEDIA_REDIRECT=1 needs RECEIVER_MEDIA_URL (a bucket to presign links for)"
-            )
-        return None, False, {}
-    parts = _split(raw)
-    prefix = parts.path.strip("/") if parts else ""
-    if (
-        parts is None
-        or parts.scheme != "s3"
-        or not _BUCKET.match(parts.netloc)
-        or (prefix and (not _PREFIX.match(prefix) or ".." in prefix.split("/")))
-        or parts.query
-        or parts.fragment
-    ):
-        raise ConfigError(f"RECEIVER_MEDIA_URL must be s3://bucket or s3://bucket/prefix, got {_shown(raw)}")
-    if "AWS_ENDPOINT_URL" in aws:
-        aws["AWS_ENDPOINT_URL"] = _url("AWS_ENDPOINT_URL", aws["AWS_ENDPOINT_URL"])
-    for name in AWS_VARIABLES[1:]:
-        if name in aws:
-            _plain(name, aws[name])
-    if ("AWS_ACCESS_KEY_ID" in aws) != ("AWS_SECRET_ACCESS_KEY" in aws):
-        raise ConfigError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together")
-    return f"s3://{parts.netloc}" + (f"/{prefix}" if prefix else ""), redirect, aws
-
-
-def _api_keys(raw: str) -> dict[str, str]:
-    keys: dict[str, str] = {}
-    for item in raw.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, key = item.partition(":")
-        key = key.strip()
-        if not sep or not name.strip() or len(key) < 16 or not key.isascii() or not key.isprintable():
-            raise ConfigError(
-                "RECEIVER_API_KEYS must be name:key pairs separated by commas, keys of 16+ characters"
-            )
-        _plain("RECEIVER_API_KEYS", key)
-        if key in keys:
-            raise ConfigError("RECEIVER_API_KEYS lists the same key twice")
-        keys[key] = name.strip()
-    if not keys:
-        raise ConfigError("RECEIVER_API_KEYS is set but names no key")
-    return keys
-
-
-def _kept_secret(data_dir: Path, filename: str, make: str) -> str:
-    """A secret generated on first start and kept in the data dir, readable by the owner only."""
-    path = data_dir / filename
-    try:
-        value = path.read_text().strip()
-    except FileNotFoundError:
-        value = ""
-    if value:
-        return value
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(make + "\n")
-    return make
-
-
-def _delays(
-    env: Mapping[str, str], name: str, default: tuple[float, ...], *, maximum: float
-) -> tuple[float, ...]:
-    raw = env.get(name)
-    if not raw:
-        return default
-    parts = raw.split(",")
-    if len(parts) > 100 or not all(_DECIMAL.fullmatch(part.strip()) for part in parts):
-        raise ConfigError(f"{name} must be up to 100 comma-separated seconds, got {_shown(raw)}")
-    values = tuple(float(part) for part in parts)
-    if not all(0 <= value <= maximum for value in values):
-        raise ConfigError(f"{name} must hold delays from 0 to {maximum:g} seconds, got {_shown(raw)}")
-    return values
-
-
-def _database_url(raw: str) -> str:
-    """A PostgreSQL URL; the message never repeats it (it may hold a password)."""
-    try:
-        scheme = urlsplit(raw).scheme
-    except ValueError:
-        scheme = ""
-    parts = _split(raw)
-    if parts is None or parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
-        shown = f"{scheme}://…" if scheme else "a value that is not a URL"
-        if parts is None and scheme:
-            shown += " (its host or port cannot be read; a port is a number from 1 to 65535)"
-        raise ConfigError(
-            f"RECEIVER_DATABASE_URL must be postgresql://user:password@host:port/dbname, got {shown}"
-        )
-    return raw
-
-
-SHARED_SECRETS = ("RECEIVER_SECRET_KEY", "RECEIVER_NOTIFY_SECRET", "RECEIVER_API_KEYS")
-
-
-def _pacing(env: Mapping[str, str], provider: str) -> tuple[int | None, int | None]:
-    """<NAME>_MAX_CONCURRENT and <NAME>_MAX_PER_MINUTE for a provider, when set."""
-    prefix = provider.upper().replace("-", "_")
-    concurrent, per_minute = (f"{prefix}_MAX_CONCURRENT", f"{prefix}_MAX_PER_MINUTE")
-    return (
-        _integer(env, concurrent, 0, minimum=1, maximum=10_000) if env.get(concurrent) else None,
-        _integer(env, per_minute, 0, minimum=1, maximum=1_000_000) if env.get(per_minute) else None,
-    )
+    def take(self, var: Variable, env: Mapping[str, str]) -> Any:
+        self.values[var.name], self.origins[var.name] = var.read(env)
+        return self.values[var.name]
 
 
 def data_dir_of(env: Mapping[str, str]) -> Path:
-    """RECEIVER_DATA_DIR as an absolute path, as it is (load_settings creates it; backup must not)."""
-    return Path(env.get("RECEIVER_DATA_DIR") or "./data").resolve()
+    """RECEIVER_DATA_DIR as an absolute path, as it is (prepare_settings creates it; backup must not)."""
+    return Path(VARIABLES["RECEIVER_DATA_DIR"].read(env)[0]).resolve()
+
+
+def _read(env: Mapping[str, str], host: str, port: int) -> tuple[Settings, Reading]:
+    _undecodable(env)
+    reading = Reading()
+    for var in VARIABLES.values():
+        if var not in AWS:  # those only with a bucket (below): elsewhere they may be other programs'
+            reading.take(var, env)
+    values = reading.values
+    data_dir = data_dir_of(env)
+
+    database_url = values["RECEIVER_DATABASE_URL"]
+    if database_url is not None and importlib.util.find_spec("asyncpg") is None:
+        raise ConfigError("RECEIVER_DATABASE_URL needs asyncpg: pip install 'flux-receiver[postgres]'")
+    missing = [name for name in SHARED_SECRETS if reading.origins[name] == "default"]
+    if database_url is not None and missing:
+        # Replicas cannot each generate their own: a link signed by one must verify on every other.
+        raise ConfigError(
+            f"with RECEIVER_DATABASE_URL, set {' and '.join(missing)} (shared by every replica)"
+        )
+    for var in KEPT:
+        if reading.origins[var.name] == "default" and var.kept is not None:
+            found = var.kept.read(var.name, data_dir)
+            reading.origins[var.name] = "data dir" if found else "generated"
+            origin = f"{var.name} (kept in {data_dir / var.kept.filename})"
+            values[var.name] = (var.kept.use or var.parse)(origin, found or var.kept.make())
+
+    listening = f"[{host}]" if ":" in host else host
+    public_url = values["RECEIVER_PUBLIC_URL"] or f"http://{listening}:{port}"
+    values["RECEIVER_PUBLIC_URL"] = public_url
+    media_url, redirect = values["RECEIVER_MEDIA_URL"], values["RECEIVER_MEDIA_REDIRECT"]
+    if redirect and media_url is None:
+        raise ConfigError(
+            "RECEIVER_MEDIA_REDIRECT=1 needs RECEIVER_MEDIA_URL (a bucket to presign links for)"
+        )
+    aws = _aws(env, reading) if media_url is not None else {}
+
+    max_connections = values["RECEIVER_MAX_CONNECTIONS"] or None
+    fields = {
+        var.field or var.name.removeprefix("RECEIVER_").lower(): values[var.name]
+        for var in (*SERVICE, *SCHEDULES, *LIMITS, *STORAGE)
+    }
+    fields |= {
+        "data_dir": data_dir,
+        "public_url": public_url,
+        "max_connections": max_connections,
+        "max_waits_per_tenant": _max_waits_per_tenant(env, reading, max_connections),
+        "download_process": _download_process(values["RECEIVER_DOWNLOAD_PROCESS"]),
+    }
+    settings = Settings(
+        host=host,
+        port=port,
+        providers=_providers(reading, public_url),
+        aws=aws,
+        dev_api_key_created=reading.origins["RECEIVER_API_KEYS"] != "environment",
+        **fields,
+    )
+    return settings, reading
+
+
+def _aws(env: Mapping[str, str], reading: Reading) -> dict[str, str]:
+    """The AWS_* variables the bucket is reached with, checked together."""
+    aws = {var.name: value for var in AWS if (value := reading.take(var, env)) is not None}
+    if ("AWS_ACCESS_KEY_ID" in aws) != ("AWS_SECRET_ACCESS_KEY" in aws):
+        raise ConfigError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together")
+    return aws
+
+
+def _providers(reading: Reading, public_url: str) -> dict[str, ProviderSettings]:
+    values = reading.values
+    providers: dict[str, ProviderSettings] = {}
+    for name, provider in REGISTRY.items():
+        declared = provider.variables
+        concurrent, per_minute = (values[var.name] for var in pacing_variables(provider))
+        if declared.key is None or declared.base_url is None:
+            # The built-in sandbox is always offered; it lives under our own URL, keyed by our own secret.
+            secret = values["RECEIVER_SECRET_KEY"].encode()
+            api_key: str | None = hmac.new(secret, b"receiver.sandbox", hashlib.sha256).hexdigest()
+            base_url, extra = public_url, {}
+        else:
+            api_key, base_url = values[declared.key.name], values[declared.base_url.name]
+            extra = {
+                var.name: as_text(values[var.name]) for var in declared.extra if values[var.name] is not None
+            }
+        providers[name] = ProviderSettings(
+            api_key=api_key,
+            base_url=base_url,
+            extra=extra,
+            max_concurrent=concurrent,
+            max_per_minute=per_minute,
+        )
+    return providers
+
+
+def _max_waits_per_tenant(env: Mapping[str, str], reading: Reading, max_connections: int | None) -> int:
+    """At least 1, and no more than all tenants' waits together may hold (half of
+    RECEIVER_MAX_CONNECTIONS); unset, the default within that."""
+    name = "RECEIVER_MAX_WAITS_PER_TENANT"
+    value: int = reading.values[name]
+    most = waits_cap(max_connections)
+    if most is None or value <= most:
+        return value
+    if reading.origins[name] == "default":
+        return most
+    raise ConfigError(
+        f"{name} must be at most half of RECEIVER_MAX_CONNECTIONS ({most}), got {env[name]!r}:"
+        " long-polls must leave connections for everything else"
+    )
+
+
+def _download_process(chosen: str) -> bool:
+    """auto: a child when this process may use two cores or more."""
+    if chosen == "auto":
+        return (
+            len(os.sched_getaffinity(0)) >= 2
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1) >= 2
+        )
+    return chosen == "1"
 
 
 def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
-    """Read every setting; create the data dir and the kept secrets. Raises ConfigError on a bad value."""
-    _undecodable(env)
+    """Read and check every setting; write nothing. A secret neither given nor kept in the data dir yet
+    is made up for this Settings alone: `prepare_settings` keeps it. Raises ConfigError on a bad value."""
+    return _read(env, host, port)[0]
+
+
+def prepare_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> Settings:
+    """`serve`'s first step: check everything, then make the data dir and its media dir (the service's
+    user only) and keep the secrets the environment does not give, and read them back."""
+    load_settings(env, host=host, port=port)  # every check first: a bad setting makes nothing
     data_dir = data_dir_of(env)
     try:
         (data_dir / "media").mkdir(parents=True, exist_ok=True)
@@ -408,160 +725,10 @@ def load_settings(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int 
     if not os.access(data_dir, os.W_OK):
         raise ConfigError(f"RECEIVER_DATA_DIR {str(data_dir)!r} is not writable")
     _private(data_dir)
-
-    database_url = _database_url(env["RECEIVER_DATABASE_URL"]) if env.get("RECEIVER_DATABASE_URL") else None
-    if database_url is not None and importlib.util.find_spec("asyncpg") is None:
-        raise ConfigError("RECEIVER_DATABASE_URL needs asyncpg: pip install 'flux-receiver[postgres]'")
-    missing = [name for name in SHARED_SECRETS if not env.get(name)]
-    if database_url is not None and missing:
-        # Replicas cannot each generate their own: a link signed by one must verify on every other.
-        raise ConfigError(
-            f"with RECEIVER_DATABASE_URL, set {' and '.join(missing)} (shared by every replica)"
-        )
-
-    listening = f"[{host}]" if ":" in host else host
-    public_url = _url("RECEIVER_PUBLIC_URL", env.get("RECEIVER_PUBLIC_URL") or f"http://{listening}:{port}")
-
-    if env.get("RECEIVER_SECRET_KEY"):
-        secret_key = _secret_key(env["RECEIVER_SECRET_KEY"], "RECEIVER_SECRET_KEY")
-    else:
-        kept = _kept_secret(data_dir, "secret_key", secrets.token_urlsafe(48))
-        secret_key = _secret_key(kept, f"RECEIVER_SECRET_KEY (kept in {data_dir / 'secret_key'})")
-
-    dev_key_created = False
-    if env.get("RECEIVER_API_KEYS"):
-        api_keys = _api_keys(env["RECEIVER_API_KEYS"])
-    else:
-        dev_key = _kept_secret(data_dir, "dev_api_key", "dev_" + secrets.token_urlsafe(24))
-        api_keys = {dev_key: "dev"}
-        dev_key_created = True
-
-    if env.get("RECEIVER_NOTIFY_SECRET"):
-        notify_secrets = _notify_secrets(env["RECEIVER_NOTIFY_SECRET"], "RECEIVER_NOTIFY_SECRET")
-    else:
-        kept = _kept_secret(
-            data_dir, "notify_secret", "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
-        )
-        origin = f"RECEIVER_NOTIFY_SECRET (kept in {data_dir / 'notify_secret'})"
-        notify_secrets = _notify_secrets(kept, origin)
-
-    providers: dict[str, ProviderSettings] = {}
-    for name, (key_var, base_var, base_default, extras) in PROVIDER_ENV.items():
-        base = _url(base_var, env.get(base_var) or base_default)
-        extra = {var: _plain(var, env[var]) for var in extras if env.get(var)}
-        if name == "fal":
-            extra["FAL_JWKS_URL"] = _url("FAL_JWKS_URL", env.get("FAL_JWKS_URL") or FAL_JWKS_DEFAULT)
-        if name == "apicore":
-            extra["APICORE_REQUIRE_SIGNATURE"] = "1" if _flag(env, "APICORE_REQUIRE_SIGNATURE") else "0"
-        concurrent, per_minute = _pacing(env, name)
-        providers[name] = ProviderSettings(
-            api_key=_plain(key_var, env[key_var]) if env.get(key_var) else None,
-            base_url=base,
-            extra=extra,
-            max_concurrent=concurrent,
-            max_per_minute=per_minute,
-        )
-
-    # The built-in sandbox is always offered; it lives under our own URL, keyed by our own secret.
-    sandbox_key = hmac.new(secret_key.encode(), b"receiver.sandbox", hashlib.sha256).hexdigest()
-    concurrent, per_minute = _pacing(env, "sandbox")
-    providers["sandbox"] = ProviderSettings(
-        api_key=sandbox_key, base_url=public_url, max_concurrent=concurrent, max_per_minute=per_minute
-    )
-
-    media_url, media_redirect, aws = _media(env)
-    max_connections = _integer(env, "RECEIVER_MAX_CONNECTIONS", 1000, maximum=1_000_000) or None
-    reconcile_after = _number(env, "RECEIVER_RECONCILE_AFTER", 300.0, minimum=0.0, maximum=30 * DAY)
-    task_deadline = _number(env, "RECEIVER_TASK_DEADLINE", 3600.0, minimum=1.0, maximum=30 * DAY)
-    return Settings(
-        host=host,
-        port=port,
-        public_url=public_url,
-        secret_key=secret_key,
-        data_dir=data_dir,
-        api_keys=api_keys,
-        notify_secrets=notify_secrets,
-        allow_private_urls=_flag(env, "RECEIVER_ALLOW_PRIVATE_URLS"),
-        reconcile_after=reconcile_after,
-        task_deadline=task_deadline,
-        max_image_bytes=_integer(env, "RECEIVER_MAX_IMAGE_BYTES", 52_428_800, minimum=1024, maximum=2**30),
-        link_ttl=_integer(env, "RECEIVER_LINK_TTL", 604_800, minimum=1, maximum=int(365 * DAY)),
-        providers=providers,
-        submit_retries=_integer(env, "RECEIVER_SUBMIT_RETRIES", 5, maximum=100),
-        retry_base=_number(env, "RECEIVER_RETRY_BASE", 1.0, maximum=HOUR),
-        download_retry_delays=_delays(
-            env, "RECEIVER_DOWNLOAD_RETRY_DELAYS", Settings.download_retry_delays, maximum=DAY
-        ),
-        reconcile_interval=_number(env, "RECEIVER_RECONCILE_INTERVAL", 60.0, minimum=0.01, maximum=DAY),
-        sandbox_delay=_number(env, "RECEIVER_SANDBOX_DELAY", 1.0, maximum=HOUR),
-        http_timeout=_number(env, "RECEIVER_HTTP_TIMEOUT", 30.0, minimum=0.1, maximum=HOUR),
-        sync_timeout=_number(env, "RECEIVER_SYNC_TIMEOUT", 300.0, minimum=0.1, maximum=HOUR),
-        download_concurrency=_integer(env, "RECEIVER_DOWNLOAD_CONCURRENCY", 4, minimum=1, maximum=256),
-        download_timeout=_number(env, "RECEIVER_DOWNLOAD_TIMEOUT", 300.0, minimum=0.1, maximum=DAY),
-        notify_schedule=_delays(env, "RECEIVER_NOTIFY_SCHEDULE", Settings.notify_schedule, maximum=7 * DAY),
-        notify_timeout=_number(env, "RECEIVER_NOTIFY_TIMEOUT", 10.0, minimum=0.1, maximum=5 * MINUTE),
-        dev_api_key_created=dev_key_created,
-        log_level=_choice(env, "RECEIVER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO"),
-        log_format=_choice(env, "RECEIVER_LOG_FORMAT", ("auto", "json", "text"), "auto"),
-        shutdown_grace=_number(env, "RECEIVER_SHUTDOWN_GRACE", 20.0, maximum=HOUR),
-        key_set_refresh=_number(env, "RECEIVER_KEY_SET_REFRESH", 60.0, maximum=DAY),
-        media_url=media_url,
-        media_redirect=media_redirect,
-        aws=aws,
-        metrics_token=_metrics_token(env),
-        body_timeout=_number(env, "RECEIVER_BODY_TIMEOUT", 30.0, minimum=0.1, maximum=HOUR),
-        keep_alive=_number(env, "RECEIVER_KEEP_ALIVE", 5.0, minimum=0.1, maximum=HOUR),
-        max_connections=max_connections,
-        max_waits_per_tenant=_max_waits_per_tenant(env, max_connections),
-        notify_per_tenant=_notify_per_tenant(env),
-        max_header_bytes=_integer(
-            env, "RECEIVER_MAX_HEADER_BYTES", 16 * 1024, minimum=1024, maximum=1024 * 1024
-        ),
-        database_url=database_url,
-        job_lease=_number(env, "RECEIVER_JOB_LEASE", 60.0, minimum=1.0, maximum=DAY),
-        download_process=_download_process(env),
-    )
-
-
-def _max_waits_per_tenant(env: Mapping[str, str], max_connections: int | None) -> int:
-    """RECEIVER_MAX_WAITS_PER_TENANT: at least 1, and no more than all tenants' waits together may hold
-    (half of RECEIVER_MAX_CONNECTIONS); unset, the default within that."""
-    name = "RECEIVER_MAX_WAITS_PER_TENANT"
-    most = None if max_connections is None else max(1, max_connections // 2)
-    if not env.get(name):
-        return Settings.max_waits_per_tenant if most is None else min(Settings.max_waits_per_tenant, most)
-    value = _integer(env, name, Settings.max_waits_per_tenant, minimum=1, maximum=1_000_000)
-    if most is not None and value > most:
-        raise ConfigError(
-            f"{name} must be at most half of RECEIVER_MAX_CONNECTIONS ({most}), got {env[name]!r}:"
-            " long-polls must leave connections for everything else"
-        )
-    return value
-
-
-def _notify_per_tenant(env: Mapping[str, str]) -> int:
-    """RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT: from 1 to one less than the notification slots, so that
-    no tenant's hanging hosts can take every slot."""
-    name = "RECEIVER_NOTIFY_CONCURRENCY_PER_TENANT"
-    value = _integer(env, name, Settings.notify_per_tenant, minimum=1, maximum=1_000_000)
-    if value >= Settings.notify_slots:
-        raise ConfigError(
-            f"{name} must be under {Settings.notify_slots} (the notifications delivered at once),"
-            f" so one tenant never takes them all, got {env[name]!r}"
-        )
-    return value
-
-
-def _download_process(env: Mapping[str, str]) -> bool:
-    """RECEIVER_DOWNLOAD_PROCESS: auto (a child when this process may use two cores or more), 1 or 0."""
-    chosen = _choice(env, "RECEIVER_DOWNLOAD_PROCESS", ("auto", "1", "0"), "auto")
-    if chosen == "auto":
-        return (
-            len(os.sched_getaffinity(0)) >= 2
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1) >= 2
-        )
-    return chosen == "1"
+    for var in KEPT:
+        if not env.get(var.name) and var.kept is not None:
+            var.kept.keep(var.name, data_dir)
+    return load_settings(env, host=host, port=port)
 
 
 def _private(data_dir: Path) -> None:
@@ -577,8 +744,41 @@ def _private(data_dir: Path) -> None:
         database.chmod(0o600)
 
 
-def _metrics_token(env: Mapping[str, str]) -> str | None:
-    token = env.get("RECEIVER_METRICS_TOKEN") or None
-    if token is not None and len(token) < 16:
-        raise ConfigError("RECEIVER_METRICS_TOKEN must be at least 16 characters")
-    return _plain("RECEIVER_METRICS_TOKEN", token) if token is not None else None
+# -- receiver config --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Effective:
+    """One row of `receiver config`: a variable, its value as text (masked when secret), its origin."""
+
+    section: str
+    name: str
+    value: str
+    origin: str
+
+
+def mask(text: str) -> str:
+    """A secret's first 4 characters and an ellipsis; a short one not even those."""
+    return f"{text[:4]}…" if len(text) >= 12 else "…" if text else ""
+
+
+def effective(env: Mapping[str, str], *, host: str = "127.0.0.1", port: int = 8000) -> list[Effective]:
+    """Every variable in the table with the value the service would use and where it came from.
+    Raises ConfigError, as `serve` would, on a bad value."""
+    settings, reading = _read(env, host, port)
+    rows = []
+    for section, variables in SECTIONS.items():
+        for var in variables:
+            origin = reading.origins.get(var.name, "default")
+            if var.name not in reading.origins and env.get(var.name):
+                origin = "environment, unused without RECEIVER_MEDIA_URL"
+            if origin.startswith("environment"):
+                text = env[var.name]
+            elif origin == "data dir":
+                text = (var.kept.read(var.name, settings.data_dir) if var.kept else None) or ""
+            elif origin == "generated":
+                text, origin = "", "generated at the first serve"
+            else:
+                text = as_text(reading.values.get(var.name))
+            rows.append(Effective(section, var.name, mask(text) if var.secret else text, origin))
+    return rows

@@ -8,6 +8,8 @@ so the site cannot say one thing while the service does another:
   webhooks.
 - `<!-- generated: provider-fields -->`: which optional request fields each provider honours
   (each provider's own `fields`, what a 422 is decided by).
+- `<!-- settings: SECTION -->`: the configuration table of one section of the settings table
+  (`receiver.config.SECTIONS`: each variable's name, help, range and default, as the service reads it).
 
 Nothing is fetched: the document is built in-process, as the app builds it at start.
 """
@@ -18,9 +20,11 @@ import json
 import re
 from typing import Any
 
+from receiver.config import SECTIONS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.openapi import openapi_document
 from receiver.providers import REGISTRY
+from receiver.variables import Variable
 
 SERVER = "http://127.0.0.1:8000"
 METHODS = ("get", "put", "post", "patch", "delete", "head", "options")
@@ -32,7 +36,39 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
         markdown = markdown.replace("<!-- generated: openapi -->", openapi_markdown(openapi_document(SERVER)))
     if "<!-- generated: provider-fields -->" in markdown:
         markdown = markdown.replace("<!-- generated: provider-fields -->", provider_fields_markdown())
-    return markdown
+    return SETTINGS_MARKER.sub(lambda found: settings_markdown(found.group(1)), markdown)
+
+
+SETTINGS_MARKER = re.compile(r"<!-- settings: ([a-z]+) -->")
+
+
+def settings_markdown(section: str) -> str:
+    """One section of the settings table; the providers' pacing overrides as one row per provider."""
+    variables = SECTIONS[section]
+    if section == "pacing":
+        return pacing_markdown(variables)
+    lines = ["| variable | meaning | default |", "|---|---|---|"]
+    for var in variables:
+        applies = f" ({', '.join(var.backends)} only)" if var.backends else ""
+        lines.append(f"| `{var.name}` | {_cell(var.meaning())}{applies} | {var.default_cell()} |")
+    return "\n".join(lines)
+
+
+def pacing_markdown(variables: tuple[Variable, ...]) -> str:
+    concurrent, per_minute = variables[:2]
+    lines = [
+        f"| provider | tasks accepted and unfinished at once ({concurrent.parse.span()}) | default "
+        f"| new tasks sent per minute ({per_minute.parse.span()}) | default |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (at_once, rate) in zip(
+        REGISTRY, zip(variables[::2], variables[1::2], strict=True), strict=True
+    ):
+        lines.append(
+            f"| [{name}](providers/{name}.md) | `{at_once.name}` | {at_once.default_cell()} "
+            f"| `{rate.name}` | {rate.default_cell()} |"
+        )
+    return "\n".join(lines)
 
 
 def provider_fields_markdown() -> str:

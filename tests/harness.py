@@ -23,7 +23,7 @@ from starlette.types import ASGIApp
 
 from receiver.app import create_app
 from receiver.config import Settings
-from receiver.config import load_settings
+from receiver.config import prepare_settings
 
 if TYPE_CHECKING:
     from tests.fakes.common import ProviderFake
@@ -103,7 +103,7 @@ class Receiver:
         self.sock = bound_socket()
         url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.env = make_env(data_dir, url, **dict(env or {}))
-        self.settings: Settings = load_settings(self.env, port=int(self.sock.getsockname()[1]))
+        self.settings: Settings = prepare_settings(self.env, port=int(self.sock.getsockname()[1]))
         self.app = create_app(self.settings)
         self.served = Served(self.app, self.sock)
         self.url = url

@@ -11,6 +11,7 @@ import pytest
 
 from receiver.config import ConfigError
 from receiver.config import load_settings
+from receiver.config import prepare_settings
 
 
 def serve_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -67,13 +68,13 @@ def test_an_unwritable_data_dir(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="RECEIVER_DATA_DIR"):
-        load_settings({"RECEIVER_DATA_DIR": str(blocker / "data")})
+        prepare_settings({"RECEIVER_DATA_DIR": str(blocker / "data")})
 
 
 def test_generated_secrets_are_kept(tmp_path: Path) -> None:
     env = {"RECEIVER_DATA_DIR": str(tmp_path)}
-    first = load_settings(env)
-    second = load_settings(env)
+    first = prepare_settings(env)
+    second = prepare_settings(env)
     assert len(first.secret_key) >= 32
     assert first.secret_key == second.secret_key
     assert first.notify_secrets == second.notify_secrets
@@ -113,7 +114,7 @@ def test_download_process_setting(tmp_path: Path) -> None:
 def test_serve_prints_a_dev_key_and_a_curl_example(tmp_path: Path) -> None:
     from receiver.cli import welcome
 
-    settings = load_settings({"RECEIVER_DATA_DIR": str(tmp_path)})
+    settings = prepare_settings({"RECEIVER_DATA_DIR": str(tmp_path)})
     text = welcome(settings)
     key = (tmp_path / "dev_api_key").read_text().strip()
     assert key in text

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from receiver.config import VARIABLES
 from receiver.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,8 +20,9 @@ PAGES = [README, *sorted((ROOT / "docs").rglob("*.md"))]
 # A commit hash: 7 to 40 hex digits, with at least one letter and one digit (so no plain word or number).
 COMMIT = re.compile(r"(?<![\w/.:-])(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}(?![\w/-])")
 ISSUE = re.compile(r"\bissues?\s+#?\d+|(?<![\w&/#])#\d+\b|\bcommit\s+`?[0-9a-f]{7}", re.I)
-# The variables receiver/config.py reads: quoted names, and the per-provider pacing suffixes.
-VARIABLE = re.compile(r"\b(?:RECEIVER|KIE|APIMART|APICORE|FAL|AWS)_[A-Z0-9_]+\b|<NAME>_[A-Z_]+")
+# The service's variables, by their prefixes.
+OURS = ("RECEIVER_", "KIE_", "APIMART_", "APICORE_", "FAL_", "AWS_", "SANDBOX_")
+VARIABLE = re.compile(r"\b(?:RECEIVER|KIE|APIMART|APICORE|FAL|AWS|SANDBOX)_[A-Z0-9_]+\b")
 
 
 def test_the_readme_is_a_front_door() -> None:
@@ -45,33 +47,58 @@ def test_nothing_points_outside_the_repository() -> None:
         assert "providers.md" not in page.read_text().replace("providers/index.md", ""), page
 
 
-def read_by_config() -> set[str]:
-    source = (ROOT / "receiver" / "config.py").read_text()
-    names = set(re.findall(r'"((?:RECEIVER|KIE|APIMART|APICORE|FAL|AWS)_[A-Z0-9_]+)"', source))
-    names |= {f"<NAME>{suffix}" for suffix in re.findall(r'f"\{prefix\}(_[A-Z_]+)"', source)}
-    return names
-
-
-def documented_in_operations() -> set[str]:
-    """The names in the first column of the tables under Operations' `## Configuration`."""
-    text = (ROOT / "docs" / "operations.md").read_text()
-    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| `")]
-    return {name for row in rows for name in VARIABLE.findall(row)}
-
-
-def test_the_configuration_table_is_what_config_reads() -> None:
-    read, documented = read_by_config(), documented_in_operations()
-    assert len(read) > 40  # the scan found the settings at all
-    assert read - documented == set(), "read by receiver/config.py, missing from docs/operations.md"
-    assert documented - read == set(), "in docs/operations.md, not read by receiver/config.py"
-
-
-def test_the_api_reference_renders_every_operation_and_schema() -> None:
+def docs_hooks() -> Any:
     spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "scripts" / "docs_hooks.py")
     assert spec is not None and spec.loader is not None
     hooks: Any = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(hooks)
+    return hooks
+
+
+def documented_in_operations() -> set[str]:
+    """The names in the table rows under Operations' `## Configuration`, as the site renders it."""
+    page = docs_hooks().on_page_markdown((ROOT / "docs" / "operations.md").read_text())
+    section = page.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    assert "<!-- settings" not in section, "a section marker names no section of the settings table"
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return {name for row in rows for name in VARIABLE.findall(row)}
+
+
+def test_the_configuration_tables_are_the_settings_table() -> None:
+    declared, documented = set(VARIABLES), documented_in_operations()
+    assert len(declared) > 60  # the providers' variables and their pacing overrides are in
+    assert declared - documented == set(), "declared in the settings table, missing from docs/operations.md"
+    assert documented - declared == set(), (
+        "in docs/operations.md's tables, not declared in the settings table"
+    )
+
+
+# Read by the command line and the Python client on the calling side, never by the service.
+CLIENT_SIDE = {"RECEIVER_URL", "RECEIVER_API_KEY"}
+# A variable of ours named in the package's code: a quoted name, or one looked up in a mapping.
+NAMED = re.compile(r"""["'](?:RECEIVER|KIE|APIMART|APICORE|FAL|AWS|SANDBOX)_[A-Z0-9_]+["']""")
+LOOKED_UP = re.compile(r"""(?:env|environ)(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]*)["']""")
+
+
+def test_no_undeclared_variable_is_read() -> None:
+    """Every variable the package names or looks up is in the settings table (or is the client's)."""
+    found: dict[str, str] = {}
+    for path in sorted((ROOT / "receiver").rglob("*.py")):
+        source = path.read_text()
+        for name in [quoted[1:-1] for quoted in NAMED.findall(source)] + LOOKED_UP.findall(source):
+            found.setdefault(name, str(path.relative_to(ROOT)))
+    assert "RECEIVER_DATA_DIR" in found and "KIE_API_KEY" in found  # the scan sees the declarations
+    ours = {name: path for name, path in found.items() if name.startswith(OURS)}
+    undeclared = {
+        name: path for name, path in ours.items() if name not in VARIABLES and name not in CLIENT_SIDE
+    }
+    assert undeclared == {}, "read or named in receiver/ without a declaration in the settings table"
+    outside = {name: path for name, path in found.items() if not name.startswith(OURS)}
+    assert set(outside) <= {"SSL_CERT_FILE", "PYTHONPATH"}, outside
+
+
+def test_the_api_reference_renders_every_operation_and_schema() -> None:
+    hooks = docs_hooks()
     document = openapi_document("http://127.0.0.1:8000")
     page = hooks.on_page_markdown("# Reference\n\n<!-- generated: openapi -->\n")
     assert "<!-- generated" not in page

@@ -19,6 +19,7 @@ import pytest
 
 from receiver.config import ConfigError
 from receiver.config import load_settings
+from receiver.config import prepare_settings
 from tests.fakes.common import png
 from tests.harness import ALICE
 from tests.harness import Receiver
@@ -363,7 +364,7 @@ def test_an_existing_data_dir_is_closed_at_start(tmp_path: Path) -> None:
     (data / "media").mkdir(parents=True, mode=0o755)
     (data / "receiver.db").write_bytes(b"")
     (data / "receiver.db").chmod(0o644)
-    load_settings({"RECEIVER_DATA_DIR": str(data)})
+    prepare_settings({"RECEIVER_DATA_DIR": str(data)})
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "media").stat().st_mode) == 0o700
     assert stat.S_IMODE((data / "receiver.db").stat().st_mode) == 0o600

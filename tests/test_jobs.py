@@ -25,7 +25,7 @@ from starlette.types import Scope
 from starlette.types import Send
 
 from receiver.config import Settings
-from receiver.config import load_settings
+from receiver.config import prepare_settings
 from receiver.fetcher import InProcess
 from receiver.jobs import Backoff
 from receiver.jobs import Clock
@@ -240,7 +240,7 @@ def settings_for(tmp_path: Path, **env: str) -> Settings:
         RECEIVER_DOWNLOAD_RETRY_DELAYS=",".join(f"{d:g}" for d in DELAYS),
         **env,
     )
-    return load_settings(values, port=9)
+    return prepare_settings(values, port=9)
 
 
 def fetcher_for(settings: Settings) -> InProcess:

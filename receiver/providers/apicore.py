@@ -38,12 +38,37 @@ from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import response_json
 from receiver.providers.base import same_origin
 from receiver.providers.base import text
+from receiver.variables import Flag
+from receiver.variables import Plain
+from receiver.variables import ProviderVariables
+from receiver.variables import Url
+from receiver.variables import Variable
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16", "9:21")
 OUTPUT_FORMATS = ("jpeg", "png")
 MAX_SAFETY_TOLERANCE = 6
 SIGNATURE_HEADER = "x-bfl-signature"
-REQUIRE_SIGNATURE = "APICORE_REQUIRE_SIGNATURE"
+REQUIRE_SIGNATURE = Variable(
+    "APICORE_REQUIRE_SIGNATURE",
+    Flag(),
+    False,
+    "`1` refuses every apicore callback without a valid `X-BFL-Signature`",
+)
+VARIABLES = ProviderVariables(
+    key=Variable(
+        "APICORE_API_KEY",
+        Plain(),
+        help="[apicore](providers/apicore.md): your key, sent as `Authorization: Bearer …`",
+        secret=True,
+    ),
+    base_url=Variable(
+        "APICORE_BASE_URL",
+        Url(),
+        "https://api.apicore.ai",
+        "where apicore's API lives; also the only host reconcile sends the key to",
+    ),
+    extra=(REQUIRE_SIGNATURE,),
+)
 # Our request fields whose BFL names are the same.
 BFL_FIELDS = ("seed", "aspect_ratio", "output_format", "prompt_upsampling", "safety_tolerance")
 TAKES = Takes(
@@ -131,7 +156,7 @@ def verify_bfl_signature(headers: Mapping[str, str], raw: bytes, secret: str | N
     signature = headers.get(SIGNATURE_HEADER)
     if signature is None:
         if required:
-            raise CallbackRejected(f"missing X-BFL-Signature ({REQUIRE_SIGNATURE}=1)")
+            raise CallbackRejected(f"missing X-BFL-Signature ({REQUIRE_SIGNATURE.name}=1)")
         return
     if not secret:
         raise CallbackRejected("this task has no webhook secret to check X-BFL-Signature with")
@@ -145,7 +170,7 @@ def verify_bfl_signature(headers: Mapping[str, str], raw: bytes, secret: str | N
 
 class Apicore(Provider):
     name = "apicore"
-    key_variable = "APICORE_API_KEY"
+    variables = VARIABLES
     models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
     fields = TAKES.fields
@@ -204,7 +229,7 @@ class Apicore(Provider):
     def verify_callback(
         self, headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float
     ) -> None:
-        required = ctx.settings.extra.get(REQUIRE_SIGNATURE) == "1"
+        required = ctx.settings.extra.get(REQUIRE_SIGNATURE.name) == "1"
         verify_bfl_signature(headers, raw, task.state.get("webhook_secret"), required)
 
     def parse_callback(self, raw: bytes) -> Outcome:

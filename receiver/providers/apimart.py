@@ -35,6 +35,10 @@ from receiver.providers.base import mapping
 from receiver.providers.base import mentions_moderation
 from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import text
+from receiver.variables import Plain
+from receiver.variables import ProviderVariables
+from receiver.variables import Url
+from receiver.variables import Variable
 
 # apimart's page lists match_input_image, auto, 1:1, 4:3, 3:4, 16:9, 9:16 and then "…"; the rest are the
 # FLUX Kontext ratios (3:7 to 7:3) that apimart-style relays list beside them.
@@ -63,6 +67,15 @@ FLUX2_MAX_IMAGES = 8
 # How far an input image's width/height may be from a ratio and still be that ratio (a 1080 x 1920
 # frame is 9:16; a 1000 x 1333 scan is 3:4).
 RATIO_TOLERANCE = 0.01
+VARIABLES = ProviderVariables(
+    key=Variable(
+        "APIMART_API_KEY",
+        Plain(),
+        help="[apimart](providers/apimart.md): your key, sent as `Authorization: Bearer …`",
+        secret=True,
+    ),
+    base_url=Variable("APIMART_BASE_URL", Url(), "https://api.apimart.ai", "where apimart's API lives"),
+)
 
 
 def ratio_of(size: tuple[int, int] | None) -> str | None:
@@ -157,7 +170,7 @@ def task_outcome(task: Mapping[str, Any]) -> Outcome:
 
 class Apimart(Provider):
     name = "apimart"
-    key_variable = "APIMART_API_KEY"
+    variables = VARIABLES
     # FLUX 2 ids as listed by apimart's GET /v1/models in a real probe (README, apimart).
     models = SHARED_MODELS
     default_model = "flux-kontext-pro"

@@ -15,7 +15,6 @@ from typing import ClassVar
 
 import httpx
 
-from receiver.config import ProviderSettings
 from receiver.models import MalformedCallback
 from receiver.models import Outcome
 from receiver.models import ProviderRejected
@@ -25,6 +24,8 @@ from receiver.models import TaskRequest
 from receiver.models import TaskSpec
 from receiver.untrusted import UnreadableJson
 from receiver.untrusted import read_object
+from receiver.variables import ProviderSettings
+from receiver.variables import ProviderVariables
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ class Provider:
     """Defaults for every provider; a provider module overrides what its API spells differently."""
 
     name: ClassVar[str]
-    key_variable: ClassVar[str | None] = None  # the env variable that must be set to offer it
+    # Its environment variables, declared once (receiver/variables.py): receiver/config.py reads them,
+    # the docs and `receiver config` list them.
+    variables: ClassVar[ProviderVariables] = ProviderVariables()
     models: ClassVar[tuple[str, ...]] = ()  # the shared names it sells (SHARED_MODELS), or its own
     native_models: ClassVar[tuple[str, ...]] = ()  # its own ids, also taken as given
     default_model: ClassVar[str] = ""
@@ -161,6 +164,11 @@ class Provider:
     rate_limit: ClassVar[tuple[int, float] | None] = None  # (new tasks, per seconds)
     max_concurrent: ClassVar[int | None] = None
     max_concurrent_by_model: ClassVar[Mapping[str, int]] = {}
+
+    @property
+    def key_variable(self) -> str | None:
+        """The variable that must be set to offer it (None: always offered)."""
+        return self.variables.key.name if self.variables.key else None
 
     def takes(self, model: str) -> Takes:
         """What `model` takes here (a shared name or a native id): fields and their values."""

@@ -17,7 +17,6 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from receiver.config import ProviderSettings
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import CallbackRejected
 from receiver.models import ErrorCode
@@ -40,6 +39,11 @@ from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import response_json
 from receiver.providers.base import same_origin
 from receiver.providers.base import text
+from receiver.variables import Plain
+from receiver.variables import ProviderSettings
+from receiver.variables import ProviderVariables
+from receiver.variables import Url
+from receiver.variables import Variable
 
 # Shared model names → (text-to-image endpoint, editing endpoint). Kontext edits take one `image_url`;
 # FLUX 2 edits take `image_urls`, a list (fal's FLUX 2 model pages).
@@ -118,6 +122,27 @@ FLUX2_TAKES = {
 PROMPT_UPSAMPLING = {"flux-2-flex": "enable_prompt_expansion"}
 KONTEXT_PROMPT_UPSAMPLING = "enhance_prompt"
 SIGNATURE_TOLERANCE = 300
+JWKS_URL = Variable(
+    "FAL_JWKS_URL",
+    Url(),
+    "https://rest.fal.ai/.well-known/jwks.json",
+    "the public keys fal signs webhooks with",
+)
+VARIABLES = ProviderVariables(
+    key=Variable(
+        "FAL_KEY",
+        Plain(),
+        help="[fal](providers/fal.md): your key (`key_id:key_secret`), sent as `Authorization: Key …`",
+        secret=True,
+    ),
+    base_url=Variable(
+        "FAL_QUEUE_URL",
+        Url(),
+        "https://queue.fal.run",
+        "fal's queue; also the only origin reconcile sends the key to",
+    ),
+    extra=(JWKS_URL,),
+)
 SIGNATURE_HEADERS = (
     "x-fal-webhook-request-id",
     "x-fal-webhook-user-id",
@@ -284,7 +309,7 @@ def verify_fal_signature(headers: Mapping[str, str], raw: bytes, key_set: Any, n
 
 class Fal(Provider):
     name = "fal"
-    key_variable = "FAL_KEY"
+    variables = VARIABLES
     models = tuple(MODEL_ENDPOINTS)
     default_model = "flux-kontext-pro"
     accepts_any_model = True  # a full fal endpoint id, checked in validate
@@ -376,7 +401,7 @@ class Fal(Provider):
         return Submission(provider_task_id=request_id, state=state)
 
     def key_set_url(self, settings: ProviderSettings) -> str | None:
-        return settings.extra.get("FAL_JWKS_URL")
+        return settings.extra.get(JWKS_URL.name)
 
     def verify_callback(
         self, headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float

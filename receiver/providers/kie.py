@@ -32,6 +32,10 @@ from receiver.providers.base import present
 from receiver.providers.base import raise_for_http_status
 from receiver.providers.base import response_json
 from receiver.providers.base import text
+from receiver.variables import Plain
+from receiver.variables import ProviderVariables
+from receiver.variables import Url
+from receiver.variables import Variable
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "1:1", "3:4", "9:16")
 TAKES = Takes(
@@ -43,6 +47,27 @@ TAKES = Takes(
     who="kie",
 )
 SIGNATURE_TOLERANCE = 300
+HMAC_KEY = Variable(
+    "KIE_WEBHOOK_HMAC_KEY",
+    Plain(),
+    help="the `webhookHmacKey` from kie.ai/settings; when set, every kie callback must carry kie's"
+    " `X-Webhook-Signature`",
+    secret=True,
+)
+# One kie account serves both of its APIs (kie and kie-market): one set of variables.
+VARIABLES = ProviderVariables(
+    key=Variable(
+        "KIE_API_KEY",
+        Plain(),
+        help="[kie](providers/kie.md) and [kie-market](providers/kie-market.md): your kie.ai key, sent"
+        " as `Authorization: Bearer …`",
+        secret=True,
+    ),
+    base_url=Variable(
+        "KIE_BASE_URL", Url(), "https://api.kie.ai", "where kie's API lives (a proxy or a test double)"
+    ),
+    extra=(HMAC_KEY,),
+)
 # kie answers HTTP 200 and puts the real status in the body's `code` (§1.2).
 TRANSIENT_CODES = frozenset({408, 429, 455, 500, 502, 503, 504})
 
@@ -94,7 +119,7 @@ def parse_kie_submit(response: httpx.Response) -> Submission:
 
 def verify_kie_hmac(headers: Mapping[str, str], raw: bytes, task: TaskSpec, ctx: Context, now: float) -> None:
     """X-Webhook-Signature = base64(HMAC-SHA256(key, taskId + "." + timestamp))."""
-    key = ctx.settings.extra.get("KIE_WEBHOOK_HMAC_KEY")
+    key = ctx.settings.extra.get(HMAC_KEY.name)
     if not key:
         return
     timestamp = headers.get("x-webhook-timestamp", "").strip()
@@ -150,7 +175,7 @@ def failure_code(code: Any) -> ErrorCode:
 
 class Kie(Provider):
     name = "kie"
-    key_variable = "KIE_API_KEY"
+    variables = VARIABLES
     models = KONTEXT_MODELS
     default_model = "flux-kontext-pro"
     # kie's Kontext API has no seed and no resolution; num_images is accepted as 1 (validate).

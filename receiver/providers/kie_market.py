@@ -31,6 +31,7 @@ from receiver.providers.base import mapping
 from receiver.providers.base import mentions_moderation
 from receiver.providers.base import present
 from receiver.providers.base import text
+from receiver.providers.kie import VARIABLES
 from receiver.providers.kie import kie_code
 from receiver.providers.kie import kie_status_body
 from receiver.providers.kie import kie_status_request
@@ -108,7 +109,7 @@ def job_outcome(data: Mapping[str, Any], task_id: str | None, top_code: str, top
 
 class KieMarket(Provider):
     name = "kie-market"
-    key_variable = "KIE_API_KEY"
+    variables = VARIABLES  # kie's own: one account
     models = FLUX2_MODELS
     native_models = tuple(f"flux-2/{tier}-{kind}" for tier in ("pro", "flex") for kind in MARKET_KINDS)
     default_model = "flux-2/pro-image-to-image"
