@@ -52,61 +52,95 @@ from receiver.worker import Worker
 log = logging.getLogger("receiver")
 
 
-def create_app(settings: Settings, *, role: str = "all") -> Starlette:
-    """`role`: "api" serves HTTP only, "worker" runs the jobs (and answers health checks), "all" both."""
-    run_worker = role in ("all", "worker")
-    tokens = Tokens(settings.secret_key, settings.public_url, settings.link_ttl)
-    store = make_store(settings)
-    media = open_media(settings.media_url, settings.data_dir, settings.aws)
-    api = Api(settings, store, tokens, media)
-    # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
-    provider_http = provider_client(timeout=settings.http_timeout)
-    outside_http = outside_client(allow_private=settings.allow_private_urls, timeout=settings.http_timeout)
-    key_sets = KeySets(provider_http, settings.key_set_refresh)
-    callbacks = Callbacks(settings, store, tokens, key_sets)
-    sandbox_settings = settings.provider("sandbox")
-    sandbox = SandboxService(
-        media,
-        settings.public_url,
-        sandbox_settings.api_key or "",
-        settings.sandbox_delay,
-        provider_http,
-    )
-    worker = Worker(settings, store, wire_jobs(settings, store, tokens, provider_http, outside_http, media))
-    worker.callbacks_busy = callbacks.busy
+class Service:
+    """One process's parts (store, media, API, callbacks, sandbox, worker) and the endpoints that are
+    about the process itself: health, readiness, metrics, the OpenAPI document, and its lifespan."""
 
-    async def healthz(request: Request) -> Response:
+    def __init__(self, settings: Settings, role: str) -> None:
+        self.settings = settings
+        self.role = role
+        self.tokens = Tokens(settings.secret_key, settings.public_url, settings.link_ttl)
+        self.store = make_store(settings)
+        self.media = open_media(settings.media_url, settings.data_dir, settings.aws)
+        self.api = Api(settings, self.store, self.tokens, self.media)
+        # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
+        self.provider_http = provider_client(timeout=settings.http_timeout)
+        self.outside_http = outside_client(
+            allow_private=settings.allow_private_urls, timeout=settings.http_timeout
+        )
+        self.callbacks = Callbacks(
+            settings, self.store, self.tokens, KeySets(self.provider_http, settings.key_set_refresh)
+        )
+        self.sandbox = SandboxService(
+            self.media,
+            settings.public_url,
+            settings.provider("sandbox").api_key or "",
+            settings.sandbox_delay,
+            self.provider_http,
+        )
+        jobs = wire_jobs(settings, self.store, self.tokens, self.provider_http, self.outside_http, self.media)
+        self.worker = Worker(settings, self.store, jobs)
+        self.worker.callbacks_busy = self.callbacks.busy
+        self.metrics_digest = (
+            hashlib.sha256(settings.metrics_token.encode()).digest() if settings.metrics_token else None
+        )
+        self.routes = self._routes()
+        self.document = encode(openapi_document(settings.public_url, self.routes))
+        self.stopping: asyncio.Task[int] | None = None
+
+    def _routes(self) -> list[BaseRoute]:
+        api = self.api
+        # What answers each endpoint of the route table (receiver/routes.py), by the endpoint's name.
+        handlers = {
+            "callback": self.callbacks,
+            "callback_suffixed": self.callbacks,
+            "create_task": api.create_task,
+            "list_tasks": api.list_tasks,
+            "get_task": api.get_task,
+            "task_events": api.task_events,
+            "task_image": api.task_image,
+            "create_upload": api.create_upload,
+            "get_upload": api.get_upload,
+            "list_providers": api.list_providers,
+            "healthz": self.healthz,
+            "readyz": self.readyz,
+            "openapi": self.openapi,
+            "metrics": self.metrics,
+        }
+        # A worker alone answers only the health checks and /metrics; the API lives in the other roles.
+        if self.role == "worker":
+            return [*table_routes(handlers, every_role_only=True)]
+        return [*table_routes(handlers), *self.sandbox.routes(), *console_routes(self.settings)]
+
+    async def healthz(self, request: Request) -> Response:
         return ModelResponse(Health("ok"))
 
-    async def readyz(request: Request) -> Response:
+    async def readyz(self, request: Request) -> Response:
         problems = []
-        if not await store.writable():
+        if not await self.store.writable():
             problems.append("the database is not writable")
-        media_problem = await media.ready()
+        media_problem = await self.media.ready()
         if media_problem:
             problems.append(media_problem)
         if problems:
             return ModelResponse(Readiness("unavailable", problems), status_code=503)
         return ModelResponse(Readiness("ready"))
 
-    metrics_digest = (
-        hashlib.sha256(settings.metrics_token.encode()).digest() if settings.metrics_token else None
-    )
-
-    async def metrics_endpoint(request: Request) -> Response:
-        if metrics_digest is not None:
+    async def metrics(self, request: Request) -> Response:
+        if self.metrics_digest is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             offered = hashlib.sha256(given.strip().encode()).digest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, metrics_digest):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(offered, self.metrics_digest):
                 raise ApiError(
                     401, "unauthorized", "/metrics wants 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'"
                 )
+        store = self.store
         metrics.show_state(
             await store.task_counts(),
             await store.jobs_due(),
-            providers=[name for name in REGISTRY if settings.provider(name).api_key],
+            providers=[name for name in REGISTRY if self.settings.provider(name).api_key],
             statuses=list(Status),
-            kinds=list(worker.handlers),
+            kinds=list(self.worker.handlers),
             errors=list(ErrorCode),
             now=time.time(),
         )
@@ -116,64 +150,39 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
             metrics.PARKED.labels(kind).set(count)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def openapi(request: Request) -> Response:
-        return Response(document, media_type="application/json")
+    async def openapi(self, request: Request) -> Response:
+        return Response(self.document, media_type="application/json")
 
-    # What answers each endpoint of the route table (receiver/routes.py), by the endpoint's name.
-    handlers = {
-        "callback": callbacks,
-        "callback_suffixed": callbacks,
-        "create_task": api.create_task,
-        "list_tasks": api.list_tasks,
-        "get_task": api.get_task,
-        "task_events": api.task_events,
-        "task_image": api.task_image,
-        "create_upload": api.create_upload,
-        "get_upload": api.get_upload,
-        "list_providers": api.list_providers,
-        "healthz": healthz,
-        "readyz": readyz,
-        "openapi": openapi,
-        "metrics": metrics_endpoint,
-    }
-    # A worker alone answers only the health checks and /metrics; the API lives in the other roles.
-    routes: list[BaseRoute] = (
-        [*table_routes(handlers, every_role_only=True)]
-        if role == "worker"
-        else [*table_routes(handlers), *sandbox.routes(), *console_routes(settings)]
-    )
-    document = encode(openapi_document(settings.public_url, routes))
-
-    stopping: asyncio.Task[int] | None = None
-
-    def drain() -> None:
+    def drain(self) -> None:
         """The first step of a shutdown, taken at the signal (`receiver serve` calls it before uvicorn
         waits for open connections): new work is refused with a 503, every open `?wait` answers with its
         task as it stands, and the worker stops claiming while its running jobs get the grace."""
-        nonlocal stopping
-        if stopping is not None:
+        if self.stopping is not None:
             return
-        api.draining = True
-        store.wake_all()
-        event(log, "shutting down", running_jobs=worker.running(), grace=settings.shutdown_grace)
-        stopping = asyncio.get_running_loop().create_task(
-            worker.stop(grace=settings.shutdown_grace), name="receiver-worker-stop"
+        self.api.draining = True
+        self.store.wake_all()
+        grace = self.settings.shutdown_grace
+        event(log, "shutting down", running_jobs=self.worker.running(), grace=grace)
+        self.stopping = asyncio.get_running_loop().create_task(
+            self.worker.stop(grace=grace), name="receiver-worker-stop"
         )
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        store, media = self.store, self.media
         await store.open()
         removed = await media.clean_partial()
         if removed:
             log.info("removed %d partial downloads left by an earlier process", removed)
         runner = None
-        if run_worker:
+        if self.role in ("all", "worker"):
             await store.claim_worker()
-            runner = asyncio.create_task(worker.run(), name="receiver-worker")
+            runner = asyncio.create_task(self.worker.run(), name="receiver-worker")
+        settings = self.settings
         event(
             log,
             "started",
-            role=role,
+            role=self.role,
             public_url=settings.public_url,
             data_dir=str(settings.data_dir),
             media=media.description,
@@ -181,79 +190,91 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
         try:
             yield
         finally:
-            drain()  # already taken at the signal under `receiver serve`; here for every other host
-            assert stopping is not None
-            left = await stopping
+            self.drain()  # already taken at the signal under `receiver serve`; here for every other host
+            assert self.stopping is not None
+            left = await self.stopping
             if runner is not None:
                 runner.cancel()
                 with contextlib.suppress(BaseException):
                     await runner
-            await sandbox.close()
-            await provider_http.aclose()
-            await outside_http.aclose()
+            await self.sandbox.close()
+            await self.provider_http.aclose()
+            await self.outside_http.aclose()
             await store.close()
             event(log, "stopped", jobs_left_for_next_start=left)
 
-    async def api_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
-        return error_response(exc.status, exc.code, exc.message, exc.fields)
 
-    async def store_unavailable(request: Request, exc: Exception) -> Response:
-        # A provider retries a callback answered 503; an app retries its call. Nothing was changed.
-        event(
-            log, "database unavailable", level=logging.WARNING, path=request.url.path, reason=str(exc)[:200]
-        )
-        return error_response(
-            503, "database_unavailable", "the database cannot be reached right now; try again"
-        )
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.fields)
 
-    async def http_error(request: Request, exc: Exception) -> Response:
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    # A provider retries a callback answered 503; an app retries its call. Nothing was changed.
+    event(log, "database unavailable", level=logging.WARNING, path=request.url.path, reason=str(exc)[:200])
+    return error_response(503, "database_unavailable", "the database cannot be reached right now; try again")
+
+
+class HttpErrors:
+    """Starlette's 404 and 405 as our JSON errors: a 404 whose path is served with or without its
+    trailing slash redirects there (under RECEIVER_PUBLIC_URL, never the Host header), and a 405 names
+    every method the path takes."""
+
+    def __init__(self, routes: list[BaseRoute], public_url: str) -> None:
+        self.routes = routes
+        self.public_url = public_url
+
+    async def __call__(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            other = slash_twin(request)
+            other = self.slash_twin(request)
             if other is not None:
                 return RedirectResponse(other, status_code=307)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
-            headers["Allow"] = ", ".join(allowed_methods(request))
+            headers["Allow"] = ", ".join(self.allowed_methods(request))
         return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
-    def allowed_methods(request: Request) -> list[str]:
+    def allowed_methods(self, request: Request) -> list[str]:
         """Every method some route serves at this path (Starlette's own Allow names one route's only)."""
         methods: set[str] = set()
-        for route in routes:
+        for route in self.routes:
             if route.matches(request.scope)[0] is not Match.NONE and isinstance(route, Route):
                 methods |= route.methods or set()
         return sorted(methods)
 
-    def slash_twin(request: Request) -> str | None:
-        """`/path/` ↔ `/path` when that one is served: under RECEIVER_PUBLIC_URL, never the Host header."""
+    def slash_twin(self, request: Request) -> str | None:
+        """`/path/` ↔ `/path` when that one is served."""
         path = request.url.path
         if path == "/":
             return None
         twin = path.rstrip("/") if path.endswith("/") else path + "/"
         scope = {**request.scope, "path": twin}
-        if not any(route.matches(scope)[0] != Match.NONE for route in app.router.routes):
+        if not any(route.matches(scope)[0] != Match.NONE for route in self.routes):
             return None
         query = request.url.query
-        return f"{settings.public_url}{quote(twin)}" + (f"?{query}" if query else "")
+        return f"{self.public_url}{quote(twin)}" + (f"?{query}" if query else "")
 
+
+def create_app(settings: Settings, *, role: str = "all") -> Starlette:
+    """`role`: "api" serves HTTP only, "worker" runs the jobs (and answers health checks), "all" both."""
+    service = Service(settings, role)
     app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
+        routes=service.routes,
+        lifespan=service.lifespan,
         exception_handlers={
             ApiError: api_error,
-            HTTPException: http_error,
+            HTTPException: HttpErrors(service.routes, settings.public_url),
             StoreUnavailable: store_unavailable,
         },
         middleware=[Middleware(metrics.HttpMetrics)],
     )
     # Starlette's own slash redirect builds its Location from the Host header; ours (above) does not.
     app.router.redirect_slashes = False
-    app.state.store = store
-    app.state.callbacks = callbacks
+    app.state.store = service.store
+    app.state.callbacks = service.callbacks
     app.state.settings = settings
-    app.state.media = media
-    app.state.drain = drain
+    app.state.media = service.media
+    app.state.drain = service.drain
     return app
