@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the HTTP API, the callback endpoints and the worker",
         description="Run the service. Configuration comes from RECEIVER_* and provider variables "
-        "(see the README).",
+        "(`receiver config` shows them all, and where each value came from).",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")

@@ -247,7 +247,7 @@ def test_the_sandbox_draws_its_pictures_off_the_event_loop(tmp_path: Path, pool:
 
 
 def sample_drawings(receiver: Receiver, pool: ThreadPoolExecutor) -> dict[int, int]:
-    """Threads caught drawing (and how often) while the sandbox makes 24 pictures."""
+    """Threads caught drawing (and how often) while the sandbox makes 12 pictures."""
     drawing = render_png.__code__
     seen: dict[int, int] = {}  # thread -> samples caught drawing
     done = threading.Event()
@@ -261,16 +261,17 @@ def sample_drawings(receiver: Receiver, pool: ThreadPoolExecutor) -> dict[int, i
                         seen[thread] = seen.get(thread, 0) + 1
                         break
                     walked = walked.f_back
-            time.sleep(0.0005)
+            time.sleep(0.002)  # often enough to catch a drawing, seldom enough to leave the GIL to the service
 
     sampler = pool.submit(sample)
     try:
         # 4 pictures of 768x768 a task: seconds of drawing in all, so the sampler sees it under way.
         tasks = [
-            receiver.submit(provider="sandbox", prompt=f"a fox {n}", num_images=4, seed=n) for n in range(6)
+            receiver.submit(provider="sandbox", prompt=f"a fox {n}", num_images=4, seed=n) for n in range(3)
         ]
         for task in tasks:
-            assert receiver.wait(str(task["id"]), 120)["status"] == "succeeded"
+            # A bound, not a timing: the sampler shares the service's process, so a busy machine is slow.
+            assert receiver.wait(str(task["id"]), 600)["status"] == "succeeded"
     finally:
         done.set()
         sampler.result()
