@@ -261,7 +261,8 @@ def sample_drawings(receiver: Receiver, pool: ThreadPoolExecutor) -> dict[int, i
                         seen[thread] = seen.get(thread, 0) + 1
                         break
                     walked = walked.f_back
-            time.sleep(0.002)  # often enough to catch a drawing, seldom enough to leave the GIL to the service
+            # Often enough to catch a drawing, seldom enough to leave the GIL to the service.
+            time.sleep(0.002)
 
     sampler = pool.submit(sample)
     try:
