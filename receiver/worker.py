@@ -113,10 +113,9 @@ class Worker:
         due = claimed.next_due
         wait = 1.0 if due is None or due <= now else min(1.0, due - now)
         opens = self.pace.next_change()
-        try:
-            await asyncio.wait_for(
-                self.store.jobs_changed.wait(), wait if opens is None else min(wait, opens)
-            )
+        try:  # asyncio.timeout: wait_for (3.11) can swallow the cancellation that stops the worker
+            async with asyncio.timeout(wait if opens is None else min(wait, opens)):
+                await self.store.jobs_changed.wait()
         except TimeoutError:
             pass
 

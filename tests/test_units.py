@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from receiver import imageinfo
 from receiver.models import MalformedCallback
 from receiver.models import Status
 from receiver.providers.base import json_object
+from receiver.store.base import Wakeups
 from receiver.store.sqlite import MIGRATIONS
 from receiver.store.sqlite import migrate
 from receiver.tokens import CallbackClaim
@@ -143,3 +145,20 @@ def test_callback_bodies_read_as_json_our_databases_can_keep() -> None:
     for bad in (*refused, b'{"a": NaN}', b'{"a": 1e400}', b"[" * 2000 + b"]" * 2000):
         with pytest.raises(MalformedCallback):
             json_object(bad)
+
+
+def test_a_change_waiter_cancelled_as_its_task_changes_is_cancelled() -> None:
+    """A download's watcher is cancelled the moment its fetch ends, often as the task changes (another
+    image stored): the cancellation must win, or the download waits on its watcher for good."""
+
+    async def main() -> None:
+        wakeups = Wakeups()
+        waiter = asyncio.ensure_future(wakeups.wait("tsk_1", 60))
+        await asyncio.sleep(0)  # it waits now
+        wakeups.announce(["tsk_1"], False)  # the task changes …
+        waiter.cancel()  # … and, in the same turn of the loop, the watcher is stopped
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert wakeups.everyone() == []
+
+    asyncio.run(main())

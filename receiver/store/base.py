@@ -165,7 +165,11 @@ class Wakeups:
         event = asyncio.Event()
         self.task_waiters.setdefault(task_id, set()).add(event)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes
+            # as the event is set, and a waiter that is being cancelled (a download whose fetch just
+            # ended stops its watcher) would then wait on for good.
+            async with asyncio.timeout(timeout):
+                await event.wait()
         except TimeoutError:
             pass
         finally:
