@@ -34,6 +34,7 @@ from receiver.logs import event
 from receiver.media import Media
 from receiver.media import MediaError
 from receiver.media import MediaMissing
+from receiver.media import StorageUnavailable
 from receiver.media import one_chunk
 from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
@@ -127,6 +128,13 @@ class Api:
         self.offered = offered(settings)  # settings are fixed for the process: built once
 
     # -- auth ------------------------------------------------------------------------------------
+
+    def _write_failed(self, exc: MediaError) -> ApiError:
+        """An image the media store did not take: 503 `storage_unavailable` when it refused the write (a
+        full disk, a bucket refusing), `media_unavailable` when it could not be reached."""
+        metrics.MEDIA_WRITE_ERRORS.labels(self.media.kind).inc()
+        event(log, "the media store did not take an image", level=logging.WARNING, reason=str(exc)[:300])
+        return _storage_unavailable() if isinstance(exc, StorageUnavailable) else _media_unavailable()
 
     def tenant(self, request: Request, *, required: bool = True) -> str | None:
         header = request.headers.get("authorization", "")
@@ -342,8 +350,8 @@ class Api:
         try:
             data = decode_data_uri(value)
             name, _, _ = await keep_upload(self.media, one_chunk(data), self.settings.max_image_bytes)
-        except MediaError:
-            raise _media_unavailable() from None
+        except MediaError as exc:
+            raise self._write_failed(exc) from None
         except UploadError as exc:
             raise ApiError(
                 422, "invalid", "an image is not usable", {f"images[{index}]": exc.message}
@@ -508,8 +516,8 @@ class Api:
             raise client_gone(request) from None
         except TimeoutError:
             raise body_too_slow(self.settings.body_timeout) from None
-        except MediaError:
-            raise _media_unavailable() from None
+        except MediaError as exc:
+            raise self._write_failed(exc) from None
         except UploadError as exc:
             raise ApiError(
                 exc.status, "unsupported_media_type" if exc.status == 415 else "too_large", exc.message
@@ -538,6 +546,11 @@ class Api:
 
 def _media_unavailable() -> ApiError:
     return ApiError(503, "media_unavailable", "the media store cannot be reached right now; try again")
+
+
+def _storage_unavailable() -> ApiError:
+    # The message names no store: the path or bucket is the operator's business (/readyz shows it).
+    return ApiError(503, "storage_unavailable", "the media store cannot take the image right now; try again")
 
 
 def _shutting_down() -> Response:

@@ -29,6 +29,7 @@ from receiver.config import Settings
 from receiver.console import console_routes
 from receiver.jobs.kinds import wire_jobs
 from receiver.logs import event
+from receiver.media import ReadyProbe
 from receiver.media import open_media
 from receiver.models import ErrorCode
 from receiver.models import Status
@@ -62,6 +63,8 @@ class Service:
         self.tokens = Tokens(settings.secret_key, settings.public_url, settings.link_ttl)
         self.store = make_store(settings)
         self.media = open_media(settings.media_url, settings.data_dir, settings.aws)
+        self.media_probe = ReadyProbe(self.media)
+        metrics.MEDIA_WRITE_ERRORS.labels(self.media.kind)  # reads 0 until a write fails, not absent
         self.api = Api(settings, self.store, self.tokens, self.media)
         # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
         self.provider_http = provider_client(timeout=settings.http_timeout)
@@ -116,15 +119,14 @@ class Service:
         return ModelResponse(Health("ok"))
 
     async def readyz(self, request: Request) -> Response:
-        problems = []
-        if not await self.store.writable():
-            problems.append("the database is not writable")
-        media_problem = await self.media.ready()
-        if media_problem:
-            problems.append(media_problem)
+        checks = {
+            "database": "ok" if await self.store.writable() else "the database is not writable",
+            "media": await self.media_probe.problem() or "ok",
+        }
+        problems = [problem for problem in checks.values() if problem != "ok"]
         if problems:
-            return ModelResponse(Readiness("unavailable", problems), status_code=503)
-        return ModelResponse(Readiness("ready"))
+            return ModelResponse(Readiness("unavailable", problems, checks), status_code=503)
+        return ModelResponse(Readiness("ready", checks=checks))
 
     async def metrics(self, request: Request) -> Response:
         if self.metrics_digest is not None:

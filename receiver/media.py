@@ -8,6 +8,7 @@ sees half an image under a key.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -43,6 +44,12 @@ class MediaMissing(MediaError):
     """No object under that key."""
 
 
+class StorageUnavailable(MediaError):
+    """The store is there but will not take a write: a full disk or quota (ENOSPC, EDQUOT), an I/O
+    error, a bucket that answers 5xx, throttles or denies the write. The message names the store and
+    the error, never a credential."""
+
+
 @dataclass(frozen=True)
 class MediaObject:
     size: int
@@ -53,9 +60,11 @@ class Media(Protocol):
     """What the service needs from a media store. Keys are relative paths like `tsk_…/0.png`."""
 
     description: str
+    kind: str  # "directory" or "bucket": the `store` label of receiver_media_write_errors_total
 
     async def put(self, key: str, chunks: AsyncIterable[bytes]) -> None:
-        """Store the stream under `key`, visible only once `chunks` ends; an error in it stores nothing."""
+        """Store the stream under `key`, visible only once `chunks` ends; an error in it stores nothing.
+        StorageUnavailable when the store refuses the write, MediaError when it cannot be reached."""
 
     async def rename(self, source: str, dest: str) -> None: ...
 
@@ -75,7 +84,8 @@ class Media(Protocol):
         """The object's file when the store is a directory (served as a file: ranges, sendfile)."""
 
     async def ready(self) -> str | None:
-        """Why the store cannot take writes now, or None when it can."""
+        """Why the store cannot take writes now (naming the store), or None when it can: a small probe
+        object written and removed."""
 
     async def clean_partial(self) -> int:
         """Remove temp objects a killed writer left behind; how many."""
@@ -117,6 +127,8 @@ def _checked_key(key: str) -> str:
 class LocalMedia:
     """Files under one directory, readable by the service's user only (0700 folders, 0600 files)."""
 
+    kind = "directory"
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.description = str(root)
@@ -136,7 +148,7 @@ class LocalMedia:
             self._folder(path)
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
-            raise MediaError(f"cannot write to the media directory: {exc.strerror}") from None
+            raise self._refused(exc) from None
         writing = Behind()  # each write in a thread while the next chunk arrives
         try:
             with open(fd, "wb") as handle:  # noqa: ASYNC230 - written in a thread, closed once done
@@ -148,7 +160,7 @@ class LocalMedia:
             os.replace(temp, path)
         except OSError as exc:
             _unlink(temp)
-            raise MediaError(f"cannot write to the media directory: {exc.strerror}") from None
+            raise self._refused(exc) from None
         except BaseException:
             _unlink(temp)
             raise
@@ -158,7 +170,12 @@ class LocalMedia:
             self._folder(self._path(dest))
             os.replace(self._path(source), self._path(dest))
         except OSError as exc:
-            raise MediaError(f"cannot rename in the media directory: {exc.strerror}") from None
+            raise self._refused(exc) from None
+
+    def _refused(self, exc: OSError) -> StorageUnavailable:
+        # "directory /data/media: no space left on device" — the store and the error, as /readyz says it.
+        reason = (exc.strerror or type(exc).__name__).lower()
+        return StorageUnavailable(f"media directory {self.root}: {reason}")
 
     async def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -198,12 +215,12 @@ class LocalMedia:
         return self._path(key)
 
     async def ready(self) -> str | None:
-        probe = self.root / f".ready.{secrets.token_hex(4)}"
+        probe = f".ready.{secrets.token_hex(4)}"
         try:
-            probe.write_bytes(b"ok")
-            probe.unlink()
-        except OSError:
-            return "the media directory is not writable"
+            await self.put(probe, one_chunk(b"ok"))
+        except MediaError as exc:
+            return str(exc)
+        await self.delete(probe)
         return None
 
     async def clean_partial(self) -> int:
@@ -228,6 +245,8 @@ def _unlink(path: Path) -> None:
 
 class S3Media:
     """An S3-compatible bucket (AWS S3, MinIO, R2 …) through obstore, under an optional key prefix."""
+
+    kind = "bucket"
 
     def __init__(self, url: str, aws: Mapping[str, str]) -> None:
         parts = urlsplit(url)
@@ -279,13 +298,21 @@ class S3Media:
                     max_concurrency=PARTS_IN_FLIGHT,
                 )
         except STORE_ERRORS as exc:
-            raise MediaError(f"the bucket refused the write: {_reason(exc)}") from None
+            raise self._refused(exc, "write") from None
 
     async def rename(self, source: str, dest: str) -> None:
         try:
             await obstore.rename_async(self.store, source, _checked_key(dest))
         except STORE_ERRORS as exc:
-            raise MediaError(f"the bucket refused a rename: {_reason(exc)}") from None
+            raise self._refused(exc, "rename") from None
+
+    def _refused(self, exc: Exception, what: str) -> MediaError:
+        """StorageUnavailable when the bucket answered (a 403, a 503 SlowDown …), a plain MediaError when
+        it could not be reached. The bucket's URL names no credential; obstore's request line is cut."""
+        answer = _answer(exc)
+        if answer is not None:
+            return StorageUnavailable(f"media bucket {self.description}: the {what} was refused: {answer}")
+        return MediaError(f"media bucket {self.description}: cannot be reached: {_reason(exc)}")
 
     async def exists(self, key: str) -> bool:
         try:
@@ -338,9 +365,9 @@ class S3Media:
                 await self.put(probe, one_chunk(b"ok"))
                 await self.delete(probe)
         except MediaError as exc:
-            return f"the media bucket is not writable: {exc}"
+            return str(exc)
         except TimeoutError:
-            return "the media bucket did not answer within 10 s"
+            return f"media bucket {self.description}: no answer within 10 s"
         return None
 
     async def clean_partial(self) -> int:
@@ -361,6 +388,26 @@ class S3Media:
         return len(stale)
 
 
+class ReadyProbe:
+    """The media store's `ready()`, asked at most once every `every` seconds however often /readyz is
+    (a load balancer may ask many times a second): a probe writes and removes an object, which costs a
+    request to a bucket. Concurrent askers share one probe."""
+
+    def __init__(self, media: Media, every: float = 5.0) -> None:
+        self.media = media
+        self.every = every
+        self._at: float | None = None
+        self._problem: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def problem(self) -> str | None:
+        async with self._lock:
+            if self._at is None or time.monotonic() - self._at >= self.every:
+                self._problem = await self.media.ready()
+                self._at = time.monotonic()
+            return self._problem
+
+
 async def one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -370,6 +417,22 @@ async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator
         yield chunk
     async for chunk in rest:
         yield chunk
+
+
+# How obstore quotes an answer of the server (as opposed to no answer): its status, then S3's error XML.
+_STATUS = re.compile(r"status code: (\d{3})")
+_S3_ERROR = re.compile(r"<Code>([^<]{1,64})</Code>(?:<Message>([^<]{0,200})</Message>)?")
+
+
+def _answer(exc: Exception) -> str | None:
+    """`HTTP 503 SlowDown: Please reduce your request rate.` when the bucket answered, else None."""
+    text = str(exc)
+    status = _STATUS.search(text)
+    if status is None:
+        return None
+    error = _S3_ERROR.search(text)
+    said = f" {error.group(1)}" + (f": {error.group(2)}" if error.group(2) else "") if error else ""
+    return f"HTTP {status.group(1)}{said}"
 
 
 def _reason(exc: Exception) -> str:

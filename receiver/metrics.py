@@ -102,6 +102,12 @@ DOWNLOADS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+MEDIA_WRITE_ERRORS = Counter(
+    "receiver_media_write_errors_total",
+    "Image writes (downloads and uploads) the media store refused or could not take, by store",
+    ["store"],
+    registry=REGISTRY,
+)
 DOWNLOAD_BYTES = Counter("receiver_download_bytes_total", "Bytes of images stored", registry=REGISTRY)
 DOWNLOAD_SECONDS = Histogram(
     "receiver_download_seconds",

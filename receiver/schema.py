@@ -386,6 +386,13 @@ class Health(Struct):
 class Readiness(Struct, omit_defaults=True):
     status: Literal["ready", "unavailable"]
     problems: list[str] = []
+    checks: Annotated[
+        dict[str, str],
+        Meta(
+            description="each part (`database`, `media`) and `ok` or what fails, naming the store",
+            examples=[{"database": "ok", "media": "media directory /data/media: no space left on device"}],
+        ),
+    ] = {}
 
 
 class Notification(Struct):

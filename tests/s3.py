@@ -3,18 +3,71 @@
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication
+from moto.moto_server.werkzeug_app import create_backend_app
 from moto.server import ThreadedMotoServer
+from werkzeug.serving import make_server
 
 REGION = "us-east-1"
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"  # moto takes any credentials
 
 
+# S3's own answers when it will not take a write: (HTTP status, error code, message).
+REFUSALS = {
+    "SlowDown": ("503 Slow Down", "SlowDown", "Please reduce your request rate."),
+    "AccessDenied": ("403 Forbidden", "AccessDenied", "Access Denied"),
+}
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class RefusingWrites:
+    """WSGI middleware before moto: while `refusing` names one of REFUSALS, every object write (a PUT
+    or POST under a bucket: a whole object, a multipart upload and its parts) is answered with S3's
+    error XML for it, as a bucket that is throttling or whose policy denies writes does. Reads,
+    deletes and bucket calls go through."""
+
+    def __init__(self, app: Callable[[dict[str, Any], StartResponse], Iterable[bytes]]) -> None:
+        self.app = app
+        self.refusing: str | None = None
+        self.refused = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "").strip("/")
+        if self.refusing and environ["REQUEST_METHOD"] in ("PUT", "POST") and "/" in path:
+            self.refused += 1
+            status, code, message = REFUSALS[self.refusing]
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n'
+                f"<Error><Code>{code}</Code><Message>{message}</Message>"
+                f"<Resource>/{path}</Resource><RequestId>{secrets.token_hex(8)}</RequestId></Error>"
+            ).encode()
+            start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+            return [body]
+        return self.app(environ, start_response)
+
+
+class _Server(ThreadedMotoServer):
+    """moto's threaded server with RefusingWrites in front of its app."""
+
+    def __init__(self) -> None:
+        super().__init__(ip_address="127.0.0.1", port=0, verbose=False)
+        self.gate = RefusingWrites(DomainDispatcherApplication(create_backend_app))
+
+    def _server_entry(self) -> None:
+        self._server = make_server(self._ip_address, self._port, self.gate, True)
+        self._server_ready_event.set()
+        self._server.serve_forever()
+
+
 class MotoS3:
     def __init__(self) -> None:
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server = _Server()
 
     def start(self) -> MotoS3:
         self.server.start()
@@ -33,6 +86,11 @@ class MotoS3:
 
     def stop(self) -> None:
         self.server.stop()
+
+    def refuse_writes(self, refusal: str | None) -> None:
+        """Answer every object write with REFUSALS[refusal] (None: take writes again)."""
+        assert refusal is None or refusal in REFUSALS
+        self.server.gate.refusing = refusal
 
     def new_bucket(self, *, create: bool = True) -> str:
         name = f"media-{secrets.token_hex(6)}"

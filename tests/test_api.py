@@ -272,7 +272,8 @@ def test_upload_over_the_cap(start_receiver: Callable[..., Receiver], media_env:
 
 def test_health_readiness_metrics(receiver: Receiver) -> None:
     assert receiver.anon.get("/healthz").json() == {"status": "ok"}
-    assert receiver.anon.get("/readyz").json() == {"status": "ready"}
+    ready = {"status": "ready", "checks": {"database": "ok", "media": "ok"}}
+    assert receiver.anon.get("/readyz").json() == ready
     receiver.wait(receiver.submit(provider="sandbox", prompt="m")["id"])
     text = receiver.anon.get("/metrics").text
     assert 'receiver_tasks{provider="sandbox",status="succeeded"} 1.0' in text

@@ -33,7 +33,7 @@ from receiver.jobs import Done
 from receiver.jobs import Entry
 from receiver.jobs import Fail
 from receiver.jobs import Retry
-from receiver.jobs.deadline import deadline
+from receiver.jobs.deadline import Deadline
 from receiver.jobs.download import Download
 from receiver.jobs.kinds import wire_jobs
 from receiver.jobs.notify import Notify
@@ -134,9 +134,11 @@ def test_backoff_jitter_stays_within_its_bounds() -> None:
 # -- handlers, called directly --------------------------------------------------------------------------
 
 
-def test_deadline_fails_the_task_with_timed_out() -> None:
-    outcome = asyncio.run(deadline(Job(1, "deadline", "tsk_x", 0, 1)))
-    assert outcome == Fail(timed_out())
+def test_deadline_fails_the_task_with_timed_out(tmp_path: Path) -> None:
+    async def scenario(store: Store, settings: Settings, clock: FakeClock) -> None:
+        assert await Deadline(store)(Job(1, "deadline", "tsk_x", 0, 1)) == Fail(timed_out())
+
+    with_store(tmp_path, scenario)
 
 
 def test_notify_judges_each_answer(tmp_path: Path) -> None:

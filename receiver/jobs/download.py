@@ -1,7 +1,9 @@
 """The `download` job: fetch one result image into our media, while its task still wants it.
 
 Transient failures wait for the next step of RECEIVER_DOWNLOAD_RETRY_DELAYS; past its last step, or on a
-permanent failure, the task fails with `download_failed`.
+permanent failure, the task fails with `download_failed`. Our own media store failing (a full disk, a
+bucket refusing writes) is not the image's fault: it is retried at the last step, each try an event of
+kind `storage_unavailable`, until the store takes the image or the task's deadline ends it.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ def wanted(target: DownloadTarget | None, url: str) -> bool:
 
 
 class Download:
-    def __init__(self, settings: Settings, store: Store, fetcher: Fetcher, clock: Clock) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, fetcher: Fetcher, clock: Clock, media_kind: str = "directory"
+    ) -> None:
         self.settings = settings
+        self.media_kind = media_kind  # the `store` label of receiver_media_write_errors_total
         self.store = store
         self.fetcher = fetcher
         self.clock = clock
@@ -109,7 +114,15 @@ class Download:
             event(log, "download failed, giving up", level=logging.WARNING, **fields)
             return Fail(TaskError(ErrorCode.DOWNLOAD_FAILED, f"image {job.arg}: {exc.reason}{tries}"))
         event(log, "download failed, will retry", level=logging.WARNING, attempt=job.attempts, **fields)
-        entry = Entry("download", f"image {job.arg} try {job.attempts} failed: {exc.reason}")
+        if ours:
+            # Its own event kind, so an app or an operator tells a full disk or a refusing bucket (the
+            # task waits, up to its deadline) from an image host's trouble.
+            metrics.MEDIA_WRITE_ERRORS.labels(self.media_kind).inc()
+            entry = Entry(
+                "storage_unavailable", f"image {job.arg} try {job.attempts}: {exc.reason}; will retry"
+            )
+        else:
+            entry = Entry("download", f"image {job.arg} try {job.attempts} failed: {exc.reason}")
         return Retry(self.backoff.delay(job.attempts), exc.reason, entry)
 
     async def _fetch_while_wanted(self, job: Job, url: str) -> StoredImage | None:

@@ -14,7 +14,7 @@ from receiver.jobs import SYSTEM_CLOCK
 from receiver.jobs import Clock
 from receiver.jobs import Handler
 from receiver.jobs.calls import ProviderCalls
-from receiver.jobs.deadline import deadline
+from receiver.jobs.deadline import Deadline
 from receiver.jobs.download import Download
 from receiver.jobs.notify import Notify
 from receiver.jobs.reconcile import Reconcile
@@ -59,9 +59,11 @@ def wire_jobs(
     notifier = Notifier(settings, outside_http, clock)
     kinds = {
         "submit": Kind(8, Submit(settings, store, tokens, media, calls, pacer, clock)),
-        "download": Kind(settings.download_concurrency, Download(settings, store, fetcher, clock)),
+        "download": Kind(
+            settings.download_concurrency, Download(settings, store, fetcher, clock, media.kind)
+        ),
         "reconcile": Kind(4, Reconcile(settings, store, calls)),
-        "deadline": Kind(4, deadline),
+        "deadline": Kind(4, Deadline(store)),
         "notify": Kind(
             settings.notify_slots, Notify(settings, store, tokens, notifier), settings.notify_per_tenant
         ),

@@ -192,6 +192,16 @@ class Store:
             return None
         return DownloadTarget(ImageRecord.from_row(rows[0]), Status(rows[0]["task_status"]))
 
+    async def download_trouble(self, task_id: str) -> str | None:
+        """Why the task's downloads are still waiting, as their latest failed try said (a full media
+        store, an image host answering 503 …); None when none of them failed."""
+        rows = await self.fetch(
+            "SELECT last_error FROM jobs WHERE task_id=:id AND kind='download' AND last_error IS NOT NULL"
+            " AND last_error<>'' ORDER BY attempts DESC, id LIMIT 1",
+            {"id": task_id},
+        )
+        return str(rows[0]["last_error"]) if rows else None
+
     async def image(self, task_id: str, index: int) -> ImageRecord | None:
         rows = await self.fetch(
             "SELECT * FROM images WHERE task_id=:id AND idx=:idx", {"id": task_id, "idx": index}
