@@ -36,11 +36,19 @@ class Limits:
         return bool(self.per_window or self.max_concurrent or self.max_concurrent_by_model)
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A pace group's count of ended submits at one moment, by model (see `Pacer.mark`)."""
+
+    released: Mapping[str, int]
+
+
 @dataclass
 class _Group:
     limits: Limits
     sent: deque[float] = field(default_factory=deque)
     sending: dict[str, int] = field(default_factory=dict)  # model -> submits in flight right now
+    released: dict[str, int] = field(default_factory=dict)  # model -> submits ended, ever (see `mark`)
     held_until: float = 0.0
     holds: int = 0  # 429s seen, to tell whether the probe's answer was another one
     probe: str = ""  # "" none, "needed" after a hold, "sent" while the probe is out
@@ -154,14 +162,30 @@ class Pacer:
                 waits.append(max(0.0, group.sent[0] + limits.window - now))
         return min(waits) if waits else None
 
+    def mark(self, provider: str) -> Mark:
+        """Taken just before the database's count of tasks in flight is read, and given back to
+        `try_acquire` with that count.
+
+        A submit of this process counts in `sending` until `release`, which comes only after its
+        result (the task now `submitted`) is committed. A count read before that commit, used after the
+        release, would miss the submit twice over: not yet in the count, no longer in `sending`. So the
+        submits released since the mark are counted as still in flight: the count may have missed them."""
+        return Mark(dict(self._groups[self._group_of[provider]].released))
+
     def try_acquire(
-        self, provider: str, model: str, in_flight: Mapping[tuple[str, str], int], now: float | None = None
+        self,
+        provider: str,
+        model: str,
+        in_flight: Mapping[tuple[str, str], int],
+        now: float | None = None,
+        since: Mark | None = None,
     ) -> bool:
-        """Take a slot for one submit of `model` to `provider`, if its group has one free."""
+        """Take a slot for one submit of `model` to `provider`, if its group has one free. `in_flight` is
+        the database's count, read after `since` was taken (see `mark`)."""
         now = time.monotonic() if now is None else now
         name = self._group_of[provider]
         group = self._groups[name]
-        if not self._open(group, name, model, in_flight, now):
+        if not self._open(group, name, model, in_flight, now, since):
             return False
         if group.probe == "needed":
             group.probe, group.probe_holds = "sent", group.holds
@@ -175,6 +199,7 @@ class Pacer:
         probe and no 429 came meanwhile: the group is open again."""
         group = self._groups[self._group_of[provider]]
         group.sending[model] = max(0, group.sending.get(model, 0) - 1)
+        group.released[model] = group.released.get(model, 0) + 1
         if group.probe == "sent":  # the probe went alone, so this is its answer
             group.probe = "needed" if group.holds > group.probe_holds else ""
             return not group.probe
@@ -206,6 +231,7 @@ class Pacer:
         model: str | None,
         in_flight: Mapping[tuple[str, str], int],
         now: float,
+        since: Mark | None = None,
     ) -> bool:
         if group.held_until > now:
             return False
@@ -220,15 +246,20 @@ class Pacer:
         if not (limits.max_concurrent or limits.max_concurrent_by_model):
             return True
         providers = self.providers_of(name)
+        # This process's submits: those being sent, and those ended since the count was read.
+        ours = dict(group.sending)
+        if since is not None:
+            for sent, ended in group.released.items():
+                ours[sent] = ours.get(sent, 0) + ended - since.released.get(sent, 0)
         total = sum(n for (provider, _), n in in_flight.items() if provider in providers)
-        total += sum(group.sending.values())
+        total += sum(ours.values())
         if limits.max_concurrent and total >= limits.max_concurrent:
             return False
         if model is not None and model in limits.max_concurrent_by_model:
             of_model = sum(
                 n for (provider, m), n in in_flight.items() if provider in providers and m == model
             )
-            of_model += group.sending.get(model, 0)
+            of_model += ours.get(model, 0)
             if of_model >= limits.max_concurrent_by_model[model]:
                 return False
         return True

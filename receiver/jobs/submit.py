@@ -116,8 +116,12 @@ class Submit:
         """A slot in this process's pacer, then the same again in the database, for every worker
         process at once (see receiver.pacing)."""
         counted = self.pacer.counted_providers()
+        # The mark before the read: a submit of ours that ends while the count is read still counts.
+        mark = self.pacer.mark(provider.name)
         counts = await self.store.in_flight(counted) if provider.name in counted else {}
-        if not self.pacer.try_acquire(provider.name, row.model, counts, now=self.clock.monotonic()):
+        if not self.pacer.try_acquire(
+            provider.name, row.model, counts, now=self.clock.monotonic(), since=mark
+        ):
             return False
         group = self.pacer.group_of(provider.name)
         limits = self.pacer.limits_of(group)
