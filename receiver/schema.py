@@ -283,7 +283,10 @@ class TaskPage(Struct):
 class Event(Struct):
     id: int
     at: Timestamp
-    kind: Annotated[str, Meta(examples=["created", "submit", "callback", "poll", "download", "notify"])]
+    kind: Annotated[
+        str,
+        Meta(examples=["created", "submit", "callback", "poll", "download", "storage_unavailable", "notify"]),
+    ]
     verified: bool
     summary: str
     change: Annotated[str | None, Meta(description="the status it moved the task to, if any")]
