@@ -21,13 +21,13 @@ from receiver.schema import ImageType
 from receiver.schema import ProviderName
 from receiver.schema import Task
 from receiver.schema import TaskFailure
+from receiver.store.records import UPLOAD_PREFIX as UPLOAD_PREFIX
 from receiver.store.records import EventRecord
 from receiver.store.records import ImageRecord
 from receiver.store.records import TaskRecord
 from receiver.store.records import TaskView
+from receiver.store.records import upload_names
 from receiver.tokens import Tokens
-
-UPLOAD_PREFIX = "upload:"
 
 
 @overload
@@ -112,8 +112,7 @@ def render_event(row: EventRecord) -> Event:
 
 def uploads_of(row: TaskRecord) -> list[str]:
     """The names of our own uploads among the task's input images."""
-    refs = row.request.get("images", [])
-    return [ref[len(UPLOAD_PREFIX) :] for ref in refs if ref.startswith(UPLOAD_PREFIX)]
+    return upload_names(row.request)
 
 
 def task_spec(
