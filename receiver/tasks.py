@@ -21,13 +21,13 @@ from receiver.schema import ImageType
 from receiver.schema import ProviderName
 from receiver.schema import Task
 from receiver.schema import TaskFailure
-from receiver.store.records import UPLOAD_PREFIX as UPLOAD_PREFIX
 from receiver.store.records import EventRecord
 from receiver.store.records import ImageRecord
 from receiver.store.records import TaskRecord
 from receiver.store.records import TaskView
-from receiver.store.records import upload_names
 from receiver.tokens import Tokens
+
+UPLOAD_PREFIX = "upload:"
 
 
 @overload
@@ -45,7 +45,8 @@ def image_path(task_id: str, index: int) -> str:
 
 
 def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) -> Task:
-    """The task of CONTRACT.md; images appear once they are stored, each with a signed link."""
+    """The task of CONTRACT.md; images appear once they are stored, each with a signed link (none once
+    expired)."""
     return Task(
         id=row.id,
         status=Status(row.status),
@@ -53,7 +54,7 @@ def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) ->
         model=row.model,
         prompt=row.prompt,
         provider_task_id=row.provider_task_id,
-        images=[_image(row.id, image, tokens) for image in images if image.path is not None],
+        images=[_image(row.id, image, tokens) for image in images if image.path is not None or image.expired],
         error=_failure(row.error) if row.error else None,
         fallback=[ProviderName(name) for name in remaining_fallback(row)],
         attempts=[
@@ -74,17 +75,19 @@ def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) ->
 
 
 def _image(task_id: str, image: ImageRecord, tokens: Tokens) -> Image:
-    """A stored image: once its file is there, its type, size and hash are known too."""
+    """A stored image: once its file is there, its type, size and hash are known too. An expired one
+    keeps them, without a link."""
     assert image.content_type is not None and image.size is not None and image.sha256 is not None
     return Image(
         index=image.idx,
-        url=tokens.signed_link(image_path(task_id, image.idx)),
+        url=None if image.expired else tokens.signed_link(image_path(task_id, image.idx)),
         content_type=ImageType(image.content_type),
         size=image.size,
         sha256=image.sha256,
         width=image.width,
         height=image.height,
         source_url=image.source_url,
+        expired=image.expired,
     )
 
 
@@ -112,7 +115,8 @@ def render_event(row: EventRecord) -> Event:
 
 def uploads_of(row: TaskRecord) -> list[str]:
     """The names of our own uploads among the task's input images."""
-    return upload_names(row.request)
+    refs = row.request.get("images", [])
+    return [ref[len(UPLOAD_PREFIX) :] for ref in refs if ref.startswith(UPLOAD_PREFIX)]
 
 
 def task_spec(

@@ -19,15 +19,6 @@ class IdempotencyConflict(Exception):
     """The same Idempotency-Key came again with another body."""
 
 
-UPLOAD_PREFIX = "upload:"  # an input image that is one of our uploads, as a task's request keeps it
-
-
-def upload_names(request: Mapping[str, Any]) -> list[str]:
-    """The names of our own uploads among a task request's input images."""
-    refs = [ref for ref in request.get("images", []) if isinstance(ref, str)]
-    return [ref[len(UPLOAD_PREFIX) :] for ref in refs if ref.startswith(UPLOAD_PREFIX)]
-
-
 JSON_COLUMNS = frozenset(("request", "provider_state", "metadata", "attempts", "fallback"))
 
 

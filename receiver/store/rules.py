@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import Awaitable
@@ -42,7 +43,6 @@ from receiver.store.base import Tx
 from receiver.store.base import in_list
 from receiver.store.records import TASK_STATE
 from receiver.store.records import TASK_VIEW
-from receiver.store.records import UPLOAD_PREFIX
 from receiver.store.records import Claimed
 from receiver.store.records import DownloadTarget
 from receiver.store.records import Ended
@@ -54,7 +54,6 @@ from receiver.store.records import NewTask
 from receiver.store.records import Pace
 from receiver.store.records import TaskRecord
 from receiver.store.records import TaskView
-from receiver.store.records import upload_names
 from receiver.untrusted import storable
 from receiver.untrusted import storable_json
 
@@ -76,6 +75,8 @@ TASK_VIEW_BY_ID = f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id"  # noqa: S608 - 
 IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id=:id ORDER BY idx"
 ENDED = tuple(status.value for status in Status if status.terminal)
 ACTIVE = tuple(status.value for status in Status if not status.terminal)
+# An upload a task's request names (receiver.tasks.UPLOAD_PREFIX, or a link to it), as stored text.
+UPLOAD_NAMED = re.compile(r"(?:upload:|/uploads/)([0-9a-f]{64}\.(?:png|jpg|webp))")
 
 
 class StoreUnavailable(Exception):
@@ -332,13 +333,14 @@ class Store:
         return await self.write(op)
 
     async def uploads_in_use(self) -> set[str]:
-        """The names of the uploads that tasks not ended yet still hand to their provider."""
+        """The names of the uploads that tasks not ended yet still hand to their provider: kept as
+        `upload:<name>` (a data URI the service stored) or as a link to `/uploads/<name>`."""
         active, params = in_list("s", ACTIVE)
         rows = await self.fetch(
-            f"SELECT request FROM tasks WHERE status IN ({active}) AND request LIKE :upload",  # noqa: S608
-            {**params, "upload": f"%{UPLOAD_PREFIX}%"},
+            f"SELECT request FROM tasks WHERE status IN ({active}) AND request LIKE '%upload%'",  # noqa: S608
+            params,
         )
-        return {name for row in rows for name in upload_names(json.loads(row["request"]))}
+        return {name for row in rows for name in UPLOAD_NAMED.findall(row["request"])}
 
     # -- writes: tasks ---------------------------------------------------------------------------
 
