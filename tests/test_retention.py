@@ -24,28 +24,18 @@ from receiver.store import timed_out
 from receiver.store.base import Timings
 from receiver.store.rules import Store
 from receiver.store.sqlite import SqliteBackend
-from tests.conftest import database_settings
-from tests.conftest import media_settings
 from tests.fakes.common import png
 from tests.fakes.kie import KieFake
 from tests.harness import Receiver
 from tests.s3 import MotoS3
 from tests.test_config import serve_once
 from tests.test_config_checks import clean_env
+from tests.test_providers_e2e import database_env as database_env  # both stacks, as the e2e suite
+from tests.test_providers_e2e import media_env as media_env
 from tests.test_rules import new_task
 
 SWEEP = {"RECEIVER_SWEEP_INTERVAL": "0.2"}
 BOUND = 60.0  # seconds a poll may take on a machine kept busy: far more than the seconds it needs
-
-
-@pytest.fixture
-def database_env(request: pytest.FixtureRequest, stack: str) -> dict[str, str]:
-    return database_settings(request, stack.split("+")[0])
-
-
-@pytest.fixture
-def media_env(request: pytest.FixtureRequest, stack: str) -> dict[str, str]:
-    return media_settings(request, stack.split("+")[1])
 
 
 def poll(read: Callable[[], Any], done: Callable[[Any], bool], seconds: float = BOUND) -> Any:
