@@ -234,7 +234,7 @@ async def _sweep_in_batches(tmp_path: Path) -> None:
         ended = [await _task(store, media, f"tsk_{n:05d}", end=True) for n in range(BATCH + 7)]
         clock.now += 100
         settings = load_settings({"RECEIVER_RETAIN_TASKS": "50s", "RECEIVER_RETAIN_IMAGES": "10s"})
-        sweep = Sweep(settings, store, media, _WallClock(clock))
+        sweep = Sweep(settings, store, media, _WallClock(clock), pause=0)
         assert await sweep.tasks(clock.now - 50) == len(ended)
         assert await store.task(running) is not None
         assert (await store.images(running))[0].path is not None

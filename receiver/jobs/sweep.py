@@ -41,11 +41,19 @@ UPLOADS = "uploads"  # the media folder uploads are kept in
 
 
 class Sweep:
-    def __init__(self, settings: Settings, store: Store, media: Media, clock: Clock = SYSTEM_CLOCK) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        media: Media,
+        clock: Clock = SYSTEM_CLOCK,
+        pause: float = BATCH_PAUSE,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.media = media
         self.clock = clock
+        self.pause = pause  # between two batches (0 in unit tests, which never sleep)
 
     async def __call__(self, job: Job) -> Outcome:
         now = self.clock.time()
@@ -76,7 +84,7 @@ class Sweep:
             removed += len(gone)
             if len(ids) < BATCH or not gone:
                 break
-            await asyncio.sleep(BATCH_PAUSE)
+            await asyncio.sleep(self.pause)
         return removed
 
     async def images(self, before: float) -> int:
@@ -90,7 +98,7 @@ class Sweep:
             await self.store.images_gone(ids)
             if len(ids) < BATCH:
                 return deleted
-            await asyncio.sleep(BATCH_PAUSE)
+            await asyncio.sleep(self.pause)
 
     async def uploads(self, before: float) -> int:
         """Delete the uploads written before `before` that no unfinished task uses; how many."""
