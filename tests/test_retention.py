@@ -30,9 +30,7 @@ from tests.harness import Receiver
 from tests.s3 import MotoS3
 from tests.test_config import serve_once
 from tests.test_config_checks import clean_env
-from tests.test_console import CHROMIUM
-from tests.test_console import CHROMIUM_ARGS
-from tests.test_console import note_console
+from tests.test_console import browser_page as browser_page  # a chromium page, skipped without it
 from tests.test_console import sign_in
 from tests.test_providers_e2e import database_env as database_env  # both stacks, as the e2e suite
 from tests.test_providers_e2e import media_env as media_env
@@ -284,31 +282,22 @@ async def _task(store: Store, media: LocalMedia, task_id: str, *, end: bool) -> 
 
 
 @pytest.mark.parametrize("stack", ["sqlite+dir"])  # the page is the same on both; the API is tested on both
-def test_the_console_shows_an_expired_image_as_expired(start_receiver: Callable[..., Receiver]) -> None:
+def test_the_console_shows_an_expired_image_as_expired(
+    browser_page: tuple[Any, Receiver, list[str]], start_receiver: Callable[..., Receiver]
+) -> None:
     """In a real browser: a labelled placeholder where the picture was, in the task and in the list,
-    never a broken image, and no script error."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"chromium not found ({CHROMIUM}): install Debian's chromium package to run it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    receiver = start_receiver(**SWEEP, RECEIVER_RETAIN_IMAGES="1s")
+    never a broken image, and no script error. (The page is the console's browser fixture; the
+    receiver it shows is one of our own, with a retention.)"""
+    page, _, problems = browser_page
+    receiver = start_receiver("retained", **SWEEP, RECEIVER_RETAIN_IMAGES="1s")
     task_id = sandbox_task(receiver)["id"]
     poll(lambda: receiver.alice.get(f"/v1/tasks/{task_id}").json()["images"][0]["expired"], bool)
-    problems: list[str] = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(15_000)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on("console", lambda message: note_console(message, problems))
-            sign_in(page, receiver)
-            thumb = page.wait_for_selector(f"tr[data-task-id='{task_id}'] .thumb.expired")
-            assert thumb.text_content() == "expired"
-            page.goto(f"{receiver.url}/ui#/tasks/{task_id}")
-            placeholder = page.wait_for_selector("#task-images figure.expired .expired-image")
-            assert "Expired" in (placeholder.text_content() or "")
-            assert page.query_selector_all("#task-images img") == []  # no picture to break
-            assert "#0" in (page.text_content("#task-images figcaption") or "")  # its entry, kept
-        finally:
-            browser.close()
+    sign_in(page, receiver)
+    thumb = page.wait_for_selector(f"tr[data-task-id='{task_id}'] .thumb.expired")
+    assert thumb.text_content() == "expired"
+    page.goto(f"{receiver.url}/ui#/tasks/{task_id}")
+    placeholder = page.wait_for_selector("#task-images figure.expired .expired-image")
+    assert "Expired" in (placeholder.text_content() or "")
+    assert page.query_selector_all("#task-images img") == []  # no picture to break
+    assert "#0" in (page.text_content("#task-images figcaption") or "")  # its entry, kept
     assert problems == []
