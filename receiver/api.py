@@ -455,6 +455,8 @@ class Api:
         tenant = None if signed else self.tenant(request)
         row = await self._owned(task_id, tenant)
         image = await self.store.image(row.id, index) if index < MAX_IMAGE_INDEX else None
+        if image is not None and image.expired:
+            raise ApiError(410, "image_expired", "this image has expired: its bytes were deleted")
         if image is None or image.path is None or image.content_type is None:
             raise ApiError(404, "not_found", "no such image (yet)")
         etag = f'"{image.sha256}"'
