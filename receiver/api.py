@@ -21,7 +21,6 @@ import msgspec
 import msgspec.inspect
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
-from starlette.responses import FileResponse
 from starlette.responses import RedirectResponse
 from starlette.responses import Response
 from starlette.responses import StreamingResponse
@@ -82,6 +81,7 @@ from receiver.web import ApiError
 from receiver.web import body_too_slow
 from receiver.web import client_gone
 from receiver.web import error_response
+from receiver.web import held_file
 from receiver.web import read_capped
 
 log = logging.getLogger("receiver.api")
@@ -474,9 +474,10 @@ class Api:
             return Response(status_code=304, headers=headers)
         path = self.media.local_path(key)
         if path is not None:
-            if not path.is_file():
+            served = await held_file(path, content_type, headers, request.headers.get("range"))
+            if served is None:
                 raise ApiError(404, "not_found", "no such image")
-            return FileResponse(path, media_type=content_type, headers=headers)
+            return served
         try:
             if self.settings.media_redirect:
                 url = await self.media.presign(key, PRESIGN_SECONDS)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+from collections.abc import AsyncIterator
 from collections.abc import Mapping
+from pathlib import Path
 
+import anyio
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.responses import StreamingResponse
 
 from receiver.logs import event
 from receiver.schema import ErrorBody
@@ -95,3 +100,57 @@ def client_gone(request: Request) -> ApiError:
     INFO line and an error whose answer goes nowhere, never a traceback."""
     event(log, "client went away mid-body", method=request.method)
     return ApiError(400, "client_disconnected", "the client went away before its body ended")
+
+
+FILE_CHUNK = 64 * 1024  # bytes read from a media file at a time
+RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def single_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
+    """The byte span `(first, last)` a Range header asks of `size` bytes; None for the whole (no header,
+    or one we answer whole as RFC 9110 allows: several ranges, another unit); False when unsatisfiable."""
+    match = RANGE.match(header.strip()) if header else None
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last N bytes
+        length = int(last)
+        return (max(0, size - length), size - 1) if length and size else False
+    start = int(first)
+    end = size - 1 if last == "" else min(int(last), size - 1)
+    if start >= size or (last != "" and int(last) < start):
+        return False if start >= size else None
+    return start, end
+
+
+async def held_file(
+    path: Path, content_type: str, headers: dict[str, str], range_header: str | None
+) -> Response | None:
+    """A file of the media directory, opened before the answer starts, so a retention sweep or a delete
+    that removes it meanwhile cannot cut the answer short (an open file stays readable); None when it is
+    gone already. One byte range is answered with 206, as a file server would."""
+    try:
+        handle = await anyio.open_file(path, "rb")
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    size = os.fstat(handle.wrapped.fileno()).st_size
+    span = single_range(range_header, size)
+    headers = {**headers, "Accept-Ranges": "bytes"}
+    if span is False:
+        await handle.aclose()
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    start, end = span if isinstance(span, tuple) else (0, size - 1)
+    if isinstance(span, tuple):
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+
+    async def body() -> AsyncIterator[bytes]:
+        async with handle:
+            await handle.seek(start)
+            left = end - start + 1
+            while left > 0 and (chunk := await handle.read(min(FILE_CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+
+    status = 206 if isinstance(span, tuple) else 200
+    return StreamingResponse(body(), status_code=status, media_type=content_type, headers=headers)
