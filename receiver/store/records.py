@@ -44,6 +44,9 @@ class TaskView:
     created_at: float
     updated_at: float
     completed_at: float | None
+    estimate_usd: float | None  # what it should cost, by the price table, at create (receiver/prices.py)
+    cost_usd: float | None  # what it cost, once ended; None before, or when no price is known
+    cost_source: str | None  # "price" (the price table) or "provider" (the provider's own report)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Self:
@@ -183,3 +186,4 @@ class NewTask:
     notify_url: str | None
     idempotency_key: str | None
     request_hash: str
+    estimate_usd: float | None = None  # by the price table; None: no price known

@@ -254,9 +254,9 @@ class Store:
                     return TaskView.from_row(existing), False
             await tx.run(
                 "INSERT INTO tasks (id, tenant, provider, model, prompt, request, fallback, provider_state,"
-                " status, metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
-                " VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback, :state, :status,"
-                " :metadata, :notify_url, :key, :hash, :now, :now)",
+                " status, metadata, notify_url, idempotency_key, request_hash, estimate_usd, created_at,"
+                " updated_at) VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback, :state,"
+                " :status, :metadata, :notify_url, :key, :hash, :estimate, :now, :now)",
                 {
                     "id": new.id,
                     "tenant": new.tenant,
@@ -271,6 +271,7 @@ class Store:
                     "notify_url": new.notify_url,
                     "key": new.idempotency_key,
                     "hash": new.request_hash,
+                    "estimate": new.estimate_usd,
                     "now": tx.now,
                 },
             )
