@@ -187,3 +187,17 @@ class NewTask:
     idempotency_key: str | None
     request_hash: str
     estimate_usd: float | None = None  # by the price table; None: no price known
+    # `auto` routing sent it to a provider whose cooldown has run out: it is the probe that decides
+    # (its creation takes the probe, so other tasks keep away until it has ended or timed out).
+    probe: bool = False
+    routing: str = ""  # how `auto` chose, for the task's first event
+
+
+@dataclass(frozen=True)
+class Health:
+    """A provider's health for `auto` routing, shared by every replica: failures in a row, and the end of
+    its cooldown (0: none)."""
+
+    provider: str
+    consecutive_failures: int
+    cooldown_until: float
