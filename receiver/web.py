@@ -33,12 +33,23 @@ MEDIA_HEADERS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, fields: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        fields: Mapping[str, str] | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        remaining_usd: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.fields = dict(fields or {})
+        self.headers = dict(headers or {})
+        self.remaining_usd = remaining_usd  # a 402 budget_exceeded says what is left
 
 
 def error_response(
@@ -47,13 +58,15 @@ def error_response(
     message: str,
     fields: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
+    remaining_usd: float | None = None,
 ) -> Response:
     """The one error shape. A 401 names the scheme that would have worked (RFC 9110 asks for it)."""
     headers = dict(headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     named = {printable(name): printable(problem) for name, problem in (fields or {}).items()}
-    return ModelResponse(ErrorBody(ErrorDetail(code, message, named)), status_code=status, headers=headers)
+    detail = ErrorDetail(code, message, named, remaining_usd)
+    return ModelResponse(ErrorBody(detail), status_code=status, headers=headers)
 
 
 def small_number(text: str | None) -> int | None:

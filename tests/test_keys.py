@@ -1,0 +1,218 @@
+"""Keys kept in the database (issue 21): the admin API, revocation on every replica, rate per key.
+
+Over real HTTP on SQLite and on PostgreSQL; "replicas" are two served receivers on one PostgreSQL
+database, each with its own store, cache and notice listener, as two processes would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import database_settings
+from tests.harness import ALICE
+from tests.harness import Receiver
+
+ADMIN = "admin-key-0123456789abcdef0123456789"
+SANDBOX = {"provider": "sandbox", "prompt": "a lighthouse at dusk"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    return database_settings(request, request.param)
+
+
+def admin(receiver: Receiver) -> httpx.Client:
+    return httpx.Client(base_url=receiver.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+
+
+def as_key(receiver: Receiver, key: str) -> httpx.Client:
+    return httpx.Client(base_url=receiver.url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def new_key(receiver: Receiver, **fields: Any) -> dict[str, Any]:
+    with admin(receiver) as client:
+        answer = client.post("/v1/admin/keys", json={"tenant": "acme", **fields})
+    assert answer.status_code == 201, answer.text
+    created: dict[str, Any] = answer.json()
+    return created
+
+
+def poll(condition: Callable[[], bool], seconds: float) -> float:
+    """Seconds until `condition` held, polled without a fixed sleep as the assertion; fails past `seconds`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < seconds, f"not within {seconds} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_a_key_lives_is_changed_and_is_revoked(
+    start_receiver: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
+    created = new_key(receiver, name="acme's app", budget_usd=5, budget_period="month", rate_per_minute=100)
+    secret = created["key"]
+    assert secret.startswith("rk_") and len(secret) > 40
+    assert created["id"].startswith("key_") and created["tenant"] == "acme"
+    assert (created["budget_usd"], created["budget_period"], created["rate_per_minute"]) == (5, "month", 100)
+    assert created["disabled"] is False
+
+    with as_key(receiver, secret) as app, admin(receiver) as operator:
+        task = app.post("/v1/tasks", json=SANDBOX)
+        assert task.status_code == 202, task.text
+        assert [t["id"] for t in app.get("/v1/tasks").json()["items"]] == [task.json()["id"]]
+        assert receiver.alice.get(f"/v1/tasks/{task.json()['id']}").status_code == 404  # acme's, not alice's
+
+        listed = operator.get("/v1/admin/keys")
+        assert listed.status_code == 200
+        [shown] = listed.json()["keys"]
+        assert shown["id"] == created["id"] and "key" not in shown and secret not in listed.text
+
+        changed = operator.patch(
+            f"/v1/admin/keys/{created['id']}", json={"disabled": True, "budget_usd": None}
+        )
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["disabled"] is True and changed.json()["budget_usd"] is None
+        assert changed.json()["budget_period"] == "month"  # what was not given stays
+        refused = app.get("/v1/tasks")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert operator.patch(f"/v1/admin/keys/{created['id']}", json={"disabled": False}).status_code == 200
+        assert app.get("/v1/tasks").status_code == 200
+
+        assert operator.delete(f"/v1/admin/keys/{created['id']}").status_code == 204
+        assert app.get("/v1/tasks").status_code == 401
+        assert app.post("/v1/tasks", json=SANDBOX).status_code == 401
+        assert operator.delete(f"/v1/admin/keys/{created['id']}").status_code == 404
+        assert operator.patch(f"/v1/admin/keys/{created['id']}", json={"name": "x"}).status_code == 404
+        assert operator.get("/v1/admin/keys").json() == {"keys": []}
+    # The environment's keys work as before, and neither secret ever reached a log line.
+    assert receiver.alice.post("/v1/tasks", json=SANDBOX).status_code == 202
+    assert any("key created" in record.getMessage() for record in caplog.records)
+    assert secret not in caplog.text and ADMIN not in caplog.text
+
+
+@pytest.mark.parametrize("database_env", ["sqlite"], indirect=True)
+def test_the_admin_api_takes_only_the_admin_key(start_receiver: Callable[..., Receiver]) -> None:
+    off = start_receiver("off")
+    assert off.alice.get("/v1/admin/keys").status_code == 404  # no admin key: no admin API
+    with admin(off) as client:
+        assert client.post("/v1/admin/keys", json={"tenant": "acme"}).status_code == 404
+    on = start_receiver("on", RECEIVER_ADMIN_KEY=ADMIN)
+    secret = new_key(on)["key"]
+    for client in (on.alice, on.anon, as_key(on, secret), as_key(on, ADMIN + "x")):
+        for method, path in (
+            ("GET", "/v1/admin/keys"),
+            ("POST", "/v1/admin/keys"),
+            ("GET", "/v1/admin/usage"),
+        ):
+            answer = client.request(method, path, json={"tenant": "evil"})
+            assert answer.status_code == 401, (method, path, answer.text)
+            assert answer.json()["error"]["code"] == "unauthorized"
+    # The admin key is not an app's key either.
+    with admin(on) as client:
+        assert client.get("/v1/tasks").status_code == 401
+        assert len(client.get("/v1/admin/keys").json()["keys"]) == 1  # the refused creates made nothing
+
+
+@pytest.mark.parametrize("database_env", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"tenant": "acme", "budget_usd": -1}, "budget_usd"),
+        ({"tenant": "acme", "budget_usd": "5"}, "budget_usd"),
+        ({"tenant": "acme", "budget_period": "week"}, "budget_period"),
+        ({"tenant": "acme", "rate_per_minute": 0}, "rate_per_minute"),
+        ({"tenant": "acme", "rate_per_minute": 1.5}, "rate_per_minute"),
+        ({"tenant": "no spaces allowed"}, "tenant"),
+        ({"tenant": ""}, "tenant"),
+        ({}, "tenant"),
+        ({"tenant": "acme", "max_budget": 3}, "max_budget"),
+    ],
+)
+def test_a_bad_key_is_a_422_naming_the_field(
+    start_receiver: Callable[..., Receiver], body: dict[str, Any], field: str
+) -> None:
+    receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
+    with admin(receiver) as client:
+        answer = client.post("/v1/admin/keys", json=body)
+        assert answer.status_code == 422, answer.text
+        assert field in answer.json()["error"]["fields"]
+        assert client.get("/v1/admin/keys").json() == {"keys": []}
+        key = new_key(receiver)
+        changed = client.patch(
+            f"/v1/admin/keys/{key['id']}", json={k: v for k, v in body.items() if k != "tenant"}
+        )
+        if field != "tenant":
+            assert changed.status_code == 422 and field in changed.json()["error"]["fields"], changed.text
+        assert client.get("/v1/admin/keys").json()["keys"][0]["budget_usd"] is None  # unchanged
+
+
+@pytest.mark.parametrize("database_env", ["postgres"], indirect=True)
+def test_a_revoked_key_is_refused_on_the_other_replica_within_2_s(
+    start_receiver: Callable[..., Receiver],
+) -> None:
+    first = start_receiver("one", RECEIVER_ADMIN_KEY=ADMIN)
+    second = start_receiver("two", RECEIVER_ADMIN_KEY=ADMIN)
+    for change in ("disable", "delete"):
+        created = new_key(first)
+        with as_key(second, created["key"]) as app, admin(first) as operator:
+            assert app.get("/v1/tasks").status_code == 200  # the other replica knows (and caches) it
+            if change == "disable":
+                answer = operator.patch(f"/v1/admin/keys/{created['id']}", json={"disabled": True})
+                assert answer.status_code == 200
+            else:
+                assert operator.delete(f"/v1/admin/keys/{created['id']}").status_code == 204
+            took = poll(lambda: app.get("/v1/tasks").status_code == 401, 2.0)
+            print(f"{change}d on one replica, refused on the other after {took:.3f} s")
+
+
+@pytest.mark.parametrize("database_env", ["postgres"], indirect=True)
+def test_the_rate_per_key_holds_across_replicas(start_receiver: Callable[..., Receiver]) -> None:
+    first = start_receiver("one", RECEIVER_ADMIN_KEY=ADMIN)
+    second = start_receiver("two", RECEIVER_ADMIN_KEY=ADMIN)
+    for _ in range(3):  # windows are calendar minutes: a run that straddles two is run again
+        secret = new_key(first, rate_per_minute=4)["key"]
+        began = time.time()
+        with as_key(first, secret) as one, as_key(second, secret) as two:
+            answers = [(one if n % 2 else two).post("/v1/tasks", json=SANDBOX) for n in range(6)]
+            reads = two.get("/v1/tasks")
+        if math.floor(began / 60) == math.floor(time.time() / 60):
+            break
+    assert [answer.status_code for answer in answers] == [202, 202, 202, 202, 429, 429]
+    refused = answers[-1]
+    assert refused.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert reads.status_code == 200  # reads do not count
+    # Another key of the same tenant, and the environment's keys, have rates of their own (none).
+    assert first.alice.post("/v1/tasks", json=SANDBOX).status_code == 202
+    other = new_key(first)["key"]
+    with as_key(second, other) as client:
+        assert client.post("/v1/tasks", json=SANDBOX).status_code == 202
+
+
+def test_the_rate_per_key_on_one_replica(start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
+    for _ in range(3):
+        secret = new_key(receiver, rate_per_minute=2)["key"]
+        began = time.time()
+        with as_key(receiver, secret) as app:
+            codes = [app.post("/v1/tasks", json=SANDBOX).status_code for _ in range(3)]
+        if math.floor(began / 60) == math.floor(time.time() / 60):
+            break
+    assert codes == [202, 202, 429]
+
+
+@pytest.mark.parametrize("database_env", ["sqlite"], indirect=True)
+def test_a_key_in_the_environment_is_untouched(start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
+    codes = {receiver.alice.post("/v1/tasks", json=SANDBOX).status_code for _ in range(5)}
+    assert codes == {202}
+    assert ALICE not in receiver.alice.get("/v1/tasks").text
