@@ -6,6 +6,7 @@ database, each with its own store, cache and notice listener, as two processes w
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -15,6 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from receiver.cli import main
+from receiver.client import AdminClient
+from receiver.client import ApiError as ClientApiError
+from receiver.client import Client
 from tests.conftest import database_settings
 from tests.harness import ALICE
 from tests.harness import Receiver
@@ -216,3 +221,70 @@ def test_a_key_in_the_environment_is_untouched(start_receiver: Callable[..., Rec
     codes = {receiver.alice.post("/v1/tasks", json=SANDBOX).status_code for _ in range(5)}
     assert codes == {202}
     assert ALICE not in receiver.alice.get("/v1/tasks").text
+
+
+@pytest.mark.parametrize("database_env", ["sqlite"], indirect=True)
+def test_the_admin_client_and_the_usage_call(start_receiver: Callable[..., Receiver]) -> None:
+    receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
+    with AdminClient(receiver.url, ADMIN) as operator:
+        created = operator.create_key("acme", name="web", budget_usd=2.5, budget_period="day")
+        assert created["key"].startswith("rk_") and created["budget_period"] == "day"
+        assert [key["id"] for key in operator.list_keys()] == [created["id"]]
+        changed = operator.change_key(created["id"], rate_per_minute=30, budget_period=None)
+        assert (changed["rate_per_minute"], changed["budget_period"], changed["budget_usd"]) == (
+            30,
+            None,
+            2.5,
+        )
+        with Client(receiver.url, created["key"]) as app:
+            app.create("sandbox", "a lighthouse at dusk")
+            mine = app.usage(group_by="provider")
+            assert (mine["tasks"], mine["groups"][0]["group"]) == (1, "sandbox")
+        everyone = operator.usage(group_by="tenant")
+        assert {group["group"]: group["tasks"] for group in everyone["groups"]} == {"acme": 1}
+        assert operator.usage(tenant="alice")["tasks"] == 0
+        operator.revoke_key(created["id"])
+        assert operator.list_keys() == []
+        with pytest.raises(ClientApiError) as refused:
+            operator.change_key(created["id"], name="gone")
+        assert refused.value.status == 404
+    with AdminClient(receiver.url, ALICE) as impostor, pytest.raises(ClientApiError) as wrong:
+        impostor.list_keys()
+    assert wrong.value.status == 401
+
+
+@pytest.mark.parametrize("database_env", ["sqlite"], indirect=True)
+def test_the_keys_and_usage_commands(
+    start_receiver: Callable[..., Receiver],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
+    monkeypatch.setenv("RECEIVER_URL", receiver.url)
+    monkeypatch.delenv("RECEIVER_ADMIN_KEY", raising=False)
+    assert main(["keys", "list"]) == 3  # no admin key anywhere
+    capsys.readouterr()
+    admin_flags = ["keys", "--admin-key", ADMIN]
+    assert main([*admin_flags, "create", "acme", "--budget", "5", "--period", "month", "--name", "web"]) == 0
+    created = json.loads(capsys.readouterr().out)
+    assert created["key"].startswith("rk_") and created["budget_usd"] == 5
+    assert main([*admin_flags, "change", created["id"], "--rate", "12", "--period", "none", "--disable"]) == 0
+    changed = json.loads(capsys.readouterr().out)
+    assert (changed["rate_per_minute"], changed["budget_period"], changed["disabled"]) == (12, None, True)
+    assert changed["budget_usd"] == 5 and changed["name"] == "web"  # the flags not given stay
+    assert main([*admin_flags, "change", created["id"], "--period", "week"]) == 2
+    assert "budget_period" in capsys.readouterr().err
+    assert main([*admin_flags, "list"]) == 0
+    listed = capsys.readouterr().out
+    assert created["id"] in listed and "disabled" in listed and created["key"] not in listed
+    monkeypatch.setenv("RECEIVER_API_KEY", ALICE)
+    receiver.alice.post("/v1/tasks", json=SANDBOX)
+    assert main(["usage", "--group-by", "provider", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"][0]["group"] == "sandbox"
+    assert main(["usage", "--from", "someday"]) == 2
+    assert "from" in capsys.readouterr().err
+    assert main([*admin_flags, "usage", "--group-by", "tenant"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split("\t")[:2] == ["alice", "1"]
+    assert main([*admin_flags, "revoke", created["id"]]) == 0
+    assert main([*admin_flags, "revoke", created["id"]]) == 2  # no such key now
+    assert main(["keys", "--admin-key", "not-the-admin-key-0123456789abcdef", "list"]) == 3
