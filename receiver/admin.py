@@ -38,9 +38,8 @@ from receiver.schema import check
 from receiver.store import Store
 from receiver.store.records import KeyRecord
 from receiver.tasks import iso
-from receiver.untrusted import UnreadableJson
-from receiver.untrusted import read_json
 from receiver.web import ApiError
+from receiver.web import json_object
 from receiver.web import read_capped
 
 log = logging.getLogger("receiver.admin")
@@ -81,18 +80,7 @@ class Admin:
             )
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        raw = await read_capped(request, MAX_ADMIN_BODY, self.settings.body_timeout)
-        try:
-            body = read_json(raw)
-        except UnreadableJson as exc:
-            if exc.field is None:
-                raise ApiError(400, "invalid_json", exc.message) from None
-            raise ApiError(
-                422, "invalid", "the request has invalid fields", {exc.field: exc.message}
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
-        return body
+        return json_object(await read_capped(request, MAX_ADMIN_BODY, self.settings.body_timeout))
 
     async def create_key(self, request: Request) -> Response:
         self._admit(request)

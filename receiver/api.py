@@ -74,8 +74,6 @@ from receiver.tasks import render_event
 from receiver.tasks import render_task
 from receiver.tasks import upload_type
 from receiver.tokens import Tokens
-from receiver.untrusted import UnreadableJson
-from receiver.untrusted import read_json
 from receiver.uploads import NAME
 from receiver.uploads import UploadError
 from receiver.uploads import data_uri_dimensions
@@ -87,6 +85,7 @@ from receiver.web import ApiError
 from receiver.web import body_too_slow
 from receiver.web import client_gone
 from receiver.web import error_response
+from receiver.web import json_object
 from receiver.web import read_capped
 
 log = logging.getLogger("receiver.api")
@@ -190,16 +189,7 @@ class Api:
             return _shutting_down()
         key = self.key_of(request)
         await self._take_rate(key)
-        try:
-            body = read_json(raw)
-        except UnreadableJson as exc:
-            if exc.field is None:
-                raise ApiError(400, "invalid_json", exc.message) from None
-            raise ApiError(
-                422, "invalid", "the request has invalid fields", {exc.field: exc.message}
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        body = json_object(raw)
         # Input sizes matter only to a provider that must be told the ratio (apimart's FLUX 2).
         sizes = await self._image_sizes(body.get("images")) if body.get("aspect_ratio") is None else ()
         task_request, provider = self._validate(body, sizes)

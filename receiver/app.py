@@ -217,7 +217,7 @@ class Service:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers, exc.remaining_usd)
+    return error_response(exc.status, exc.code, exc.message, exc.fields, **exc.more)
 
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:

@@ -106,6 +106,11 @@ def error(description: str) -> dict[str, Any]:
     return answer(schema.ErrorBody, description)
 
 
+def json_body(model: type[msgspec.Struct]) -> dict[str, Any]:
+    """A required JSON request body of `model`'s schema."""
+    return {"required": True, "content": {"application/json": {"schema": ref(model)}}}
+
+
 UNAUTHORIZED = {"401": error("no valid `Authorization: Bearer <key>` (answered with WWW-Authenticate)")}
 NOT_FOUND = {"404": error("no such task for this tenant")}
 ADMIN_ONLY = {
@@ -113,6 +118,12 @@ ADMIN_ONLY = {
     "404": error("no such key, or the admin API is off (RECEIVER_ADMIN_KEY unset)"),
 }
 INVALID = {"422": error("invalid fields, each named in error.fields")}
+ADMIN_BODY_ERRORS = {
+    "400": error("the body is not a JSON object (code invalid_json)"),
+    **ADMIN_ONLY,
+    "413": error("the body is over the size cap"),
+    **INVALID,
+}
 IMAGE_ANSWER = {
     "description": "the stored bytes",
     "headers": {
@@ -322,13 +333,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "createKey",
             "admin",
             "Create a key for a tenant: the answer shows its secret, this once",
-            body={"required": True, "content": {"application/json": {"schema": ref(schema.KeyCreate)}}},
+            body=json_body(schema.KeyCreate),
             responses={
                 "201": answer(schema.NewApiKey, "created"),
-                "400": error("the body is not a JSON object (code invalid_json)"),
-                **ADMIN_ONLY,
-                "413": error("the body is over the size cap"),
-                **INVALID,
+                **ADMIN_BODY_ERRORS,
             },
         ),
     ),
@@ -351,13 +359,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "changeKey",
             "admin",
             "Change a key's name, budget, period, rate or disabled (null clears)",
-            body={"required": True, "content": {"application/json": {"schema": ref(schema.KeyChange)}}},
+            body=json_body(schema.KeyChange),
             responses={
                 "200": answer(schema.ApiKey, "changed"),
-                "400": error("the body is not a JSON object (code invalid_json)"),
-                **ADMIN_ONLY,
-                "413": error("the body is over the size cap"),
-                **INVALID,
+                **ADMIN_BODY_ERRORS,
             },
         ),
     ),

@@ -23,9 +23,7 @@ from receiver.client import Client
 from tests.conftest import database_settings
 from tests.harness import ALICE
 from tests.harness import Receiver
-from tests.test_console import CHROMIUM
-from tests.test_console import CHROMIUM_ARGS
-from tests.test_console import note_console
+from tests.test_console import browser
 
 ADMIN = "admin-key-0123456789abcdef0123456789"
 SANDBOX = {"provider": "sandbox", "prompt": "a lighthouse at dusk"}
@@ -295,63 +293,48 @@ def test_the_keys_and_usage_commands(
 
 @pytest.mark.parametrize("database_env", ["sqlite"], indirect=True)
 def test_the_console_keys_page_for_the_admin_key(start_receiver: Callable[..., Receiver]) -> None:
-    if not CHROMIUM.exists():
-        pytest.skip(f"chromium not found ({CHROMIUM}): install Debian's chromium package to run it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN)
-    problems: list[str] = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.set_default_timeout(15_000)
-            page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-            page.on("console", lambda message: note_console(message, problems))
-            # An app's key: its tasks and its spend, and no keys page.
-            receiver.alice.post("/v1/tasks", json=SANDBOX)
-            page.goto(f"{receiver.url}/ui")
-            page.fill("#api-key", ALICE)
-            page.click("#key-form button")
-            page.wait_for_selector("#usage-panel:has-text('This month: 1 task')")
-            assert page.locator("a[data-nav=keys]").is_hidden()
-            page.click("#forget-key")
-            # The admin key: the keys page, a key created and its secret shown once, then revoked.
-            page.check("#admin-mode")
-            page.fill("#api-key", ADMIN)
-            page.click("#key-form button")
-            page.wait_for_selector("#keys-table, .empty")
-            assert (
-                page.locator("a[data-nav=tasks]").is_hidden()
-                and page.locator("a[data-nav=keys]").is_visible()
-            )
-            assert "alice" in page.text_content("#spend-table")
-            page.fill("#key-tenant", "acme")
-            page.fill("#key-budget", "5")
-            page.fill("#key-rate", "2000000")  # past what the service takes: its 422, named in the form
-            page.click("#create-key")
-            page.wait_for_selector("#key-form-error:not([hidden])")
-            assert "rate_per_minute" in page.text_content("#key-form-error")
-            page.fill("#key-rate", "30")
-            page.click("#create-key")
-            secret = page.text_content("#new-secret-value", timeout=15_000) or ""
-            assert secret.startswith("rk_")
-            with as_key(receiver, secret) as app:
-                assert app.get("/v1/tasks").status_code == 200
-            [shown] = receiver_keys(receiver)
-            assert (shown["budget_usd"], shown["budget_period"], shown["rate_per_minute"]) == (5, "month", 30)
-            row = f"tr[data-key-id={shown['id']}]"
-            assert secret not in page.text_content("#keys-table")
-            page.once("dialog", lambda dialog: dialog.dismiss())
-            page.click(f"{row} .revoke")
-            assert len(receiver_keys(receiver)) == 1  # dismissed: nothing revoked
-            page.once("dialog", lambda dialog: dialog.accept())
-            page.click(f"{row} .revoke")
-            page.wait_for_selector(row, state="detached")
-            assert receiver_keys(receiver) == []
-            with as_key(receiver, secret) as app:
-                assert app.get("/v1/tasks").status_code == 401
-        finally:
-            browser.close()
+    with browser() as (page, problems):
+        # An app's key: its tasks and its spend, and no keys page.
+        receiver.alice.post("/v1/tasks", json=SANDBOX)
+        page.goto(f"{receiver.url}/ui")
+        page.fill("#api-key", ALICE)
+        page.click("#key-form button")
+        page.wait_for_selector("#usage-panel:has-text('This month: 1 task')")
+        assert page.locator("a[data-nav=keys]").is_hidden()
+        page.click("#forget-key")
+        # The admin key: the keys page, a key created and its secret shown once, then revoked.
+        page.check("#admin-mode")
+        page.fill("#api-key", ADMIN)
+        page.click("#key-form button")
+        page.wait_for_selector("#keys-table, .empty")
+        assert page.locator("a[data-nav=tasks]").is_hidden() and page.locator("a[data-nav=keys]").is_visible()
+        assert "alice" in page.text_content("#spend-table")
+        page.fill("#key-tenant", "acme")
+        page.fill("#key-budget", "5")
+        page.fill("#key-rate", "2000000")  # past what the service takes: its 422, named in the form
+        page.click("#create-key")
+        page.wait_for_selector("#key-form-error:not([hidden])")
+        assert "rate_per_minute" in page.text_content("#key-form-error")
+        page.fill("#key-rate", "30")
+        page.click("#create-key")
+        secret = page.text_content("#new-secret-value", timeout=15_000) or ""
+        assert secret.startswith("rk_")
+        with as_key(receiver, secret) as app:
+            assert app.get("/v1/tasks").status_code == 200
+        [shown] = receiver_keys(receiver)
+        assert (shown["budget_usd"], shown["budget_period"], shown["rate_per_minute"]) == (5, "month", 30)
+        row = f"tr[data-key-id={shown['id']}]"
+        assert secret not in page.text_content("#keys-table")
+        page.once("dialog", lambda dialog: dialog.dismiss())
+        page.click(f"{row} .revoke")
+        assert len(receiver_keys(receiver)) == 1  # dismissed: nothing revoked
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click(f"{row} .revoke")
+        page.wait_for_selector(row, state="detached")
+        assert receiver_keys(receiver) == []
+        with as_key(receiver, secret) as app:
+            assert app.get("/v1/tasks").status_code == 401
     assert problems == []
 
 
