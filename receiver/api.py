@@ -42,6 +42,7 @@ from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import TaskRequest
 from receiver.offer import offered
+from receiver.prices import estimate_usd
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
 from receiver.routes import url_path
@@ -196,11 +197,12 @@ class Api:
         await self._check_urls(task_request)
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         images = [await self._keep_image(index, value) for index, value in enumerate(task_request.images)]
+        model = task_request.model or provider.model_for(bool(task_request.images))
         new = NewTask(
             id=f"tsk_{secrets.token_hex(12)}",
             tenant=tenant,
             provider=provider.name,
-            model=task_request.model or provider.model_for(bool(task_request.images)),
+            model=model,
             prompt=task_request.prompt,
             request={
                 "images": images,
@@ -215,7 +217,7 @@ class Api:
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             key=key,
-            estimate_usd=None,
+            estimate_usd=estimate_usd(self.settings.prices, provider.name, model, task_request),
         )
         try:
             row, created = await self.store.create_task(new)

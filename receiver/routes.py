@@ -61,6 +61,7 @@ EXAMPLE_TASK = schema.Task(
     created_at="2026-05-01T12:00:00.000Z",
     updated_at="2026-05-01T12:00:09.250Z",
     completed_at="2026-05-01T12:00:09.250Z",
+    cost=schema.Cost(usd=0.04, source="price"),
 )
 EXAMPLE_QUEUED = msgspec.structs.replace(
     EXAMPLE_TASK,
@@ -69,6 +70,7 @@ EXAMPLE_QUEUED = msgspec.structs.replace(
     images=[],
     updated_at=EXAMPLE_TASK.created_at,
     completed_at=None,
+    cost=None,
 )
 EXAMPLE_FAILED = msgspec.structs.replace(
     EXAMPLE_TASK,

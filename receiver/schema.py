@@ -262,6 +262,16 @@ class Attempt(Struct):
     at: Timestamp
 
 
+class Cost(Struct):
+    """What an ended task cost: the provider's own report of the charge where it gives one, else the
+    price table's (docs: Keys, spend and routing)."""
+
+    usd: Annotated[float, Meta(ge=0, examples=[0.04])]
+    source: Annotated[
+        Literal["price", "provider"], Meta(description="the price table, or the provider's report")
+    ]
+
+
 class Task(Struct):
     id: TaskId
     status: Status
@@ -277,6 +287,13 @@ class Task(Struct):
     created_at: Timestamp
     updated_at: Timestamp
     completed_at: Annotated[Timestamp | None, Meta(description="set when the task ends, either way")]
+    cost: Annotated[
+        Cost | None,
+        Meta(
+            description="null until the task ends, and for a model with no known price; 0 for a task that"
+            " failed before the provider ran it"
+        ),
+    ]
 
 
 class TaskPage(Struct):

@@ -44,6 +44,9 @@ class TaskView:
     created_at: float
     updated_at: float
     completed_at: float | None
+    estimate_usd: float | None  # what it should cost, by the price table, at create (receiver/prices.py)
+    cost_usd: float | None  # what it cost, once ended; None before, or when no price is known
+    cost_source: str | None  # "price" (the price table) or "provider" (the provider's own report)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Self:
@@ -168,6 +171,8 @@ class Ended:
     status: Status
     error: TaskError | None
     seconds: float  # from creation to the end
+    tenant: str = ""
+    cost_usd: float | None = None  # what it cost, once known (receiver_spend_usd_total)
 
 
 @dataclass(frozen=True)
@@ -183,10 +188,10 @@ class NewTask:
     notify_url: str | None
     idempotency_key: str | None
     request_hash: str
+    estimate_usd: float | None = None  # by the price table; None: no price known
     # The database key that creates the task (None for a RECEIVER_API_KEYS key): its budget is checked in
-    # the same transaction as the insert, and `estimate_usd` (None: no known price) is what counts.
+    # the same transaction as the insert, and `estimate_usd` is what counts.
     key: KeyRecord | None = None
-    estimate_usd: float | None = None
 
 
 @dataclass(frozen=True)

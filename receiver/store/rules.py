@@ -83,7 +83,7 @@ KEY_BY_ID = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id=:id"  # noqa: S608 - c
 KEY_BY_DIGEST = f"SELECT {KEY_COLUMNS}, hash FROM api_keys WHERE hash=:hash"  # noqa: S608 - column names only
 # What a task counts in usage and against its key's budget: its cost once it ended, its estimate while
 # it runs (a model with no known price counts 0).
-TASK_SPEND = "0"  # no price table yet: every task counts 0
+TASK_SPEND = "COALESCE(cost_usd, estimate_usd, 0)"
 BUDGET_SLACK = 1e-9  # dollars: a sum of float prices that lands a hair over the budget still fits
 KEY_CHANGEABLE = frozenset(("name", "budget_usd", "budget_period", "rate_per_minute", "disabled"))
 
@@ -270,10 +270,9 @@ class Store:
                 await _within_budget(tx, new.key.id, new.estimate_usd)
             await tx.run(
                 "INSERT INTO tasks (id, tenant, provider, model, prompt, request, fallback, provider_state,"
-                " status, metadata, notify_url, idempotency_key, request_hash, created_at, updated_at,"
-                " key_id)"
-                " VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback, :state, :status,"
-                " :metadata, :notify_url, :key, :hash, :now, :now, :key_id)",
+                " status, metadata, notify_url, idempotency_key, request_hash, estimate_usd, created_at,"
+                " updated_at, key_id) VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback,"
+                " :state, :status, :metadata, :notify_url, :key, :hash, :estimate, :now, :now, :key_id)",
                 {
                     "key_id": new.key.id if new.key is not None else None,
                     "id": new.id,
@@ -289,6 +288,7 @@ class Store:
                     "notify_url": new.notify_url,
                     "key": new.idempotency_key,
                     "hash": new.request_hash,
+                    "estimate": new.estimate_usd,
                     "now": tx.now,
                 },
             )
@@ -751,10 +751,11 @@ class Store:
             "model": "model",
             "tenant": "tenant",
             "day": self.backend.dialect.day_number.format(column="created_at"),
-        }.get(group_by or "", "NULL")
+        }.get(group_by or "")
+        grouped = f" GROUP BY {column} ORDER BY {column}" if column else ""
         rows = await self.fetch(
-            f"SELECT {column} AS grp, COUNT(*) AS n, SUM({TASK_SPEND}) AS usd"  # noqa: S608 - no input
-            f" FROM tasks WHERE {where} GROUP BY {column} ORDER BY {column}",
+            f"SELECT {column or 'NULL'} AS grp, COUNT(*) AS n, SUM({TASK_SPEND}) AS usd"  # noqa: S608 - no input
+            f" FROM tasks WHERE {where}{grouped}",
             params,
         )
         groups = [
@@ -764,6 +765,7 @@ class Store:
                 float(row["usd"] or 0),
             )
             for row in rows
+            if int(row["n"])
         ]
         return sum(n for _, n, _ in groups), sum(usd for _, _, usd in groups), groups if group_by else []
 
@@ -1183,8 +1185,8 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
     change = await _move(tx, task, status)
     if change is None:
         return None
-    await tx.run(
-        "UPDATE tasks SET completed_at=:now, error=:error WHERE id=:id",
+    ended = await tx.one(
+        "UPDATE tasks SET completed_at=:now, error=:error WHERE id=:id RETURNING cost_usd",
         {"now": tx.now, "error": _dumps(error.as_json()) if error else None, "id": task["id"]},
     )
     # An ended task needs no more work; only its notification (if any) is still to come.
@@ -1192,7 +1194,9 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
     if task["notify_url"]:
         await _add_job(tx, "notify", task["id"], 0, tx.now)
     # Every end of every task passes here (download, callback, poll, submit, deadline): its one log line.
-    tx.ended.append(Ended(task["id"], task["provider"], status, error, tx.now - task["created_at"]))
+    cost = None if ended is None or ended["cost_usd"] is None else float(ended["cost_usd"])
+    seconds = tx.now - task["created_at"]
+    tx.ended.append(Ended(task["id"], task["provider"], status, error, seconds, task["tenant"], cost))
     return change
 
 
@@ -1282,6 +1286,8 @@ def committed(tx: Tx) -> None:
         log_ended(ended)
         error = str(ended.error.code) if ended.error else None
         metrics.task_ended(ended.provider, str(ended.status), error, ended.seconds)
+        if ended.cost_usd:
+            metrics.SPEND.labels(ended.tenant, ended.provider).inc(ended.cost_usd)
     for origin, target, reason in tx.hops:
         metrics.FALLBACKS.labels(origin, target, reason).inc()
     for kind in tx.parked:

@@ -162,6 +162,19 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
         parked_at $real NOT NULL DEFAULT 0
     )
     """,
+    # What a task costs (receiver/prices.py): its estimate at create, and once it ended what it cost
+    # (USD) and whether that came from the price table or the provider's own report. Each provider's
+    # health for `auto` routing: failures in a row and the cooldown they started, shared by replicas.
+    """
+    ALTER TABLE tasks ADD COLUMN estimate_usd $real;
+    ALTER TABLE tasks ADD COLUMN cost_usd $real;
+    ALTER TABLE tasks ADD COLUMN cost_source TEXT;
+    CREATE TABLE provider_health (
+        provider TEXT PRIMARY KEY,
+        consecutive_failures $int NOT NULL DEFAULT 0,
+        cooldown_until $real NOT NULL DEFAULT 0
+    )
+    """,
     # Keys kept in the database (the admin API): only the secret's SHA-256 is kept, looked up by it.
     # `key_rates` is each key's create count in its current minute, shared by every replica; a task
     # records the key that created it, for its budget.
