@@ -196,8 +196,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "200": answer(schema.Task, "the same Idempotency-Key and body again: the same task"),
                 "400": error("the body is not a JSON object (code invalid_json)"),
                 **UNAUTHORIZED,
+                "402": error(
+                    "the key's budget would be passed (code budget_exceeded, with remaining_usd); nothing "
+                    "was submitted"
+                ),
                 "409": error("the same Idempotency-Key with another body"),
                 "413": error("the body is over the size cap"),
+                "429": {
+                    **error("the key's rate_per_minute is used up (code rate_limited)"),
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+                },
                 "422": answer(schema.ErrorBody, "invalid fields, each named in error.fields", EXAMPLE_ERROR),
             },
         ),

@@ -20,6 +20,7 @@ from receiver.cli import main
 from receiver.client import AdminClient
 from receiver.client import ApiError as ClientApiError
 from receiver.client import Client
+from receiver.openapi import openapi_document
 from tests.conftest import database_settings
 from tests.harness import ALICE
 from tests.harness import Receiver
@@ -342,3 +343,25 @@ def receiver_keys(receiver: Receiver) -> list[dict[str, Any]]:
     with admin(receiver) as client:
         keys: list[dict[str, Any]] = client.get("/v1/admin/keys").json()["keys"]
     return keys
+
+
+def test_the_openapi_document_has_every_new_operation() -> None:
+    document = openapi_document("http://127.0.0.1:8000")
+    operations = {
+        (path, method): operation["operationId"]
+        for path, methods in document["paths"].items()
+        for method, operation in methods.items()
+    }
+    assert {
+        ("/v1/usage", "get"): "getUsage",
+        ("/v1/admin/keys", "post"): "createKey",
+        ("/v1/admin/keys", "get"): "listKeys",
+        ("/v1/admin/keys/{key_id}", "patch"): "changeKey",
+        ("/v1/admin/keys/{key_id}", "delete"): "deleteKey",
+        ("/v1/admin/usage", "get"): "getAdminUsage",
+    }.items() <= operations.items()
+    create = document["paths"]["/v1/tasks"]["post"]["responses"]
+    assert {"402", "429"} <= set(create) and "Retry-After" in create["429"]["headers"]
+    query = {p["name"] for p in document["paths"]["/v1/usage"]["get"]["parameters"]}
+    assert query == {"from", "to", "group_by"}
+    assert "remaining_usd" in document["components"]["schemas"]["ErrorDetail"]["properties"]
