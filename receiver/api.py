@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -28,9 +29,11 @@ from starlette.responses import Response
 from starlette.responses import StreamingResponse
 
 from receiver import metrics
+from receiver.admin import usage_answer
 from receiver.config import Settings
 from receiver.downloads import check_url
 from receiver.downloads import url_problem
+from receiver.keys import SCOPE_KEY
 from receiver.logs import event
 from receiver.media import Media
 from receiver.media import MediaError
@@ -60,6 +63,7 @@ from receiver.schema import ProviderList
 from receiver.schema import TaskCreate
 from receiver.schema import TaskPage
 from receiver.schema import Upload
+from receiver.schema import UsageQuery
 from receiver.schema import WaitQuery
 from receiver.schema import check
 from receiver.schema import decode_cursor
@@ -68,6 +72,8 @@ from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
 from receiver.store import TaskView
+from receiver.store.records import BudgetExceeded
+from receiver.store.records import KeyRecord
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
 from receiver.tasks import iso
@@ -75,8 +81,6 @@ from receiver.tasks import render_event
 from receiver.tasks import render_task
 from receiver.tasks import upload_type
 from receiver.tokens import Tokens
-from receiver.untrusted import UnreadableJson
-from receiver.untrusted import read_json
 from receiver.uploads import NAME
 from receiver.uploads import UploadError
 from receiver.uploads import data_uri_dimensions
@@ -88,6 +92,7 @@ from receiver.web import ApiError
 from receiver.web import body_too_slow
 from receiver.web import client_gone
 from receiver.web import error_response
+from receiver.web import json_object
 from receiver.web import read_capped
 
 log = logging.getLogger("receiver.api")
@@ -154,9 +159,39 @@ class Api:
             tenant = self._keys.get(hashlib.sha256(key.strip().encode()).digest())
             if tenant is not None:
                 return tenant
+            # A database key, found before this handler ran (receiver.keys.ResolveKeys).
+            found = self.key_of(request)
+            if found is not None:
+                return found.tenant
         if required:
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is required")
         return None
+
+    @staticmethod
+    def key_of(request: Request) -> KeyRecord | None:
+        """The request's database key, unless it is disabled (then it is no key at all)."""
+        found = request.scope.get(SCOPE_KEY)
+        return found if isinstance(found, KeyRecord) and not found.disabled else None
+
+    async def _take_rate(self, key: KeyRecord | None) -> None:
+        """A create counts against its key's rate on every replica; past it, a 429 says when to retry."""
+        if key is None or key.rate_per_minute is None:
+            return
+        wait = await self.store.take_rate(key.id, key.rate_per_minute)
+        if wait > 0:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"this key may create {key.rate_per_minute} tasks a minute; try again in a moment",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    async def usage(self, request: Request) -> Response:
+        """The calling tenant's tasks and spend."""
+        tenant = self.tenant(request)
+        assert tenant is not None
+        query, errors = check(request.query_params, UsageQuery, strict=False)
+        return await usage_answer(self.store, query, errors, tenant)
 
     # -- tasks -----------------------------------------------------------------------------------
 
@@ -170,16 +205,9 @@ class Api:
         raw = await read_capped(request, body_cap(self.settings.max_image_bytes), self.settings.body_timeout)
         if self.draining:  # checked once the body is in: a create whose body arrives after SIGTERM
             return _shutting_down()
-        try:
-            body = read_json(raw)
-        except UnreadableJson as exc:
-            if exc.field is None:
-                raise ApiError(400, "invalid_json", exc.message) from None
-            raise ApiError(
-                422, "invalid", "the request has invalid fields", {exc.field: exc.message}
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        key = self.key_of(request)
+        await self._take_rate(key)
+        body = json_object(raw)
         # Input sizes matter only to a provider that must be told the ratio (apimart's FLUX 2).
         sizes = await self._image_sizes(body.get("images")) if body.get("aspect_ratio") is None else ()
         route = await self._route(body, sizes) if body.get("provider") == AUTO else None
@@ -207,6 +235,7 @@ class Api:
             notify_url=task_request.notify_url,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            key=key,
             estimate_usd=estimate_usd(self.settings.prices, provider.name, model, task_request),
             probe=route.probe if route else False,
             routing=route.summary if route else "",
@@ -216,6 +245,13 @@ class Api:
         except IdempotencyConflict:
             raise ApiError(
                 409, "idempotency_conflict", "this Idempotency-Key was used with another body"
+            ) from None
+        except BudgetExceeded as exc:
+            raise ApiError(
+                402,
+                "budget_exceeded",
+                "this task would take the key past its budget; nothing was submitted",
+                remaining_usd=exc.remaining_usd,
             ) from None
         if created:
             event(log, "task created", task_id=row.id, provider=row.provider, tenant=tenant)

@@ -94,6 +94,7 @@ class Settings:
     media_redirect: bool
     aws: Mapping[str, str]  # the AWS_* variables the bucket is reached with
     metrics_token: str | None  # when set, /metrics wants it as a bearer
+    admin_key: str | None  # when set, /v1/admin/* wants it as a bearer; unset, /v1/admin/* is a 404
     # What one client may hold of the server (uvicorn's limits, and the body read in the app).
     body_timeout: float
     keep_alive: float
@@ -277,6 +278,13 @@ SERVICE = (
         Plain(least=16),
         help="when set (≥ 16 chars), `GET /metrics` wants `Authorization: Bearer <token>` and answers"
         " 401 otherwise; unset, `/metrics` is open (keep it behind your proxy)",
+        secret=True,
+    ),
+    Variable(
+        "RECEIVER_ADMIN_KEY",
+        Plain(least=32),
+        help="when set (≥ 32 chars), the [admin API](keys.md) (`/v1/admin/*`: keys in the database,"
+        " every tenant's usage) wants `Authorization: Bearer <key>`; unset, `/v1/admin/*` is a 404",
         secret=True,
     ),
     Variable(

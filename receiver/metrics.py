@@ -50,6 +50,14 @@ HTTP_SECONDS = Histogram(
 )
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# Tenants are the operator's own (RECEIVER_API_KEYS and the admin API's keys), providers a fixed few:
+# the label pairs stay as few as the tenants times the providers.
+SPEND = Counter(
+    "receiver_spend_usd",
+    "USD spent by tasks that ended with a cost, by tenant and provider",
+    ["tenant", "provider"],
+    registry=REGISTRY,
+)
 FALLBACKS = Counter(
     "receiver_fallbacks_total",
     "Tasks moved to their next fallback provider, by the provider left, the one taken and why",

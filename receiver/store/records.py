@@ -171,6 +171,8 @@ class Ended:
     status: Status
     error: TaskError | None
     seconds: float  # from creation to the end
+    tenant: str = ""
+    cost_usd: float | None = None  # what it cost, once known (receiver_spend_usd_total)
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,9 @@ class NewTask:
     # (its creation takes the probe, so other tasks keep away until it has ended or timed out).
     probe: bool = False
     routing: str = ""  # how `auto` chose, for the task's first event
+    # The database key that creates the task (None for a RECEIVER_API_KEYS key): its budget is checked in
+    # the same transaction as the insert, and `estimate_usd` is what counts.
+    key: KeyRecord | None = None
 
 
 @dataclass(frozen=True)
@@ -201,3 +206,39 @@ class Health:
     provider: str
     consecutive_failures: int
     cooldown_until: float
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key kept in the database (the admin API), without its hash."""
+
+    id: str
+    tenant: str
+    name: str
+    budget_usd: float | None
+    budget_period: str | None  # "day", "month" (calendar, UTC) or None: a lifetime budget
+    rate_per_minute: int | None
+    disabled: bool
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> KeyRecord:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["disabled"] = bool(values["disabled"])
+        values["budget_usd"] = None if values["budget_usd"] is None else float(values["budget_usd"])
+        values["rate_per_minute"] = (
+            None if values["rate_per_minute"] is None else int(values["rate_per_minute"])
+        )
+        return cls(**values)
+
+
+KEY_COLUMNS = ", ".join(KeyRecord.__dataclass_fields__)
+
+
+class BudgetExceeded(Exception):
+    """A create would take its key past its budget: nothing was recorded."""
+
+    def __init__(self, remaining_usd: float) -> None:
+        super().__init__(f"{remaining_usd:.4f} USD left")
+        self.remaining_usd = remaining_usd

@@ -175,6 +175,31 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
         cooldown_until $real NOT NULL DEFAULT 0
     )
     """,
+    # Keys kept in the database (the admin API): only the secret's SHA-256 is kept, looked up by it.
+    # `key_rates` is each key's create count in its current minute, shared by every replica; a task
+    # records the key that created it, for its budget.
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        hash TEXT NOT NULL UNIQUE,
+        budget_usd $real,
+        budget_period TEXT,
+        rate_per_minute $int,
+        disabled $int NOT NULL DEFAULT 0,
+        created_at $real NOT NULL,
+        updated_at $real NOT NULL
+    );
+    CREATE TABLE key_rates (
+        key_id TEXT PRIMARY KEY,
+        window_start $real NOT NULL,
+        used $int NOT NULL
+    );
+    ALTER TABLE tasks ADD COLUMN key_id TEXT;
+    CREATE INDEX tasks_by_key ON tasks (key_id, created_at);
+    CREATE INDEX tasks_by_tenant_time ON tasks (tenant, created_at)
+    """,
 )
 
 
