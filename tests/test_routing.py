@@ -185,15 +185,20 @@ def test_a_failing_cheap_provider_is_left_for_the_next_and_cools_down(
     assert receiver.submit(provider="apimart", prompt="p")["provider"] == "apimart"
 
 
-def test_a_429_hold_is_not_a_failure(fakes: Fakes, receiver: Receiver) -> None:
-    apimart, _, _ = fakes
-    for _ in range(3):
-        apimart.script(GENERATIONS, 429, {"error": {"message": "slow down", "type": "apimart_error"}})
+def test_a_429_hold_is_not_a_failure(fakes: Fakes, start_receiver: Callable[..., Receiver]) -> None:
+    apimart, fal, _ = fakes
+    receiver = start(fakes, start_receiver, RECEIVER_COOLDOWN_FAILURES=3)
+    for status in (429, 429, 503, 503):
+        apimart.script(GENERATIONS, status, {"error": {"message": "not now", "type": "apimart_error"}})
     task = receiver.submit(provider="auto", prompt="p", model="flux-kontext-pro")
-    receiver.wait_status(str(task["id"]), "submitted", seconds=30)
-    assert receiver.alice.get(f"/v1/tasks/{task['id']}").json()["provider"] == "apimart"
-    assert len(apimart.calls(GENERATIONS)) == 4  # three 429s, then taken
+    assert task["provider"] == "apimart"
+    fal.complete(fal.provider_task_id(), [fal.host("h.png")])  # two 503s: the task moved on to fal
+    done = receiver.wait(str(task["id"]))
+    assert (done["status"], done["provider"]) == ("succeeded", "fal"), done
+    assert len(apimart.calls(GENERATIONS)) == 4
+    # Two failures in a row (the 503s), not four: the 429s were pacing holds. Three put it in cooldown.
     assert providers(receiver)["apimart"]["cooldown_until"] is None
+    assert cooldown_metric(receiver, "apimart") == "0.0"
 
 
 def test_a_prices_file_changes_the_route(
