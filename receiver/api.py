@@ -374,23 +374,29 @@ class Api:
         now = self.store.clock()
         ranked: list[tuple[bool, bool, float, str]] = []
         refused: dict[str, str] = {}
+        common: dict[str, str] | None = None  # what every provider refuses: the request's own fault
         for info in self.offered.items:
             name = str(info.name)
+            if model not in REGISTRY[name].models:
+                continue  # it does not sell the model: no candidate, and no say in what is refused
             try:
                 request, _ = self._validate({**body, "provider": name}, sizes)
             except ApiError as exc:
-                refused[name] = "; ".join(f"{key}: {value}" for key, value in (exc.fields or {}).items())
+                refused[name] = "; ".join(f"{key}: {value}" for key, value in exc.fields.items())
+                common = {key: value for key, value in exc.fields.items() if common is None or key in common}
                 continue
             estimate = estimate_usd(self.settings.prices, name, model, request)
             cooling = name in health and health[name].cooldown_until > now
             ranked.append((cooling, estimate is None, estimate or 0.0, name))
+        if not ranked and common:
+            raise ApiError(422, "invalid", "the request has invalid fields", common)
         if not ranked:
             said = "; ".join(f"{name} ({why})" for name, why in sorted(refused.items()))
             raise ApiError(
                 422,
                 "no_provider",
                 f"no configured provider can honour this request with {model}"
-                + (f": {said}" if said else ""),
+                + (f": {said}" if said else ": none sells it"),
                 {"provider": "no configured provider sells this model and can honour the request"},
             )
         ranked.sort()

@@ -137,13 +137,25 @@ def test_auto_refusals_name_the_field(receiver: Receiver) -> None:
     assert said.status_code == 422 and "shared model" in said.json()["error"]["fields"]["model"]
     said = receiver.alice.post("/v1/tasks", json={"provider": "auto", "prompt": "p"})
     assert said.status_code == 422 and "model" in said.json()["error"]["fields"]
-    # flux-2-pro is sold by fal here (kie-market is not configured), and fal's FLUX 2 makes one image
+    # what no provider would take is the request's own fault: named as for an explicit provider
+    said = receiver.alice.post(
+        "/v1/tasks", json={"provider": "auto", "prompt": " ", "model": "flux-kontext-pro"}
+    )
+    assert said.status_code == 422 and list(said.json()["error"]["fields"]) == ["prompt"], said.json()
+    # flux-2-pro is sold here by fal and apimart (kie-market is not configured); neither makes 3 images
     said = receiver.alice.post(
         "/v1/tasks", json={"provider": "auto", "prompt": "p", "model": "flux-2-pro", "num_images": 3}
     )
+    assert said.status_code == 422 and list(said.json()["error"]["fields"]) == ["num_images"], said.json()
+    # fal's FLUX 2 takes no resolution, apimart's no seed: each refuses something else
+    said = receiver.alice.post(
+        "/v1/tasks",
+        json={"provider": "auto", "prompt": "p", "model": "flux-2-pro", "seed": 7, "resolution": "2K"},
+    )
     error = said.json()["error"]
     assert said.status_code == 422 and error["code"] == "no_provider", error
-    assert "no configured provider can honour" in error["message"] and "num_images" in error["message"]
+    assert "no configured provider can honour" in error["message"], error
+    assert "apimart (seed:" in error["message"] and "fal (resolution:" in error["message"], error
     assert receiver.alice.get("/v1/tasks").json()["items"] == []  # nothing was created
 
 
