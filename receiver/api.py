@@ -7,10 +7,12 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
 from typing import TypeVar
@@ -26,9 +28,11 @@ from starlette.responses import Response
 from starlette.responses import StreamingResponse
 
 from receiver import metrics
+from receiver.admin import usage_answer
 from receiver.config import Settings
 from receiver.downloads import check_url
 from receiver.downloads import url_problem
+from receiver.keys import SCOPE_KEY
 from receiver.logs import event
 from receiver.media import Media
 from receiver.media import MediaError
@@ -39,9 +43,13 @@ from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import TaskRequest
 from receiver.offer import offered
+from receiver.prices import PriceTable
+from receiver.prices import estimate_usd
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
+from receiver.providers.base import SHARED_MODELS
 from receiver.routes import url_path
+from receiver.schema import AUTO
 from receiver.schema import IMAGE_TYPES
 from receiver.schema import MAX_SEED
 from receiver.schema import TASK_ID_PATTERN
@@ -51,9 +59,11 @@ from receiver.schema import EventsQuery
 from receiver.schema import ImageType
 from receiver.schema import ListQuery
 from receiver.schema import ModelResponse
+from receiver.schema import ProviderList
 from receiver.schema import TaskCreate
 from receiver.schema import TaskPage
 from receiver.schema import Upload
+from receiver.schema import UsageQuery
 from receiver.schema import WaitQuery
 from receiver.schema import check
 from receiver.schema import decode_cursor
@@ -62,14 +72,15 @@ from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
 from receiver.store import TaskView
+from receiver.store.records import BudgetExceeded
+from receiver.store.records import KeyRecord
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
+from receiver.tasks import iso
 from receiver.tasks import render_event
 from receiver.tasks import render_task
 from receiver.tasks import upload_type
 from receiver.tokens import Tokens
-from receiver.untrusted import UnreadableJson
-from receiver.untrusted import read_json
 from receiver.uploads import NAME
 from receiver.uploads import UploadError
 from receiver.uploads import data_uri_dimensions
@@ -82,6 +93,7 @@ from receiver.web import body_too_slow
 from receiver.web import client_gone
 from receiver.web import error_response
 from receiver.web import held_file
+from receiver.web import json_object
 from receiver.web import read_capped
 
 log = logging.getLogger("receiver.api")
@@ -100,18 +112,29 @@ PARAMS = tuple(name for name in OPTIONAL_FIELDS if name not in ("model", "images
 UPLOADS = url_path("get_upload", name="-").removesuffix("-")
 
 
-def fallback_chain(fallback: list[str] | None, request: TaskRequest) -> dict[str, Any]:
+def fallback_chain(fallback: list[str] | None, request: TaskRequest, prices: PriceTable) -> dict[str, Any]:
     """What a hop needs, fixed at creation: the chain, and for each fallback provider the model it
-    will use (the app's, or that provider's default) and its own per-task state (e.g. apicore's
-    webhook secret), kept with the task like the first provider's."""
+    will use (the app's, or that provider's default), its own per-task state (e.g. apicore's webhook
+    secret), kept with the task like the first provider's, and what the task should cost there."""
     if not fallback:
         return {}
     chain = {}
     for name in fallback:
         provider = REGISTRY[name]
         model = request.model or provider.model_for(bool(request.images))
-        chain[name] = {"model": model, "state": provider.new_state()}
+        estimate = estimate_usd(prices, name, model, request)
+        chain[name] = {"model": model, "state": provider.new_state(), "estimate_usd": estimate}
     return {"fallback": list(fallback), "chain": chain}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where `auto` sends a task: the create body with its provider and fallback chain filled in, whether
+    the first is a probe after its cooldown, and the choice in words for the task's first event."""
+
+    body: Mapping[str, Any]
+    probe: bool
+    summary: str
 
 
 class Api:
@@ -144,9 +167,39 @@ class Api:
             tenant = self._keys.get(hashlib.sha256(key.strip().encode()).digest())
             if tenant is not None:
                 return tenant
+            # A database key, found before this handler ran (receiver.keys.ResolveKeys).
+            found = self.key_of(request)
+            if found is not None:
+                return found.tenant
         if required:
             raise ApiError(401, "unauthorized", "a valid 'Authorization: Bearer <key>' header is required")
         return None
+
+    @staticmethod
+    def key_of(request: Request) -> KeyRecord | None:
+        """The request's database key, unless it is disabled (then it is no key at all)."""
+        found = request.scope.get(SCOPE_KEY)
+        return found if isinstance(found, KeyRecord) and not found.disabled else None
+
+    async def _take_rate(self, key: KeyRecord | None) -> None:
+        """A create counts against its key's rate on every replica; past it, a 429 says when to retry."""
+        if key is None or key.rate_per_minute is None:
+            return
+        wait = await self.store.take_rate(key.id, key.rate_per_minute)
+        if wait > 0:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"this key may create {key.rate_per_minute} tasks a minute; try again in a moment",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+    async def usage(self, request: Request) -> Response:
+        """The calling tenant's tasks and spend."""
+        tenant = self.tenant(request)
+        assert tenant is not None
+        query, errors = check(request.query_params, UsageQuery, strict=False)
+        return await usage_answer(self.store, query, errors, tenant)
 
     # -- tasks -----------------------------------------------------------------------------------
 
@@ -160,46 +213,53 @@ class Api:
         raw = await read_capped(request, body_cap(self.settings.max_image_bytes), self.settings.body_timeout)
         if self.draining:  # checked once the body is in: a create whose body arrives after SIGTERM
             return _shutting_down()
-        try:
-            body = read_json(raw)
-        except UnreadableJson as exc:
-            if exc.field is None:
-                raise ApiError(400, "invalid_json", exc.message) from None
-            raise ApiError(
-                422, "invalid", "the request has invalid fields", {exc.field: exc.message}
-            ) from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "invalid_json", "the body must be a JSON object")
+        key = self.key_of(request)
+        await self._take_rate(key)
+        body = json_object(raw)
         # Input sizes matter only to a provider that must be told the ratio (apimart's FLUX 2).
         sizes = await self._image_sizes(body.get("images")) if body.get("aspect_ratio") is None else ()
-        task_request, provider = self._validate(body, sizes)
+        route = await self._route(body, sizes) if body.get("provider") == AUTO else None
+        chosen = route.body if route else body  # `auto`: the provider and fallback chain it picked
+        task_request, provider = self._validate(chosen, sizes)
         await self._check_urls(task_request)
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         images = [await self._keep_image(index, value) for index, value in enumerate(task_request.images)]
+        model = task_request.model or provider.model_for(bool(task_request.images))
         new = NewTask(
             id=f"tsk_{secrets.token_hex(12)}",
             tenant=tenant,
             provider=provider.name,
-            model=task_request.model or provider.model_for(bool(task_request.images)),
+            model=model,
             prompt=task_request.prompt,
             request={
                 "images": images,
                 "image_sizes": list(task_request.image_sizes),
                 "params": dict(task_request.params),
                 "options": dict(task_request.options),
-                **fallback_chain(body.get("fallback"), task_request),
+                **fallback_chain(chosen.get("fallback"), task_request, self.settings.prices),
             },
             provider_state=provider.new_state(),
             metadata=task_request.metadata,
             notify_url=task_request.notify_url,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
+            key=key,
+            estimate_usd=estimate_usd(self.settings.prices, provider.name, model, task_request),
+            probe=route.probe if route else False,
+            routing=route.summary if route else "",
         )
         try:
             row, created = await self.store.create_task(new)
         except IdempotencyConflict:
             raise ApiError(
                 409, "idempotency_conflict", "this Idempotency-Key was used with another body"
+            ) from None
+        except BudgetExceeded as exc:
+            raise ApiError(
+                402,
+                "budget_exceeded",
+                "this task would take the key past its budget; nothing was submitted",
+                remaining_usd=exc.remaining_usd,
             ) from None
         if created:
             event(log, "task created", task_id=row.id, provider=row.provider, tenant=tenant)
@@ -297,6 +357,67 @@ class Api:
         if errors:
             raise ApiError(422, "invalid", "the request has values the provider cannot take", errors)
         return task_request, provider
+
+    async def _route(self, body: Mapping[str, Any], sizes: tuple[tuple[int, int] | None, ...]) -> Route:
+        """`"provider": "auto"`: the configured providers that sell the shared model and pass the same
+        checks an explicit choice gets, cheapest first by this request's estimate (unknown prices
+        last), those in cooldown after all the others; the first takes the task, the rest become its
+        fallback chain."""
+        if body.get("fallback") is not None:
+            raise ApiError(
+                422,
+                "invalid",
+                "the request has invalid fields",
+                {"fallback": "not with provider auto: the chain is the other providers that can take it"},
+            )
+        model = body.get("model")
+        if model not in SHARED_MODELS:
+            raise ApiError(
+                422,
+                "invalid",
+                "the request has invalid fields",
+                {"model": f"provider auto needs a shared model: one of {', '.join(SHARED_MODELS)}"},
+            )
+        health = await self.store.provider_health()
+        now = self.store.clock()
+        ranked: list[tuple[bool, bool, float, str]] = []
+        refused: dict[str, str] = {}
+        common: dict[str, str] | None = None  # what every provider refuses: the request's own fault
+        for info in self.offered.items:
+            name = str(info.name)
+            if model not in REGISTRY[name].models:
+                continue  # it does not sell the model: no candidate, and no say in what is refused
+            try:
+                request, _ = self._validate({**body, "provider": name}, sizes)
+            except ApiError as exc:
+                refused[name] = "; ".join(f"{key}: {value}" for key, value in exc.fields.items())
+                common = {key: value for key, value in exc.fields.items() if common is None or key in common}
+                continue
+            estimate = estimate_usd(self.settings.prices, name, model, request)
+            cooling = name in health and health[name].cooldown_until > now
+            ranked.append((cooling, estimate is None, estimate or 0.0, name))
+        if not ranked and common:
+            raise ApiError(422, "invalid", "the request has invalid fields", common)
+        if not ranked:
+            said = "; ".join(f"{name} ({why})" for name, why in sorted(refused.items()))
+            raise ApiError(
+                422,
+                "no_provider",
+                f"no configured provider can honour this request with {model}"
+                + (f": {said}" if said else ": none sells it"),
+                {"provider": "no configured provider sells this model and can honour the request"},
+            )
+        ranked.sort()
+        chain = [name for *_, name in ranked][: 1 + MAX_FALLBACKS]
+        first = health.get(chain[0])
+        probe = first is not None and first.consecutive_failures >= self.settings.cooldown_failures
+        shown = ", ".join(
+            f"{name} ({'no known price' if unknown else f'${usd:g}'}{', in cooldown' if cooling else ''})"
+            for cooling, unknown, usd, name in ranked
+        )
+        summary = f"auto: {shown}" + (f"; {chain[0]} is the probe after its cooldown" if probe else "")
+        rest = chain[1:] or None
+        return Route({**body, "provider": chain[0], "fallback": rest}, probe, summary)
 
     def _fallback_problems(self, fallback: Any, request: TaskRequest) -> dict[str, str]:
         """The whole chain is checked up front: each fallback provider must exist, be configured, not
@@ -495,7 +616,15 @@ class Api:
 
     async def list_providers(self, request: Request) -> Response:
         self.tenant(request)
-        return ModelResponse(self.offered)
+        health = await self.store.provider_health()
+        now = self.store.clock()
+        items = [
+            msgspec.structs.replace(info, cooldown_until=iso(health[info.name].cooldown_until))
+            if info.name in health and health[info.name].cooldown_until > now
+            else info
+            for info in self.offered.items
+        ]
+        return ModelResponse(ProviderList(items=items))
 
     # -- uploads ---------------------------------------------------------------------------------
 

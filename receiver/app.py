@@ -22,12 +22,15 @@ from starlette.routing import Match
 from starlette.routing import Route
 
 from receiver import metrics
+from receiver.admin import Admin
 from receiver.api import Api
 from receiver.callbacks import Callbacks
 from receiver.callbacks import KeySets
 from receiver.config import Settings
 from receiver.console import console_routes
 from receiver.jobs.kinds import wire_jobs
+from receiver.keys import KeyCache
+from receiver.keys import ResolveKeys
 from receiver.logs import event
 from receiver.media import ReadyProbe
 from receiver.media import open_media
@@ -66,6 +69,8 @@ class Service:
         self.media_probe = ReadyProbe(self.media)
         metrics.MEDIA_WRITE_ERRORS.labels(self.media.kind)  # reads 0 until a write fails, not absent
         self.api = Api(settings, self.store, self.tokens, self.media)
+        self.admin = Admin(settings, self.store)
+        self.keys = KeyCache(self.store)
         # Provider endpoints and our own sandbox are the operator's settings: trusted as given.
         self.provider_http = provider_client(timeout=settings.http_timeout)
         self.outside_http = outside_client(
@@ -105,6 +110,12 @@ class Service:
             "create_upload": api.create_upload,
             "get_upload": api.get_upload,
             "list_providers": api.list_providers,
+            "usage": api.usage,
+            "create_key": self.admin.create_key,
+            "list_keys": self.admin.list_keys,
+            "change_key": self.admin.change_key,
+            "delete_key": self.admin.delete_key,
+            "admin_usage": self.admin.usage,
             "healthz": self.healthz,
             "readyz": self.readyz,
             "openapi": self.openapi,
@@ -137,10 +148,13 @@ class Service:
                     401, "unauthorized", "/metrics wants 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'"
                 )
         store = self.store
+        configured = [name for name in REGISTRY if self.settings.provider(name).api_key]
+        health, now = await store.provider_health(), store.clock()
+        metrics.show_cooldowns(configured, [name for name, row in health.items() if row.cooldown_until > now])
         metrics.show_state(
             await store.task_counts(),
             await store.jobs_due(),
-            providers=[name for name in REGISTRY if self.settings.provider(name).api_key],
+            providers=configured,
             statuses=list(Status),
             kinds=list(self.worker.handlers),
             errors=list(ErrorCode),
@@ -208,7 +222,7 @@ class Service:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.code, exc.message, exc.fields)
+    return error_response(exc.status, exc.code, exc.message, exc.fields, **exc.more)
 
 
 async def store_unavailable(request: Request, exc: Exception) -> Response:
@@ -270,7 +284,7 @@ def create_app(settings: Settings, *, role: str = "all") -> Starlette:
             HTTPException: HttpErrors(service.routes, settings.public_url),
             StoreUnavailable: store_unavailable,
         },
-        middleware=[Middleware(metrics.HttpMetrics)],
+        middleware=[Middleware(metrics.HttpMetrics), Middleware(ResolveKeys, keys=service.keys)],
     )
     # Starlette's own slash redirect builds its Location from the Host header; ours (above) does not.
     app.router.redirect_slashes = False

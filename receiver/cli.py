@@ -33,6 +33,7 @@ from receiver import __version__
 from receiver import logs
 from receiver.client import DEFAULT_URL
 from receiver.client import ENDED
+from receiver.client import AdminClient
 from receiver.client import ApiError
 from receiver.client import Client
 from receiver.client import LocalFileError
@@ -40,6 +41,7 @@ from receiver.client import ProviderInfo
 from receiver.client import ReceiverError
 from receiver.client import ServiceUnreachable
 from receiver.client import Task
+from receiver.client import Usage
 from receiver.client import WaitTimeout
 from receiver.client import base_url
 from receiver.client import image_name
@@ -49,6 +51,7 @@ from receiver.config import effective
 from receiver.config import prepare_settings
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import Status
+from receiver.schema import ProviderChoice
 from receiver.schema import ProviderName
 
 EXIT_SUCCEEDED = 0
@@ -58,6 +61,13 @@ EXIT_UNREACHABLE = 3
 EXIT_STILL_RUNNING = 4
 EXIT_INTERRUPTED = 130
 
+ADMIN_EPILOG = """\
+environment (the --url and --admin-key flags win over them):
+  RECEIVER_URL        the service (default http://127.0.0.1:8000)
+  RECEIVER_ADMIN_KEY  its admin key
+
+exit status: 0 done, 2 bad usage or refused request, 3 service unreachable or key refused
+"""
 EPILOG = """\
 environment (the --url and --api-key flags win over them):
   RECEIVER_URL       the service the client commands talk to (default http://127.0.0.1:8000)
@@ -230,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "honour are refused with the field named.",
     )
     request = submit.add_argument_group("request fields")
-    request.add_argument("--provider", required=True, help=_one_of(ProviderName))
+    request.add_argument("--provider", required=True, help=_one_of(ProviderChoice))
     request.add_argument("--prompt", required=True, help="what to make, or how to edit the input image")
     request.add_argument("--model", help="the provider's model (default: the provider's default)")
     request.add_argument(
@@ -360,7 +370,83 @@ def build_parser() -> argparse.ArgumentParser:
         "the optional fields each honours.",
     )
     providers.add_argument("--json", action="store_true", help="print the providers as JSON lines instead")
+
+    usage = client_command(
+        commands,
+        "usage",
+        "show your tasks and spend",
+        "Print the tasks you created in [--from, --to) and what they cost (a task still running counts "
+        "by its estimate); by default this month so far (UTC).",
+    )
+    usage_flags(usage, ("provider", "model", "day"))
+    keys_parser(commands)
     return parser
+
+
+def usage_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    parser.add_argument("--from", dest="since", metavar="DATE", help="from this date or RFC 3339 time")
+    parser.add_argument("--to", metavar="DATE", help="up to (not including) this date or time")
+    parser.add_argument("--group-by", choices=groups, help="one line per group")
+    parser.add_argument("--json", action="store_true", help="print the usage as JSON instead")
+
+
+def keys_parser(commands: argparse._SubParsersAction[Parser]) -> None:
+    """`receiver keys …`: the admin API, with RECEIVER_ADMIN_KEY (or --admin-key)."""
+    keys = commands.add_parser(
+        "keys",
+        help="create, list, change and revoke keys kept in the database (admin)",
+        description="Keys kept in the service's database, each for a tenant with an optional budget "
+        "and rate, through the admin API (RECEIVER_ADMIN_KEY). The secret of a new key is printed once.",
+        epilog=ADMIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    keys.add_argument("--url", help="the service's URL (default: RECEIVER_URL, else http://127.0.0.1:8000)")
+    keys.add_argument(
+        "--admin-key",
+        metavar="KEY",
+        help="the admin key (default: RECEIVER_ADMIN_KEY, out of the process list)",
+    )
+    actions = keys.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a key for TENANT and print its secret, once")
+    create.add_argument("tenant", metavar="TENANT")
+    key_fields(create, None)
+    listed = actions.add_parser("list", help="list the keys (never a secret)")
+    listed.add_argument("--json", action="store_true", help="print the keys as JSON lines instead")
+    change = actions.add_parser("change", help="change a key's name, budget, period, rate or state")
+    change.add_argument("key_id", metavar="ID", help="the key's id (key_…)")
+    key_fields(change, argparse.SUPPRESS)
+    state = change.add_mutually_exclusive_group()
+    state.add_argument("--disable", dest="disabled", action="store_const", const=True, help="refuse it")
+    state.add_argument("--enable", dest="disabled", action="store_const", const=False, help="take it again")
+    revoke = actions.add_parser("revoke", help="revoke a key for good")
+    revoke.add_argument("key_id", metavar="ID", help="the key's id (key_…)")
+    usage = actions.add_parser("usage", help="any tenant's usage, or every tenant's")
+    usage.add_argument("--tenant", help="this tenant's only")
+    usage_flags(usage, ("provider", "model", "day", "tenant"))
+
+
+def _cleared(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A flag's value, or `none` to clear it (None)."""
+
+    def read(value: str) -> Any:
+        return None if value == "none" else kind(value)
+
+    read.__name__ = kind.__name__
+    return read
+
+
+def key_fields(parser: argparse.ArgumentParser, default: Any) -> None:
+    """A key's fields as flags; `none` clears one (for `change`, a flag left out stays as it is)."""
+    parser.add_argument("--name", default=default, help="what the key is for")
+    parser.add_argument(
+        "--budget", type=_cleared(float), default=default, metavar="USD", help="its budget (none: no budget)"
+    )
+    parser.add_argument(
+        "--period", type=_cleared(str), default=default, metavar="day|month|none", help="none: lifetime"
+    )
+    parser.add_argument(
+        "--rate", type=_cleared(int), default=default, metavar="N", help="creates a minute (none: no limit)"
+    )
 
 
 # -- serve ------------------------------------------------------------------------------------------
@@ -512,6 +598,84 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 # -- the client commands, on receiver.client ---------------------------------------------------------
+
+
+KEY_FLAGS = {"name": "name", "budget": "budget_usd", "period": "budget_period", "rate": "rate_per_minute"}
+
+
+def admin_command(args: argparse.Namespace) -> int:
+    """`receiver keys ACTION`: one admin API call, its answer printed."""
+    try:
+        url = base_url(args.url or os.environ.get("RECEIVER_URL") or DEFAULT_URL)
+    except ValueError as exc:
+        print(f"receiver: {'--url' if args.url else 'RECEIVER_URL'} {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    key_from = "--admin-key" if args.admin_key else "RECEIVER_ADMIN_KEY"
+    admin_key = (args.admin_key or os.environ.get("RECEIVER_ADMIN_KEY", "")).strip()
+    if not admin_key:
+        print("receiver: RECEIVER_ADMIN_KEY is not set and no --admin-key given", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    # The key's flags given (`change` leaves out those not given; `create` has them all, None if unset).
+    given = {field: getattr(args, flag) for flag, field in KEY_FLAGS.items() if hasattr(args, flag)}
+    try:
+        with AdminClient(url, admin_key) as admin:
+            if args.action == "create":
+                created = admin.create_key(args.tenant, **{k: v for k, v in given.items() if v is not None})
+                print(json.dumps(created))
+                print("receiver: keep the key now: it is not shown again", file=sys.stderr)
+            elif args.action == "list":
+                keys = admin.list_keys()
+                if args.json:
+                    return json_lines(keys)
+                rows = [
+                    [
+                        k["id"],
+                        k["tenant"],
+                        _money(k["budget_usd"]),
+                        k["budget_period"] or "life",
+                        str(k["rate_per_minute"] or ""),
+                        "disabled" if k["disabled"] else "",
+                        k["name"],
+                    ]
+                    for k in keys
+                ]
+                show(["ID", "TENANT", "BUDGET", "PERIOD", "RATE", "STATE", "NAME"], rows, sys.stdout.isatty())
+            elif args.action == "change":
+                if args.disabled is not None:
+                    given["disabled"] = args.disabled
+                print(json.dumps(admin.change_key(args.key_id, **given)))
+            elif args.action == "revoke":
+                admin.revoke_key(args.key_id)
+                print(f"revoked {args.key_id}", file=sys.stderr)
+            else:
+                usage = admin.usage(tenant=args.tenant, since=args.since, to=args.to, group_by=args.group_by)
+                return print_usage(usage, args.json)
+    except ReceiverError as exc:
+        error = cli_error(exc, url, key_from)
+        print(f"receiver: {error.message}", file=sys.stderr)
+        return error.status
+    return EXIT_SUCCEEDED
+
+
+def list_usage(client: Client, args: argparse.Namespace) -> int:
+    return print_usage(client.usage(since=args.since, to=args.to, group_by=args.group_by), args.json)
+
+
+def print_usage(usage: Usage, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(usage))
+        return EXIT_SUCCEEDED
+    rows = [[group["group"], str(group["tasks"]), _money(group["usd"])] for group in usage["groups"]]
+    rows.append(["total", str(usage["tasks"]), _money(usage["usd"])])
+    terminal = sys.stdout.isatty()
+    if terminal:
+        print(f"from {_when(usage['from'], True)} to {_when(usage['to'], True)}")
+    show(["GROUP", "TASKS", "USD"], rows, terminal)
+    return EXIT_SUCCEEDED
+
+
+def _money(usd: float | None) -> str:
+    return "" if usd is None else f"{usd:.4f}"
 
 
 def connect(args: argparse.Namespace) -> Client:
@@ -805,8 +969,9 @@ CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "tasks": list_tasks,
     "events": list_events,
     "providers": list_providers,
+    "usage": list_usage,
 }
-COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore", "config")
+COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore", "config", "keys")
 VALUED_FLAGS = ("--url", "--api-key")  # the options before a command that take a value
 
 
@@ -841,6 +1006,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return backup_or_restore(args)
     if args.command == "config":
         return print_config(args)
+    if args.command == "keys":
+        return admin_command(args)
     command = CLIENT_COMMANDS.get(args.command or "")
     if command is None:
         parser.print_help(sys.stderr)

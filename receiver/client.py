@@ -48,7 +48,9 @@ from receiver.webhooks import NotificationError
 from receiver.webhooks import verify_notification
 
 __all__ = [
+    "AdminClient",
     "ApiError",
+    "ApiKey",
     "AsyncClient",
     "Attempt",
     "Client",
@@ -56,6 +58,7 @@ __all__ = [
     "LocalFileError",
     "ModelInputs",
     "ModelTakes",
+    "NewApiKey",
     "NotificationError",
     "NumberRange",
     "Page",
@@ -68,6 +71,8 @@ __all__ = [
     "TaskFailed",
     "TaskImage",
     "Upload",
+    "Usage",
+    "UsageGroup",
     "WaitTimeout",
     "verify_notification",
 ]
@@ -120,6 +125,13 @@ class Attempt(TypedDict):
     at: str
 
 
+class Cost(TypedDict):
+    """What an ended task cost: `source` "provider" (its own report) or "price" (the price table)."""
+
+    usd: float
+    source: str
+
+
 class Task(TypedDict):
     id: str
     status: Status
@@ -135,6 +147,7 @@ class Task(TypedDict):
     created_at: str
     updated_at: str
     completed_at: str | None
+    cost: Cost | None
 
 
 class TaskFields(TypedDict, total=False):
@@ -212,6 +225,18 @@ class ProviderLimits(TypedDict):
     shared_with: list[str]
 
 
+class ModelPrice(TypedDict, total=False):
+    """One model's price at a provider, in USD: per image, per megapixel or per resolution."""
+
+    source: str | None
+    taken: str | None
+    verified: bool
+    per_image: float
+    per_megapixel: float
+    first_megapixel: float
+    per_resolution: dict[str, float]
+
+
 class ProviderInfo(TypedDict):
     name: str
     models: list[str]
@@ -227,6 +252,34 @@ class ProviderInfo(TypedDict):
     data_uris: str
     synchronous: bool
     limits: ProviderLimits
+    prices: dict[str, ModelPrice]
+    cooldown_until: str | None
+
+
+class UsageGroup(TypedDict):
+    group: str
+    tasks: int
+    usd: float
+
+
+# Tasks created in [from, to) and what they cost (`from` is a Python keyword: hence this spelling).
+Usage = TypedDict("Usage", {"from": str, "to": str, "tasks": int, "usd": float, "groups": list[UsageGroup]})
+
+
+class ApiKey(TypedDict):
+    id: str
+    tenant: str
+    name: str
+    budget_usd: float | None
+    budget_period: Literal["day", "month"] | None
+    rate_per_minute: int | None
+    disabled: bool
+    created_at: str
+    updated_at: str
+
+
+class NewApiKey(ApiKey):
+    key: str  # the secret, shown this once
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -509,6 +562,19 @@ def _providers() -> _Operation[list[ProviderInfo]]:
     return cast(list[ProviderInfo], answer["items"])
 
 
+def _usage(path: str, **query: str | None) -> _Operation[Usage]:
+    params = {
+        ("from" if name == "since" else name): value for name, value in query.items() if value is not None
+    }
+    answer = yield _Call("GET", path, params=params)
+    return cast(Usage, answer)
+
+
+def _admin(method: str, path: str, body: Any = None) -> _Operation[Any]:
+    answer = yield _Call(method, f"/v1/admin/{path}", json=body)
+    return answer
+
+
 def _download(task_id: str, index: int, dest: Path) -> _Operation[int]:
     size: int = yield _Call("GET", image_path(task_id, index), into=dest)
     return size
@@ -590,6 +656,8 @@ def _check(response: httpx.Response) -> None:
 
 def _json(response: httpx.Response) -> Any:
     _check(response)
+    if response.status_code == 204:
+        return None
     try:
         return response.json()
     except ValueError:
@@ -818,6 +886,11 @@ class Client:
         """The providers this deployment offers: their models, the fields they honour, their limits."""
         return self._run(_providers())
 
+    def usage(self, *, since: str | None = None, to: str | None = None, group_by: str | None = None) -> Usage:
+        """This tenant's tasks and spend created in [since, to) (dates or RFC 3339 times; by default this
+        month so far), grouped by "provider", "model" or "day" if asked."""
+        return self._run(_usage("/v1/usage", since=since, to=to, group_by=group_by))
+
     def download(self, task: TaskRef, index: int, dest: str | os.PathLike[str]) -> int:
         """Stream image `index` of the task into the file `dest` (replaced whole, never left half
         written); returns its size in bytes."""
@@ -980,6 +1053,12 @@ class AsyncClient:
         """The providers this deployment offers: their models, the fields they honour, their limits."""
         return await self._run(_providers())
 
+    async def usage(
+        self, *, since: str | None = None, to: str | None = None, group_by: str | None = None
+    ) -> Usage:
+        """This tenant's tasks and spend created in [since, to), as `Client.usage`."""
+        return await self._run(_usage("/v1/usage", since=since, to=to, group_by=group_by))
+
     async def download(self, task: TaskRef, index: int, dest: str | os.PathLike[str]) -> int:
         """Stream image `index` of the task into the file `dest` (replaced whole, never left half
         written); returns its size in bytes."""
@@ -989,3 +1068,79 @@ class AsyncClient:
         """Every image of the task (given as a task or its id) as `directory/<task id>-<index>.<ext>`;
         the paths written."""
         return await self._run(_download_images(task, Path(directory)))
+
+
+class AdminClient:
+    """The admin API (keys in the database, every tenant's usage), with RECEIVER_ADMIN_KEY: `admin_key`
+    defaults to that variable, `url` to RECEIVER_URL. Calls are retried as `Client`'s are."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        admin_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        retries: int = RETRIES,
+        backoff: float = BACKOFF,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        key = (admin_key if admin_key is not None else os.environ.get("RECEIVER_ADMIN_KEY", "")).strip()
+        if not key:
+            raise ReceiverError("no admin key: pass admin_key or set RECEIVER_ADMIN_KEY")
+        self._client = Client(
+            url, key, timeout=timeout, retries=retries, backoff=backoff, transport=transport
+        )
+        self.url = self._client.url
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def create_key(
+        self,
+        tenant: str,
+        *,
+        name: str = "",
+        budget_usd: float | None = None,
+        budget_period: Literal["day", "month"] | None = None,
+        rate_per_minute: int | None = None,
+    ) -> NewApiKey:
+        """A new key for `tenant`; its secret (`key`) is in this answer only."""
+        body = {
+            "tenant": tenant,
+            "name": name,
+            "budget_usd": budget_usd,
+            "budget_period": budget_period,
+            "rate_per_minute": rate_per_minute,
+        }
+        return cast(NewApiKey, self._client._run(_admin("POST", "keys", body)))
+
+    def list_keys(self) -> list[ApiKey]:
+        """Every key kept in the database (never a secret)."""
+        return cast(list[ApiKey], self._client._run(_admin("GET", "keys"))["keys"])
+
+    def change_key(self, key_id: str, **changes: Any) -> ApiKey:
+        """Change `name`, `budget_usd`, `budget_period`, `rate_per_minute` or `disabled` (None clears)."""
+        return cast(ApiKey, self._client._run(_admin("PATCH", f"keys/{quote(key_id, safe='')}", changes)))
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke a key for good: refused on every replica within a second."""
+        self._client._run(_admin("DELETE", f"keys/{quote(key_id, safe='')}"))
+
+    def usage(
+        self,
+        *,
+        tenant: str | None = None,
+        since: str | None = None,
+        to: str | None = None,
+        group_by: str | None = None,
+    ) -> Usage:
+        """One tenant's usage, or every tenant's (group_by="tenant" splits it)."""
+        return self._client._run(
+            _usage("/v1/admin/usage", tenant=tenant, since=since, to=to, group_by=group_by)
+        )

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from receiver.prices import DEFAULT_PRICES
+from receiver.prices import PriceTable
+from receiver.prices import load_prices
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
 from receiver.variables import DAY
@@ -95,6 +98,7 @@ class Settings:
     media_redirect: bool
     aws: Mapping[str, str]  # the AWS_* variables the bucket is reached with
     metrics_token: str | None  # when set, /metrics wants it as a bearer
+    admin_key: str | None  # when set, /v1/admin/* wants it as a bearer; unset, /v1/admin/* is a 404
     # What one client may hold of the server (uvicorn's limits, and the body read in the app).
     body_timeout: float
     keep_alive: float
@@ -104,6 +108,9 @@ class Settings:
     database_url: str | None  # postgresql://…; None: SQLite in the data dir
     job_lease: float  # seconds a claimed job stays with its process before others may take it
     download_process: bool  # downloads in a child process (fetcher.py)
+    prices: PriceTable = field(default_factory=lambda: DEFAULT_PRICES)  # RECEIVER_PRICES over the built-in
+    cooldown_failures: int = 3  # provider-side failures in a row that start a provider's cooldown
+    cooldown_seconds: float = 60.0  # how long `auto` routing skips a provider in cooldown
     # Constants of the service, not settings.
     notify_slots: int = NOTIFY_SLOTS
     max_callback_bytes: int = 1024 * 1024  # a callback body's cap (CONTRACT: 413 over 1 MiB)
@@ -278,6 +285,13 @@ SERVICE = (
         secret=True,
     ),
     Variable(
+        "RECEIVER_ADMIN_KEY",
+        Plain(least=32),
+        help="when set (≥ 32 chars), the [admin API](keys.md) (`/v1/admin/*`: keys in the database,"
+        " every tenant's usage) wants `Authorization: Bearer <key>`; unset, `/v1/admin/*` is a 404",
+        secret=True,
+    ),
+    Variable(
         "RECEIVER_LOG_LEVEL", Choice(("DEBUG", "INFO", "WARNING", "ERROR")), "INFO", "the least level logged"
     ),
     Variable(
@@ -442,6 +456,31 @@ LIMITS = (
     ),
 )
 
+# Prices and `"provider": "auto"` routing (docs/keys.md).
+ROUTING = (
+    Variable(
+        "RECEIVER_PRICES",
+        Check(load_prices),
+        help="a JSON or TOML file (`.toml`) of prices per provider and model, in USD, over the built-in"
+        ' ones: `{"fal": {"flux-kontext-pro": {"per_image": 0.04}}}`; see'
+        " [Prices](keys.md#prices)",
+        shown_default="the built-in prices",
+    ),
+    Variable(
+        "RECEIVER_COOLDOWN_FAILURES",
+        Whole(1, 1000),
+        3,
+        "provider-side failures in a row (unavailable, timeouts, 5xx; not a 429 pacing hold, not a"
+        " refused request) after which `auto` routing skips the provider for `RECEIVER_COOLDOWN_SECONDS`",
+    ),
+    Variable(
+        "RECEIVER_COOLDOWN_SECONDS",
+        Seconds(0.1, DAY),
+        60.0,
+        "seconds a provider stays in cooldown for `auto` routing; then the next `auto` task tries it",
+    ),
+)
+
 STORAGE = (
     Variable(
         "RECEIVER_DATABASE_URL",
@@ -568,6 +607,7 @@ SECTIONS: Mapping[str, tuple[Variable, ...]] = {
     "service": SERVICE,
     "providers": provider_variables(),
     "pacing": PACING,
+    "routing": ROUTING,
     "schedules": SCHEDULES,
     "limits": LIMITS,
     "storage": (*STORAGE, *AWS),
@@ -651,8 +691,9 @@ def _read(env: Mapping[str, str], host: str, port: int) -> tuple[Settings, Readi
     max_connections = values["RECEIVER_MAX_CONNECTIONS"] or None
     fields = {
         var.field or var.name.removeprefix("RECEIVER_").lower(): values[var.name]
-        for var in (*SERVICE, *SCHEDULES, *LIMITS, *STORAGE)
+        for var in (*SERVICE, *SCHEDULES, *LIMITS, *STORAGE, *ROUTING)
     }
+    fields["prices"] = values["RECEIVER_PRICES"] or DEFAULT_PRICES
     fields |= {
         "data_dir": data_dir,
         "public_url": public_url,

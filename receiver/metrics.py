@@ -50,6 +50,14 @@ HTTP_SECONDS = Histogram(
 )
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+# Tenants are the operator's own (RECEIVER_API_KEYS and the admin API's keys), providers a fixed few:
+# the label pairs stay as few as the tenants times the providers.
+SPEND = Counter(
+    "receiver_spend_usd",
+    "USD spent by tasks that ended with a cost, by tenant and provider",
+    ["tenant", "provider"],
+    registry=REGISTRY,
+)
 FALLBACKS = Counter(
     "receiver_fallbacks_total",
     "Tasks moved to their next fallback provider, by the provider left, the one taken and why",
@@ -107,6 +115,12 @@ for _what in ("images", "tasks", "uploads"):
 RETENTION_LAST_SWEEP = Gauge(
     "receiver_retention_last_sweep_timestamp_seconds",
     "When this process last finished a retention sweep (Unix time; 0: not yet)",
+    registry=REGISTRY,
+)
+PROVIDER_COOLDOWN = Gauge(
+    "receiver_provider_cooldown",
+    "1 while `auto` routing skips the provider (failures in a row), else 0; every configured provider",
+    ["provider"],
     registry=REGISTRY,
 )
 LONG_POLLS = Gauge("receiver_long_polls", "`?wait` long-polls open now in this process", registry=REGISTRY)
@@ -220,6 +234,12 @@ def show_state(
     for kind, (count, oldest) in jobs_due.items():
         JOBS_DUE.labels(kind).set(count)
         OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
+
+
+def show_cooldowns(providers: Iterable[str], cooling: Iterable[str]) -> None:
+    cooling = set(cooling)
+    for provider in providers:
+        PROVIDER_COOLDOWN.labels(provider).set(1 if provider in cooling else 0)
 
 
 def render() -> bytes:

@@ -45,6 +45,12 @@ MODELS: tuple[type[msgspec.Struct], ...] = (
     schema.Health,
     schema.Readiness,
     schema.Notification,
+    schema.Usage,
+    schema.KeyCreate,
+    schema.KeyChange,
+    schema.ApiKey,
+    schema.NewApiKey,
+    schema.KeyList,
 )
 PARAMETER_MODELS: tuple[type[msgspec.Struct], ...] = (
     schema.CreateHeaders,
@@ -52,6 +58,8 @@ PARAMETER_MODELS: tuple[type[msgspec.Struct], ...] = (
     schema.WaitQuery,
     schema.EventsQuery,
     schema.LinkQuery,
+    schema.UsageQuery,
+    schema.AdminUsageQuery,
 )
 
 
@@ -160,6 +168,11 @@ def openapi_document(server_url: str, served: Sequence[BaseRoute] = TABLE.routes
             {"name": "images", "description": "The stored results"},
             {"name": "uploads", "description": "Input images kept by this service"},
             {"name": "providers", "description": "What this deployment offers"},
+            {"name": "usage", "description": "Tasks and spend"},
+            {
+                "name": "admin",
+                "description": "Keys in the database and every tenant's usage (RECEIVER_ADMIN_KEY)",
+            },
             {"name": "service", "description": "Health and this document"},
         ],
         "paths": paths,

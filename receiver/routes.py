@@ -62,6 +62,7 @@ EXAMPLE_TASK = schema.Task(
     created_at="2026-05-01T12:00:00.000Z",
     updated_at="2026-05-01T12:00:09.250Z",
     completed_at="2026-05-01T12:00:09.250Z",
+    cost=schema.Cost(usd=0.04, source="price"),
 )
 EXAMPLE_QUEUED = msgspec.structs.replace(
     EXAMPLE_TASK,
@@ -70,6 +71,7 @@ EXAMPLE_QUEUED = msgspec.structs.replace(
     images=[],
     updated_at=EXAMPLE_TASK.created_at,
     completed_at=None,
+    cost=None,
 )
 EXAMPLE_FAILED = msgspec.structs.replace(
     EXAMPLE_TASK,
@@ -107,9 +109,24 @@ def error(description: str) -> dict[str, Any]:
     return answer(schema.ErrorBody, description)
 
 
+def json_body(model: type[msgspec.Struct]) -> dict[str, Any]:
+    """A required JSON request body of `model`'s schema."""
+    return {"required": True, "content": {"application/json": {"schema": ref(model)}}}
+
+
 UNAUTHORIZED = {"401": error("no valid `Authorization: Bearer <key>` (answered with WWW-Authenticate)")}
 NOT_FOUND = {"404": error("no such task for this tenant")}
+ADMIN_ONLY = {
+    "401": error("not the RECEIVER_ADMIN_KEY as a bearer key"),
+    "404": error("no such key, or the admin API is off (RECEIVER_ADMIN_KEY unset)"),
+}
 INVALID = {"422": error("invalid fields, each named in error.fields")}
+ADMIN_BODY_ERRORS = {
+    "400": error("the body is not a JSON object (code invalid_json)"),
+    **ADMIN_ONLY,
+    "413": error("the body is over the size cap"),
+    **INVALID,
+}
 IMAGE_ANSWER = {
     "description": "the stored bytes",
     "headers": {
@@ -120,7 +137,10 @@ IMAGE_ANSWER = {
 }
 NOT_MODIFIED = {"304": {"description": "not modified (If-None-Match matched the ETag)"}}
 # A path parameter's schema, where it says more than "a string" (an `{x:int}` one is an integer).
-PATH_SCHEMAS: Mapping[str, dict[str, Any]] = {"id": {"type": "string", "pattern": schema.TASK_ID_PATTERN}}
+PATH_SCHEMAS: Mapping[str, dict[str, Any]] = {
+    "id": {"type": "string", "pattern": schema.TASK_ID_PATTERN},
+    "key_id": {"type": "string", "pattern": schema.KEY_ID_PATTERN},
+}
 
 
 @dataclass(frozen=True)
@@ -177,8 +197,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "200": answer(schema.Task, "the same Idempotency-Key and body again: the same task"),
                 "400": error("the body is not a JSON object (code invalid_json)"),
                 **UNAUTHORIZED,
+                "402": error(
+                    "the key's budget would be passed (code budget_exceeded, with remaining_usd); nothing "
+                    "was submitted"
+                ),
                 "409": error("the same Idempotency-Key with another body"),
                 "413": error("the body is over the size cap"),
+                "429": {
+                    **error("the key's rate_per_minute is used up (code rate_limited)"),
+                    "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+                },
                 "422": answer(schema.ErrorBody, "invalid fields, each named in error.fields", EXAMPLE_ERROR),
             },
         ),
@@ -294,6 +322,83 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "providers",
             "The providers this deployment offers (key set, and the sandbox)",
             responses={"200": answer(schema.ProviderList, "the providers"), **UNAUTHORIZED},
+        ),
+    ),
+    Endpoint(
+        "usage",
+        "/v1/usage",
+        "GET",
+        Operation(
+            "getUsage",
+            "usage",
+            "The calling tenant's tasks and spend, in all and grouped",
+            description="Tasks created in [from, to); a task still running counts by its estimate.",
+            query=schema.UsageQuery,
+            responses={"200": answer(schema.Usage, "the usage"), **UNAUTHORIZED, **INVALID},
+        ),
+    ),
+    Endpoint(
+        "create_key",
+        "/v1/admin/keys",
+        "POST",
+        Operation(
+            "createKey",
+            "admin",
+            "Create a key for a tenant: the answer shows its secret, this once",
+            body=json_body(schema.KeyCreate),
+            responses={
+                "201": answer(schema.NewApiKey, "created"),
+                **ADMIN_BODY_ERRORS,
+            },
+        ),
+    ),
+    Endpoint(
+        "list_keys",
+        "/v1/admin/keys",
+        "GET",
+        Operation(
+            "listKeys",
+            "admin",
+            "Every key kept in the database (never a secret)",
+            responses={"200": answer(schema.KeyList, "the keys"), **ADMIN_ONLY},
+        ),
+    ),
+    Endpoint(
+        "change_key",
+        "/v1/admin/keys/{key_id}",
+        "PATCH",
+        Operation(
+            "changeKey",
+            "admin",
+            "Change a key's name, budget, period, rate or disabled (null clears)",
+            body=json_body(schema.KeyChange),
+            responses={
+                "200": answer(schema.ApiKey, "changed"),
+                **ADMIN_BODY_ERRORS,
+            },
+        ),
+    ),
+    Endpoint(
+        "delete_key",
+        "/v1/admin/keys/{key_id}",
+        "DELETE",
+        Operation(
+            "deleteKey",
+            "admin",
+            "Revoke a key: refused on every replica within a second",
+            responses={"204": {"description": "revoked"}, **ADMIN_ONLY},
+        ),
+    ),
+    Endpoint(
+        "admin_usage",
+        "/v1/admin/usage",
+        "GET",
+        Operation(
+            "getAdminUsage",
+            "admin",
+            "Any tenant's usage (tenant=), or every tenant's (group_by=tenant groups them)",
+            query=schema.AdminUsageQuery,
+            responses={"200": answer(schema.Usage, "the usage"), **ADMIN_ONLY, **INVALID},
         ),
     ),
     Endpoint(

@@ -58,6 +58,14 @@ class ProviderName(StrEnum):
     SANDBOX = "sandbox"
 
 
+# What a create may name: a provider, or `auto` (the cheapest healthy provider that sells the shared
+# model and can honour the request, the others its fallback chain; docs/keys.md).
+ProviderChoice = StrEnum(  # type: ignore[misc]
+    "ProviderChoice", {**{member.name: member.value for member in ProviderName}, "AUTO": "auto"}
+)
+AUTO = "auto"
+
+
 class ImageType(StrEnum):
     """The image formats taken as uploads and input images, and stored as results."""
 
@@ -117,7 +125,13 @@ class TaskCreate(Struct, kw_only=True, forbid_unknown_fields=True):
     """A generation or editing request. Optional fields a provider cannot honour are a 422 naming them;
     GET /v1/providers says which each provider takes. `null` is the same as leaving a field out."""
 
-    provider: ProviderName
+    provider: Annotated[
+        ProviderChoice,
+        Meta(
+            description="a provider, or `auto`: the cheapest configured provider that sells the (shared)"
+            " model and can honour the request, not in cooldown; the others follow as its fallback chain"
+        ),
+    ]
     prompt: Prompt
     model: Annotated[str, Meta(min_length=1, examples=["flux-kontext-pro"])] | None = None
     images: list[ImageRef] | None = None
@@ -218,13 +232,17 @@ class LinkQuery(Struct, kw_only=True):
 # -- responses -----------------------------------------------------------------------------------
 
 
-class ErrorDetail(Struct):
+class ErrorDetail(Struct, omit_defaults=True):
     code: Annotated[str, Meta(examples=["invalid"])]
     message: str
     fields: Annotated[
         dict[str, str],
         Meta(description="each offending request field (or header, or query parameter) and what is wrong"),
     ]
+    remaining_usd: (
+        Annotated[float, Meta(description="with budget_exceeded: what is left of the key's budget, in USD")]
+        | None
+    ) = None
 
 
 class ErrorBody(Struct):
@@ -268,6 +286,16 @@ class Attempt(Struct):
     at: Timestamp
 
 
+class Cost(Struct):
+    """What an ended task cost: the provider's own report of the charge where it gives one, else the
+    price table's (docs: Keys, spend and routing)."""
+
+    usd: Annotated[float, Meta(ge=0, examples=[0.04])]
+    source: Annotated[
+        Literal["price", "provider"], Meta(description="the price table, or the provider's report")
+    ]
+
+
 class Task(Struct):
     id: TaskId
     status: Status
@@ -283,6 +311,13 @@ class Task(Struct):
     created_at: Timestamp
     updated_at: Timestamp
     completed_at: Annotated[Timestamp | None, Meta(description="set when the task ends, either way")]
+    cost: Annotated[
+        Cost | None,
+        Meta(
+            description="null until the task ends, and for a model with no known price; 0 for a task that"
+            " failed before the provider ran it"
+        ),
+    ]
 
 
 class TaskPage(Struct):
@@ -363,6 +398,18 @@ class ProviderLimits(Struct):
     shared_with: Annotated[list[str], Meta(description="providers paced together with it (one account)")]
 
 
+class ModelPrice(Struct, omit_defaults=True):
+    """One model's price at a provider, in USD (RECEIVER_PRICES, else the built-in table)."""
+
+    source: Annotated[str | None, Meta(description="where the price was read")]
+    taken: Annotated[str | None, Meta(description="when (YYYY-MM-DD)")]
+    verified: Annotated[bool, Meta(description="false: from a secondary source, not the provider's own page")]
+    per_image: float | None = None
+    per_megapixel: Annotated[float | None, Meta(description="each megapixel of input and output")] = None
+    first_megapixel: Annotated[float | None, Meta(description="the first megapixel, where it differs")] = None
+    per_resolution: Annotated[dict[str, float] | None, Meta(description="by `resolution`")] = None
+
+
 class ProviderInfo(Struct):
     name: ProviderName
     models: list[str]
@@ -386,6 +433,13 @@ class ProviderInfo(Struct):
     data_uris: Literal["sent inline", "sent as signed links"]
     synchronous: Annotated[bool, Meta(description="generates inside the submit call")]
     limits: ProviderLimits
+    prices: Annotated[
+        dict[str, ModelPrice], Meta(description="per model with a known price; a model not listed has none")
+    ]
+    cooldown_until: Annotated[
+        Timestamp | None,
+        Meta(description="while set, `auto` routing skips it (provider-side failures in a row)"),
+    ]
 
 
 class ProviderList(Struct):
@@ -414,6 +468,103 @@ class Notification(Struct):
     type: Literal["task.succeeded", "task.failed"]
     timestamp: Timestamp
     data: Task
+
+
+# -- keys and usage (the admin API, /v1/usage) ---------------------------------------------------
+
+TENANT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+KEY_ID_PATTERN = r"^key_[0-9a-f]{16}$"
+Tenant = Annotated[
+    str,
+    Meta(pattern=TENANT_PATTERN, description="letters, digits, `_`, `.`, `-`; 64 at most", examples=["acme"]),
+]
+KeyName = Annotated[str, Meta(max_length=200, description="what the key is for, for people")]
+BudgetUsd = Annotated[float, Meta(ge=0, le=1e9, description="USD the key may spend in its period")]
+BudgetPeriod = Literal["day", "month"]
+RatePerMinute = Annotated[
+    int, Meta(ge=1, le=1_000_000, description="creates per minute, on every replica together")
+]
+
+
+class KeyCreate(Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/admin/keys: a key for `tenant`; a budget without a period is a lifetime budget."""
+
+    tenant: Tenant
+    name: KeyName = ""
+    budget_usd: BudgetUsd | None = None
+    budget_period: BudgetPeriod | None = None
+    rate_per_minute: RatePerMinute | None = None
+
+
+class KeyChange(Struct, kw_only=True, forbid_unknown_fields=True):
+    """PATCH /v1/admin/keys/{id}: the fields given change (null clears a budget, a period or a rate)."""
+
+    name: KeyName | msgspec.UnsetType = msgspec.UNSET
+    budget_usd: BudgetUsd | msgspec.UnsetType | None = msgspec.UNSET
+    budget_period: BudgetPeriod | msgspec.UnsetType | None = msgspec.UNSET
+    rate_per_minute: RatePerMinute | msgspec.UnsetType | None = msgspec.UNSET
+    disabled: bool | msgspec.UnsetType = msgspec.UNSET
+
+
+class ApiKey(Struct, kw_only=True):
+    """A key kept in the database, as the admin API lists it: never its secret."""
+
+    id: Annotated[str, Meta(pattern=KEY_ID_PATTERN, examples=["key_3f9a1c0b7d2e4f68"])]
+    tenant: str
+    name: str
+    budget_usd: float | None
+    budget_period: BudgetPeriod | None
+    rate_per_minute: int | None
+    disabled: bool
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class NewApiKey(ApiKey, kw_only=True):
+    """A key just created: the only answer that carries its secret."""
+
+    key: Annotated[str, Meta(description="the secret, shown this once (only its hash is kept)")]
+
+
+class KeyList(Struct):
+    keys: list[ApiKey]
+
+
+UsageFrom = Annotated[str, Meta(description="start, inclusive (default: the first of this month, UTC)")]
+UsageTo = Annotated[str, Meta(description="end, exclusive (default: now)")]
+
+
+class UsageQuery(Struct, kw_only=True):
+    """GET /v1/usage's query: tasks created in [from, to), RFC 3339 dates or times (UTC when no zone)."""
+
+    from_: UsageFrom | None = msgspec.field(default=None, name="from")
+    to: UsageTo | None = None
+    group_by: Literal["provider", "model", "day"] | None = None
+
+
+class AdminUsageQuery(Struct, kw_only=True):
+    """GET /v1/admin/usage's query: /v1/usage's for one tenant, or for all (grouped by tenant, if asked)."""
+
+    from_: UsageFrom | None = msgspec.field(default=None, name="from")
+    to: UsageTo | None = None
+    group_by: Literal["provider", "model", "day", "tenant"] | None = None
+    tenant: Annotated[Tenant, Meta(description="one tenant's (default: every tenant's)")] | None = None
+
+
+class UsageGroup(Struct):
+    group: str
+    tasks: int
+    usd: float
+
+
+class Usage(Struct):
+    """Tasks created in [from, to) and what they cost; a task still running counts by its estimate."""
+
+    from_: Timestamp = msgspec.field(name="from")
+    to: Timestamp
+    tasks: int
+    usd: float
+    groups: list[UsageGroup]
 
 
 # -- validation and serialisation ----------------------------------------------------------------

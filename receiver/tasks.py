@@ -15,6 +15,7 @@ from receiver.models import Status
 from receiver.models import TaskSpec
 from receiver.routes import url_path
 from receiver.schema import Attempt
+from receiver.schema import Cost
 from receiver.schema import Event
 from receiver.schema import Image
 from receiver.schema import ImageType
@@ -71,7 +72,16 @@ def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) ->
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
         completed_at=iso(row.completed_at),
+        cost=_cost(row),
     )
+
+
+def _cost(row: TaskView) -> Cost | None:
+    """What the task cost, once it ended (a charge the provider reported with its result is kept from
+    then, but shown only at the end, when it is the task's final cost)."""
+    if row.cost_usd is None or row.completed_at is None:
+        return None
+    return Cost(usd=row.cost_usd, source="provider" if row.cost_source == "provider" else "price")
 
 
 def _image(task_id: str, image: ImageRecord, tokens: Tokens) -> Image:

@@ -9,6 +9,7 @@ import re
 from collections.abc import AsyncIterator
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 from starlette.requests import ClientDisconnect
@@ -20,7 +21,9 @@ from receiver.logs import event
 from receiver.schema import ErrorBody
 from receiver.schema import ErrorDetail
 from receiver.schema import ModelResponse
+from receiver.untrusted import UnreadableJson
 from receiver.untrusted import printable
+from receiver.untrusted import read_json
 
 log = logging.getLogger("receiver.web")
 BODY_TIMEOUT = 30.0  # seconds a request body may take to arrive, whole (RECEIVER_BODY_TIMEOUT)
@@ -37,13 +40,19 @@ MEDIA_HEADERS = {
 }
 
 
+Fields = Mapping[str, str] | None  # each offending field and what is wrong with it
+
+
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, fields: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, fields: Mapping[str, str] | None = None, **more: Any
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.fields = dict(fields or {})
+        self.more = more  # the rest of error_response's arguments: headers, remaining_usd
 
 
 def error_response(
@@ -52,13 +61,29 @@ def error_response(
     message: str,
     fields: Mapping[str, str] | None = None,
     headers: Mapping[str, str] | None = None,
+    remaining_usd: float | None = None,
 ) -> Response:
     """The one error shape. A 401 names the scheme that would have worked (RFC 9110 asks for it)."""
     headers = dict(headers or {})
     if status == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     named = {printable(name): printable(problem) for name, problem in (fields or {}).items()}
-    return ModelResponse(ErrorBody(ErrorDetail(code, message, named)), status_code=status, headers=headers)
+    detail = ErrorDetail(code, message, named, remaining_usd)
+    return ModelResponse(ErrorBody(detail), status_code=status, headers=headers)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object: a 400 when it is not JSON (or not an object), a 422
+    naming the field when a value inside cannot be kept (receiver.untrusted)."""
+    try:
+        body = read_json(raw)
+    except UnreadableJson as exc:
+        if exc.field is None:
+            raise ApiError(400, "invalid_json", exc.message) from None
+        raise ApiError(422, "invalid", "the request has invalid fields", {exc.field: exc.message}) from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object")
+    return body
 
 
 def small_number(text: str | None) -> int | None:

@@ -30,7 +30,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from receiver.client import Client  # noqa: E402
+from receiver.client import Client
 
 KEY = "bench-key-0123456789abcdef"
 NEVER = {"provider": "sandbox", "prompt": "never done", "options": {"outcome": "no_callback", "delay": 600}}
@@ -105,7 +105,7 @@ class Waiter(threading.Thread):
         try:
             with Client(self.url, KEY) as client:
                 self.task = dict(client.wait(self.task_id, timeout=600))
-        except BaseException as exc:  # noqa: BLE001 - reported, it is what the run measures
+        except BaseException as exc:
             self.error = exc
         self.returned_at = time.monotonic()
 
@@ -133,8 +133,9 @@ def waiting_task(service: Service) -> str:
     headers = {"Authorization": f"Bearer {KEY}"}
     task = httpx.post(f"{service.url}/v1/tasks", json=NEVER, headers=headers, timeout=30).json()
     until(
-        lambda: httpx.get(f"{service.url}/v1/tasks/{task['id']}", headers=headers).json()["status"]
-        == "submitted",
+        lambda: (
+            httpx.get(f"{service.url}/v1/tasks/{task['id']}", headers=headers).json()["status"] == "submitted"
+        ),
         "the task was submitted",
     )
     return str(task["id"])

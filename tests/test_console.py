@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,18 @@ def test_providers_without_keys_offers_only_the_sandbox(start_receiver: Callable
 
 @pytest.fixture
 def browser_page(start_receiver: Callable[..., Receiver]) -> Iterator[tuple[Any, Receiver, list[str]]]:
+    receiver = start_receiver(RECEIVER_SANDBOX_DELAY="0.3")
+    with browser() as (page, problems):
+        yield page, receiver, problems
+
+
+@contextmanager
+def browser() -> Iterator[tuple[Any, list[str]]]:
+    """A page in headless chromium (the test is skipped, saying why, without it), and the script errors
+    and refused policies it met, which a test asserts are none."""
     if not CHROMIUM.exists():
         pytest.skip(f"chromium not found ({CHROMIUM}): install Debian's chromium package to run it")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    receiver = start_receiver(RECEIVER_SANDBOX_DELAY="0.3")
     problems: list[str] = []
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -143,7 +152,7 @@ def browser_page(start_receiver: Callable[..., Receiver]) -> Iterator[tuple[Any,
             # Script errors and refused policies (an inline script, a foreign URL) fail the test.
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
             page.on("console", lambda message: note_console(message, problems))
-            yield page, receiver, problems
+            yield page, problems
         finally:
             browser.close()
 

@@ -38,6 +38,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     "task_events": {"id": TASK},
     "task_image": {"id": TASK, "index": 2},
     "get_upload": {"name": "ab12.png"},
+    "change_key": {"key_id": "key_0123456789abcdef"},
+    "delete_key": {"key_id": "key_0123456789abcdef"},
 }
 
 

@@ -5,6 +5,7 @@
 
 (() => {
   const KEY_STORAGE = "receiver.apiKey";
+  const MODE_STORAGE = "receiver.mode"; // "admin" when the key is the admin key, else an app's key
   const WAIT_SECONDS = 25; // long-poll length for a running task; the API holds the answer up to 60 s
   const PAGE_SIZE = 25;
   const STATUSES = ["queued", "submitted", "downloading", "succeeded", "failed"];
@@ -18,6 +19,7 @@
   const keyError = document.getElementById("key-error");
   const nav = document.getElementById("nav");
   const forgetButton = document.getElementById("forget-key");
+  const adminToggle = document.getElementById("admin-mode");
 
   let providersCache = null; // the /v1/providers items, fetched once per key
   let current = null; // the AbortController of the view on screen; aborted when the route changes
@@ -138,8 +140,13 @@
 
   // -- the key ----------------------------------------------------------------------------------
 
+  function isAdmin() {
+    return sessionStorage.getItem(MODE_STORAGE) === "admin";
+  }
+
   function forgetKey(message) {
     sessionStorage.removeItem(KEY_STORAGE);
+    sessionStorage.removeItem(MODE_STORAGE);
     providersCache = null;
     keyError.hidden = !message;
     keyError.textContent = message || "";
@@ -154,8 +161,11 @@
     button.disabled = true;
     keyError.hidden = true;
     try {
-      providersCache = (await api("v1/providers", { key })).items;
+      // The admin key opens the admin API only; an app's key the tasks. Each is checked where it works.
+      if (adminToggle.checked) await api("v1/admin/keys", { key });
+      else providersCache = (await api("v1/providers", { key })).items;
       sessionStorage.setItem(KEY_STORAGE, key);
+      sessionStorage.setItem(MODE_STORAGE, adminToggle.checked ? "admin" : "app");
       keyInput.value = "";
       route();
     } catch (failure) {
@@ -193,11 +203,19 @@
     }
     const { path, params } = parseHash();
     const match = path.match(/^\/tasks\/([^/]+)$/);
-    const section = path === "/new" ? "new" : match ? "task" : "tasks";
+    const admin = isAdmin();
+    const section = admin ? "keys" : path === "/new" ? "new" : match ? "task" : "tasks";
     for (const link of nav.querySelectorAll("a")) {
+      link.hidden = (link.dataset.nav === "keys") !== admin;
       link.classList.toggle("active", link.dataset.nav === section || (section === "task" && link.dataset.nav === "tasks"));
     }
-    const run = section === "new" ? newTaskView(signal) : match ? taskView(decodeURIComponent(match[1]), signal) : listView(params, signal);
+    const run = admin
+      ? keysView(signal)
+      : section === "new"
+        ? newTaskView(signal)
+        : match
+          ? taskView(decodeURIComponent(match[1]), signal)
+          : listView(params, signal);
     run.catch((failure) => {
       if (signal.aborted || failure.name === "AbortError") return;
       view.replaceChildren(
@@ -249,12 +267,20 @@
       body,
     );
     const more = el("button", { type: "button", class: "secondary", id: "load-more", hidden: true, text: "Load more" });
+    // This tenant's spend this month (UTC), beside the list; the list does not wait for it.
+    const spend = el("span", { id: "usage-panel", class: "muted small" });
+    api("v1/usage", { signal })
+      .then((usage) => {
+        spend.textContent = `This month: ${usage.tasks} ${usage.tasks === 1 ? "task" : "tasks"}, ${money(usage.usd)}`;
+      })
+      .catch(() => {});
     const empty = el("div", { class: "empty", hidden: true });
     view.replaceChildren(
       el(
         "div",
         { class: "toolbar" },
         el("h1", { text: "Tasks" }),
+        spend,
         el("span", { class: "spacer" }),
         el("label", { class: "inline" }, "Status ", statusSelect),
         el("label", { class: "inline" }, "Provider ", providerSelect),
@@ -304,6 +330,115 @@
     };
     await loadPage(null);
     await followRunning(rows, signal);
+  }
+
+  function money(usd) {
+    return usd === null || usd === undefined ? "—" : `$${Number(usd).toFixed(4)}`;
+  }
+
+  // -- keys (the admin key only) ----------------------------------------------------------------
+
+  async function keysView(signal) {
+    const [{ keys }, usage] = await Promise.all([
+      api("v1/admin/keys", { signal }),
+      api("v1/admin/usage?group_by=tenant", { signal }),
+    ]);
+    const secretBox = el("div", { id: "new-secret", class: "panel notice", hidden: true });
+    const formError = el("p", { id: "key-form-error", class: "form-error", role: "alert", hidden: true });
+    const input = (id, attrs) => el("input", { id, name: id, ...attrs });
+    const tenant = input("key-tenant", { required: true, placeholder: "acme", pattern: "[A-Za-z0-9][A-Za-z0-9_.\\-]{0,63}" });
+    const name = input("key-name", { placeholder: "what it is for" });
+    const budget = input("key-budget", { type: "number", min: "0", step: "any", placeholder: "none" });
+    const period = el(
+      "select",
+      { id: "key-period" },
+      el("option", { value: "month", text: "a month" }),
+      el("option", { value: "day", text: "a day" }),
+      el("option", { value: "", text: "its lifetime" }),
+    );
+    const rate = input("key-rate", { type: "number", min: "1", step: "1", placeholder: "no limit" });
+    const label = (control, text) => el("label", { class: "inline" }, `${text} `, control);
+    const form = el(
+      "form",
+      { id: "create-key-form", class: "panel", autocomplete: "off" },
+      el("h2", { text: "New key" }),
+      label(tenant, "Tenant"),
+      label(name, "Name"),
+      label(budget, "Budget (USD)"),
+      label(period, "per"),
+      label(rate, "Creates a minute"),
+      formError,
+      el("button", { type: "submit", class: "primary", id: "create-key", text: "Create key" }),
+    );
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      formError.hidden = true;
+      const body = { tenant: tenant.value.trim(), name: name.value.trim() };
+      if (budget.value !== "") body.budget_usd = Number(budget.value);
+      body.budget_period = period.value || null;
+      if (rate.value !== "") body.rate_per_minute = Number(rate.value);
+      try {
+        const created = await api("v1/admin/keys", { method: "POST", body: JSON.stringify(body), headers: { "Content-Type": "application/json" } });
+        await keysView(signal);
+        const box = document.getElementById("new-secret");
+        box.hidden = false;
+        box.replaceChildren(
+          el("strong", { text: `The key for ${created.tenant}, shown this once: ` }),
+          el("code", { id: "new-secret-value", text: created.key }),
+          el("p", { class: "muted small", text: "Copy it now: only its hash is kept, and it cannot be shown again." }),
+        );
+      } catch (failure) {
+        const named = Object.entries(failure.fields || {}).map(([field, problem]) => `${field}: ${problem}`);
+        formError.textContent = named.length ? named.join("; ") : failure.message;
+        formError.hidden = false;
+      }
+    });
+
+    const rows = keys.map((key) =>
+      el(
+        "tr",
+        { "data-key-id": key.id },
+        el("td", {}, el("code", { text: key.id })),
+        el("td", { text: key.tenant }),
+        el("td", { text: key.name }),
+        el("td", { text: key.budget_usd === null ? "none" : `${money(key.budget_usd)} / ${key.budget_period || "lifetime"}` }),
+        el("td", { text: key.rate_per_minute === null ? "no limit" : `${key.rate_per_minute} / min` }),
+        el("td", { class: "state", text: key.disabled ? "disabled" : "active" }),
+        el(
+          "td",
+          {},
+          el("button", {
+            type: "button",
+            class: "secondary revoke",
+            text: "Revoke",
+            onclick: async () => {
+              if (!window.confirm(`Revoke ${key.id} (${key.tenant})? Apps using it are refused at once.`)) return;
+              await api(`v1/admin/keys/${encodeURIComponent(key.id)}`, { method: "DELETE" });
+              await keysView(signal);
+            },
+          }),
+        ),
+      ),
+    );
+    const header = (...names) => el("thead", {}, el("tr", {}, names.map((h) => el("th", { scope: "col", text: h }))));
+    const keysTable = keys.length
+      ? el("table", { class: "tasks", id: "keys-table" }, header("Id", "Tenant", "Name", "Budget", "Rate", "State", ""), el("tbody", {}, rows))
+      : el("p", { class: "empty", text: "No keys in the database yet: the keys of RECEIVER_API_KEYS work as before." });
+    const spendRows = usage.groups.map((group) =>
+      el("tr", {}, el("td", { text: group.group }), el("td", { text: String(group.tasks) }), el("td", { text: money(group.usd) })),
+    );
+    view.replaceChildren(
+      el("div", { class: "toolbar" }, el("h1", { text: "Keys" })),
+      secretBox,
+      el("div", { class: "panel flush" }, keysTable),
+      form,
+      el("h2", { text: "Spend this month, by tenant" }),
+      el(
+        "div",
+        { class: "panel flush" },
+        el("table", { class: "tasks", id: "spend-table" }, header("Tenant", "Tasks", "USD"), el("tbody", {}, spendRows)),
+      ),
+    );
   }
 
   function taskRow(task) {

@@ -43,6 +43,8 @@ class Timings:
     reconcile_after: float  # seconds after a submit before the first status query
     task_deadline: float  # seconds a task may take in all
     job_lease: float = 60.0  # seconds a claimed job stays with its process
+    cooldown_failures: int = 3  # provider-side failures in a row that start a provider's cooldown
+    cooldown_seconds: float = 60.0  # how long `auto` routing skips a provider in cooldown
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Dialect:
     # Put before a column to keep the planner off that column's index (SQLite's unary `+`): a delete
     # of a task's jobs stays on the task_id index instead of scanning every idle job.
     unindexed: str = ""
+    # The whole day (since the epoch, UTC) of a time column, as an integer: usage grouped by day.
+    day_number: str = "CAST({column} / 86400 AS INTEGER)"
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Notes:
     ended: list[Ended] = field(default_factory=list)  # tasks ended, each logged once
     hops: list[tuple[str, str, str]] = field(default_factory=list)  # fallback moves (from, to, reason)
     parked: list[str] = field(default_factory=list)  # kinds of the rows set aside, counted once
+    keys_changed: bool = False  # a database key changed or went: every replica forgets what it cached
 
 
 NOTE_FIELDS = tuple(note.name for note in fields(Notes))
@@ -149,8 +154,13 @@ class Wakeups:
     def __init__(self) -> None:
         self.task_waiters: dict[str, set[asyncio.Event]] = {}
         self.jobs_changed = asyncio.Event()
+        # Counts the key changes heard of (here, or from another replica where the backend tells):
+        # a cache of keys (receiver/keys.py) drops what it read before the count moved.
+        self.keys_version = 0
 
-    def announce(self, changed: Iterable[str], jobs_added: bool) -> None:
+    def announce(self, changed: Iterable[str], jobs_added: bool, keys_changed: bool = False) -> None:
+        if keys_changed:
+            self.keys_version += 1
         for task_id in changed:
             for waiter in self.task_waiters.get(task_id, ()):
                 waiter.set()

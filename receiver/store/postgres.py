@@ -55,6 +55,7 @@ UNREACHABLE = (
     asyncpg.InvalidCatalogNameError,
     asyncpg.AdminShutdownError,
 )
+KEYS_CHANGED = "k"  # the notice's first part when a key changed (else "1" or "0": jobs were added or not)
 NOTIFY_CHUNK = 7000  # bytes of task ids per NOTIFY payload (the limit is 8000)
 
 
@@ -71,6 +72,7 @@ POSTGRES = Dialect(
     },
     lock=" FOR UPDATE",
     skip_locked=" FOR UPDATE SKIP LOCKED",
+    day_number="FLOOR({column} / 86400)::bigint",  # a cast alone would round
 )
 MIGRATIONS = spelled_for(POSTGRES)
 
@@ -210,6 +212,9 @@ class PostgresBackend(Backend):
 
     def _heard(self, conn: object, pid: int, channel: str, payload: object) -> None:
         jobs, _, ids = str(payload).partition("|")
+        if jobs == KEYS_CHANGED:
+            self.wakeups.announce((), False, keys_changed=True)
+            return
         self.wakeups.announce([task_id for task_id in ids.split(",") if task_id], jobs == "1")
 
     def _lost(self, conn: object) -> None:
@@ -220,7 +225,8 @@ class PostgresBackend(Backend):
         """The listening connection dropped (database restart): reconnect, waking everyone meanwhile."""
         delay = 0.5
         while not self._closing:
-            self.wakeups.announce(self.wakeups.everyone(), True)  # whatever changed meanwhile, look again
+            # Whatever changed meanwhile (tasks, jobs, keys), look again.
+            self.wakeups.announce(self.wakeups.everyone(), True, keys_changed=True)
             try:
                 await self._listen()
                 log.info("listening for changes again")
@@ -271,6 +277,8 @@ class PostgresBackend(Backend):
 
 async def _notify(conn: Connection, tx: Tx) -> None:
     """Tell every replica what this transaction changed; PostgreSQL delivers it on commit."""
+    if tx.keys_changed:  # a key changed or went: every replica drops the keys it has cached
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, f"{KEYS_CHANGED}|")
     if not tx.changed and not tx.jobs_added:
         return
     flag = "1" if tx.jobs_added else "0"

@@ -44,6 +44,9 @@ class TaskView:
     created_at: float
     updated_at: float
     completed_at: float | None
+    estimate_usd: float | None  # what it should cost, by the price table, at create (receiver/prices.py)
+    cost_usd: float | None  # what it cost, once ended; None before, or when no price is known
+    cost_source: str | None  # "price" (the price table) or "provider" (the provider's own report)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Self:
@@ -172,6 +175,8 @@ class Ended:
     status: Status
     error: TaskError | None
     seconds: float  # from creation to the end
+    tenant: str = ""
+    cost_usd: float | None = None  # what it cost, once known (receiver_spend_usd_total)
 
 
 @dataclass(frozen=True)
@@ -187,3 +192,57 @@ class NewTask:
     notify_url: str | None
     idempotency_key: str | None
     request_hash: str
+    estimate_usd: float | None = None  # by the price table; None: no price known
+    # `auto` routing sent it to a provider whose cooldown has run out: it is the probe that decides
+    # (its creation takes the probe, so other tasks keep away until it has ended or timed out).
+    probe: bool = False
+    routing: str = ""  # how `auto` chose, for the task's first event
+    # The database key that creates the task (None for a RECEIVER_API_KEYS key): its budget is checked in
+    # the same transaction as the insert, and `estimate_usd` is what counts.
+    key: KeyRecord | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    """A provider's health for `auto` routing, shared by every replica: failures in a row, and the end of
+    its cooldown (0: none)."""
+
+    provider: str
+    consecutive_failures: int
+    cooldown_until: float
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A key kept in the database (the admin API), without its hash."""
+
+    id: str
+    tenant: str
+    name: str
+    budget_usd: float | None
+    budget_period: str | None  # "day", "month" (calendar, UTC) or None: a lifetime budget
+    rate_per_minute: int | None
+    disabled: bool
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> KeyRecord:
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["disabled"] = bool(values["disabled"])
+        values["budget_usd"] = None if values["budget_usd"] is None else float(values["budget_usd"])
+        values["rate_per_minute"] = (
+            None if values["rate_per_minute"] is None else int(values["rate_per_minute"])
+        )
+        return cls(**values)
+
+
+KEY_COLUMNS = ", ".join(KeyRecord.__dataclass_fields__)
+
+
+class BudgetExceeded(Exception):
+    """A create would take its key past its budget: nothing was recorded."""
+
+    def __init__(self, remaining_usd: float) -> None:
+        super().__init__(f"{remaining_usd:.4f} USD left")
+        self.remaining_usd = remaining_usd

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -22,11 +24,14 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import UTC
+from datetime import datetime
 from typing import Any
 from typing import TypeVar
 
 from receiver import metrics
 from receiver.logs import event
+from receiver.models import OUTCOME_UNKNOWN
 from receiver.models import ErrorCode
 from receiver.models import Outcome
 from receiver.models import Status
@@ -41,15 +46,19 @@ from receiver.store.base import Row
 from receiver.store.base import Timings
 from receiver.store.base import Tx
 from receiver.store.base import in_list
+from receiver.store.records import KEY_COLUMNS
 from receiver.store.records import TASK_STATE
 from receiver.store.records import TASK_VIEW
+from receiver.store.records import BudgetExceeded
 from receiver.store.records import Claimed
 from receiver.store.records import DownloadTarget
 from receiver.store.records import Ended
 from receiver.store.records import EventRecord
+from receiver.store.records import Health
 from receiver.store.records import IdempotencyConflict
 from receiver.store.records import ImageRecord
 from receiver.store.records import Job
+from receiver.store.records import KeyRecord
 from receiver.store.records import NewTask
 from receiver.store.records import Pace
 from receiver.store.records import TaskRecord
@@ -77,6 +86,13 @@ ENDED = tuple(status.value for status in Status if status.terminal)
 ACTIVE = tuple(status.value for status in Status if not status.terminal)
 # An upload a task's request names (receiver.tasks.UPLOAD_PREFIX, or a link to it), as stored text.
 UPLOAD_NAMED = re.compile(r"(?:upload:|/uploads/)([0-9a-f]{64}\.(?:png|jpg|webp))")
+KEY_BY_ID = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id=:id"  # noqa: S608 - column names only
+KEY_BY_DIGEST = f"SELECT {KEY_COLUMNS}, hash FROM api_keys WHERE hash=:hash"  # noqa: S608 - column names only
+# What a task counts in usage and against its key's budget: its cost once it ended, its estimate while
+# it runs (a model with no known price counts 0).
+TASK_SPEND = "COALESCE(cost_usd, estimate_usd, 0)"
+BUDGET_SLACK = 1e-9  # dollars: a sum of float prices that lands a hair over the budget still fits
+KEY_CHANGEABLE = frozenset(("name", "budget_usd", "budget_period", "rate_per_minute", "disabled"))
 
 
 class StoreUnavailable(Exception):
@@ -368,12 +384,15 @@ class Store:
                     if existing["request_hash"] != new.request_hash:
                         raise IdempotencyConflict(new.idempotency_key)
                     return TaskView.from_row(existing), False
+            if new.key is not None and new.key.budget_usd is not None:
+                await _within_budget(tx, new.key.id, new.estimate_usd)
             await tx.run(
                 "INSERT INTO tasks (id, tenant, provider, model, prompt, request, fallback, provider_state,"
-                " status, metadata, notify_url, idempotency_key, request_hash, created_at, updated_at)"
-                " VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback, :state, :status,"
-                " :metadata, :notify_url, :key, :hash, :now, :now)",
+                " status, metadata, notify_url, idempotency_key, request_hash, estimate_usd, created_at,"
+                " updated_at, key_id) VALUES (:id, :tenant, :provider, :model, :prompt, :request, :fallback,"
+                " :state, :status, :metadata, :notify_url, :key, :hash, :estimate, :now, :now, :key_id)",
                 {
+                    "key_id": new.key.id if new.key is not None else None,
                     "id": new.id,
                     "tenant": new.tenant,
                     "provider": new.provider,
@@ -387,24 +406,38 @@ class Store:
                     "notify_url": new.notify_url,
                     "key": new.idempotency_key,
                     "hash": new.request_hash,
+                    "estimate": new.estimate_usd,
                     "now": tx.now,
                 },
             )
+            if new.probe:
+                await _take_probe(tx, new.provider, self.timings)
             await _add_job(tx, "submit", new.id, 0, tx.now)
             await _add_job(tx, "deadline", new.id, 0, tx.now + self.timings.task_deadline)
-            await _event(tx, new.id, "created", True, f"queued for {new.provider} ({new.model})", "→queued")
+            summary = f"queued for {new.provider} ({new.model})" + (f"; {new.routing}" if new.routing else "")
+            await _event(tx, new.id, "created", True, summary, "→queued")
             return TaskView.from_row(await _task(tx, new.id)), True
 
         return await self.write(op)
 
     async def record_submission(
-        self, job: Job, submission: Submission, *, urgent: bool = False, provider: str = ""
+        self,
+        job: Job,
+        submission: Submission,
+        *,
+        urgent: bool = False,
+        provider: str = "",
+        unanswered: bool = False,
     ) -> None:
-        """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result."""
+        """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result.
+        `unanswered`: the submit got no clear answer (a timeout after sending), which counts against the
+        provider's health though the task waits for its callback."""
 
         async def op(tx: Tx) -> None:
             task = await _task(tx, job.task_id)
             await _delete_job(tx, job.id)
+            if provider:
+                await _provider_health(tx, provider, not unanswered, self.timings)
             if provider and task["provider"] != provider:
                 # The task moved to a fallback while this submit was in flight (a failure callback came
                 # first): the late answer is recorded; the new provider has its own submit job.
@@ -454,6 +487,8 @@ class Store:
         async def op(tx: Tx) -> str:
             if job_id is not None:
                 await _delete_job(tx, job_id)
+            if provider and error.code is ErrorCode.PROVIDER_UNAVAILABLE:
+                await _provider_health(tx, provider, False, self.timings)
             outcome = Outcome.failed(None, error, error.message)
             return await _apply(tx, task_id, replace(outcome, provider=provider), kind, True)
 
@@ -721,6 +756,16 @@ class Store:
 
         return await self.write(op)
 
+    async def provider_health(self) -> dict[str, Health]:
+        """Each provider's health for `auto` routing, as every replica sees it."""
+        rows = await self.fetch("SELECT provider, consecutive_failures, cooldown_until FROM provider_health")
+        return {
+            row["provider"]: Health(
+                row["provider"], int(row["consecutive_failures"]), float(row["cooldown_until"])
+            )
+            for row in rows
+        }
+
     async def parked_counts(self) -> dict[str, int]:
         """Rows set aside so far, by kind (`callback` for recorded callbacks, else the job's kind)."""
         rows = await self.fetch("SELECT kind, COUNT(*) AS n FROM parked GROUP BY kind")
@@ -735,6 +780,7 @@ class Store:
         event: tuple[str, str] | None = None,
         detail: str | None = None,
         requeue: bool = False,
+        provider_failed: str = "",
     ) -> None:
         """A job's outcome in one write (see receiver.jobs.record): an event on its task (`event`: kind and
         summary), then the job ended (`retry_in` None), due again in `retry_in` s with `note` as its last
@@ -743,6 +789,8 @@ class Store:
         async def op(tx: Tx) -> None:
             if event is not None:
                 await _event(tx, job.task_id, event[0], True, event[1], None, detail)
+            if provider_failed:
+                await _provider_health(tx, provider_failed, False, self.timings)
             if requeue:  # pacing said not yet: back untouched, its place in the queue kept
                 await tx.run(
                     "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
@@ -755,6 +803,139 @@ class Store:
                 await _reschedule(tx, job, retry_in, note, self.owner)
 
         await self.write(op)
+
+    # -- keys in the database, and their rates ----------------------------------------------------
+
+    async def create_key(
+        self,
+        key_id: str,
+        digest: str,
+        tenant: str,
+        name: str,
+        budget_usd: float | None,
+        budget_period: str | None,
+        rate_per_minute: int | None,
+    ) -> KeyRecord:
+        """Keep a new key: its fields and the SHA-256 of its secret (hex), never the secret."""
+
+        async def op(tx: Tx) -> KeyRecord:
+            await tx.run(
+                "INSERT INTO api_keys (id, tenant, name, hash, budget_usd, budget_period, rate_per_minute,"
+                " disabled, created_at, updated_at)"
+                " VALUES (:id, :tenant, :name, :hash, :budget, :period, :rate, 0, :now, :now)",
+                {
+                    "id": key_id,
+                    "tenant": tenant,
+                    "name": name,
+                    "hash": digest,
+                    "budget": budget_usd,
+                    "period": budget_period,
+                    "rate": rate_per_minute,
+                    "now": tx.now,
+                },
+            )
+            return await _key(tx, key_id)
+
+        return await self.write(op)
+
+    async def keys(self) -> list[KeyRecord]:
+        """Every key in the database, oldest first."""
+        rows = await self.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_at, id")  # noqa: S608
+        return [KeyRecord.from_row(row) for row in rows]
+
+    async def key(self, key_id: str) -> KeyRecord | None:
+        rows = await self.backend.point(KEY_BY_ID, {"id": key_id})
+        return KeyRecord.from_row(rows[0]) if rows else None
+
+    async def key_by_digest(self, digest: str) -> KeyRecord | None:
+        """The key whose secret has this SHA-256 (hex). The index finds the row by the digest; the digest
+        is compared again in constant time, so no answer depends on how near a wrong key came."""
+        rows = await self.backend.point(KEY_BY_DIGEST, {"hash": digest})
+        if not rows or not hmac.compare_digest(str(rows[0]["hash"]), digest):
+            return None
+        return KeyRecord.from_row(rows[0])
+
+    async def change_key(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord | None:
+        """Set the given fields (of KEY_CHANGEABLE) of a key; None when there is no such key. Every
+        replica sees the change at once on PostgreSQL (a notice), within a second on SQLite."""
+
+        async def op(tx: Tx) -> KeyRecord | None:
+            sets = ", ".join(f"{name}=:{name}" for name in changes if name in KEY_CHANGEABLE)
+            params = {name: value for name, value in changes.items() if name in KEY_CHANGEABLE}
+            if "disabled" in params:
+                params["disabled"] = int(bool(params["disabled"]))
+            changed = await tx.run(
+                f"UPDATE api_keys SET {sets + ', ' if sets else ''}updated_at=:now WHERE id=:id",  # noqa: S608
+                {**params, "id": key_id, "now": tx.now},
+            )
+            tx.keys_changed = True
+            return await _key(tx, key_id) if changed else None
+
+        try:
+            return await self.write(op)
+        finally:
+            self.backend.wakeups.announce((), False, keys_changed=True)  # this process's cache, at once
+
+    async def delete_key(self, key_id: str) -> bool:
+        """Revoke a key for good; False when there was no such key."""
+
+        async def op(tx: Tx) -> bool:
+            await tx.run("DELETE FROM key_rates WHERE key_id=:id", {"id": key_id})
+            tx.keys_changed = True
+            return await tx.run("DELETE FROM api_keys WHERE id=:id", {"id": key_id}) > 0
+
+        try:
+            return await self.write(op)
+        finally:
+            self.backend.wakeups.announce((), False, keys_changed=True)
+
+    async def usage(
+        self, tenant: str | None, since: float, until: float, group_by: str | None
+    ) -> tuple[int, float, list[tuple[str, int, float]]]:
+        """Tasks created in [since, until) by `tenant` (every tenant for None) and what they cost
+        (TASK_SPEND), in all and per group: "provider", "model", "day" (UTC, YYYY-MM-DD) or "tenant"."""
+        where = "created_at>=:since AND created_at<:until" + (" AND tenant=:tenant" if tenant else "")
+        params = {"since": since, "until": until, "tenant": tenant}
+        column = {
+            "provider": "provider",
+            "model": "model",
+            "tenant": "tenant",
+            "day": self.backend.dialect.day_number.format(column="created_at"),
+        }.get(group_by or "")
+        grouped = f" GROUP BY {column} ORDER BY {column}" if column else ""
+        rows = await self.fetch(
+            f"SELECT {column or 'NULL'} AS grp, COUNT(*) AS n, SUM({TASK_SPEND}) AS usd"  # noqa: S608 - no input
+            f" FROM tasks WHERE {where}{grouped}",
+            params,
+        )
+        groups = [
+            (
+                day_name(int(row["grp"])) if group_by == "day" else str(row["grp"]),
+                int(row["n"]),
+                float(row["usd"] or 0),
+            )
+            for row in rows
+            if int(row["n"])
+        ]
+        return sum(n for _, n, _ in groups), sum(usd for _, _, usd in groups), groups if group_by else []
+
+    async def take_rate(self, key_id: str, per_minute: int) -> float:
+        """Count one create against the key's rate, in the key's row of `key_rates` shared by every
+        replica (one statement: the row's lock orders concurrent counts). Windows are calendar minutes;
+        returns 0 when this create is within `per_minute`, else the seconds until the next window."""
+
+        async def op(tx: Tx) -> float:
+            window = math.floor(tx.now / 60) * 60.0
+            row = await tx.one(
+                "INSERT INTO key_rates (key_id, window_start, used) VALUES (:id, :window, 1)"
+                " ON CONFLICT (key_id) DO UPDATE SET used=CASE WHEN key_rates.window_start=:window"
+                " THEN key_rates.used+1 ELSE 1 END, window_start=:window RETURNING used",
+                {"id": key_id, "window": window},
+            )
+            used = int(row["used"]) if row is not None else 1
+            return 0.0 if used <= per_minute else window + 60.0 - tx.now
+
+        return await self.write(op)
 
 
 def owned(kind: type[V], rows: Sequence[Row], tenant: str | None) -> V | None:
@@ -1007,6 +1188,54 @@ async def _paces(tx: Tx, windows: Mapping[str, float]) -> dict[str, Pace]:
     return paces
 
 
+# -- provider health: the cooldown of `auto` routing ------------------------------------------------
+
+
+async def _provider_health(tx: Tx, provider: str, ok: bool, timings: Timings) -> None:
+    """A provider-side outcome of a call to `provider`, in the transaction that records it: a success
+    ends its run of failures (and any cooldown); a failure (unavailable, a timeout, a 5xx; never a 429
+    pacing hold or a refused request) adds to it, and from `cooldown_failures` in a row on each failure
+    (re)starts a cooldown of `cooldown_seconds`."""
+    if ok:
+        await _provider_ok(tx, provider)
+        return
+    await tx.run(
+        "INSERT INTO provider_health (provider, consecutive_failures, cooldown_until)"
+        " VALUES (:provider, 1, 0) ON CONFLICT (provider) DO UPDATE"
+        " SET consecutive_failures=provider_health.consecutive_failures + 1",
+        {"provider": provider},
+    )
+    await tx.run(
+        "UPDATE provider_health SET cooldown_until=:until"
+        " WHERE provider=:provider AND consecutive_failures >= :n",
+        {"provider": provider, "until": tx.now + timings.cooldown_seconds, "n": timings.cooldown_failures},
+    )
+
+
+async def _provider_ok(tx: Tx, provider: str) -> None:
+    await tx.run(
+        "UPDATE provider_health SET consecutive_failures=0, cooldown_until=0"
+        " WHERE provider=:provider AND (consecutive_failures > 0 OR cooldown_until > 0)",
+        {"provider": provider},
+    )
+
+
+async def _take_probe(tx: Tx, provider: str, timings: Timings) -> None:
+    """A task routed to a provider whose cooldown ran out is its probe: the cooldown is set again for
+    the probe's time, so other `auto` tasks keep away until the probe's success clears it (or its
+    failure re-arms it, or, with no news, the time runs out and the next task probes)."""
+    await tx.run(
+        "UPDATE provider_health SET cooldown_until=:until"
+        " WHERE provider=:provider AND consecutive_failures >= :n AND cooldown_until <= :now",
+        {
+            "provider": provider,
+            "until": tx.now + timings.cooldown_seconds,
+            "n": timings.cooldown_failures,
+            "now": tx.now,
+        },
+    )
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -1123,9 +1352,10 @@ async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
     chain = json.loads(request["request"]).get("chain") or {}
     await tx.run(
         "UPDATE tasks SET provider=:provider, model=:model, provider_state=:state, provider_task_id=NULL,"
-        " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now"
-        " WHERE id=:id",
+        " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now,"
+        " estimate_usd=:estimate, cost_usd=NULL, cost_source=NULL WHERE id=:id",
         {
+            "estimate": chain.get(target, {}).get("estimate_usd"),
             "provider": target,
             "model": chain.get(target, {}).get("model") or task["model"],
             "state": _dumps(chain.get(target, {}).get("state") or {}),
@@ -1154,17 +1384,42 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
     change = await _move(tx, task, status)
     if change is None:
         return None
-    await tx.run(
-        "UPDATE tasks SET completed_at=:now, error=:error WHERE id=:id",
-        {"now": tx.now, "error": _dumps(error.as_json()) if error else None, "id": task["id"]},
+    usd = _cost(task, status, error)
+    ended = await tx.one(
+        "UPDATE tasks SET completed_at=:now, error=:error,"
+        " cost_usd=CASE WHEN cost_source='provider' THEN cost_usd ELSE :usd END,"
+        " cost_source=CASE WHEN cost_source='provider' THEN cost_source ELSE :source END"
+        " WHERE id=:id RETURNING cost_usd",
+        {
+            "now": tx.now,
+            "error": _dumps(error.as_json()) if error else None,
+            "usd": usd,
+            "source": None if usd is None else "price",
+            "id": task["id"],
+        },
     )
     # An ended task needs no more work; only its notification (if any) is still to come.
     await _drop_idle_jobs(tx, task["id"], "kind <> 'notify'")
     if task["notify_url"]:
         await _add_job(tx, "notify", task["id"], 0, tx.now)
     # Every end of every task passes here (download, callback, poll, submit, deadline): its one log line.
-    tx.ended.append(Ended(task["id"], task["provider"], status, error, tx.now - task["created_at"]))
+    cost = None if ended is None or ended["cost_usd"] is None else float(ended["cost_usd"])
+    seconds = tx.now - task["created_at"]
+    tx.ended.append(Ended(task["id"], task["provider"], status, error, seconds, task["tenant"], cost))
     return change
+
+
+def _cost(task: Row, status: Status, error: TaskError | None) -> float | None:
+    """What an ended task cost by the price table (a charge the provider reported wins over it, see
+    _apply): its estimate when the provider made (or may have made) the images — it succeeded, its
+    results were on the way (a download failed), or a submit got no answer; 0 when it failed before
+    the provider ran it or the provider itself failed it (providers do not bill a failed generation)."""
+    if status is Status.SUCCEEDED or task["status"] == Status.DOWNLOADING:
+        return None if task["estimate_usd"] is None else float(task["estimate_usd"])
+    unknown = error is not None and error.provider_code == OUTCOME_UNKNOWN
+    if unknown or (error is not None and error.code is ErrorCode.TIMED_OUT and task["submitted_at"]):
+        return None if task["estimate_usd"] is None else float(task["estimate_usd"])
+    return 0.0
 
 
 async def _apply(
@@ -1193,8 +1448,15 @@ async def _apply(
             "UPDATE tasks SET provider_task_id=:ptid WHERE id=:id",
             {"ptid": outcome.provider_task_id, "id": task_id},
         )
+    if outcome.charge_usd is not None and not Status(task["status"]).terminal:
+        # The provider's own word on what it charged: the task's cost once it ends, whatever the table says.
+        await tx.run(
+            "UPDATE tasks SET cost_usd=:usd, cost_source='provider' WHERE id=:id",
+            {"usd": outcome.charge_usd, "id": task_id},
+        )
     change: str | None = None
     if outcome.state == "succeeded":
+        await _provider_ok(tx, task["provider"])  # it made the images: healthy (a probe passed)
         change = await _move(tx, task, Status.DOWNLOADING)
         if change is not None:
             await tx.run(
@@ -1253,6 +1515,8 @@ def committed(tx: Tx) -> None:
         log_ended(ended)
         error = str(ended.error.code) if ended.error else None
         metrics.task_ended(ended.provider, str(ended.status), error, ended.seconds)
+        if ended.cost_usd:
+            metrics.SPEND.labels(ended.tenant, ended.provider).inc(ended.cost_usd)
     for origin, target, reason in tx.hops:
         metrics.FALLBACKS.labels(origin, target, reason).inc()
     for kind in tx.parked:
@@ -1278,3 +1542,46 @@ def log_ended(ended: Ended) -> None:
 
 def timed_out() -> TaskError:
     return TaskError(ErrorCode.TIMED_OUT, "the task did not finish before RECEIVER_TASK_DEADLINE")
+
+
+async def _key(tx: Tx, key_id: str) -> KeyRecord:
+    row = await tx.one(KEY_BY_ID, {"id": key_id})
+    assert row is not None
+    return KeyRecord.from_row(row)
+
+
+def period_start(period: str | None, now: float) -> float:
+    """Where a budget's period began: today or this month (calendar, UTC), or ever (None)."""
+    if period is None:
+        return 0.0
+    day = datetime.fromtimestamp(now, UTC)
+    first = day.replace(day=1) if period == "month" else day
+    return datetime(first.year, first.month, first.day, tzinfo=UTC).timestamp()
+
+
+def day_name(number: int) -> str:
+    """Day `number` since the epoch, as YYYY-MM-DD."""
+    return datetime.fromtimestamp(number * 86400, UTC).strftime("%Y-%m-%d")
+
+
+async def _within_budget(tx: Tx, key_id: str, estimate: float | None) -> None:
+    """Raise BudgetExceeded when a create costing `estimate` (None: not known) would take the key past
+    its budget: the period's spend of ended tasks and the estimates of those still running.
+
+    The key's row is locked first (PostgreSQL; SQLite's one writer already runs creates one at a time),
+    so concurrent creates of one key on every replica check and insert in turn: each sees the ones before
+    it, and a burst overshoots by no more than the one task whose price was not known."""
+    key = await tx.one(
+        f"SELECT budget_usd, budget_period FROM api_keys WHERE id=:id{tx.lock}",  # noqa: S608
+        {"id": key_id},
+    )
+    if key is None or key["budget_usd"] is None:
+        return
+    since = period_start(key["budget_period"], tx.now)
+    spent = await tx.one(
+        f"SELECT SUM({TASK_SPEND}) AS usd FROM tasks WHERE key_id=:id AND created_at>=:since",  # noqa: S608
+        {"id": key_id, "since": since},
+    )
+    left = float(key["budget_usd"]) - float((spent or {}).get("usd") or 0)
+    if left <= 0 or (estimate is not None and estimate > left + BUDGET_SLACK):
+        raise BudgetExceeded(max(0.0, round(left, 6)))

@@ -172,6 +172,44 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
     CREATE INDEX tasks_images_to_expire ON tasks (completed_at, id)
         WHERE completed_at IS NOT NULL AND images_expired=0
     """,
+    # What a task costs (receiver/prices.py): its estimate at create, and once it ended what it cost
+    # (USD) and whether that came from the price table or the provider's own report. Each provider's
+    # health for `auto` routing: failures in a row and the cooldown they started, shared by replicas.
+    """
+    ALTER TABLE tasks ADD COLUMN estimate_usd $real;
+    ALTER TABLE tasks ADD COLUMN cost_usd $real;
+    ALTER TABLE tasks ADD COLUMN cost_source TEXT;
+    CREATE TABLE provider_health (
+        provider TEXT PRIMARY KEY,
+        consecutive_failures $int NOT NULL DEFAULT 0,
+        cooldown_until $real NOT NULL DEFAULT 0
+    )
+    """,
+    # Keys kept in the database (the admin API): only the secret's SHA-256 is kept, looked up by it.
+    # `key_rates` is each key's create count in its current minute, shared by every replica; a task
+    # records the key that created it, for its budget.
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        hash TEXT NOT NULL UNIQUE,
+        budget_usd $real,
+        budget_period TEXT,
+        rate_per_minute $int,
+        disabled $int NOT NULL DEFAULT 0,
+        created_at $real NOT NULL,
+        updated_at $real NOT NULL
+    );
+    CREATE TABLE key_rates (
+        key_id TEXT PRIMARY KEY,
+        window_start $real NOT NULL,
+        used $int NOT NULL
+    );
+    ALTER TABLE tasks ADD COLUMN key_id TEXT;
+    CREATE INDEX tasks_by_key ON tasks (key_id, created_at);
+    CREATE INDEX tasks_by_tenant_time ON tasks (tenant, created_at)
+    """,
 )
 
 
