@@ -41,6 +41,7 @@ from receiver.models import TaskRequest
 from receiver.offer import offered
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
+from receiver.removal import remove_task
 from receiver.routes import url_path
 from receiver.schema import IMAGE_TYPES
 from receiver.schema import MAX_SEED
@@ -61,6 +62,7 @@ from receiver.schema import encode_cursor
 from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
+from receiver.store import TaskActive
 from receiver.store import TaskView
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
@@ -379,6 +381,32 @@ class Api:
                 headers = {"X-Receiver-Wait": "capped", "Connection": "close"}
         rendered = render_task(row, await self.store.image_rows(task_id), self.tokens)
         return ModelResponse(rendered, headers=headers)
+
+    async def cancel_task(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        task_id = request.path_params["id"]
+        if not TASK_ID.match(task_id):
+            raise ApiError(404, "not_found", "no such task")
+        row, cancelled = await self.store.cancel_task(task_id, tenant)
+        if row is None:
+            raise ApiError(404, "not_found", "no such task")
+        if not cancelled:
+            raise ApiError(409, "task_ended", f"the task has already ended ({row.status})")
+        event(log, "task cancelled", task_id=row.id, provider=row.provider, tenant=tenant)
+        return ModelResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
+
+    async def delete_task(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        task_id = request.path_params["id"]
+        try:
+            removed = TASK_ID.match(task_id) is not None and await remove_task(
+                self.store, self.media, task_id, tenant
+            )
+        except TaskActive:
+            raise ApiError(409, "task_active", "the task has not ended: cancel it first") from None
+        if not removed:
+            raise ApiError(404, "not_found", "no such task")
+        return Response(status_code=204)
 
     def _wait_taken(self, tenant: str) -> bool:
         """Count one more open ?wait of `tenant`, unless the tenant's (RECEIVER_MAX_WAITS_PER_TENANT)

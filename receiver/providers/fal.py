@@ -395,7 +395,7 @@ class Fal(Provider):
         # Reconcile sends our key to these URLs, so only ones on the queue's own origin are kept.
         state = {
             name: body[name]
-            for name in ("status_url", "response_url")
+            for name in ("status_url", "response_url", "cancel_url")
             if trusted_url(body.get(name), response.request.url)
         }
         return Submission(provider_task_id=request_id, state=state)
@@ -452,6 +452,28 @@ class Fal(Provider):
             endpoint = fal_endpoint(task.model, bool(task.images))
             status_url = queue_urls(queue, endpoint, task.provider_task_id)[0]
         return httpx.Request("GET", status_url, headers={"Authorization": f"Key {ctx.settings.api_key}"})
+
+    def build_cancel(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        """fal's queue cancel: `PUT {queue}/{owner}/{alias}/requests/{id}/cancel` (providers.md §5.5)."""
+        if not task.provider_task_id:
+            return None
+        queue = ctx.settings.base_url
+        cancel_url = trusted_url(task.state.get("cancel_url"), queue)
+        if cancel_url is None:
+            endpoint = fal_endpoint(task.model, bool(task.images))
+            cancel_url = queue_urls(queue, endpoint, task.provider_task_id)[1] + "/cancel"
+        return httpx.Request("PUT", cancel_url, headers={"Authorization": f"Key {ctx.settings.api_key}"})
+
+    def parse_cancel(self, response: httpx.Response) -> str:
+        """202 `CANCELLATION_REQUESTED`; 400 `ALREADY_COMPLETED` and 404 `NOT_FOUND` are final answers
+        too (nothing is left to stop); a 429 or 5xx is asked again."""
+        if response.status_code not in (400, 404):
+            raise_for_http_status(response, self._error_text(response))
+        try:
+            said = text(json_object(response.content).get("status"))
+        except MalformedCallback:
+            said = ""
+        return f"fal answered {response.status_code} {said[:100] or '(no status)'}"
 
     def parse_status(self, response: httpx.Response) -> Outcome | httpx.Request:
         asked = response.request.url

@@ -25,6 +25,7 @@ from receiver.store.records import TaskView
 from receiver.store.rules import RoleTaken
 from receiver.store.rules import Store
 from receiver.store.rules import StoreUnavailable
+from receiver.store.rules import TaskActive
 from receiver.store.rules import timed_out
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "RoleTaken",
     "Store",
     "StoreUnavailable",
+    "TaskActive",
     "TaskRecord",
     "TaskView",
     "make_store",

@@ -72,10 +72,16 @@ MAX_FAILURES = 5
 TASK_BY_ID = "SELECT * FROM tasks WHERE id=:id"
 TASK_VIEW_BY_ID = f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id"  # noqa: S608 - column names only
 IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id=:id ORDER BY idx"
+# Every table whose rows belong to one task, by its task_id: a removed task leaves none behind.
+TASK_TABLES = ("images", "events", "jobs", "inbox", "parked")
 
 
 class StoreUnavailable(Exception):
     """The database cannot be reached right now (a 503 for the caller; nothing was changed)."""
+
+
+class TaskActive(Exception):
+    """The task has not ended: it may not be removed (cancel it first)."""
 
 
 class RoleTaken(Exception):
@@ -310,6 +316,9 @@ class Store:
                 },
             )
             change = await _move(tx, task, Status.SUBMITTED)
+            if task["status"] == Status.CANCELLED:
+                # Cancelled while this submit was on its way: the provider is asked to stop it too.
+                await _add_job(tx, "cancel", job.task_id, 0, tx.now)
             accepted = f"accepted by the provider as {ptid or '(no id)'}"
             summary = submission.note or accepted
             await _event(tx, job.task_id, "submit", True, summary, change)
@@ -340,6 +349,51 @@ class Store:
                 await _delete_job(tx, job_id)
             outcome = Outcome.failed(None, error, error.message)
             return await _apply(tx, task_id, replace(outcome, provider=provider), kind, True)
+
+        return await self.write(op)
+
+    async def cancel_task(self, task_id: str, tenant: str | None) -> tuple[TaskView | None, bool]:
+        """End the tenant's task as `cancelled` (the app's wish), by the same end as any other: its
+        pending jobs dropped, its notification due. A task the provider holds gets a `cancel` job, which
+        asks the provider to stop where it can. Returns the task as it now is (None: no such task of
+        this tenant) and whether it was cancelled (False: it had ended already)."""
+
+        async def op(tx: Tx) -> tuple[TaskView | None, bool]:
+            task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
+            if task is None or (tenant is not None and task["tenant"] != tenant):
+                return None, False
+            was = Status(task["status"])
+            change = await _finish(tx, task, Status.CANCELLED, None)
+            if change is not None:
+                await _event(tx, task_id, "cancel", True, f"cancelled by the app (it was {was})", change)
+                if task["provider_task_id"] or task["submitted_at"] is not None:
+                    await _add_job(tx, "cancel", task_id, 0, tx.now)
+            row = await tx.one(TASK_VIEW_BY_ID, {"id": task_id})
+            assert row is not None  # locked above: it is there
+            return TaskView.from_row(row), change is not None
+
+        return await self.write(op)
+
+    async def delete_task(self, task_id: str, tenant: str | None = None) -> list[str] | None:
+        """Remove an ended task with its images, events and jobs (a pending notification too), in one
+        transaction; returns the media keys of its stored images, for the caller to delete once this
+        has committed (None: no such task of this tenant). Raises TaskActive for a task not ended: only
+        an end is ever removed, whoever asks (the app, or a retention sweep)."""
+
+        async def op(tx: Tx) -> list[str] | None:
+            task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
+            if task is None or (tenant is not None and task["tenant"] != tenant):
+                return None
+            if not Status(task["status"]).terminal:
+                raise TaskActive(task_id)
+            images = await tx.all(
+                "SELECT path FROM images WHERE task_id=:id AND path IS NOT NULL", {"id": task_id}
+            )
+            for table in TASK_TABLES:
+                await tx.run(f"DELETE FROM {table} WHERE task_id=:id", {"id": task_id})  # noqa: S608
+            await tx.run("DELETE FROM tasks WHERE id=:id", {"id": task_id})
+            tx.changed.add(task_id)
+            return [row["path"] for row in images]
 
         return await self.write(op)
 
