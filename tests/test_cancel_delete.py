@@ -6,12 +6,14 @@ task is deleted with its images and their bytes; both are scoped to the tenant. 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from receiver.cli import main
@@ -19,6 +21,12 @@ from receiver.client import ApiError
 from receiver.client import AsyncClient
 from receiver.client import Client
 from receiver.client import TaskCancelled
+from receiver.config import ProviderSettings
+from receiver.models import ProviderRejected
+from receiver.models import ProviderUnavailable
+from receiver.models import TaskSpec
+from receiver.providers import Context
+from receiver.providers.fal import Fal
 from tests.conftest import database_settings
 from tests.conftest import media_settings
 from tests.fakes.fal import FalFake
@@ -34,6 +42,8 @@ from tests.test_notify import notify_events
 from tests.test_notify import quiet
 
 FAL_SUBMIT = "/fal-ai/flux-pro/kontext/text-to-image"
+QUEUE = "https://queue.fal.run"
+REQUEST_ID = "80e732af-660e-45cd-bd63-580e4f2a94cc"
 
 
 @pytest.fixture
@@ -328,3 +338,50 @@ def test_cli_cancel_and_delete(fakes: tuple[KieFake, FalFake], receiver: Receive
     status, _, err = run("delete", task_id)
     assert status == 2 and err.strip() == "receiver: no such task"
     assert len(err.strip().splitlines()) == 1
+
+
+# -- fal's cancel, as the translator spells and reads it -------------------------------------------
+
+
+def test_fal_cancel_is_a_put_to_the_request_url_with_the_key() -> None:
+    settings = ProviderSettings(api_key="key-id:secret", base_url=QUEUE, extra={})
+    ctx = Context(settings, callback_url="https://receiver.example/callbacks/fal/t")
+    kept = f"{QUEUE}/fal-ai/flux-pro/requests/{REQUEST_ID}"
+    spec = TaskSpec("tsk_1", "flux-kontext-pro", "p", (), {}, {}, REQUEST_ID, {"response_url": kept})
+    request = Fal().build_cancel(spec, ctx)
+    assert request is not None
+    assert (request.method, str(request.url)) == ("PUT", f"{kept}/cancel")
+    assert request.headers["Authorization"] == "Key key-id:secret"
+    # A kept URL off the queue's origin is never trusted with the key: the documented one is built.
+    elsewhere = TaskSpec(
+        "tsk_1", "flux-kontext-pro", "p", (), {}, {}, REQUEST_ID, {"response_url": "https://evil.example/x"}
+    )
+    built = Fal().build_cancel(elsewhere, ctx)
+    assert built is not None and str(built.url) == f"{kept}/cancel"
+    assert Fal().build_cancel(TaskSpec("tsk_1", "flux-kontext-pro", "p", (), {}, {}, None, {}), ctx) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "said"),
+    [
+        (202, {"status": "CANCELLATION_REQUESTED"}, "fal answered 202 CANCELLATION_REQUESTED"),
+        (400, {"status": "ALREADY_COMPLETED"}, "fal answered 400 ALREADY_COMPLETED"),
+        (404, {"status": "NOT_FOUND"}, "fal answered 404 NOT_FOUND"),
+        (200, "not json", "fal answered 200 (no status)"),
+    ],
+)
+def test_fal_cancel_answers_that_are_final(status: int, body: Any, said: str) -> None:
+    assert Fal().parse_cancel(_answer(status, body)) == said
+
+
+def test_fal_cancel_answers_worth_asking_again_or_refused() -> None:
+    with pytest.raises(ProviderUnavailable):
+        Fal().parse_cancel(_answer(503, {"detail": "busy"}))
+    with pytest.raises(ProviderRejected):
+        Fal().parse_cancel(_answer(401, {"detail": "No user found for Key ID and Secret"}))
+
+
+def _answer(status: int, body: Any) -> httpx.Response:
+    content = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    request = httpx.Request("PUT", f"{QUEUE}/fal-ai/flux-pro/requests/{REQUEST_ID}/cancel")
+    return httpx.Response(status, content=content, request=request)

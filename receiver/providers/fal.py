@@ -395,7 +395,7 @@ class Fal(Provider):
         # Reconcile sends our key to these URLs, so only ones on the queue's own origin are kept.
         state = {
             name: body[name]
-            for name in ("status_url", "response_url", "cancel_url")
+            for name in ("status_url", "response_url")
             if trusted_url(body.get(name), response.request.url)
         }
         return Submission(provider_task_id=request_id, state=state)
@@ -458,10 +458,12 @@ class Fal(Provider):
         if not task.provider_task_id:
             return None
         queue = ctx.settings.base_url
-        cancel_url = trusted_url(task.state.get("cancel_url"), queue)
-        if cancel_url is None:
+        # The request's own URL (its response_url), as fal's cancel_url is: that plus /cancel.
+        request_url = trusted_url(task.state.get("response_url"), queue)
+        if request_url is None:
             endpoint = fal_endpoint(task.model, bool(task.images))
-            cancel_url = queue_urls(queue, endpoint, task.provider_task_id)[1] + "/cancel"
+            request_url = queue_urls(queue, endpoint, task.provider_task_id)[1]
+        cancel_url = f"{request_url.rstrip('/')}/cancel"
         return httpx.Request("PUT", cancel_url, headers={"Authorization": f"Key {ctx.settings.api_key}"})
 
     def parse_cancel(self, response: httpx.Response) -> str:
