@@ -959,11 +959,13 @@ class AsyncClient:
         return await self._run(_get(_task_id(task), wait))
 
     async def cancel(self, task: TaskRef) -> Task:
-        """As `Client.cancel`."""
+        """Cancel the task (given as a task or its id): it ends `cancelled` at once. ApiError 409
+        `task_ended` if it had ended already."""
         return await self._run(_cancel(_task_id(task)))
 
     async def delete(self, task: TaskRef) -> None:
-        """As `Client.delete`."""
+        """Delete an ended task with its images and events. ApiError 409 `task_active` if it has not
+        ended (cancel it first)."""
         await self._run(_delete(_task_id(task)))
 
     async def wait(
