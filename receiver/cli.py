@@ -316,23 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait up to N seconds for the task to end (exit 4 if it has not)",
     )
 
-    cancel = client_command(
-        commands,
-        "cancel",
-        "cancel a task that has not ended",
-        "Cancel a task: it ends `cancelled` at once (at the provider too where it offers a cancel) and "
-        "is printed as JSON. Exit 2 if there is no such task or it has already ended.",
-    )
-    cancel.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
-
-    delete = client_command(
-        commands,
-        "delete",
-        "delete an ended task with its images",
-        "Delete an ended task with its images and events, for good. Exit 2 if there is no such task or "
-        "it has not ended (cancel it first).",
-    )
-    delete.add_argument("task_id", metavar="ID", help="the task id (tsk_…)")
+    # The commands that act on one task and take nothing but its id.
+    for name, summary, description in (
+        (
+            "cancel",
+            "cancel a task that has not ended",
+            "Cancel a task: it ends `cancelled` at once (at the provider too where it offers a cancel) "
+            "and is printed as JSON. Exit 2 if there is no such task or it has already ended.",
+        ),
+        (
+            "delete",
+            "delete an ended task with its images",
+            "Delete an ended task with its images and events, for good. Exit 2 if there is no such task "
+            "or it has not ended (cancel it first).",
+        ),
+    ):
+        client_command(commands, name, summary, description).add_argument(
+            "task_id", metavar="ID", help="the task id (tsk_…)"
+        )
 
     download = client_command(
         commands,

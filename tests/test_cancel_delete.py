@@ -10,13 +10,11 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from receiver.cli import main
 from receiver.client import ApiError
 from receiver.client import AsyncClient
 from receiver.client import Client
@@ -27,34 +25,25 @@ from receiver.models import ProviderUnavailable
 from receiver.models import TaskSpec
 from receiver.providers import Context
 from receiver.providers.fal import Fal
-from tests.conftest import database_settings
-from tests.conftest import media_settings
 from tests.fakes.fal import FalFake
 from tests.fakes.kie import GENERATE
 from tests.fakes.kie import KieFake
 from tests.harness import ALICE
 from tests.harness import Receiver
+from tests.test_cli import Run
+from tests.test_cli import cli  # noqa: F401  (the fixture: the CLI against `receiver`)
 from tests.test_notify import SHORT
 from tests.test_notify import Answer
 from tests.test_notify import AppHook
 from tests.test_notify import hook  # noqa: F401  (the fixture)
 from tests.test_notify import notify_events
 from tests.test_notify import quiet
+from tests.test_providers_e2e import database_env  # noqa: F401  (the fixtures: both stacks)
+from tests.test_providers_e2e import media_env  # noqa: F401
 
 FAL_SUBMIT = "/fal-ai/flux-pro/kontext/text-to-image"
 QUEUE = "https://queue.fal.run"
 REQUEST_ID = "80e732af-660e-45cd-bd63-580e4f2a94cc"
-
-
-@pytest.fixture
-def database_env(request: pytest.FixtureRequest, stack: str) -> dict[str, str]:
-    """Every test here runs on SQLite with a media directory, and on PostgreSQL with a bucket."""
-    return database_settings(request, stack.split("+")[0])
-
-
-@pytest.fixture
-def media_env(request: pytest.FixtureRequest, stack: str) -> dict[str, str]:
-    return media_settings(request, stack.split("+")[1])
 
 
 @pytest.fixture
@@ -64,7 +53,9 @@ def fakes(start_fake: Callable[..., Any]) -> tuple[KieFake, FalFake]:
 
 @pytest.fixture
 def receiver(
-    fakes: tuple[KieFake, FalFake], start_receiver: Callable[..., Receiver], media_env: dict[str, str]
+    fakes: tuple[KieFake, FalFake],
+    start_receiver: Callable[..., Receiver],
+    media_env: dict[str, str],  # noqa: F811
 ) -> Receiver:
     kie, fal = fakes
     # One kie task in flight at a time: a second one stays queued while the first is submitted.
@@ -256,23 +247,6 @@ def test_delete_removes_the_task_its_images_their_bytes_and_a_pending_notificati
 # -- the client library and the CLI ---------------------------------------------------------------
 
 
-@pytest.fixture
-def run(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> Iterator[Any]:
-    """`receiver ARGS…` against the served receiver: (exit status, stdout, stderr)."""
-    monkeypatch.setenv("RECEIVER_URL", receiver.url)
-    monkeypatch.setenv("RECEIVER_API_KEY", ALICE)
-
-    def cli(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    yield cli
-
-
 def test_client_cancels_waits_and_deletes(fakes: tuple[KieFake, FalFake], receiver: Receiver) -> None:
     kie, _ = fakes
     with Client(receiver.url, ALICE) as client:
@@ -284,7 +258,7 @@ def test_client_cancels_waits_and_deletes(fakes: tuple[KieFake, FalFake], receiv
         with pytest.raises(ApiError) as ended:
             client.cancel(task["id"])
         assert (ended.value.status, ended.value.code) == (409, "task_ended")
-        assert client.delete(task) is None
+        client.delete(task)
         with pytest.raises(ApiError) as missing:
             client.get(task["id"])
         assert missing.value.status == 404
@@ -321,21 +295,25 @@ def _created_kie_task(receiver: Receiver, kie: KieFake) -> str:
     return str(task["id"])
 
 
-def test_cli_cancel_and_delete(fakes: tuple[KieFake, FalFake], receiver: Receiver, run: Any) -> None:
+def test_cli_cancel_and_delete(
+    fakes: tuple[KieFake, FalFake],
+    receiver: Receiver,
+    cli: Run,  # noqa: F811
+) -> None:
     kie, _ = fakes
     task_id, _ = receiver.submitted(kie)
-    status, out, err = run("delete", task_id)
+    status, out, err = cli("delete", task_id)
     assert (status, out) == (2, "")
     assert err.strip() == "receiver: the task has not ended: cancel it first"
-    status, out, _ = run("cancel", task_id)
+    status, out, _ = cli("cancel", task_id)
     assert status == 0 and '"status": "cancelled"' in out
-    status, _, err = run("cancel", task_id)
+    status, _, err = cli("cancel", task_id)
     assert status == 2 and err.strip() == "receiver: the task has already ended (cancelled)"
-    status, out, _ = run("get", task_id)
+    status, out, _ = cli("get", task_id)
     assert status == 1  # a cancelled task is not a success
-    status, _, _ = run("delete", task_id)
+    status, _, _ = cli("delete", task_id)
     assert status == 0
-    status, _, err = run("delete", task_id)
+    status, _, err = cli("delete", task_id)
     assert status == 2 and err.strip() == "receiver: no such task"
     assert len(err.strip().splitlines()) == 1
 

@@ -11,16 +11,22 @@ from tests.test_console import browser_page  # noqa: F401  (the fixture)
 from tests.test_console import sign_in
 
 
+def open_running_task(page: Any, receiver: Receiver) -> str:
+    """Sign in and open the page of a new sandbox task that runs all through the test (the sandbox
+    answers after options.delay seconds); its id."""
+    task_id = str(receiver.submit(provider="sandbox", prompt="a red fox", options={"delay": 600})["id"])
+    sign_in(page, receiver)
+    page.goto(f"{receiver.url}/ui#/tasks/{task_id}")
+    page.wait_for_selector("#task-status:not([data-status=succeeded]):not([data-status=failed])")
+    page.wait_for_selector("#cancel-task")
+    return task_id
+
+
 def test_console_cancels_a_running_task_then_deletes_it(
     browser_page: tuple[Any, Receiver, list[str]],  # noqa: F811
 ) -> None:
     page, receiver, problems = browser_page
-    # The sandbox answers after options.delay seconds: the task runs all through the test.
-    task = receiver.submit(provider="sandbox", prompt="a red fox", options={"delay": 600})
-    task_id = task["id"]
-    sign_in(page, receiver)
-    page.goto(f"{receiver.url}/ui#/tasks/{task_id}")
-    page.wait_for_selector("#task-status:not([data-status=succeeded]):not([data-status=failed])")
+    task_id = open_running_task(page, receiver)
     assert page.locator("#delete-task").count() == 0  # a running task cannot be deleted
 
     # Asked, and answered no: nothing changes.
@@ -53,11 +59,7 @@ def test_console_shows_why_a_cancel_was_refused(
     browser_page: tuple[Any, Receiver, list[str]],  # noqa: F811
 ) -> None:
     page, receiver, problems = browser_page
-    task = receiver.submit(provider="sandbox", prompt="a red fox", options={"delay": 600})
-    task_id = task["id"]
-    sign_in(page, receiver)
-    page.goto(f"{receiver.url}/ui#/tasks/{task_id}")
-    page.wait_for_selector("#cancel-task")
+    task_id = open_running_task(page, receiver)
     page.click("#cancel-task")
     page.wait_for_selector("#confirm-dialog[open]")
     # Cancelled elsewhere meanwhile (the CLI, another tab): the console's own cancel is a 409.

@@ -192,8 +192,9 @@ class FalFake(ProviderFake):
             }
         )
 
-    async def queued_or_answer(self, request: Request) -> QueuedRequest | Response:
-        """The queued request a status or result URL names, or the answer that replaces it."""
+    async def queued_or_answer(self, request: Request, missing: Any = None) -> QueuedRequest | Response:
+        """The queued request a status, result or cancel URL names, or the answer that replaces it
+        (`missing`: the body of its 404)."""
         await self.record(request)
         refused = self.unauthorised(request)
         scripted = refused or self.scripted_answer(request.url.path)
@@ -202,7 +203,7 @@ class FalFake(ProviderFake):
         queued = self.queue.get(request.path_params["request_id"])
         owner_alias = f"{request.path_params['owner']}/{request.path_params['alias']}"
         if queued is None or not queued.endpoint.startswith(owner_alias + "/"):
-            return JSONResponse({"detail": "Request not found"}, status_code=404)
+            return JSONResponse(missing or {"detail": "Request not found"}, status_code=404)
         return queued
 
     async def status(self, request: Request) -> Response:
@@ -225,15 +226,9 @@ class FalFake(ProviderFake):
         """fal's queue cancel (its "Cancel a request" page): 202 CANCELLATION_REQUESTED for a request in
         the queue or in progress (it is then CANCELLED here, so the test can see it), 400
         ALREADY_COMPLETED once it is done, 404 NOT_FOUND for one it does not know."""
-        await self.record(request)
-        refused = self.unauthorised(request)
-        scripted = refused or self.scripted_answer(request.url.path)
-        if scripted is not None:
-            return scripted
-        queued = self.queue.get(request.path_params["request_id"])
-        owner_alias = f"{request.path_params['owner']}/{request.path_params['alias']}"
-        if queued is None or not queued.endpoint.startswith(owner_alias + "/"):
-            return JSONResponse({"status": "NOT_FOUND"}, status_code=404)
+        queued = await self.queued_or_answer(request, {"status": "NOT_FOUND"})
+        if isinstance(queued, Response):
+            return queued
         if queued.status == "COMPLETED":
             return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
         queued.status = "CANCELLED"
