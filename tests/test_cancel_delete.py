@@ -163,6 +163,25 @@ def test_a_submitted_fal_task_is_cancelled_at_the_queue_and_the_app_hears_once(
     assert fal.files["late.png"].fetches == 0
 
 
+def test_a_cancel_while_the_submit_is_on_its_way_cancels_at_fal_once_it_answers(
+    fakes: tuple[KieFake, FalFake], receiver: Receiver
+) -> None:
+    _, fal = fakes
+    fal.hold = threading.Event()  # fal has the request but has not answered yet
+    try:
+        task_id = str(receiver.submit(provider="fal", prompt="a lighthouse at dusk")["id"])
+        request_id = fal.provider_task_id()
+        cancel(receiver, task_id)  # still queued here: the submit's answer has not come
+    finally:
+        fal.hold.set()
+    sent = events_until(receiver, task_id, lambda e: e["kind"] == "cancel" and "cancel sent" in e["summary"])
+    assert "202 CANCELLATION_REQUESTED" in sent["summary"]
+    assert fal.queue[request_id].status == "CANCELLED"
+    done = receiver.alice.get(f"/v1/tasks/{task_id}").json()
+    assert (done["status"], done["provider_task_id"]) == ("cancelled", request_id)
+    no_jobs(receiver, task_id)  # no reconcile left to ask fal about it
+
+
 def test_a_running_download_is_stopped_by_a_cancel(
     fakes: tuple[KieFake, FalFake], receiver: Receiver
 ) -> None:
