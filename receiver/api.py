@@ -392,7 +392,6 @@ class Api:
             raise ApiError(404, "not_found", "no such task")
         if not cancelled:
             raise ApiError(409, "task_ended", f"the task has already ended ({row.status})")
-        event(log, "task cancelled", task_id=row.id, provider=row.provider, tenant=tenant)
         return ModelResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
 
     async def delete_task(self, request: Request) -> Response:

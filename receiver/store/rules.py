@@ -676,6 +676,10 @@ class Store:
 
         async def op(tx: Tx) -> None:
             if event is not None:
+                # A task deleted while the job ran (its jobs and events with it) gets no event back.
+                task = await tx.one(f"SELECT id FROM tasks WHERE id=:id{tx.lock}", {"id": job.task_id})  # noqa: S608
+                if task is None:
+                    return
                 await _event(tx, job.task_id, event[0], True, event[1], None, detail)
             if requeue:  # pacing said not yet: back untouched, its place in the queue kept
                 await tx.run(
