@@ -34,6 +34,7 @@ from receiver.logs import event
 from receiver.media import Media
 from receiver.media import MediaError
 from receiver.media import MediaMissing
+from receiver.media import delete_tasks
 from receiver.media import one_chunk
 from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
@@ -41,7 +42,6 @@ from receiver.models import TaskRequest
 from receiver.offer import offered
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
-from receiver.removal import remove_task
 from receiver.routes import url_path
 from receiver.schema import IMAGE_TYPES
 from receiver.schema import MAX_SEED
@@ -62,7 +62,6 @@ from receiver.schema import encode_cursor
 from receiver.store import IdempotencyConflict
 from receiver.store import NewTask
 from receiver.store import Store
-from receiver.store import TaskActive
 from receiver.store import TaskView
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
@@ -396,15 +395,16 @@ class Api:
 
     async def delete_task(self, request: Request) -> Response:
         tenant = self.tenant(request)
-        task_id = request.path_params["id"]
+        row = await self._owned(request.path_params["id"], tenant)
+        if not row.status.terminal:
+            raise ApiError(409, "task_active", "the task has not ended: cancel it first")
         try:
-            removed = TASK_ID.match(task_id) is not None and await remove_task(
-                self.store, self.media, task_id, tenant
-            )
-        except TaskActive:
-            raise ApiError(409, "task_active", "the task has not ended: cancel it first") from None
+            removed = await delete_tasks(self.store, self.media, [row.id])
+        except MediaError:
+            raise _media_unavailable() from None  # nothing is gone yet but bytes: a retry finishes it
         if not removed:
-            raise ApiError(404, "not_found", "no such task")
+            raise ApiError(404, "not_found", "no such task")  # deleted by another request meanwhile
+        event(log, "task deleted", task_id=row.id, provider=row.provider, tenant=tenant)
         return Response(status_code=204)
 
     def _wait_taken(self, tenant: str) -> bool:
@@ -474,6 +474,8 @@ class Api:
         tenant = None if signed else self.tenant(request)
         row = await self._owned(task_id, tenant)
         image = await self.store.image(row.id, index) if index < MAX_IMAGE_INDEX else None
+        if image is not None and image.expired:
+            raise ApiError(410, "image_expired", "this image has expired: its bytes were deleted")
         if image is None or image.path is None or image.content_type is None:
             raise ApiError(404, "not_found", "no such image (yet)")
         etag = f'"{image.sha256}"'

@@ -95,13 +95,14 @@ T = TypeVar("T")
 
 class TaskImage(TypedDict):
     index: int
-    url: str
+    url: str | None  # None once the image has expired (RECEIVER_RETAIN_IMAGES): its bytes are gone
     content_type: str
     size: int
     sha256: str
     width: int | None
     height: int | None
     source_url: str
+    expired: bool
 
 
 class TaskError(TypedDict):
@@ -535,8 +536,9 @@ def _download(task_id: str, index: int, dest: Path) -> _Operation[int]:
 
 def _download_images(task: TaskRef, folder: Path) -> _Operation[list[Path]]:
     ended = cast(Task, task) if not isinstance(task, str) else (yield from _get(task))
-    paths = [folder / image_name(ended, image) for image in ended["images"]]
-    for image, path in zip(ended["images"], paths, strict=True):
+    kept = [image for image in ended["images"] if not image.get("expired")]  # expired: no bytes to fetch
+    paths = [folder / image_name(ended, image) for image in kept]
+    for image, path in zip(kept, paths, strict=True):
         yield from _download(ended["id"], image["index"], path)
     return paths
 

@@ -33,6 +33,7 @@ from receiver.variables import Check
 from receiver.variables import Choice
 from receiver.variables import ConfigError
 from receiver.variables import Delays
+from receiver.variables import Duration
 from receiver.variables import Flag
 from receiver.variables import Kept
 from receiver.variables import Plain
@@ -86,6 +87,9 @@ class Settings:
     log_level: str
     log_format: str
     shutdown_grace: float
+    retain_images: float | None  # seconds after a task ended; None: kept
+    retain_tasks: float | None
+    sweep_interval: float
     key_set_refresh: float  # least seconds between two fetches of a provider's key set (fal JWKS)
     media_url: str | None  # s3://bucket[/prefix]; None: the media directory under data_dir
     media_redirect: bool
@@ -288,6 +292,21 @@ SERVICE = (
         20.0,
         "seconds in-flight work may finish after SIGTERM",
     ),
+    Variable(
+        "RECEIVER_RETAIN_IMAGES",
+        Duration(),
+        help="how long after a task ended its stored images (and uploads, after they were uploaded and"
+        " no unfinished task uses them) are kept; then their bytes are deleted and each image's entry"
+        " stays, `expired` (see [Retention](production.md#retention))",
+        shown_default="unset: kept",
+    ),
+    Variable(
+        "RECEIVER_RETAIN_TASKS",
+        Duration(),
+        help="how long after a task ended the task itself (its row, events and images) is kept; then it"
+        " is gone (a 404)",
+        shown_default="unset: kept",
+    ),
 )
 
 SCHEDULES = (
@@ -354,6 +373,12 @@ SCHEDULES = (
         " callbacks; the child writes no database, the worker records what it stored (see"
         " [Benchmarks](benchmarks.md)). `0`: on the worker's own event loop. `auto`: `1` when the"
         " process may use two cores or more",
+    ),
+    Variable(
+        "RECEIVER_SWEEP_INTERVAL",
+        Seconds(0.1, MINUTE),
+        60.0,
+        "seconds between two retention sweeps (one replica sweeps at a time)",
     ),
     Variable("RECEIVER_SANDBOX_DELAY", Seconds(0.0, HOUR), 1.0, 'seconds the sandbox takes to "generate"'),
     Variable(

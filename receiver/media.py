@@ -14,10 +14,13 @@ import secrets
 import time
 from collections.abc import AsyncIterable
 from collections.abc import AsyncIterator
+from collections.abc import Iterable
 from collections.abc import Mapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -28,11 +31,16 @@ from obstore.store import S3Store
 
 from receiver.offload import Behind
 
+if TYPE_CHECKING:
+    from receiver.store import Store
+
 CHUNK = 64 * 1024
 PART_SIZE = 5 * 1024 * 1024  # S3's smallest part; an object up to this size goes up in one PUT
 PARTS_IN_FLIGHT = 2  # parts uploading at once: what a download holds in memory stays near 2 parts
 PARTIAL_AGE = 3600.0  # a temp left this long is a killed writer's, never one still being written
 STORE_ERRORS = (BaseError, OSError)  # obstore maps a missing object to FileNotFoundError
+LIST_BATCH = 500  # keys listed (and then deleted) at a time
+DELETE_BATCH = 1000  # keys per delete request: S3's bulk delete takes up to 1000
 
 
 class MediaError(Exception):
@@ -67,6 +75,14 @@ class Media(Protocol):
     async def read(self, key: str) -> bytes: ...
 
     async def delete(self, key: str) -> None: ...
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete every object named (a missing one is no error), in as few requests as the store allows."""
+
+    def older(self, folder: str, before: float) -> AsyncIterator[list[str]]:
+        """The keys under `folder/` last written before `before` (a Unix time), a batch at a time; temp
+        names are left to `clean_partial`."""
+        ...
 
     async def presign(self, key: str, seconds: int) -> str | None:
         """A URL that serves the object for `seconds` without our credentials, or None if there is none."""
@@ -191,6 +207,18 @@ class LocalMedia:
     async def delete(self, key: str) -> None:
         _unlink(self._path(key))
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        paths = [self._path(key) for key in keys]
+        try:
+            await anyio.to_thread.run_sync(_unlink_all, paths)
+        except OSError as exc:
+            raise MediaError(f"cannot delete in the media directory: {exc.strerror}") from None
+
+    async def older(self, folder: str, before: float) -> AsyncIterator[list[str]]:
+        found = await anyio.to_thread.run_sync(_files_older, self._path(folder), before)
+        for start in range(0, len(found), LIST_BATCH):
+            yield [f"{folder}/{name}" for name in found[start : start + LIST_BATCH]]
+
     async def presign(self, key: str, seconds: int) -> str | None:
         return None
 
@@ -224,6 +252,29 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _unlink_all(paths: Sequence[Path]) -> None:
+    for path in paths:
+        _unlink(path)
+
+
+def _files_older(folder: Path, before: float) -> list[str]:
+    """The names of the files in `folder` (not its temps) last written before `before`."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise MediaError(f"cannot list the media directory: {exc.strerror}") from None
+    names = []
+    for entry in entries:
+        try:
+            if not entry.name.startswith(".") and entry.is_file() and entry.stat().st_mtime < before:
+                names.append(entry.name)
+        except FileNotFoundError:
+            pass
+    return names
 
 
 class S3Media:
@@ -322,6 +373,28 @@ class S3Media:
         except STORE_ERRORS as exc:
             raise MediaError(f"the bucket refused a delete: {_reason(exc)}") from None
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        if not keys:
+            return
+        try:  # obstore sends S3's bulk delete, up to 1000 keys a request
+            await obstore.delete_async(self.store, [_checked_key(key) for key in keys])
+        except FileNotFoundError:
+            pass
+        except STORE_ERRORS as exc:
+            raise MediaError(f"the bucket refused a delete: {_reason(exc)}") from None
+
+    async def older(self, folder: str, before: float) -> AsyncIterator[list[str]]:
+        try:
+            async for batch in obstore.list(self.store, f"{_checked_key(folder)}/", chunk_size=LIST_BATCH):
+                yield [
+                    meta["path"]
+                    for meta in batch
+                    if not meta["path"].rsplit("/", 1)[-1].startswith(".")
+                    and meta["last_modified"].timestamp() < before
+                ]
+        except STORE_ERRORS as exc:
+            raise MediaError(f"the bucket did not list: {_reason(exc)}") from None
+
     async def presign(self, key: str, seconds: int) -> str | None:
         try:
             return await obstore.sign_async(self.store, "GET", _checked_key(key), timedelta(seconds=seconds))
@@ -359,6 +432,34 @@ class S3Media:
         except STORE_ERRORS:
             return 0  # the next start tries again; /readyz reports the outage
         return len(stale)
+
+
+async def delete_media(media: Media, keys: Iterable[str | None]) -> int:
+    """Delete the stored bytes under `keys` (None, an image never stored, is skipped), DELETE_BATCH at
+    a time; how many keys were named. The one way a task's images leave the media store: the
+    retention sweep and a task's deletion both come here."""
+    batch: list[str] = []
+    count = 0
+    for key in keys:
+        if key is None:
+            continue
+        batch.append(key)
+        if len(batch) >= DELETE_BATCH:
+            await media.delete_many(batch)
+            count += len(batch)
+            batch = []
+    if batch:
+        await media.delete_many(batch)
+        count += len(batch)
+    return count
+
+
+async def delete_tasks(store: Store, media: Media, task_ids: Sequence[str]) -> list[str]:
+    """Remove those of these tasks that have ended, whole: their images' bytes, then their rows
+    (images, events, jobs) in one transaction; a task not ended is left as it is. Returns the ids
+    removed. Should the process stop in between, the rows are still there and a second call finishes."""
+    await delete_media(media, await store.media_keys(task_ids))
+    return await store.delete_ended(task_ids)
 
 
 async def one_chunk(data: bytes) -> AsyncIterator[bytes]:

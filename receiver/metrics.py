@@ -95,6 +95,20 @@ OLDEST_DUE = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+RETENTION_DELETED = Counter(
+    "receiver_retention_deleted_total",
+    "What the retention sweep deleted in this process: images (their bytes; the entries stay), tasks"
+    " (whole) and uploads",
+    ["what"],
+    registry=REGISTRY,
+)
+for _what in ("images", "tasks", "uploads"):
+    RETENTION_DELETED.labels(_what)  # each series reads 0 before the first deletion, not absent
+RETENTION_LAST_SWEEP = Gauge(
+    "receiver_retention_last_sweep_timestamp_seconds",
+    "When this process last finished a retention sweep (Unix time; 0: not yet)",
+    registry=REGISTRY,
+)
 LONG_POLLS = Gauge("receiver_long_polls", "`?wait` long-polls open now in this process", registry=REGISTRY)
 DOWNLOADS = Counter(
     "receiver_downloads_total",

@@ -52,6 +52,7 @@ EXAMPLE_TASK = schema.Task(
             width=1024,
             height=768,
             source_url="https://v3.fal.media/files/rabbit/result.png",
+            expired=False,
         )
     ],
     error=None,
@@ -285,6 +286,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 **NOT_MODIFIED,
                 **UNAUTHORIZED,
                 "404": error("no such task or image (yet)"),
+                "410": error("`image_expired`: the image is past RECEIVER_RETAIN_IMAGES, its bytes deleted"),
             },
         ),
     ),

@@ -233,13 +233,23 @@ class ErrorBody(Struct):
 
 class Image(Struct):
     index: int
-    url: Annotated[str, Meta(description="signed, expiring link to the stored bytes")]
+    url: Annotated[
+        str | None,
+        Meta(description="signed, expiring link to the stored bytes; null once the image has expired"),
+    ]
     content_type: ImageType
     size: int
     sha256: str
     width: int | None
     height: int | None
     source_url: Annotated[str, Meta(description="the provider's link the image was fetched from")]
+    expired: Annotated[
+        bool,
+        Meta(
+            description="true once RECEIVER_RETAIN_IMAGES has passed: the bytes are deleted (the image"
+            " answers 410 `image_expired`), the entry stays"
+        ),
+    ]
 
 
 class TaskFailure(Struct):

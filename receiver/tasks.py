@@ -45,7 +45,8 @@ def image_path(task_id: str, index: int) -> str:
 
 
 def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) -> Task:
-    """The task of CONTRACT.md; images appear once they are stored, each with a signed link."""
+    """The task of CONTRACT.md; images appear once they are stored, each with a signed link (none once
+    expired)."""
     return Task(
         id=row.id,
         status=Status(row.status),
@@ -53,7 +54,7 @@ def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) ->
         model=row.model,
         prompt=row.prompt,
         provider_task_id=row.provider_task_id,
-        images=[_image(row.id, image, tokens) for image in images if image.path is not None],
+        images=[_image(row.id, image, tokens) for image in images if image.path is not None or image.expired],
         error=_failure(row.error) if row.error else None,
         fallback=[ProviderName(name) for name in remaining_fallback(row)],
         attempts=[
@@ -74,17 +75,19 @@ def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) ->
 
 
 def _image(task_id: str, image: ImageRecord, tokens: Tokens) -> Image:
-    """A stored image: once its file is there, its type, size and hash are known too."""
+    """A stored image: once its file is there, its type, size and hash are known too. An expired one
+    keeps them, without a link."""
     assert image.content_type is not None and image.size is not None and image.sha256 is not None
     return Image(
         index=image.idx,
-        url=tokens.signed_link(image_path(task_id, image.idx)),
+        url=None if image.expired else tokens.signed_link(image_path(task_id, image.idx)),
         content_type=ImageType(image.content_type),
         size=image.size,
         sha256=image.sha256,
         width=image.width,
         height=image.height,
         source_url=image.source_url,
+        expired=image.expired,
     )
 
 

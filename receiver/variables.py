@@ -94,6 +94,37 @@ class Seconds:
         return f"{seconds_text(self.minimum)} to {seconds_text(self.maximum)}"
 
 
+_DURATION = re.compile(r"([0-9]{1,9})([smhd])")
+_UNITS = {"s": 1.0, "m": MINUTE, "h": HOUR, "d": DAY}
+
+
+@dataclass(frozen=True)
+class Duration:
+    """A whole number and a unit: `90s`, `15m`, `12h`, `30d`; in seconds, within the range."""
+
+    minimum: float = 1.0
+    maximum: float = 100 * 365 * DAY
+
+    def __call__(self, name: str, raw: str) -> float:
+        match = _DURATION.fullmatch(raw.strip())
+        if match is None:
+            raise ConfigError(
+                f"{name} must be a duration: a whole number and s, m, h or d (90s, 15m, 12h, 30d),"
+                f" got {shown(raw)}"
+            )
+        value = int(match.group(1)) * _UNITS[match.group(2)]
+        if not self.minimum <= value <= self.maximum:
+            raise ConfigError(
+                f"{name} must be from {seconds_text(self.minimum)} to {seconds_text(self.maximum)},"
+                f" got {shown(raw)}"
+            )
+        return value
+
+    def span(self) -> str:
+        low, high = seconds_text(self.minimum), seconds_text(self.maximum)
+        return f"a whole number and `s`, `m`, `h` or `d` (`90s`, `15m`, `12h`, `30d`), {low} to {high}"
+
+
 @dataclass(frozen=True)
 class Whole:
     minimum: int

@@ -65,10 +65,24 @@ class Worker:
     async def run(self) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(), name="receiver-lease-heartbeat")
         try:
+            await self._standing_jobs()
             while not self._stopping:
                 await self.turn()
         finally:
             heartbeat.cancel()
+
+    async def _standing_jobs(self) -> None:
+        """Put in the row of each standing job (the retention sweep) unless one is there already: every
+        replica does, the row is one, and whoever claims it sweeps."""
+        for kind, declared in self.handlers.items():
+            while declared.standing is not None and not self._stopping:
+                try:
+                    await self.store.ensure_job(kind, declared.standing)
+                    break
+                except Exception as exc:  # the database is away: the claims wait for it the same way
+                    reason = str(exc)[:200]
+                    event(log, "cannot add a standing job", level=logging.WARNING, kind=kind, reason=reason)
+                    await asyncio.sleep(DATABASE_RETRY)
 
     async def _heartbeat(self) -> None:
         """Extend the leases of the jobs running here, so only a dead or hung process loses them."""

@@ -1,6 +1,7 @@
 """Job handlers and what they come to: each returns `Done`, `Retry` or `Fail`; `record` writes it.
 
-A handler (`submit.py`, `download.py`, `reconcile.py`, `deadline.py`, `notify.py`) does its job's work
+A handler (`submit.py`, `download.py`, `reconcile.py`, `deadline.py`, `notify.py`, and `sweep.py`, the
+retention sweep, a standing job of no task) does its job's work
 and any state change that is the job's result (a submission, a stored image), and says how the job
 ended. Retries are data: a `Retry` carries its delay, worked out from one `Backoff` policy per kind
 (the only place a `Retry-After` is honoured), and `record` is the one place an outcome reaches the

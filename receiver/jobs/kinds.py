@@ -21,6 +21,8 @@ from receiver.jobs.notify import Notify
 from receiver.jobs.reconcile import Reconcile
 from receiver.jobs.submit import Submit
 from receiver.jobs.submit import build_pacer
+from receiver.jobs.sweep import SWEEP_TASK
+from receiver.jobs.sweep import Sweep
 from receiver.media import Media
 from receiver.notify import Notifier
 from receiver.pacing import Pacer
@@ -35,6 +37,9 @@ class Kind:
     # With it, no more than this many of one tenant's at once, so one tenant's slow jobs leave the
     # other slots to the other tenants.
     per_tenant: int | None = None
+    # A standing job: one row of its own (no task), put in at the worker's start, that reschedules
+    # itself for good (the retention sweep); its lease keeps it to one process at a time.
+    standing: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,4 +73,6 @@ def wire_jobs(
             settings.notify_slots, Notify(settings, store, tokens, notifier), settings.notify_per_tenant
         ),
     }
+    if settings.retain_images is not None or settings.retain_tasks is not None:
+        kinds["sweep"] = Kind(1, Sweep(settings, store, media, clock), standing=SWEEP_TASK)
     return Jobs(kinds, pacer, fetcher)

@@ -309,7 +309,9 @@
   function taskRow(task) {
     const link = `#/tasks/${encodeURIComponent(task.id)}`;
     const image = task.images && task.images[0];
-    const thumb = image
+    const thumb = image && image.expired
+      ? el("span", { class: "thumb placeholder expired", title: "expired", text: "expired" })
+      : image
       ? el("img", {
           class: "thumb",
           src: image.url,
@@ -430,7 +432,7 @@
       header.append(el("span", { class: "spacer" }), actions(task));
       problem.replaceChildren(task.error ? errorBox(task.error) : refused ? errorBox({ code: refused.code, message: refused.message }) : "");
       // Signed links change on every answer; redraw the pictures only when the images themselves change.
-      const imageKey = task.images.map((image) => image.sha256).join(",");
+      const imageKey = task.images.map((image) => image.sha256 + (image.expired ? ":expired" : "")).join(",");
       if (imageKey !== shownImages || !images.firstChild) {
         shownImages = imageKey;
         images.replaceChildren(...imageFigures(task));
@@ -499,10 +501,10 @@
     return task.images.map((image) => {
       const kind = (image.content_type || "").replace(/^image\//, "").toUpperCase();
       const dimensions = image.width && image.height ? `${image.width} × ${image.height}` : "size unknown";
-      return el(
-        "figure",
-        { class: "panel image" },
-        el(
+      // An expired image's bytes are gone (RECEIVER_RETAIN_IMAGES): a labelled placeholder, not a broken picture.
+      const picture = image.expired
+        ? el("div", { class: "expired-image", role: "img", "aria-label": `image ${image.index} of task ${task.id}, expired`, text: "Expired: this image was deleted after its retention period." })
+        : el(
           "a",
           { href: image.url, target: "_blank", rel: "noopener noreferrer" },
           el("img", {
@@ -511,7 +513,11 @@
             width: image.width || null,
             height: image.height || null,
           }),
-        ),
+        );
+      return el(
+        "figure",
+        { class: image.expired ? "panel image expired" : "panel image" },
+        picture,
         el(
           "figcaption",
           {},

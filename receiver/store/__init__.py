@@ -25,7 +25,6 @@ from receiver.store.records import TaskView
 from receiver.store.rules import RoleTaken
 from receiver.store.rules import Store
 from receiver.store.rules import StoreUnavailable
-from receiver.store.rules import TaskActive
 from receiver.store.rules import timed_out
 
 __all__ = [
@@ -39,7 +38,6 @@ __all__ = [
     "RoleTaken",
     "Store",
     "StoreUnavailable",
-    "TaskActive",
     "TaskRecord",
     "TaskView",
     "make_store",

@@ -91,10 +91,14 @@ class ImageRecord:
     width: int | None
     height: int | None
     stored_at: float | None
+    expired: bool = False  # its bytes were deleted by retention; the entry stays
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ImageRecord:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        return cls(
+            **{name: row[name] for name in cls.__dataclass_fields__ if name != "expired"},
+            expired=bool(row.get("expired")),
+        )
 
 
 @dataclass(frozen=True)

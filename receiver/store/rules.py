@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 from collections.abc import Awaitable
@@ -72,16 +73,14 @@ MAX_FAILURES = 5
 TASK_BY_ID = "SELECT * FROM tasks WHERE id=:id"
 TASK_VIEW_BY_ID = f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id"  # noqa: S608 - column names only
 IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id=:id ORDER BY idx"
-# Every table whose rows belong to one task, by its task_id: a removed task leaves none behind.
-TASK_TABLES = ("images", "events", "jobs", "inbox", "parked")
+ENDED = tuple(status.value for status in Status if status.terminal)
+ACTIVE = tuple(status.value for status in Status if not status.terminal)
+# An upload a task's request names (receiver.tasks.UPLOAD_PREFIX, or a link to it), as stored text.
+UPLOAD_NAMED = re.compile(r"(?:upload:|/uploads/)([0-9a-f]{64}\.(?:png|jpg|webp))")
 
 
 class StoreUnavailable(Exception):
     """The database cannot be reached right now (a 503 for the caller; nothing was changed)."""
-
-
-class TaskActive(Exception):
-    """The task has not ended: it may not be removed (cancel it first)."""
 
 
 class RoleTaken(Exception):
@@ -242,6 +241,107 @@ class Store:
         )
         return {row["kind"]: (int(row["n"]), float(row["oldest"])) for row in rows}
 
+    # -- retention: each step one bounded batch in a transaction of its own ------------------------
+
+    async def expire_images(self, before: float, limit: int) -> tuple[list[str], list[str]]:
+        """Up to `limit` ended tasks, the first to have ended before `before`, whose stored images are
+        still there: their images are marked expired (a link to one answers 410 from now on) and their
+        ids and media keys returned, for the bytes to be deleted and then `images_gone`."""
+
+        async def op(tx: Tx) -> tuple[list[str], list[str]]:
+            ended, params = in_list("s", ENDED)
+            rows = await tx.all(
+                "SELECT id FROM tasks WHERE completed_at IS NOT NULL AND images_expired=0"  # noqa: S608
+                f" AND completed_at<:before AND status IN ({ended}) ORDER BY completed_at, id LIMIT :limit",
+                {"before": before, "limit": limit, **params},
+            )
+            ids = [row["id"] for row in rows]
+            if not ids:
+                return [], []
+            marks, of_tasks = in_list("t", ids)
+            keys = await tx.all(
+                f"SELECT path FROM images WHERE task_id IN ({marks}) AND path IS NOT NULL",  # noqa: S608
+                of_tasks,
+            )
+            await tx.run(
+                f"UPDATE images SET expired=1 WHERE task_id IN ({marks}) AND path IS NOT NULL",  # noqa: S608
+                of_tasks,
+            )
+            return ids, [row["path"] for row in keys]
+
+        return await self.write(op)
+
+    async def images_gone(self, task_ids: Sequence[str]) -> None:
+        """The bytes of these tasks' expired images are deleted: their entries lose the key, and the
+        tasks leave the sweep's search."""
+        marks, params = in_list("t", task_ids)
+
+        async def op(tx: Tx) -> None:
+            await tx.run(f"UPDATE images SET path=NULL WHERE task_id IN ({marks}) AND expired=1", params)  # noqa: S608
+            await tx.run(f"UPDATE tasks SET images_expired=1 WHERE id IN ({marks})", params)  # noqa: S608
+
+        await self.write(op)
+
+    async def ended_before(self, before: float, limit: int) -> list[str]:
+        """The ids of up to `limit` ended tasks, the first to have ended before `before`."""
+        ended, params = in_list("s", ENDED)
+        rows = await self.fetch(
+            "SELECT id FROM tasks WHERE completed_at IS NOT NULL AND completed_at<:before"  # noqa: S608
+            f" AND status IN ({ended}) ORDER BY completed_at, id LIMIT :limit",
+            {"before": before, "limit": limit, **params},
+        )
+        return [row["id"] for row in rows]
+
+    async def media_keys(self, task_ids: Sequence[str]) -> list[str]:
+        """The media keys of the stored images of those of these tasks that have ended (for
+        `receiver.media.delete_media`): a task still running keeps its bytes."""
+        if not task_ids:
+            return []
+        marks, params = in_list("t", task_ids)
+        ended, ended_params = in_list("s", ENDED)
+        rows = await self.fetch(
+            f"SELECT i.path FROM images i JOIN tasks t ON t.id=i.task_id WHERE t.id IN ({marks})"  # noqa: S608
+            f" AND t.completed_at IS NOT NULL AND t.status IN ({ended}) AND i.path IS NOT NULL",
+            {**params, **ended_params},
+        )
+        return [row["path"] for row in rows]
+
+    async def delete_ended(self, task_ids: Sequence[str]) -> list[str]:
+        """Remove those of these tasks that have ended, with their images, events and jobs, in one
+        transaction; a task that has not ended is left whole. Returns the ids removed. Their media is
+        the caller's to delete first (`media_keys`, `receiver.media.delete_media`)."""
+        if not task_ids:
+            return []
+        marks, params = in_list("t", task_ids)
+        ended, ended_params = in_list("s", ENDED)
+
+        async def op(tx: Tx) -> list[str]:
+            rows = await tx.all(
+                f"SELECT id FROM tasks WHERE id IN ({marks}) AND completed_at IS NOT NULL"  # noqa: S608
+                f" AND status IN ({ended}){tx.lock}",
+                {**params, **ended_params},
+            )
+            gone = [row["id"] for row in rows]
+            if gone:
+                which, of_gone = in_list("g", gone)
+                for table in ("events", "images", "jobs", "inbox"):
+                    await tx.run(f"DELETE FROM {table} WHERE task_id IN ({which})", of_gone)  # noqa: S608
+                await tx.run(f"DELETE FROM tasks WHERE id IN ({which})", of_gone)  # noqa: S608
+                tx.changed.update(gone)  # a long-poll on one of them answers (a 404) at once
+            return gone
+
+        return await self.write(op)
+
+    async def uploads_in_use(self) -> set[str]:
+        """The names of the uploads that tasks not ended yet still hand to their provider: kept as
+        `upload:<name>` (a data URI the service stored) or as a link to `/uploads/<name>`."""
+        active, params = in_list("s", ACTIVE)
+        rows = await self.fetch(
+            f"SELECT request FROM tasks WHERE status IN ({active}) AND request LIKE '%upload%'",  # noqa: S608
+            params,
+        )
+        return {name for row in rows for name in UPLOAD_NAMED.findall(row["request"])}
+
     # -- writes: tasks ---------------------------------------------------------------------------
 
     async def create_task(self, new: NewTask) -> tuple[TaskView, bool]:
@@ -371,29 +471,6 @@ class Store:
             row = await tx.one(TASK_VIEW_BY_ID, {"id": task_id})
             assert row is not None  # locked above: it is there
             return TaskView.from_row(row), change is not None
-
-        return await self.write(op)
-
-    async def delete_task(self, task_id: str, tenant: str | None = None) -> list[str] | None:
-        """Remove an ended task with its images, events and jobs (a pending notification too), in one
-        transaction; returns the media keys of its stored images, for the caller to delete once this
-        has committed (None: no such task of this tenant). Raises TaskActive for a task not ended: only
-        an end is ever removed, whoever asks (the app, or a retention sweep)."""
-
-        async def op(tx: Tx) -> list[str] | None:
-            task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
-            if task is None or (tenant is not None and task["tenant"] != tenant):
-                return None
-            if not Status(task["status"]).terminal:
-                raise TaskActive(task_id)
-            images = await tx.all(
-                "SELECT path FROM images WHERE task_id=:id AND path IS NOT NULL", {"id": task_id}
-            )
-            for table in TASK_TABLES:
-                await tx.run(f"DELETE FROM {table} WHERE task_id=:id", {"id": task_id})  # noqa: S608
-            await tx.run("DELETE FROM tasks WHERE id=:id", {"id": task_id})
-            tx.changed.add(task_id)
-            return [row["path"] for row in images]
 
         return await self.write(op)
 
@@ -542,6 +619,10 @@ class Store:
             return Claimed(jobs, due_at, in_flight, applied, again, paces)
 
         return await self.write(op)
+
+    async def ensure_job(self, kind: str, task_id: str) -> None:
+        """A job of `kind` for `task_id`, due now, unless there is one already (it keeps its turn)."""
+        await self.write(lambda tx: _add_job(tx, kind, task_id, 0, tx.now))
 
     async def extend_leases(self, jobs: Sequence[Job]) -> None:
         """A heartbeat for jobs still running here: keep their leases from running out."""

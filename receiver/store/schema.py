@@ -162,6 +162,16 @@ MIGRATIONS: tuple[str | Spelled, ...] = (
         parked_at $real NOT NULL DEFAULT 0
     )
     """,
+    # Retention (jobs/sweep.py): an image whose bytes were deleted keeps its entry, marked expired; a
+    # task whose images are done with is marked, so the sweep's search walks only the tasks still to
+    # do. Both searches go by when the task ended, through an index that holds ended tasks only.
+    """
+    ALTER TABLE images ADD COLUMN expired $int NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN images_expired $int NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_by_completed ON tasks (completed_at, id) WHERE completed_at IS NOT NULL;
+    CREATE INDEX tasks_images_to_expire ON tasks (completed_at, id)
+        WHERE completed_at IS NOT NULL AND images_expired=0
+    """,
 )
 
 
