@@ -38,6 +38,7 @@ from receiver.media import Media
 from receiver.media import MediaError
 from receiver.media import MediaMissing
 from receiver.media import StorageUnavailable
+from receiver.media import delete_tasks
 from receiver.media import one_chunk
 from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
@@ -508,6 +509,32 @@ class Api:
                 headers = {"X-Receiver-Wait": "capped", "Connection": "close"}
         rendered = render_task(row, await self.store.image_rows(task_id), self.tokens)
         return ModelResponse(rendered, headers=headers)
+
+    async def cancel_task(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        task_id = request.path_params["id"]
+        if not TASK_ID.match(task_id):
+            raise ApiError(404, "not_found", "no such task")
+        row, cancelled = await self.store.cancel_task(task_id, tenant)
+        if row is None:
+            raise ApiError(404, "not_found", "no such task")
+        if not cancelled:
+            raise ApiError(409, "task_ended", f"the task has already ended ({row.status})")
+        return ModelResponse(render_task(row, await self.store.image_rows(task_id), self.tokens))
+
+    async def delete_task(self, request: Request) -> Response:
+        tenant = self.tenant(request)
+        row = await self._owned(request.path_params["id"], tenant)
+        if not row.status.terminal:
+            raise ApiError(409, "task_active", "the task has not ended: cancel it first")
+        try:
+            removed = await delete_tasks(self.store, self.media, [row.id])
+        except MediaError:
+            raise _media_unavailable() from None  # nothing is gone yet but bytes: a retry finishes it
+        if not removed:
+            raise ApiError(404, "not_found", "no such task")  # deleted by another request meanwhile
+        event(log, "task deleted", task_id=row.id, provider=row.provider, tenant=tenant)
+        return Response(status_code=204)
 
     def _wait_taken(self, tenant: str) -> bool:
         """Count one more open ?wait of `tenant`, unless the tenant's (RECEIVER_MAX_WAITS_PER_TENANT)

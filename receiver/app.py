@@ -105,6 +105,8 @@ class Service:
             "create_task": api.create_task,
             "list_tasks": api.list_tasks,
             "get_task": api.get_task,
+            "cancel_task": api.cancel_task,
+            "delete_task": api.delete_task,
             "task_events": api.task_events,
             "task_image": api.task_image,
             "create_upload": api.create_upload,

@@ -79,7 +79,7 @@ Times are UTC.
 exit status:
   0  the command worked (for submit --wait and get: the task succeeded or has not ended;
      for download: it succeeded and its images are saved)
-  1  the task failed
+  1  the task failed (or was cancelled)
   2  usage or validation error (the message names the field)
   3  the service cannot be reached, answered with a server error, or refused the API key
   4  --wait or --timeout ran out before the task ended (download: the task has not ended)
@@ -325,6 +325,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="wait up to N seconds for the task to end (exit 4 if it has not)",
     )
+
+    # The commands that act on one task and take nothing but its id.
+    for name, summary, description in (
+        (
+            "cancel",
+            "cancel a task that has not ended",
+            "Cancel a task: it ends `cancelled` at once (at the provider too where it offers a cancel) "
+            "and is printed as JSON. Exit 2 if there is no such task or it has already ended.",
+        ),
+        (
+            "delete",
+            "delete an ended task with its images",
+            "Delete an ended task with its images and events, for good. Exit 2 if there is no such task "
+            "or it has not ended (cancel it first).",
+        ),
+    ):
+        client_command(commands, name, summary, description).add_argument(
+            "task_id", metavar="ID", help="the task id (tsk_…)"
+        )
 
     download = client_command(
         commands,
@@ -780,6 +799,9 @@ def outcome(task: Task) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    if task["status"] == "cancelled":
+        print(f"receiver: task {task['id']} was cancelled", file=sys.stderr)
+        return EXIT_FAILED
     print(f"receiver: task {task['id']} is still {task['status']}", file=sys.stderr)
     return EXIT_STILL_RUNNING
 
@@ -845,6 +867,17 @@ def get(client: Client, args: argparse.Namespace) -> int:
     if args.wait is None and task["status"] not in ENDED:
         return EXIT_SUCCEEDED
     return outcome(task)
+
+
+def cancel(client: Client, args: argparse.Namespace) -> int:
+    print(json.dumps(client.cancel(args.task_id), indent=2))
+    return EXIT_SUCCEEDED
+
+
+def delete(client: Client, args: argparse.Namespace) -> int:
+    client.delete(args.task_id)
+    print(f"deleted {args.task_id}", file=sys.stderr)
+    return EXIT_SUCCEEDED
 
 
 def download(client: Client, args: argparse.Namespace) -> int:
@@ -970,6 +1003,8 @@ CLIENT_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "events": list_events,
     "providers": list_providers,
     "usage": list_usage,
+    "cancel": cancel,
+    "delete": delete,
 }
 COMMANDS = ("serve", *CLIENT_COMMANDS, "backup", "restore", "config", "keys")
 VALUED_FLAGS = ("--url", "--api-key")  # the options before a command that take a value

@@ -67,6 +67,7 @@ __all__ = [
     "ReceiverError",
     "ServiceUnreachable",
     "Task",
+    "TaskCancelled",
     "TaskError",
     "TaskFailed",
     "TaskImage",
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-ENDED = ("succeeded", "failed")
+ENDED = ("succeeded", "failed", "cancelled")
 MAX_SERVER_WAIT = 60.0  # the API's own cap on ?wait
 PAGE_LIMIT = 200  # the API's own cap on ?limit
 # With a progress callback, the long-poll windows start short and grow, so the intermediate changes
@@ -91,7 +92,7 @@ BACKOFF = 0.5
 MAX_RETRY_DELAY = 30.0
 RETRY_STATUSES = frozenset({502, 503, 504})  # a proxy or the service saying "not now"
 
-Status = Literal["queued", "submitted", "downloading", "succeeded", "failed"]
+Status = Literal["queued", "submitted", "downloading", "succeeded", "failed", "cancelled"]
 ImageInput = str | os.PathLike[str]
 TaskRef = str | Mapping[str, Any]  # a task as the API gave it, or its id
 T = TypeVar("T")
@@ -330,6 +331,14 @@ class TaskFailed(ReceiverError):
         self.task = task
 
 
+class TaskCancelled(TaskFailed):
+    """`generate` saw the task end `cancelled` (someone cancelled it): it has no images."""
+
+    def __init__(self, task: Task) -> None:
+        ReceiverError.__init__(self, f"task {task['id']} was cancelled")
+        self.task = task
+
+
 # -- one description of each operation, for both clients ------------------------------------------
 
 
@@ -448,6 +457,8 @@ def _exchange(call: _Call, retries: _Retries) -> _Program[Any]:
     if call.into is not None:
         _check(outcome.response)
         return outcome.written
+    if outcome.response.status_code == 204:
+        return None  # done, with nothing to say (a delete)
     return _json(outcome.response)
 
 
@@ -511,6 +522,15 @@ def _get(task_id: str, wait: float | None = None) -> _Operation[Task]:
     params = None if wait is None else {"wait": f"{max(0.0, min(wait, MAX_SERVER_WAIT)):.2f}"}
     task: Task = yield _Call("GET", task_path(task_id), params=params, wait=wait or 0.0)
     return task
+
+
+def _cancel(task_id: str) -> _Operation[Task]:
+    task: Task = yield _Call("POST", f"{task_path(task_id)}/cancel")
+    return task
+
+
+def _delete(task_id: str) -> _Operation[None]:
+    yield _Call("DELETE", task_path(task_id))
 
 
 def _wait(
@@ -600,6 +620,8 @@ def _generate(
     # Always with a key: a create whose answer was lost is sent again and finds its first task.
     task = yield from _create(body, images, idempotency_key or f"generate-{uuid.uuid4().hex}")
     task = yield from _wait(task["id"], timeout, on_progress)
+    if task["status"] == "cancelled":
+        raise TaskCancelled(task)
     if task["status"] != "succeeded":
         raise TaskFailed(task)
     yield from _download_images(task, out)
@@ -834,6 +856,16 @@ class Client:
         it ends or that time passes."""
         return self._run(_get(_task_id(task), wait))
 
+    def cancel(self, task: TaskRef) -> Task:
+        """Cancel the task (given as a task or its id): it ends `cancelled` at once. ApiError 409
+        `task_ended` if it had ended already."""
+        return self._run(_cancel(_task_id(task)))
+
+    def delete(self, task: TaskRef) -> None:
+        """Delete an ended task with its images and events. ApiError 409 `task_active` if it has not
+        ended (cancel it first)."""
+        self._run(_delete(_task_id(task)))
+
     def wait(
         self,
         task: TaskRef,
@@ -1000,6 +1032,16 @@ class AsyncClient:
         """The task (given as a task or its id); with `wait` (≤ 60 s) the service holds the answer until
         it ends or that time passes."""
         return await self._run(_get(_task_id(task), wait))
+
+    async def cancel(self, task: TaskRef) -> Task:
+        """Cancel the task (given as a task or its id): it ends `cancelled` at once. ApiError 409
+        `task_ended` if it had ended already."""
+        return await self._run(_cancel(_task_id(task)))
+
+    async def delete(self, task: TaskRef) -> None:
+        """Delete an ended task with its images and events. ApiError 409 `task_active` if it has not
+        ended (cancel it first)."""
+        await self._run(_delete(_task_id(task)))
 
     async def wait(
         self,

@@ -222,6 +222,7 @@ def show_state(
             TASKS.labels(provider, status).set(0)
         # Counters at 0 until the first end, so `increase()` sees the first one too.
         TASKS_ENDED.labels(provider, "succeeded", "none")
+        TASKS_ENDED.labels(provider, "cancelled", "none")
         for error in errors:
             TASKS_ENDED.labels(provider, "failed", error)
     for (provider, status), count in tasks.items():

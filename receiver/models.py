@@ -20,6 +20,7 @@ class Status(StrEnum):
     DOWNLOADING = "downloading"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by the app (POST /v1/tasks/{id}/cancel): an end like the other two
 
     @property
     def rank(self) -> int:
@@ -27,7 +28,7 @@ class Status(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (Status.SUCCEEDED, Status.FAILED)
+        return self in (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
 
     def may_become(self, new: Status) -> bool:
         """State moves forward only; an ended task never changes again."""
@@ -40,6 +41,7 @@ _RANK = {
     Status.DOWNLOADING: 2,
     Status.SUCCEEDED: 3,
     Status.FAILED: 3,
+    Status.CANCELLED: 3,
 }
 
 

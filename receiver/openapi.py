@@ -22,6 +22,7 @@ from starlette.routing import Route
 from receiver import __version__
 from receiver import schema
 from receiver.routes import BEARER
+from receiver.routes import EXAMPLE_CANCELLED
 from receiver.routes import EXAMPLE_FAILED
 from receiver.routes import EXAMPLE_TASK
 from receiver.routes import OPERATIONS
@@ -195,6 +196,9 @@ def openapi_document(server_url: str, served: Sequence[BaseRoute] = TABLE.routes
                                     ),
                                     "failed": _example(
                                         schema.Notification("task.failed", at, EXAMPLE_FAILED)
+                                    ),
+                                    "cancelled": _example(
+                                        schema.Notification("task.cancelled", at, EXAMPLE_CANCELLED)
                                     ),
                                 },
                             }

@@ -79,6 +79,9 @@ EXAMPLE_FAILED = msgspec.structs.replace(
     images=[],
     error=schema.TaskFailure(ErrorCode.CONTENT_MODERATED, "the prompt was flagged", "nsfw"),
 )
+EXAMPLE_CANCELLED = msgspec.structs.replace(
+    EXAMPLE_QUEUED, status=Status.CANCELLED, completed_at=EXAMPLE_TASK.updated_at
+)
 EXAMPLE_CREATE = {
     "provider": "fal",
     "model": "flux-kontext-pro",
@@ -237,6 +240,45 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 **UNAUTHORIZED,
                 **NOT_FOUND,
                 **INVALID,
+            },
+        ),
+    ),
+    Endpoint(
+        "cancel_task",
+        "/v1/tasks/{id}/cancel",
+        "POST",
+        Operation(
+            "cancelTask",
+            "tasks",
+            "Cancel a task that has not ended",
+            description="The task ends at once as `cancelled` (`error` null, `completed_at` set): a queued "
+            "task is never submitted; a submitted one is cancelled at the provider where the provider "
+            "offers it (fal's queue does), else left to run there unheeded. Later callbacks are recorded "
+            "as events and change nothing, nothing more is downloaded, and the app is notified once "
+            "with `task.cancelled`.",
+            responses={
+                "200": answer(schema.Task, "the task, now cancelled", EXAMPLE_CANCELLED),
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                "409": error("the task has already ended (code task_ended)"),
+            },
+        ),
+    ),
+    Endpoint(
+        "delete_task",
+        "/v1/tasks/{id}",
+        "DELETE",
+        Operation(
+            "deleteTask",
+            "tasks",
+            "Delete an ended task with its images and events",
+            description="Removes the task at once with its stored images (their bytes too), its events "
+            "and any notification still due; a later lookup is a 404.",
+            responses={
+                "204": {"description": "deleted"},
+                **UNAUTHORIZED,
+                **NOT_FOUND,
+                "409": error("the task has not ended: cancel it first (code task_active)"),
             },
         ),
     ),

@@ -462,10 +462,19 @@ class Readiness(Struct, omit_defaults=True):
     ] = {}
 
 
+NotificationType = Literal["task.succeeded", "task.failed", "task.cancelled"]
+# The notification an ended task is told with, by its status.
+NOTIFICATION_TYPES: dict[Status, NotificationType] = {
+    Status.SUCCEEDED: "task.succeeded",
+    Status.FAILED: "task.failed",
+    Status.CANCELLED: "task.cancelled",
+}
+
+
 class Notification(Struct):
     """POSTed to a task's notify_url when it ends, signed the Standard Webhooks way."""
 
-    type: Literal["task.succeeded", "task.failed"]
+    type: NotificationType
     timestamp: Timestamp
     data: Task
 

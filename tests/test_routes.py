@@ -36,6 +36,8 @@ PARAMS: dict[str, dict[str, Any]] = {
     "callback_suffixed": {"provider": "kie", "token": "abc.def"},
     "get_task": {"id": TASK},
     "task_events": {"id": TASK},
+    "cancel_task": {"id": TASK},
+    "delete_task": {"id": TASK},
     "task_image": {"id": TASK, "index": 2},
     "get_upload": {"name": "ab12.png"},
     "change_key": {"key_id": "key_0123456789abcdef"},

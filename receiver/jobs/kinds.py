@@ -14,6 +14,7 @@ from receiver.jobs import SYSTEM_CLOCK
 from receiver.jobs import Clock
 from receiver.jobs import Handler
 from receiver.jobs.calls import ProviderCalls
+from receiver.jobs.cancel import Cancel
 from receiver.jobs.deadline import Deadline
 from receiver.jobs.download import Download
 from receiver.jobs.notify import Notify
@@ -69,6 +70,7 @@ def wire_jobs(
         ),
         "reconcile": Kind(4, Reconcile(settings, store, calls)),
         "deadline": Kind(4, Deadline(store)),
+        "cancel": Kind(2, Cancel(settings, store, calls)),
         "notify": Kind(
             settings.notify_slots, Notify(settings, store, tokens, notifier), settings.notify_per_tenant
         ),

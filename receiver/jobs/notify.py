@@ -5,7 +5,6 @@ RECEIVER_NOTIFY_SCHEDULE (±10 %, or the app's longer `Retry-After`)."""
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 from receiver import metrics
 from receiver.config import Settings
@@ -16,10 +15,10 @@ from receiver.jobs import Outcome
 from receiver.jobs import Retry
 from receiver.logs import event
 from receiver.logs import url_host
-from receiver.models import Status
 from receiver.notify import Attempt
 from receiver.notify import Notifier
 from receiver.notify import message_id
+from receiver.schema import NOTIFICATION_TYPES
 from receiver.schema import Notification
 from receiver.schema import encode
 from receiver.store import Job
@@ -45,9 +44,7 @@ class Notify:
         if row is None or not row.notify_url or not row.status.terminal:
             return Done()
         task = render_task(row, await self.store.image_rows(job.task_id), self.tokens)
-        kind: Literal["task.succeeded", "task.failed"] = (
-            "task.succeeded" if row.status == Status.SUCCEEDED else "task.failed"
-        )
+        kind = NOTIFICATION_TYPES[row.status]
         body = encode(Notification(type=kind, timestamp=iso(row.completed_at or row.updated_at), data=task))
         in_flight = metrics.NOTIFICATIONS_IN_FLIGHT.labels(row.tenant)
         in_flight.inc()

@@ -247,6 +247,16 @@ class Provider:
         """The status query reconcile sends, or None when there is nothing to ask yet."""
         return None
 
+    def build_cancel(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        """The request that asks the provider to stop a task it holds, or None where it offers no way
+        (the task is then left to run there, unheeded)."""
+        return None
+
+    def parse_cancel(self, response: httpx.Response) -> str:
+        """What the provider said to a cancel, in a few words for the task's events (raising
+        ProviderUnavailable for an answer worth asking again)."""
+        raise NotImplementedError  # every provider with build_cancel defines it
+
     def parse_status(self, response: httpx.Response) -> Outcome | httpx.Request:
         """What a status answer says, or the next request to send (e.g. fetch the result once it is
         complete). `response.request` tells which of its requests this answers."""

@@ -444,14 +444,40 @@ class Fal(Provider):
         raise MalformedCallback(f"unknown status {status!r}")
 
     def build_status(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        return self._queue_request("GET", task, ctx, "status_url")
+
+    def build_cancel(self, task: TaskSpec, ctx: Context) -> httpx.Request | None:
+        """fal's queue cancel: `PUT {queue}/{owner}/{alias}/requests/{id}/cancel` (providers.md §5.5),
+        the request's own URL (its response_url) plus /cancel, as fal's cancel_url is."""
+        return self._queue_request("PUT", task, ctx, "response_url", "/cancel")
+
+    @staticmethod
+    def _queue_request(
+        method: str, task: TaskSpec, ctx: Context, kept: str, suffix: str = ""
+    ) -> httpx.Request | None:
+        """A request to one of the task's queue URLs: the one the submit answer gave (`kept`, if on the
+        queue's origin) or the one fal documents, built; None before fal has given the task an id."""
         if not task.provider_task_id:
             return None
         queue = ctx.settings.base_url
-        status_url = trusted_url(task.state.get("status_url"), queue)
-        if status_url is None:
+        url = trusted_url(task.state.get(kept), queue)
+        if url is None:
             endpoint = fal_endpoint(task.model, bool(task.images))
-            status_url = queue_urls(queue, endpoint, task.provider_task_id)[0]
-        return httpx.Request("GET", status_url, headers={"Authorization": f"Key {ctx.settings.api_key}"})
+            status_url, response_url = queue_urls(queue, endpoint, task.provider_task_id)
+            url = status_url if kept == "status_url" else response_url
+        headers = {"Authorization": f"Key {ctx.settings.api_key}"}
+        return httpx.Request(method, f"{url.rstrip('/')}{suffix}" if suffix else url, headers=headers)
+
+    def parse_cancel(self, response: httpx.Response) -> str:
+        """202 `CANCELLATION_REQUESTED`; 400 `ALREADY_COMPLETED` and 404 `NOT_FOUND` are final answers
+        too (nothing is left to stop); a 429 or 5xx is asked again."""
+        if response.status_code not in (400, 404):
+            raise_for_http_status(response, self._error_text(response))
+        try:
+            said = text(json_object(response.content).get("status"))
+        except MalformedCallback:
+            said = ""
+        return f"fal answered {response.status_code} {said[:100] or '(no status)'}"
 
     def parse_status(self, response: httpx.Response) -> Outcome | httpx.Request:
         asked = response.request.url

@@ -8,8 +8,8 @@
   const MODE_STORAGE = "receiver.mode"; // "admin" when the key is the admin key, else an app's key
   const WAIT_SECONDS = 25; // long-poll length for a running task; the API holds the answer up to 60 s
   const PAGE_SIZE = 25;
-  const STATUSES = ["queued", "submitted", "downloading", "succeeded", "failed"];
-  const TERMINAL = new Set(["succeeded", "failed"]);
+  const STATUSES = ["queued", "submitted", "downloading", "succeeded", "failed", "cancelled"];
+  const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
   const ASPECT_RATIOS = ["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21"];
 
   const view = document.getElementById("view");
@@ -518,12 +518,54 @@
       el("div", { class: "columns" }, details, timeline),
     );
     let shownImages = "";
+    let refused = null; // what the service said to the last cancel or delete, shown until the next one
+    const act = async (button, question, confirmLabel, path, method, done) => {
+      if (!(await confirmed(question, confirmLabel))) return;
+      button.disabled = true;
+      try {
+        const answer = await api(path, { method, signal });
+        refused = null;
+        done(answer);
+      } catch (failure) {
+        if (signal.aborted || !(failure instanceof ApiFailure)) throw failure;
+        refused = failure;
+        button.disabled = false;
+        problem.replaceChildren(errorBox({ code: failure.code, message: failure.message }));
+      }
+    };
+    const actions = (task) => {
+      const path = `v1/tasks/${encodeURIComponent(task.id)}`;
+      if (!TERMINAL.has(task.status)) {
+        const button = el("button", {
+          id: "cancel-task",
+          type: "button",
+          text: "Cancel task",
+          onclick: () =>
+            act(button, "Cancel this task? It will not be submitted or finished, and no images will be kept.", "Cancel task", `${path}/cancel`, "POST", (cancelled) => show(cancelled, lastEvents)),
+        });
+        return button;
+      }
+      const button = el("button", {
+        id: "delete-task",
+        type: "button",
+        class: "danger",
+        text: "Delete task",
+        onclick: () =>
+          act(button, "Delete this task with its images and events? This cannot be undone.", "Delete task", path, "DELETE", () => {
+            location.hash = "#/";
+          }),
+      });
+      return button;
+    };
+    let lastEvents = [];
     const show = (task, events) => {
+      lastEvents = events;
       header.replaceChildren(el("h1", { class: "task-title", text: task.id }), statusBadge(task.status, "task-status"));
       if (!TERMINAL.has(task.status)) {
         header.append(el("span", { class: "muted small", text: "Waiting for the provider; this page updates by itself." }));
       }
-      problem.replaceChildren(task.error ? errorBox(task.error) : "");
+      header.append(el("span", { class: "spacer" }), actions(task));
+      problem.replaceChildren(task.error ? errorBox(task.error) : refused ? errorBox({ code: refused.code, message: refused.message }) : "");
       // Signed links change on every answer; redraw the pictures only when the images themselves change.
       const imageKey = task.images.map((image) => image.sha256 + (image.expired ? ":expired" : "")).join(",");
       if (imageKey !== shownImages || !images.firstChild) {
@@ -548,6 +590,33 @@
       }
       show(task, events.items);
     }
+  }
+
+  // A modal question with two buttons; resolves true only when the confirming one is pressed.
+  function confirmed(question, confirmLabel) {
+    return new Promise((resolve) => {
+      const keep = el("button", { type: "button", id: "confirm-no", text: "Keep it" });
+      const yes = el("button", { type: "button", id: "confirm-yes", class: "danger", text: confirmLabel });
+      const dialog = el(
+        "dialog",
+        { id: "confirm-dialog", class: "panel" },
+        el("p", { text: question }),
+        el("div", { class: "toolbar" }, keep, yes),
+      );
+      let answer = false;
+      keep.addEventListener("click", () => dialog.close());
+      yes.addEventListener("click", () => {
+        answer = true;
+        dialog.close();
+      });
+      dialog.addEventListener("close", () => {
+        dialog.remove();
+        resolve(answer);
+      });
+      document.body.append(dialog);
+      dialog.showModal();
+      keep.focus();
+    });
   }
 
   function errorBox(error) {

@@ -459,6 +459,9 @@ class Store:
                 },
             )
             change = await _move(tx, task, Status.SUBMITTED)
+            if task["status"] == Status.CANCELLED:
+                # Cancelled while this submit was on its way: the provider is asked to stop it too.
+                await _add_job(tx, "cancel", job.task_id, 0, tx.now)
             accepted = f"accepted by the provider as {ptid or '(no id)'}"
             summary = submission.note or accepted
             await _event(tx, job.task_id, "submit", True, summary, change)
@@ -491,6 +494,28 @@ class Store:
                 await _provider_health(tx, provider, False, self.timings)
             outcome = Outcome.failed(None, error, error.message)
             return await _apply(tx, task_id, replace(outcome, provider=provider), kind, True)
+
+        return await self.write(op)
+
+    async def cancel_task(self, task_id: str, tenant: str | None) -> tuple[TaskView | None, bool]:
+        """End the tenant's task as `cancelled` (the app's wish), by the same end as any other: its
+        pending jobs dropped, its notification due. A task the provider holds gets a `cancel` job, which
+        asks the provider to stop where it can. Returns the task as it now is (None: no such task of
+        this tenant) and whether it was cancelled (False: it had ended already)."""
+
+        async def op(tx: Tx) -> tuple[TaskView | None, bool]:
+            task = await tx.one(f"SELECT {TASK_STATE} FROM tasks WHERE id=:id{tx.lock}", {"id": task_id})  # noqa: S608
+            if task is None or (tenant is not None and task["tenant"] != tenant):
+                return None, False
+            was = Status(task["status"])
+            change = await _finish(tx, task, Status.CANCELLED, None)
+            if change is not None:
+                await _event(tx, task_id, "cancel", True, f"cancelled by the app (it was {was})", change)
+                if task["provider_task_id"] or task["submitted_at"] is not None:
+                    await _add_job(tx, "cancel", task_id, 0, tx.now)
+            row = await tx.one(TASK_VIEW_BY_ID, {"id": task_id})
+            assert row is not None  # locked above: it is there
+            return TaskView.from_row(row), change is not None
 
         return await self.write(op)
 
@@ -788,6 +813,10 @@ class Store:
 
         async def op(tx: Tx) -> None:
             if event is not None:
+                # A task deleted while the job ran (its jobs and events with it) gets no event back.
+                task = await tx.one(f"SELECT id FROM tasks WHERE id=:id{tx.lock}", {"id": job.task_id})  # noqa: S608
+                if task is None:
+                    return
                 await _event(tx, job.task_id, event[0], True, event[1], None, detail)
             if provider_failed:
                 await _provider_health(tx, provider_failed, False, self.timings)
@@ -1412,12 +1441,16 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
 def _cost(task: Row, status: Status, error: TaskError | None) -> float | None:
     """What an ended task cost by the price table (a charge the provider reported wins over it, see
     _apply): its estimate when the provider made (or may have made) the images — it succeeded, its
-    results were on the way (a download failed), or a submit got no answer; 0 when it failed before
+    results were on the way (a download failed), a submit got no answer, or it was cancelled after the
+    provider accepted it; 0 when it failed (or was cancelled) before
     the provider ran it or the provider itself failed it (providers do not bill a failed generation)."""
     if status is Status.SUCCEEDED or task["status"] == Status.DOWNLOADING:
         return None if task["estimate_usd"] is None else float(task["estimate_usd"])
     unknown = error is not None and error.provider_code == OUTCOME_UNKNOWN
-    if unknown or (error is not None and error.code is ErrorCode.TIMED_OUT and task["submitted_at"]):
+    # A task cancelled once its provider had it may well be billed there (kie runs it anyway; fal bills
+    # a request already running): counted at its estimate, so a budget never under-counts it.
+    cancelled_late = status is Status.CANCELLED and bool(task["submitted_at"])
+    if unknown or cancelled_late or (error is not None and error.code is ErrorCode.TIMED_OUT and task["submitted_at"]):
         return None if task["estimate_usd"] is None else float(task["estimate_usd"])
     return 0.0
 

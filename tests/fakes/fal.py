@@ -1,4 +1,4 @@
-"""A fal.ai fake speaking providers.md §5: the queue (submit with `?fal_webhook=`, status, result), a
+"""A fal.ai fake speaking providers.md §5: the queue (submit with `?fal_webhook=`, status, result, cancel), a
 JWKS, and webhooks signed with Ed25519 exactly as fal signs them (§5.3)."""
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ class FalFake(ProviderFake):
         return [
             Route(JWKS_PATH, self.jwks, methods=["GET"]),
             Route("/{owner}/{alias}/requests/{request_id}/status", self.status, methods=["GET"]),
+            Route("/{owner}/{alias}/requests/{request_id}/cancel", self.cancel, methods=["PUT"]),
             Route("/{owner}/{alias}/requests/{request_id}", self.result, methods=["GET"]),
             Route("/{endpoint:path}", self.submit, methods=["POST"]),
         ]
@@ -191,8 +192,9 @@ class FalFake(ProviderFake):
             }
         )
 
-    async def queued_or_answer(self, request: Request) -> QueuedRequest | Response:
-        """The queued request a status or result URL names, or the answer that replaces it."""
+    async def queued_or_answer(self, request: Request, missing: Any = None) -> QueuedRequest | Response:
+        """The queued request a status, result or cancel URL names, or the answer that replaces it
+        (`missing`: the body of its 404)."""
         await self.record(request)
         refused = self.unauthorised(request)
         scripted = refused or self.scripted_answer(request.url.path)
@@ -201,7 +203,7 @@ class FalFake(ProviderFake):
         queued = self.queue.get(request.path_params["request_id"])
         owner_alias = f"{request.path_params['owner']}/{request.path_params['alias']}"
         if queued is None or not queued.endpoint.startswith(owner_alias + "/"):
-            return JSONResponse({"detail": "Request not found"}, status_code=404)
+            return JSONResponse(missing or {"detail": "Request not found"}, status_code=404)
         return queued
 
     async def status(self, request: Request) -> Response:
@@ -219,6 +221,18 @@ class FalFake(ProviderFake):
         if queued.status == "COMPLETED":
             answer.update(logs=None, metrics={"inference_time": 1.2}, **queued.status_extra)
         return JSONResponse(answer)
+
+    async def cancel(self, request: Request) -> Response:
+        """fal's queue cancel (its "Cancel a request" page): 202 CANCELLATION_REQUESTED for a request in
+        the queue or in progress (it is then CANCELLED here, so the test can see it), 400
+        ALREADY_COMPLETED once it is done, 404 NOT_FOUND for one it does not know."""
+        queued = await self.queued_or_answer(request, {"status": "NOT_FOUND"})
+        if isinstance(queued, Response):
+            return queued
+        if queued.status == "COMPLETED":
+            return JSONResponse({"status": "ALREADY_COMPLETED"}, status_code=400)
+        queued.status = "CANCELLED"
+        return JSONResponse({"status": "CANCELLATION_REQUESTED"}, status_code=202)
 
     async def result(self, request: Request) -> Response:
         queued = await self.queued_or_answer(request)
