@@ -82,9 +82,16 @@ class Served:
         return self
 
     def stop(self) -> None:
+        """Stop the server and its thread; a server still running after that fails the test loudly
+        rather than keep working (a sweep, a worker) into the tests that come after it."""
         self.server.should_exit = True
         self.thread.join(timeout=15)
+        if self.thread.is_alive():  # its graceful shutdown hangs: cut the open connections short
+            self.server.force_exit = True
+            self.thread.join(timeout=15)
         self.sock.close()
+        if self.thread.is_alive():
+            raise RuntimeError(f"the server on {self.url} did not stop within 30 s")
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run a coroutine function on the served app's loop and return its result."""

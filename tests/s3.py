@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import re
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -30,15 +33,18 @@ class RefusingWrites:
     """WSGI middleware before moto: while `refusing` names one of REFUSALS, every object write (a PUT
     or POST under a bucket: a whole object, a multipart upload and its parts) is answered with S3's
     error XML for it, as a bucket that is throttling or whose policy denies writes does. Reads,
-    deletes and bucket calls go through."""
+    deletes and bucket calls go through, and every key a delete names (one DELETE, or a bulk delete's
+    POST ?delete) is counted in `deleted` as "bucket/key", so a test can tell a key deleted twice."""
 
     def __init__(self, app: Callable[[dict[str, Any], StartResponse], Iterable[bytes]]) -> None:
         self.app = app
         self.refusing: str | None = None
         self.refused = 0
+        self.deleted: Counter[str] = Counter()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "").strip("/")
+        self._count_deletes(environ, path)
         if self.refusing and environ["REQUEST_METHOD"] in ("PUT", "POST") and "/" in path:
             self.refused += 1
             status, code, message = REFUSALS[self.refusing]
@@ -50,6 +56,16 @@ class RefusingWrites:
             start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]
         return self.app(environ, start_response)
+
+    def _count_deletes(self, environ: dict[str, Any], path: str) -> None:
+        method, query = environ["REQUEST_METHOD"], environ.get("QUERY_STRING", "")
+        if method == "DELETE" and "/" in path:
+            self.deleted[path] += 1
+        elif method == "POST" and "/" not in path and "delete" in query.split("&"):
+            body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            environ["wsgi.input"] = io.BytesIO(body)  # moto reads it again
+            for key in re.findall(rb"<Key>(.*?)</Key>", body):
+                self.deleted[f"{path}/{key.decode()}"] += 1
 
 
 class _Server(ThreadedMotoServer):
@@ -91,6 +107,15 @@ class MotoS3:
         """Answer every object write with REFUSALS[refusal] (None: take writes again)."""
         assert refusal is None or refusal in REFUSALS
         self.server.gate.refusing = refusal
+
+    def deleted(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """How many times each key under `prefix` was named in a delete request (bulk or single)."""
+        start = f"{bucket}/{prefix}"
+        return {
+            name.removeprefix(f"{bucket}/"): n
+            for name, n in self.server.gate.deleted.items()
+            if name.startswith(start)
+        }
 
     def new_bucket(self, *, create: bool = True) -> str:
         name = f"media-{secrets.token_hex(6)}"

@@ -166,11 +166,17 @@ def test_two_replicas_sweep_one_at_a_time(
     start_receiver: Callable[..., Receiver], media_env: dict[str, str], s3_or_none: MotoS3 | None
 ) -> None:
     """Two replicas on one database and bucket: one sweep row, leased by one at a time; every image is
-    deleted once (the deletions counted by the two together are the images, not twice as many)."""
+    deleted once: the bucket is asked to delete each image's key once, and the deletions counted by the
+    two together (one registry per process) are the images, not more.
+
+    An image reads expired from the moment its sweep marks it, before that sweep has deleted its bytes
+    and counted them; so the count is awaited, and read again after two more sweeps have ended, by
+    when a second deletion of any of them (two sweeps at once, a batch run again) would be counted."""
     env = {**media_env, **SWEEP, "RECEIVER_RETAIN_IMAGES": "1s"}
     first = start_receiver("one", **env)
     second = start_receiver("two", **env)
-    before = metric(first, 'receiver_retention_deleted_total{what="images"}')  # one registry per process
+    images = 'receiver_retention_deleted_total{what="images"}'
+    before = metric(first, images)
     tasks = [sandbox_task(replica)["id"] for replica in (first, second, first, second)]
 
     def all_expired() -> bool:
@@ -179,7 +185,17 @@ def test_two_replicas_sweep_one_at_a_time(
         )
 
     poll(all_expired, bool)
-    assert metric(first, 'receiver_retention_deleted_total{what="images"}') == before + len(tasks)
+    poll(lambda: metric(first, images), lambda count: count >= before + len(tasks))
+    last_sweep = "receiver_retention_last_sweep_timestamp_seconds"
+    for _ in range(2):  # a sweep ends after this point, then another (each sets the time it ended)
+        ended = metric(first, last_sweep)
+        poll(lambda: metric(first, last_sweep), ended.__lt__)
+    assert metric(first, images) == before + len(tasks)
+    if s3_or_none is not None:
+        bucket, _, folder = media_env["RECEIVER_MEDIA_URL"].removeprefix("s3://").partition("/")
+        deleted = s3_or_none.deleted(bucket, folder)
+        per_task = {task_id: [n for key, n in deleted.items() if task_id in key] for task_id in tasks}
+        assert per_task == {task_id: [1] for task_id in tasks}, deleted
     rows = first.served.call(lambda: first.app.state.store.fetch("SELECT * FROM jobs WHERE kind='sweep'"))
     assert len(rows) == 1
     parked = first.served.call(lambda: first.app.state.store.parked_counts())
