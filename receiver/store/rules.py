@@ -74,6 +74,10 @@ TASK_VIEW_BY_ID = f"SELECT {TASK_VIEW} FROM tasks WHERE id=:id"  # noqa: S608 - 
 IMAGES_OF_TASK = "SELECT * FROM images WHERE task_id=:id ORDER BY idx"
 
 
+# The longest a worker sleeps between looks at the jobs (worker.py), whatever wakes it sooner.
+WORKER_LOOKS_EVERY = 1.0
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached right now (a 503 for the caller; nothing was changed)."""
 
@@ -915,7 +919,9 @@ async def _add_job(tx: Tx, kind: str, task_id: str, arg: int, due_at: float) -> 
         " ON CONFLICT (kind, task_id, arg) DO NOTHING",
         {"kind": kind, "task": task_id, "arg": arg, "due": due_at},
     )
-    tx.jobs_added = True
+    # A job due later than a worker's longest sleep wakes nobody: every worker looks by then anyway.
+    if due_at <= tx.now + WORKER_LOOKS_EVERY:
+        tx.jobs_added = True
 
 
 async def _drop_idle_jobs(tx: Tx, task_id: str, which: str) -> None:
