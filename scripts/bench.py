@@ -463,17 +463,31 @@ class Sink:
 
 
 async def end_to_end(
-    receiver: Receiver, images: Images, sink: Sink, count: int, mark: Callable[[str], None] = lambda _: None
+    receiver: Receiver,
+    images: Images,
+    sink: Sink,
+    count: int,
+    mark: Callable[[str], None] = lambda _: None,
+    rate: float | None = None,
 ) -> None:
     """Create `count` tasks (half kie, half fal) with a notify_url, let the receiver submit them to
     the fakes, then deliver each provider's signed callback; returns once every notification came.
-    `mark` is called at the end of each stage (created, submitted, called back, notified)."""
+    `mark` is called at the end of each stage (created, submitted, called back, notified). With
+    `rate`, creates and then callbacks go at that many per second, else as fast as 16 at a time."""
     limit = asyncio.Semaphore(16)
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+
+    async def on_time(n: int) -> None:
+        if rate:
+            await asyncio.sleep(max(0.0, first + n / rate - loop.time()))
+
     async with httpx.AsyncClient(
         base_url=receiver.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
     ) as client:
 
         async def create(n: int) -> None:
+            await on_time(n)
             async with limit:
                 answer = await client.post(
                     "/v1/tasks",
@@ -493,7 +507,8 @@ async def end_to_end(
         targets = [("kie", pid, url) for pid, url in images.kie.callback_urls.items()]
         targets += [("fal", rid, queued.webhook) for rid, queued in images.fal.queue.items()]
 
-        async def deliver(provider: str, provider_id: str, callback_url: str) -> None:
+        async def deliver(n: int, provider: str, provider_id: str, callback_url: str) -> None:
+            await on_time(n)
             async with limit:
                 headers, body = images.callback(
                     provider, provider_id, images.host(provider, f"e2e-{provider_id}")
@@ -501,7 +516,8 @@ async def end_to_end(
                 answer = await client.post(callback_url, content=body, headers=headers)
                 answer.raise_for_status()
 
-        await asyncio.gather(*(deliver(*target) for target in targets))
+        first = loop.time()
+        await asyncio.gather(*(deliver(n, *target) for n, target in enumerate(targets)))
         mark("called back")
         assert await poll(lambda: sink.count >= count), "not every notification arrived"
         mark("notified")
