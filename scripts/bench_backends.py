@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -162,8 +163,8 @@ def run_backend(
     images = Images(image)
     sink = Sink()
     env = {**images.env, **backend.env}
-    if args.checkout:
-        env["PYTHONPATH"] = str(Path(args.checkout).resolve())
+    if args.checkout:  # its package first; PYTHONSAFEPATH: `python -m` must not put this tree's first
+        env |= {"PYTHONPATH": str(Path(args.checkout).resolve()), "PYTHONSAFEPATH": "1"}
     receiver = Receiver(backend.data, env, ("--http", http, "--loop", loop))
     out: dict[str, Any] = {"rps": [], "bare_rps": [], "cpu": [], "bare_cpu": [], "rates": {}, "errors": 0}
     name = backend.name
@@ -328,6 +329,7 @@ def main() -> int:
     if bin_dir is None:
         print(HOW_TO_GET, file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop what was started, cluster included
     image = image_bytes()
     results: dict[str, dict[str, Any]] = {}
     cluster = Cluster(bin_dir).start()

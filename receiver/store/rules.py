@@ -320,7 +320,7 @@ class Store:
             if submission.outcome is not None:
                 outcome = replace(submission.outcome, provider=provider)
                 await _apply(tx, job.task_id, outcome, "submit", True, urgent)
-            elif (await _task(tx, job.task_id))["status"] == Status.SUBMITTED:
+            elif change is not None or task["status"] == Status.SUBMITTED:  # submitted now (no re-read)
                 await _add_job(tx, "reconcile", job.task_id, 0, tx.now + self.timings.reconcile_after)
 
         await self.write(op)
@@ -445,7 +445,6 @@ class Store:
                 " AND NOT (kind='submit' AND EXISTS (SELECT 1 FROM tasks t WHERE t.id=jobs.task_id"  # noqa: S608
                 f" AND t.provider IN ({marks})))"
             )
-        next_due = f"SELECT MIN(due_at) AS due FROM jobs WHERE running=0{held}"  # noqa: S608
 
         async def op(tx: Tx) -> Claimed:
             applied, again = await _apply_inbox(tx, inbox_batch)
@@ -460,15 +459,17 @@ class Store:
 
             jobs: list[Job] = []
             # One look at which kinds have a job due, so a turn runs no claim that cannot find one
-            # (only the kinds asked for are read: a row of another kind is never even decoded).
+            # (only the kinds asked for are read: a row of another kind is never even decoded), and
+            # when the next job falls due after them (the worker sleeps until then, or until woken).
             kinds, kind_params = in_list("k", sorted(slots))
-            due_kinds = {
-                row["kind"]
-                for row in await tx.all(
-                    f"SELECT DISTINCT kind FROM jobs WHERE running=0 AND due_at<=:now AND kind IN ({kinds})",  # noqa: S608
-                    {"now": tx.now, **kind_params},
-                )
-            }
+            looked = await tx.all(
+                f"SELECT DISTINCT kind, CAST(NULL AS {tx.dialect.types['real']}) AS due FROM jobs"  # noqa: S608
+                f" WHERE running=0 AND due_at<=:now AND kind IN ({kinds}) UNION ALL"
+                f" SELECT CAST(NULL AS TEXT), MIN(due_at) FROM jobs WHERE running=0 AND due_at>:now{held}",
+                {"now": tx.now, **kind_params, **skip_params},
+            )
+            due_kinds = {row["kind"] for row in looked if row["kind"] is not None}
+            later = [float(row["due"]) for row in looked if row["kind"] is None and row["due"] is not None]
             for kind, free in slots.items():
                 if free > 0 and kind in due_kinds:
                     params = {
@@ -485,9 +486,8 @@ class Store:
                         taken, failed = await _claim_jobs(tx, kind, pick(), params)
                     jobs += taken
                     again = again or failed
-            due = await tx.one(next_due, skip_params)
             in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
-            due_at = None if due is None or due["due"] is None else float(due["due"])
+            due_at = later[0] if later else None
             paces = await _paces(tx, pace_windows) if pace_windows is not None else {}
             return Claimed(jobs, due_at, in_flight, applied, again, paces)
 
@@ -979,14 +979,21 @@ async def _event(
     tx.changed.add(task_id)
 
 
-async def _move(tx: Tx, task: Row, new: Status) -> str | None:
-    """Move a task forward; returns 'old→new', or None when that would not be forward."""
+async def _move(tx: Tx, task: Row, new: Status, also: Mapping[str, Any] | None = None) -> str | None:
+    """Move a task forward, setting the columns in `also` with it (one UPDATE); returns 'old→new', or
+    None when that would not be forward (and nothing is written)."""
     old = Status(task["status"])
     if not old.may_become(new):
         return None
+    columns = "".join(f", {column}=:set_{column}" for column in also or {})
     await tx.run(
-        "UPDATE tasks SET status=:status, updated_at=:now WHERE id=:id",
-        {"status": str(new), "now": tx.now, "id": task["id"]},
+        f"UPDATE tasks SET status=:status, updated_at=:now{columns} WHERE id=:id",  # noqa: S608 - our names
+        {
+            "status": str(new),
+            "now": tx.now,
+            "id": task["id"],
+            **{f"set_{k}": v for k, v in (also or {}).items()},
+        },
     )
     tx.changed.add(task["id"])
     return f"{old}→{new}"
@@ -1047,13 +1054,10 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
         moved = await _fallback(tx, task, error)
         if moved is not None:
             return moved
-    change = await _move(tx, task, status)
+    ended = {"completed_at": tx.now, "error": _dumps(error.as_json()) if error else None}
+    change = await _move(tx, task, status, ended)
     if change is None:
         return None
-    await tx.run(
-        "UPDATE tasks SET completed_at=:now, error=:error WHERE id=:id",
-        {"now": tx.now, "error": _dumps(error.as_json()) if error else None, "id": task["id"]},
-    )
     # An ended task needs no more work; only its notification (if any) is still to come.
     await _drop_idle_jobs(tx, task["id"], "kind <> 'notify'")
     if task["notify_url"]:
@@ -1091,11 +1095,8 @@ async def _apply(
         )
     change: str | None = None
     if outcome.state == "succeeded":
-        change = await _move(tx, task, Status.DOWNLOADING)
+        change = await _move(tx, task, Status.DOWNLOADING, {"image_count": len(outcome.image_urls)})
         if change is not None:
-            await tx.run(
-                "UPDATE tasks SET image_count=:n WHERE id=:id", {"n": len(outcome.image_urls), "id": task_id}
-            )
             await tx.many(
                 "INSERT INTO images (task_id, idx, source_url) VALUES (:task, :idx, :url)"
                 " ON CONFLICT DO NOTHING",
