@@ -221,8 +221,15 @@ class Static:
 
 
 class Receiver:
-    def __init__(self, data_dir: Path, env: dict[str, str], serve_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str],
+        serve_args: tuple[str, ...] = (),
+        python_args: tuple[str, ...] = (),
+    ) -> None:
         self.serve_args = serve_args
+        self.python_args = python_args  # before `-m receiver`, e.g. `-m cProfile -o FILE`
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -241,7 +248,17 @@ class Receiver:
     @contextmanager
     def serve(self, *role: str) -> Iterator[subprocess.Popen[bytes]]:
         with process(
-            [sys.executable, "-m", "receiver", "serve", *self.serve_args, "--port", str(self.port), *role],
+            [
+                sys.executable,
+                *self.python_args,
+                "-m",
+                "receiver",
+                "serve",
+                *self.serve_args,
+                "--port",
+                str(self.port),
+                *role,
+            ],
             self.env,
             f"{self.url}/healthz",
         ) as proc:

@@ -165,7 +165,12 @@ def run_backend(
     env = {**images.env, **backend.env}
     if args.checkout:  # its package first; PYTHONSAFEPATH: `python -m` must not put this tree's first
         env |= {"PYTHONPATH": str(Path(args.checkout).resolve()), "PYTHONSAFEPATH": "1"}
-    receiver = Receiver(backend.data, env, ("--http", http, "--loop", loop))
+    profile = (
+        ("-m", "cProfile", "-o", str(Path(args.profile) / f"{backend.name.split()[0]}.prof"))
+        if args.profile
+        else ()
+    )
+    receiver = Receiver(backend.data, env, ("--http", http, "--loop", loop), profile)
     out: dict[str, Any] = {"rps": [], "bare_rps": [], "cpu": [], "bare_cpu": [], "rates": {}, "errors": 0}
     name = backend.name
     try:
@@ -175,6 +180,8 @@ def run_backend(
                 rate: phase_tasks(0x40 + i, int(rate * args.rate_seconds)) for i, rate in enumerate(RATES)
             }
             drain = phase_tasks(0x60, args.drain)
+            if args.profile:  # the end-to-end phase alone, its receiver under cProfile
+                bursts, rated, drain = [], {}, []
             backend.seed([t for tasks in [*bursts, *rated.values()] for t in tasks])
             backend.seed(drain, sink.url)
             for r, tasks in enumerate(bursts):
@@ -204,6 +211,9 @@ def run_backend(
                 out["errors"] += ours_rate.errors
                 say(f"{name}: {rate}/s: p99 {ours_rate.p99_ms:.1f} ms (bare {bare_rate.p99_ms:.1f} ms)")
                 backend.wait_drained()
+            if args.profile:
+                run_e2e(receiver, images, sink, backend, pids, args, out)
+                return out
             requests = write_requests(work / f"drain-{name}.tsv", callback_lines(receiver, images, drain))
             started, notified = time.perf_counter(), sink.count
             acked = fixed_rate(receiver.url, requests, 1_000_000)  # all at once, over 64 connections
@@ -215,14 +225,7 @@ def run_backend(
             out["drain_s"] = time.perf_counter() - started
             out["drain_ack_s"] = acked.requests / acked.sustained
             say(f"{name}: answered in {out['drain_ack_s']:.1f} s, drained in {out['drain_s']:.1f} s")
-            before, db_before = cpu_seconds(pids), backend.cpu()
-            started = time.perf_counter()
-            asyncio.run(end_to_end(receiver, images, sink, args.tasks, rate=args.task_rate))
-            out["e2e_rate"] = args.tasks / (time.perf_counter() - started)
-            out["e2e_cpu"] = (cpu_seconds(pids) - before) / args.tasks
-            out["e2e_db_cpu"] = (backend.cpu() - db_before) / args.tasks
-            say(f"{name}: end to end: {out['e2e_cpu'] * 1000:.2f} ms receiver CPU per task")
-            backend.wait_drained()
+            run_e2e(receiver, images, sink, backend, pids, args, out)
         out["statuses"] = backend.statuses()
         out["fetches"] = images.fetches()
         out["notified"] = sink.count
@@ -230,6 +233,27 @@ def run_backend(
         images.stop()
         sink.served.stop()
     return out
+
+
+def run_e2e(
+    receiver: Receiver,
+    images: Images,
+    sink: Sink,
+    backend: Backend,
+    pids: list[int],
+    args: argparse.Namespace,
+    out: dict[str, Any],
+) -> None:
+    """Tasks created at `--task-rate` through the API until every one is notified: CPU per task of the
+    receiver's process tree and of the database server."""
+    before, db_before = cpu_seconds(pids), backend.cpu()
+    started = time.perf_counter()
+    asyncio.run(end_to_end(receiver, images, sink, args.tasks, rate=args.task_rate))
+    out["e2e_rate"] = args.tasks / (time.perf_counter() - started)
+    out["e2e_cpu"] = (cpu_seconds(pids) - before) / args.tasks
+    out["e2e_db_cpu"] = (backend.cpu() - db_before) / args.tasks
+    say(f"{backend.name}: end to end: {out['e2e_cpu'] * 1000:.2f} ms receiver CPU per task")
+    backend.wait_drained()
 
 
 def rows(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[tuple[str, ...]]:
@@ -316,6 +340,10 @@ def main() -> int:
         "--task-rate", type=float, default=100, help="end-to-end tasks per second; default 100"
     )
     parser.add_argument("--burst", type=int, default=20000, help="seeded tasks per capacity burst")
+    parser.add_argument(
+        "--profile",
+        help="only the end-to-end phase, the receiver under cProfile: DIR/SQLite.prof, DIR/PostgreSQL.prof",
+    )
     parser.add_argument("--checkout", help="another tree whose receiver to run (e.g. an older commit's)")
     args = parser.parse_args()
     quick = args.quick
@@ -347,6 +375,10 @@ def main() -> int:
                     results[name] = run_backend(backend, work, args, image, (bare_url, bare.pid))
     finally:
         cluster.stop()
+    if args.profile:
+        for name, r in results.items():
+            print(f"{name}: {r['e2e_cpu'] * 1000:.2f} ms receiver CPU per task (under cProfile)")
+        return 0
     print_table(("measure", *results, "bare"), rows(results, args))
     return 0
 
