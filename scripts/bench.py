@@ -796,6 +796,19 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
 # -- the table -----------------------------------------------------------------------------------------
 
 
+def correctness(r: dict[str, Any]) -> str:
+    """The correctness cell: tasks called back that succeeded, images fetched once, notifications."""
+    files, fetched, most = r["fetches"]
+    ended = sum(r["statuses"].values())
+    ok = r["statuses"].get("succeeded", 0)
+    once = (
+        "every image fetched once"
+        if fetched == files == ok and most == 1
+        else f"{fetched} fetches of {files} images"
+    )
+    return f"{ok:,}/{ended:,} succeeded, {once}, {r['notified']:,} notified, {r['errors']} non-2xx"
+
+
 def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> list[tuple[str, ...]]:
     """The issue's rows: one column per stack, each figure beside the bare app's from the same run."""
     stacks = list(results)
@@ -816,17 +829,6 @@ def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> li
             return text
 
         return cell
-
-    def correct(r: dict[str, Any]) -> str:
-        files, fetched, most = r["fetches"]
-        ended = sum(r["statuses"].values())
-        ok = r["statuses"].get("succeeded", 0)
-        once = (
-            "every image fetched once"
-            if fetched == files == ok and most == 1
-            else f"{fetched} fetches of {files} images"
-        )
-        return f"{ok:,}/{ended:,} succeeded, {once}, {r['notified']:,} notified, {r['errors']} non-2xx"
 
     rows = []
     if not e2e_only:
@@ -849,7 +851,7 @@ def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> li
                 f" ({r['notified']:,} tasks at {r['notified'] / r['e2e_s']:.0f}/s)"
             ),
         ),
-        row("everything correct afterwards", "all", correct),
+        row("everything correct afterwards", "all", correctness),
         row("peak RSS of the receiver", "", lambda r: f"{r['peak_rss']:.0f} MiB"),
     ]
     return rows

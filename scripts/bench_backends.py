@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -42,6 +40,7 @@ from bench import Images  # noqa: E402
 from bench import Receiver  # noqa: E402
 from bench import Sink  # noqa: E402
 from bench import callback_lines  # noqa: E402
+from bench import correctness  # noqa: E402
 from bench import cpu_seconds  # noqa: E402
 from bench import end_to_end  # noqa: E402
 from bench import fixed_rate  # noqa: E402
@@ -54,83 +53,51 @@ from bench import process  # noqa: E402
 from bench import say  # noqa: E402
 from bench import write_requests  # noqa: E402
 from bench import wrk  # noqa: E402
+from bench_scale import Database  # noqa: E402
 
 from tests.pg import HOW_TO_GET  # noqa: E402
-from tests.pg import SECRETS  # noqa: E402
 from tests.pg import Cluster  # noqa: E402
 from tests.pg import pg_bin  # noqa: E402
 
 RATES = (100, 300)
 SEED = (
     "INSERT INTO tasks (id, tenant, provider, model, prompt, request, status, provider_task_id,"
-    " created_at, updated_at, submitted_at, notify_url) VALUES (:id, 'bench', :provider,"
-    " 'flux-kontext-pro', 'bench', '{\"images\":[],\"params\":{},\"options\":{}}', 'submitted',"
-    " :provider_id, :now, :now, :now, :notify)"
+    " created_at, updated_at, submitted_at, notify_url) VALUES ($1, 'bench', $2, 'flux-kontext-pro', 'bench',"
+    ' \'{"images":[],"params":{},"options":{}}\', \'submitted\', $3, $4, $4, $4, $5)'
 )
 
 
-class Backend:
-    """One fresh database: the receiver's env for it, seeding and reads from outside, its CPU."""
+class Backend(Database):
+    """One fresh database (bench_scale's), left for the receiver to migrate as it starts (so that
+    `--checkout` runs its own schema); seeding with a notify_url, reads, the database server's CPU."""
 
     def __init__(self, name: str, data: Path, cluster: Cluster | None) -> None:
         self.name = name
-        self.data = data
-        data.mkdir()
         self.cluster = cluster
-        self.url = cluster.database() if cluster else None
-        self.env = {"RECEIVER_DATA_DIR": str(data)}
-        if self.url:
-            self.env |= {
-                "RECEIVER_DATABASE_URL": self.url,
-                "RECEIVER_NOTIFY_SECRET": SECRETS["RECEIVER_NOTIFY_SECRET"],
-            }
+        super().__init__(data, cluster)
 
-    def _run(self, sql: str, rows: list[dict[str, Any]] | None = None) -> list[tuple[Any, ...]]:
-        """A statement with :named parameters (for each of `rows`, when given), on either backend."""
+    async def _migrate(self) -> None:
+        return  # the receiver migrates its database when it starts
+
+    def seed(self, rows: list[tuple[str, str, str]], notify: str | None = None) -> None:
+        values = [(*row, time.time(), notify) for row in rows]
         if self.url is None:
             conn = sqlite3.connect(self.data / "receiver.db", timeout=30)
             try:
-                if rows is not None:
-                    with conn:
-                        conn.executemany(sql, rows)
-                    return []
-                return conn.execute(sql).fetchall()
+                with conn:
+                    conn.executemany(SEED.replace("$", "?"), values)  # ?1 … ?5: SQLite numbers them too
             finally:
                 conn.close()
-        from receiver.store.postgres import positional
-
-        text, names = positional(sql)
-
-        async def once() -> list[tuple[Any, ...]]:
-            assert self.url
-            conn = await asyncpg.connect(self.url)
-            try:
-                if rows is not None:
-                    await conn.executemany(text, [[row[name] for name in names] for row in rows])
-                    return []
-                return [tuple(row) for row in await conn.fetch(text)]
-            finally:
-                await conn.close()
-
-        return asyncio.run(once())
-
-    def seed(self, tasks: list[tuple[str, str, str]], notify: str | None = None) -> None:
-        now = time.time()
-        self._run(
-            SEED,
-            [
-                {"id": i, "provider": p, "provider_id": pid, "now": now, "notify": notify}
-                for i, p, pid in tasks
-            ],
-        )
-
-    def count(self, sql: str) -> int:
-        return int(self._run(sql)[0][0])
+            return
+        self.query(lambda conn: conn.executemany(SEED, values))
 
     def drained(self) -> bool:
         """Every kept callback applied and every download and notification it started ended."""
-        return self.count("SELECT (SELECT COUNT(*) FROM inbox) + (SELECT COUNT(*) FROM jobs"
-                          " WHERE kind IN ('download', 'notify'))") == 0  # fmt: skip
+        sql = (
+            "SELECT (SELECT COUNT(*) FROM inbox)"
+            " + (SELECT COUNT(*) FROM jobs WHERE kind IN ('download', 'notify'))"
+        )
+        return int(self.rows(sql)[0][0]) == 0
 
     def wait_drained(self, seconds: float = 600) -> None:
         deadline = time.monotonic() + seconds
@@ -141,7 +108,7 @@ class Backend:
 
     def statuses(self) -> dict[str, int]:
         """The statuses of the tasks that got a callback, with their counts."""
-        rows = self._run(
+        rows = self.rows(
             "SELECT status, COUNT(*) FROM tasks t WHERE EXISTS (SELECT 1 FROM events e"
             " WHERE e.task_id = t.id AND e.kind = 'callback') GROUP BY status"
         )
@@ -270,15 +237,6 @@ def rows(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[t
             text += f" ({ours / median(first['rps']):.2f}x {names[0]})"
         return text
 
-    def correct(r: dict[str, Any]) -> str:
-        files, fetched, most = r["fetches"]
-        ended = sum(r["statuses"].values())
-        ok = r["statuses"].get("succeeded", 0)
-        once = (
-            "images once" if fetched == files == ok and most == 1 else f"{fetched} fetches of {files} images"
-        )
-        return f"{ok:,}/{ended:,}, {once}, {r['notified']:,} notified, {r['errors']} non-2xx"
-
     bare_rps = median([x for r in results.values() for x in r["bare_rps"]])
     bare_cpu = median([x for r in results.values() for x in r["bare_cpu"]])
 
@@ -317,7 +275,7 @@ def rows(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[t
                 + (f" (+ PostgreSQL's {r['e2e_db_cpu'] * 1000:.2f} ms)" if r["e2e_db_cpu"] else "")
             ),
         ),
-        row("correctness", correct),
+        row("correctness", correctness),
     ]
 
 
