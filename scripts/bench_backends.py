@@ -28,6 +28,9 @@ import sqlite3
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +141,11 @@ def run_backend(
         else ()
     )
     receiver = Receiver(backend.data, env, ("--http", http, "--loop", loop), profile)
+    workers = args.pg_workers if backend.cluster is not None else 0
     out: dict[str, Any] = {"rps": [], "bare_rps": [], "cpu": [], "bare_cpu": [], "rates": {}, "errors": 0}
     name = backend.name
     try:
-        with receiver.processes(False) as pids:
+        with serving(receiver, workers) as pids:
             bursts = [phase_tasks(r, args.burst) for r in range(args.rounds)]
             rated = {
                 rate: phase_tasks(0x40 + i, int(rate * args.rate_seconds)) for i, rate in enumerate(RATES)
@@ -200,6 +204,22 @@ def run_backend(
         images.stop()
         sink.served.stop()
     return out
+
+
+@contextmanager
+def serving(receiver: Receiver, workers: int) -> Iterator[list[int]]:
+    """The receiver's process ids: one `serve`, or with `workers` an `--role api` beside that many
+    `--role worker` processes (PostgreSQL: they share the jobs by their leases)."""
+    if not workers:
+        with receiver.processes(False) as pids:
+            yield pids
+        return
+    with ExitStack() as stack:
+        pids = [stack.enter_context(receiver.serve("--role", "api")).pid]
+        for _ in range(workers):
+            worker = Receiver(receiver.data_dir, receiver.env, receiver.serve_args)  # not profiled
+            pids.append(stack.enter_context(worker.serve("--role", "worker")).pid)
+        yield pids
 
 
 def run_e2e(
@@ -302,6 +322,12 @@ def main() -> int:
         "--profile",
         help="only the end-to-end phase, the receiver under cProfile: DIR/SQLite.prof, DIR/PostgreSQL.prof",
     )
+    parser.add_argument(
+        "--pg-workers",
+        type=int,
+        default=0,
+        help="PostgreSQL as one --role api process beside this many --role worker ones (default: one serve)",
+    )
     parser.add_argument("--checkout", help="another tree whose receiver to run (e.g. an older commit's)")
     args = parser.parse_args()
     quick = args.quick
@@ -328,7 +354,10 @@ def main() -> int:
             with process(
                 [sys.executable, "-c", BARE_APP, str(bare_port), http, loop], url=f"{bare_url}/"
             ) as bare:
-                for name, used in (("SQLite + directory", None), ("PostgreSQL + directory", cluster)):
+                pg = "PostgreSQL + directory" + (
+                    f" (api + {args.pg_workers} workers)" if args.pg_workers else ""
+                )
+                for name, used in (("SQLite + directory", None), (pg, cluster)):
                     backend = Backend(name, work / f"data-{len(results)}", used)
                     results[name] = run_backend(backend, work, args, image, (bare_url, bare.pid))
     finally:
