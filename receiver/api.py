@@ -12,6 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
 from typing import TypeVar
@@ -42,10 +43,13 @@ from receiver.models import MAX_FALLBACKS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import TaskRequest
 from receiver.offer import offered
+from receiver.prices import PriceTable
 from receiver.prices import estimate_usd
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
+from receiver.providers.base import SHARED_MODELS
 from receiver.routes import url_path
+from receiver.schema import AUTO
 from receiver.schema import IMAGE_TYPES
 from receiver.schema import MAX_SEED
 from receiver.schema import TASK_ID_PATTERN
@@ -55,6 +59,7 @@ from receiver.schema import EventsQuery
 from receiver.schema import ImageType
 from receiver.schema import ListQuery
 from receiver.schema import ModelResponse
+from receiver.schema import ProviderList
 from receiver.schema import TaskCreate
 from receiver.schema import TaskPage
 from receiver.schema import Upload
@@ -71,6 +76,7 @@ from receiver.store.records import BudgetExceeded
 from receiver.store.records import KeyRecord
 from receiver.tasks import UPLOAD_PREFIX
 from receiver.tasks import image_path
+from receiver.tasks import iso
 from receiver.tasks import render_event
 from receiver.tasks import render_task
 from receiver.tasks import upload_type
@@ -105,18 +111,29 @@ PARAMS = tuple(name for name in OPTIONAL_FIELDS if name not in ("model", "images
 UPLOADS = url_path("get_upload", name="-").removesuffix("-")
 
 
-def fallback_chain(fallback: list[str] | None, request: TaskRequest) -> dict[str, Any]:
+def fallback_chain(fallback: list[str] | None, request: TaskRequest, prices: PriceTable) -> dict[str, Any]:
     """What a hop needs, fixed at creation: the chain, and for each fallback provider the model it
-    will use (the app's, or that provider's default) and its own per-task state (e.g. apicore's
-    webhook secret), kept with the task like the first provider's."""
+    will use (the app's, or that provider's default), its own per-task state (e.g. apicore's webhook
+    secret), kept with the task like the first provider's, and what the task should cost there."""
     if not fallback:
         return {}
     chain = {}
     for name in fallback:
         provider = REGISTRY[name]
         model = request.model or provider.model_for(bool(request.images))
-        chain[name] = {"model": model, "state": provider.new_state()}
+        estimate = estimate_usd(prices, name, model, request)
+        chain[name] = {"model": model, "state": provider.new_state(), "estimate_usd": estimate}
     return {"fallback": list(fallback), "chain": chain}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where `auto` sends a task: the create body with its provider and fallback chain filled in, whether
+    the first is a probe after its cooldown, and the choice in words for the task's first event."""
+
+    body: Mapping[str, Any]
+    probe: bool
+    summary: str
 
 
 class Api:
@@ -193,7 +210,9 @@ class Api:
         body = json_object(raw)
         # Input sizes matter only to a provider that must be told the ratio (apimart's FLUX 2).
         sizes = await self._image_sizes(body.get("images")) if body.get("aspect_ratio") is None else ()
-        task_request, provider = self._validate(body, sizes)
+        route = await self._route(body, sizes) if body.get("provider") == AUTO else None
+        chosen = route.body if route else body  # `auto`: the provider and fallback chain it picked
+        task_request, provider = self._validate(chosen, sizes)
         await self._check_urls(task_request)
         request_hash = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         images = [await self._keep_image(index, value) for index, value in enumerate(task_request.images)]
@@ -209,7 +228,7 @@ class Api:
                 "image_sizes": list(task_request.image_sizes),
                 "params": dict(task_request.params),
                 "options": dict(task_request.options),
-                **fallback_chain(body.get("fallback"), task_request),
+                **fallback_chain(chosen.get("fallback"), task_request, self.settings.prices),
             },
             provider_state=provider.new_state(),
             metadata=task_request.metadata,
@@ -218,6 +237,8 @@ class Api:
             request_hash=request_hash,
             key=key,
             estimate_usd=estimate_usd(self.settings.prices, provider.name, model, task_request),
+            probe=route.probe if route else False,
+            routing=route.summary if route else "",
         )
         try:
             row, created = await self.store.create_task(new)
@@ -328,6 +349,61 @@ class Api:
         if errors:
             raise ApiError(422, "invalid", "the request has values the provider cannot take", errors)
         return task_request, provider
+
+    async def _route(self, body: Mapping[str, Any], sizes: tuple[tuple[int, int] | None, ...]) -> Route:
+        """`"provider": "auto"`: the configured providers that sell the shared model and pass the same
+        checks an explicit choice gets, cheapest first by this request's estimate (unknown prices
+        last), those in cooldown after all the others; the first takes the task, the rest become its
+        fallback chain."""
+        if body.get("fallback") is not None:
+            raise ApiError(
+                422,
+                "invalid",
+                "the request has invalid fields",
+                {"fallback": "not with provider auto: the chain is the other providers that can take it"},
+            )
+        model = body.get("model")
+        if model not in SHARED_MODELS:
+            raise ApiError(
+                422,
+                "invalid",
+                "the request has invalid fields",
+                {"model": f"provider auto needs a shared model: one of {', '.join(SHARED_MODELS)}"},
+            )
+        health = await self.store.provider_health()
+        now = self.store.clock()
+        ranked: list[tuple[bool, bool, float, str]] = []
+        refused: dict[str, str] = {}
+        for info in self.offered.items:
+            name = str(info.name)
+            try:
+                request, _ = self._validate({**body, "provider": name}, sizes)
+            except ApiError as exc:
+                refused[name] = "; ".join(f"{key}: {value}" for key, value in (exc.fields or {}).items())
+                continue
+            estimate = estimate_usd(self.settings.prices, name, model, request)
+            cooling = name in health and health[name].cooldown_until > now
+            ranked.append((cooling, estimate is None, estimate or 0.0, name))
+        if not ranked:
+            said = "; ".join(f"{name} ({why})" for name, why in sorted(refused.items()))
+            raise ApiError(
+                422,
+                "no_provider",
+                f"no configured provider can honour this request with {model}"
+                + (f": {said}" if said else ""),
+                {"provider": "no configured provider sells this model and can honour the request"},
+            )
+        ranked.sort()
+        chain = [name for *_, name in ranked][: 1 + MAX_FALLBACKS]
+        first = health.get(chain[0])
+        probe = first is not None and first.consecutive_failures >= self.settings.cooldown_failures
+        shown = ", ".join(
+            f"{name} ({'no known price' if unknown else f'${usd:g}'}{', in cooldown' if cooling else ''})"
+            for cooling, unknown, usd, name in ranked
+        )
+        summary = f"auto: {shown}" + (f"; {chain[0]} is the probe after its cooldown" if probe else "")
+        rest = chain[1:] or None
+        return Route({**body, "provider": chain[0], "fallback": rest}, probe, summary)
 
     def _fallback_problems(self, fallback: Any, request: TaskRequest) -> dict[str, str]:
         """The whole chain is checked up front: each fallback provider must exist, be configured, not
@@ -523,7 +599,15 @@ class Api:
 
     async def list_providers(self, request: Request) -> Response:
         self.tenant(request)
-        return ModelResponse(self.offered)
+        health = await self.store.provider_health()
+        now = self.store.clock()
+        items = [
+            msgspec.structs.replace(info, cooldown_until=iso(health[info.name].cooldown_until))
+            if info.name in health and health[info.name].cooldown_until > now
+            else info
+            for info in self.offered.items
+        ]
+        return ModelResponse(ProviderList(items=items))
 
     # -- uploads ---------------------------------------------------------------------------------
 

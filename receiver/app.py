@@ -146,10 +146,13 @@ class Service:
                     401, "unauthorized", "/metrics wants 'Authorization: Bearer <RECEIVER_METRICS_TOKEN>'"
                 )
         store = self.store
+        configured = [name for name in REGISTRY if self.settings.provider(name).api_key]
+        health, now = await store.provider_health(), store.clock()
+        metrics.show_cooldowns(configured, [name for name, row in health.items() if row.cooldown_until > now])
         metrics.show_state(
             await store.task_counts(),
             await store.jobs_due(),
-            providers=[name for name in REGISTRY if self.settings.provider(name).api_key],
+            providers=configured,
             statuses=list(Status),
             kinds=list(self.worker.handlers),
             errors=list(ErrorCode),

@@ -51,6 +51,7 @@ from receiver.config import effective
 from receiver.config import prepare_settings
 from receiver.models import OPTIONAL_FIELDS
 from receiver.models import Status
+from receiver.schema import ProviderChoice
 from receiver.schema import ProviderName
 
 EXIT_SUCCEEDED = 0
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "honour are refused with the field named.",
     )
     request = submit.add_argument_group("request fields")
-    request.add_argument("--provider", required=True, help=_one_of(ProviderName))
+    request.add_argument("--provider", required=True, help=_one_of(ProviderChoice))
     request.add_argument("--prompt", required=True, help="what to make, or how to edit the input image")
     request.add_argument("--model", help="the provider's model (default: the provider's default)")
     request.add_argument(

@@ -124,6 +124,13 @@ class Attempt(TypedDict):
     at: str
 
 
+class Cost(TypedDict):
+    """What an ended task cost: `source` "provider" (its own report) or "price" (the price table)."""
+
+    usd: float
+    source: str
+
+
 class Task(TypedDict):
     id: str
     status: Status
@@ -139,6 +146,7 @@ class Task(TypedDict):
     created_at: str
     updated_at: str
     completed_at: str | None
+    cost: Cost | None
 
 
 class TaskFields(TypedDict, total=False):
@@ -216,6 +224,18 @@ class ProviderLimits(TypedDict):
     shared_with: list[str]
 
 
+class ModelPrice(TypedDict, total=False):
+    """One model's price at a provider, in USD: per image, per megapixel or per resolution."""
+
+    source: str | None
+    taken: str | None
+    verified: bool
+    per_image: float
+    per_megapixel: float
+    first_megapixel: float
+    per_resolution: dict[str, float]
+
+
 class ProviderInfo(TypedDict):
     name: str
     models: list[str]
@@ -231,6 +251,8 @@ class ProviderInfo(TypedDict):
     data_uris: str
     synchronous: bool
     limits: ProviderLimits
+    prices: dict[str, ModelPrice]
+    cooldown_until: str | None
 
 
 class UsageGroup(TypedDict):

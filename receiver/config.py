@@ -438,7 +438,7 @@ ROUTING = (
         Check(load_prices),
         help="a JSON or TOML file (`.toml`) of prices per provider and model, in USD, over the built-in"
         ' ones: `{"fal": {"flux-kontext-pro": {"per_image": 0.04}}}`; see'
-        " [the prices table](#prices-and-routing)",
+        " [Prices](keys.md#prices)",
         shown_default="the built-in prices",
     ),
     Variable(

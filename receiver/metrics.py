@@ -103,6 +103,12 @@ OLDEST_DUE = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+PROVIDER_COOLDOWN = Gauge(
+    "receiver_provider_cooldown",
+    "1 while `auto` routing skips the provider (failures in a row), else 0; every configured provider",
+    ["provider"],
+    registry=REGISTRY,
+)
 LONG_POLLS = Gauge("receiver_long_polls", "`?wait` long-polls open now in this process", registry=REGISTRY)
 DOWNLOADS = Counter(
     "receiver_downloads_total",
@@ -208,6 +214,12 @@ def show_state(
     for kind, (count, oldest) in jobs_due.items():
         JOBS_DUE.labels(kind).set(count)
         OLDEST_DUE.labels(kind).set(max(0.0, now - oldest))
+
+
+def show_cooldowns(providers: Iterable[str], cooling: Iterable[str]) -> None:
+    cooling = set(cooling)
+    for provider in providers:
+        PROVIDER_COOLDOWN.labels(provider).set(1 if provider in cooling else 0)
 
 
 def render() -> bytes:

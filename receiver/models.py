@@ -119,6 +119,8 @@ class Outcome:
     # pending only: the news is that the result is ready to be fetched from the provider's status
     # endpoint (e.g. fal's payload_error), so reconcile should ask now rather than when it falls due.
     ask_now: bool = False
+    # What the provider says it charged for the task, in USD, where it says so (e.g. apimart's `cost`).
+    charge_usd: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -130,6 +132,7 @@ class Outcome:
                 "detail": self.detail,
                 "provider": self.provider,
                 "ask_now": self.ask_now,
+                "charge_usd": self.charge_usd,
             }
         )
 
@@ -145,6 +148,7 @@ class Outcome:
             detail=data["detail"],
             provider=data.get("provider", ""),
             ask_now=bool(data.get("ask_now", False)),
+            charge_usd=data.get("charge_usd"),
         )
 
     @classmethod

@@ -11,9 +11,11 @@ from __future__ import annotations
 import msgspec
 
 from receiver.config import Settings
+from receiver.prices import prices_json
 from receiver.providers import REGISTRY
 from receiver.providers import Provider
 from receiver.schema import ModelInputs
+from receiver.schema import ModelPrice
 from receiver.schema import ModelTakes
 from receiver.schema import ProviderInfo
 from receiver.schema import ProviderLimits
@@ -75,4 +77,6 @@ def provider_info(provider: Provider, settings: Settings) -> ProviderInfo:
                 if provider.pace_group and other.pace_group == provider.pace_group and other is not provider
             ),
         ),
+        prices=msgspec.convert(prices_json(settings.prices, provider.name), dict[str, ModelPrice]),
+        cooldown_until=None,  # the store's, filled in at each answer (receiver.api)
     )

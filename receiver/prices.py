@@ -63,7 +63,7 @@ class Price:
 PriceTable = Mapping[str, Mapping[str, Price]]
 
 _BFL = "https://docs.bfl.ml/quick_start/pricing"
-_FAL_FLUX2 = "https://fal.ai/models/fal-ai/flux-2-pro (and flux-2-flex), as in docs/providers notes"
+_FAL_FLUX2 = "https://fal.ai/models/fal-ai/flux-2-pro and https://fal.ai/models/fal-ai/flux-2-flex (pricing)"
 _FAL_KONTEXT = "https://fal.ai/models/fal-ai/flux-pro/kontext/max"
 _APIMART = "https://docs.apimart.ai/en/api-reference/images/flux-kontext/generation (apimart model pages)"
 _FLUX2_PRO = Price(per_megapixel=0.015, first_megapixel=0.03, source=_FAL_FLUX2, taken="2026-12-08")

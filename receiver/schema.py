@@ -58,6 +58,14 @@ class ProviderName(StrEnum):
     SANDBOX = "sandbox"
 
 
+# What a create may name: a provider, or `auto` (the cheapest healthy provider that sells the shared
+# model and can honour the request, the others its fallback chain; docs/keys.md).
+ProviderChoice = StrEnum(  # type: ignore[misc]
+    "ProviderChoice", {**{member.name: member.value for member in ProviderName}, "AUTO": "auto"}
+)
+AUTO = "auto"
+
+
 class ImageType(StrEnum):
     """The image formats taken as uploads and input images, and stored as results."""
 
@@ -117,7 +125,13 @@ class TaskCreate(Struct, kw_only=True, forbid_unknown_fields=True):
     """A generation or editing request. Optional fields a provider cannot honour are a 422 naming them;
     GET /v1/providers says which each provider takes. `null` is the same as leaving a field out."""
 
-    provider: ProviderName
+    provider: Annotated[
+        ProviderChoice,
+        Meta(
+            description="a provider, or `auto`: the cheapest configured provider that sells the (shared)"
+            " model and can honour the request, not in cooldown; the others follow as its fallback chain"
+        ),
+    ]
     prompt: Prompt
     model: Annotated[str, Meta(min_length=1, examples=["flux-kontext-pro"])] | None = None
     images: list[ImageRef] | None = None
@@ -371,6 +385,18 @@ class ProviderLimits(Struct):
     shared_with: Annotated[list[str], Meta(description="providers paced together with it (one account)")]
 
 
+class ModelPrice(Struct, omit_defaults=True):
+    """One model's price at a provider, in USD (RECEIVER_PRICES, else the built-in table)."""
+
+    source: Annotated[str | None, Meta(description="where the price was read")]
+    taken: Annotated[str | None, Meta(description="when (YYYY-MM-DD)")]
+    verified: Annotated[bool, Meta(description="false: from a secondary source, not the provider's own page")]
+    per_image: float | None = None
+    per_megapixel: Annotated[float | None, Meta(description="each megapixel of input and output")] = None
+    first_megapixel: Annotated[float | None, Meta(description="the first megapixel, where it differs")] = None
+    per_resolution: Annotated[dict[str, float] | None, Meta(description="by `resolution`")] = None
+
+
 class ProviderInfo(Struct):
     name: ProviderName
     models: list[str]
@@ -394,6 +420,13 @@ class ProviderInfo(Struct):
     data_uris: Literal["sent inline", "sent as signed links"]
     synchronous: Annotated[bool, Meta(description="generates inside the submit call")]
     limits: ProviderLimits
+    prices: Annotated[
+        dict[str, ModelPrice], Meta(description="per model with a known price; a model not listed has none")
+    ]
+    cooldown_until: Annotated[
+        Timestamp | None,
+        Meta(description="while set, `auto` routing skips it (provider-side failures in a row)"),
+    ]
 
 
 class ProviderList(Struct):

@@ -76,7 +76,9 @@ def render_task(row: TaskView, images: Sequence[ImageRecord], tokens: Tokens) ->
 
 
 def _cost(row: TaskView) -> Cost | None:
-    if row.cost_usd is None:
+    """What the task cost, once it ended (a charge the provider reported with its result is kept from
+    then, but shown only at the end, when it is the task's final cost)."""
+    if row.cost_usd is None or row.completed_at is None:
         return None
     return Cost(usd=row.cost_usd, source="provider" if row.cost_source == "provider" else "price")
 

@@ -8,6 +8,8 @@ so the site cannot say one thing while the service does another:
   webhooks.
 - `<!-- generated: provider-fields -->`: which optional request fields each provider honours
   (each provider's own `fields`, what a 422 is decided by).
+- `<!-- generated: prices -->`: the built-in price table (`receiver.prices.DEFAULT_PRICES`), each price
+  with its source and the date it was taken.
 - `<!-- settings: SECTION -->`: the configuration table of one section of the settings table
   (`receiver.config.SECTIONS`: each variable's name, help, range and default, as the service reads it).
 
@@ -23,6 +25,8 @@ from typing import Any
 from receiver.config import SECTIONS
 from receiver.models import OPTIONAL_FIELDS
 from receiver.openapi import openapi_document
+from receiver.prices import DEFAULT_PRICES
+from receiver.prices import Price
 from receiver.providers import REGISTRY
 from receiver.variables import Variable
 
@@ -36,7 +40,31 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
         markdown = markdown.replace("<!-- generated: openapi -->", openapi_markdown(openapi_document(SERVER)))
     if "<!-- generated: provider-fields -->" in markdown:
         markdown = markdown.replace("<!-- generated: provider-fields -->", provider_fields_markdown())
+    if "<!-- generated: prices -->" in markdown:
+        markdown = markdown.replace("<!-- generated: prices -->", prices_markdown())
     return SETTINGS_MARKER.sub(lambda found: settings_markdown(found.group(1)), markdown)
+
+
+def prices_markdown() -> str:
+    """The built-in prices, one row per provider and model, with where and when each was read."""
+    lines = ["| provider | model | price (USD) | source | taken | verified |", "|---|---|---|---|---|---|"]
+    for provider, models in DEFAULT_PRICES.items():
+        for model, price in models.items():
+            verified = "yes" if price.verified else "**no**: a secondary source"
+            lines.append(
+                f"| `{provider}` | `{model}` | {_price_text(price)} | {_cell(price.source)} | {price.taken}"
+                f" | {verified} |"
+            )
+    return "\n".join(lines)
+
+
+def _price_text(price: Price) -> str:
+    if price.per_image is not None:
+        return f"{price.per_image:g} per image"
+    if price.per_resolution:
+        return ", ".join(f"{value:g} at {name}" for name, value in price.per_resolution.items())
+    first = "" if price.first_megapixel is None else f"{price.first_megapixel:g} the first megapixel, then "
+    return f"{first}{price.per_megapixel:g} per megapixel"
 
 
 SETTINGS_MARKER = re.compile(r"<!-- settings: ([a-z]+) -->")

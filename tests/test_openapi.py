@@ -70,7 +70,9 @@ def test_every_reference_resolves_and_answers_require_every_field() -> None:
         assert set(SCHEMAS[name]["required"]) == set(SCHEMAS[name]["properties"]), name
     # What the issue found undocumented or loose is now in the document.
     assert "detail" in SCHEMAS["Event"]["properties"]
-    assert SCHEMAS["TaskCreate"]["properties"]["provider"] == {"$ref": "#/components/schemas/ProviderName"}
+    # A provider by name, or `auto` (routing).
+    assert SCHEMAS["TaskCreate"]["properties"]["provider"]["$ref"] == "#/components/schemas/ProviderChoice"
+    assert sorted(SCHEMAS["ProviderChoice"]["enum"]) == sorted([*SCHEMAS["ProviderName"]["enum"], "auto"])
     assert SCHEMAS["TaskCreate"]["properties"]["prompt"]["minLength"] == 1
     assert SCHEMAS["TaskCreate"]["additionalProperties"] is False
     [key] = DOCUMENT["paths"]["/v1/tasks"]["post"]["parameters"]

@@ -67,6 +67,7 @@ class Retry:
     note: str
     entry: Entry | None = None
     requeue: bool = False
+    provider_failed: str = ""  # the provider whose failure it was (unavailable, 5xx): counts to its cooldown
 
 
 @dataclass(frozen=True)
@@ -134,4 +135,5 @@ async def record(store: Store, job: Job, outcome: Outcome) -> None:
         event=None if entry is None else (entry.kind, entry.summary),
         detail=None if entry is None else entry.detail,
         requeue=isinstance(outcome, Retry) and outcome.requeue,
+        provider_failed=outcome.provider_failed if isinstance(outcome, Retry) else "",
     )

@@ -195,7 +195,8 @@ class Submit:
         )
         # A rate-limited one keeps its place in the queue and goes first (alone) when the hold ends.
         entry = Entry("submit", f"try {job.attempts} failed: {message}")
-        return Retry(delay, message, entry, requeue=limited)
+        # A 429 is the pacing's business (a hold), not a failure of the provider's health.
+        return Retry(delay, message, entry, requeue=limited, provider_failed="" if limited else provider.name)
 
     async def _outcome_unknown(self, job: Job, provider: Provider, reason: str) -> Outcome:
         """The request reached the provider and no clear answer came back: it may be running (and
@@ -221,6 +222,6 @@ class Submit:
             " again: waiting for its callback (RECEIVER_TASK_DEADLINE ends the task otherwise)"
         )
         await self.store.record_submission(
-            job, Submission(provider_task_id=None, note=note), provider=provider.name
+            job, Submission(provider_task_id=None, note=note), provider=provider.name, unanswered=True
         )
         return Done(recorded=True)

@@ -8,6 +8,7 @@ apimart does not sign its callbacks: the signed token in our callback path is th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -30,6 +31,7 @@ from receiver.providers.base import Provider
 from receiver.providers.base import Span
 from receiver.providers.base import Takes
 from receiver.providers.base import bearer_request
+from receiver.providers.base import charge_usd
 from receiver.providers.base import json_object
 from receiver.providers.base import mapping
 from receiver.providers.base import mentions_moderation
@@ -161,7 +163,9 @@ def task_outcome(task: Mapping[str, Any]) -> Outcome:
     task_id = task_id_of(task)
     detail = f"status {status}"
     if status == "completed":
-        return Outcome.succeeded(task_id, result_urls(task), detail)
+        # apimart reports what it billed for the task (`cost`, read as USD beside `credits_cost`).
+        done = Outcome.succeeded(task_id, result_urls(task), detail)
+        return replace(done, charge_usd=charge_usd(task.get("cost"))) if done.state == "succeeded" else done
     if status in ("failed", "cancelled"):
         return Outcome.failed(task_id, failure(task, status), detail)
     # pending, submitted, processing, in_progress and anything new: not an end yet.

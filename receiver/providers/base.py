@@ -308,6 +308,16 @@ def mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+MAX_CHARGE_USD = 1000.0  # a reported charge above this for one image task is not a charge we believe
+
+
+def charge_usd(value: Any) -> float | None:
+    """A charge a provider reports, in USD: a finite number from 0 to MAX_CHARGE_USD, else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value <= MAX_CHARGE_USD else None  # NaN fails both comparisons
+
+
 def text(value: Any) -> str:
     return "" if value is None else str(value)
 
@@ -370,6 +380,7 @@ __all__ = [
     "Span",
     "Takes",
     "bearer_request",
+    "charge_usd",
     "json_object",
     "mapping",
     "mentions_moderation",

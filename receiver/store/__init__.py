@@ -47,7 +47,13 @@ __all__ = [
 
 def make_store(settings: Settings) -> Store:
     """The backend the settings name: PostgreSQL with RECEIVER_DATABASE_URL, else SQLite in the data dir."""
-    timings = Timings(settings.reconcile_after, settings.task_deadline, settings.job_lease)
+    timings = Timings(
+        settings.reconcile_after,
+        settings.task_deadline,
+        settings.job_lease,
+        settings.cooldown_failures,
+        settings.cooldown_seconds,
+    )
     if settings.database_url is not None:
         from receiver.store.postgres import PostgresBackend
 

@@ -43,6 +43,8 @@ class Timings:
     reconcile_after: float  # seconds after a submit before the first status query
     task_deadline: float  # seconds a task may take in all
     job_lease: float = 60.0  # seconds a claimed job stays with its process
+    cooldown_failures: int = 3  # provider-side failures in a row that start a provider's cooldown
+    cooldown_seconds: float = 60.0  # how long `auto` routing skips a provider in cooldown
 
 
 @dataclass(frozen=True)

@@ -189,9 +189,23 @@ class NewTask:
     idempotency_key: str | None
     request_hash: str
     estimate_usd: float | None = None  # by the price table; None: no price known
+    # `auto` routing sent it to a provider whose cooldown has run out: it is the probe that decides
+    # (its creation takes the probe, so other tasks keep away until it has ended or timed out).
+    probe: bool = False
+    routing: str = ""  # how `auto` chose, for the task's first event
     # The database key that creates the task (None for a RECEIVER_API_KEYS key): its budget is checked in
     # the same transaction as the insert, and `estimate_usd` is what counts.
     key: KeyRecord | None = None
+
+
+@dataclass(frozen=True)
+class Health:
+    """A provider's health for `auto` routing, shared by every replica: failures in a row, and the end of
+    its cooldown (0: none)."""
+
+    provider: str
+    consecutive_failures: int
+    cooldown_until: float
 
 
 @dataclass(frozen=True)

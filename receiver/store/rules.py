@@ -30,6 +30,7 @@ from typing import TypeVar
 
 from receiver import metrics
 from receiver.logs import event
+from receiver.models import OUTCOME_UNKNOWN
 from receiver.models import ErrorCode
 from receiver.models import Outcome
 from receiver.models import Status
@@ -52,6 +53,7 @@ from receiver.store.records import Claimed
 from receiver.store.records import DownloadTarget
 from receiver.store.records import Ended
 from receiver.store.records import EventRecord
+from receiver.store.records import Health
 from receiver.store.records import IdempotencyConflict
 from receiver.store.records import ImageRecord
 from receiver.store.records import Job
@@ -292,21 +294,34 @@ class Store:
                     "now": tx.now,
                 },
             )
+            if new.probe:
+                await _take_probe(tx, new.provider, self.timings)
             await _add_job(tx, "submit", new.id, 0, tx.now)
             await _add_job(tx, "deadline", new.id, 0, tx.now + self.timings.task_deadline)
-            await _event(tx, new.id, "created", True, f"queued for {new.provider} ({new.model})", "→queued")
+            summary = f"queued for {new.provider} ({new.model})" + (f"; {new.routing}" if new.routing else "")
+            await _event(tx, new.id, "created", True, summary, "→queued")
             return TaskView.from_row(await _task(tx, new.id)), True
 
         return await self.write(op)
 
     async def record_submission(
-        self, job: Job, submission: Submission, *, urgent: bool = False, provider: str = ""
+        self,
+        job: Job,
+        submission: Submission,
+        *,
+        urgent: bool = False,
+        provider: str = "",
+        unanswered: bool = False,
     ) -> None:
-        """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result."""
+        """The provider accepted the task: keep its id, start the reconcile clock, apply a sync result.
+        `unanswered`: the submit got no clear answer (a timeout after sending), which counts against the
+        provider's health though the task waits for its callback."""
 
         async def op(tx: Tx) -> None:
             task = await _task(tx, job.task_id)
             await _delete_job(tx, job.id)
+            if provider:
+                await _provider_health(tx, provider, not unanswered, self.timings)
             if provider and task["provider"] != provider:
                 # The task moved to a fallback while this submit was in flight (a failure callback came
                 # first): the late answer is recorded; the new provider has its own submit job.
@@ -356,6 +371,8 @@ class Store:
         async def op(tx: Tx) -> str:
             if job_id is not None:
                 await _delete_job(tx, job_id)
+            if provider and error.code is ErrorCode.PROVIDER_UNAVAILABLE:
+                await _provider_health(tx, provider, False, self.timings)
             outcome = Outcome.failed(None, error, error.message)
             return await _apply(tx, task_id, replace(outcome, provider=provider), kind, True)
 
@@ -619,6 +636,16 @@ class Store:
 
         return await self.write(op)
 
+    async def provider_health(self) -> dict[str, Health]:
+        """Each provider's health for `auto` routing, as every replica sees it."""
+        rows = await self.fetch("SELECT provider, consecutive_failures, cooldown_until FROM provider_health")
+        return {
+            row["provider"]: Health(
+                row["provider"], int(row["consecutive_failures"]), float(row["cooldown_until"])
+            )
+            for row in rows
+        }
+
     async def parked_counts(self) -> dict[str, int]:
         """Rows set aside so far, by kind (`callback` for recorded callbacks, else the job's kind)."""
         rows = await self.fetch("SELECT kind, COUNT(*) AS n FROM parked GROUP BY kind")
@@ -633,6 +660,7 @@ class Store:
         event: tuple[str, str] | None = None,
         detail: str | None = None,
         requeue: bool = False,
+        provider_failed: str = "",
     ) -> None:
         """A job's outcome in one write (see receiver.jobs.record): an event on its task (`event`: kind and
         summary), then the job ended (`retry_in` None), due again in `retry_in` s with `note` as its last
@@ -641,6 +669,8 @@ class Store:
         async def op(tx: Tx) -> None:
             if event is not None:
                 await _event(tx, job.task_id, event[0], True, event[1], None, detail)
+            if provider_failed:
+                await _provider_health(tx, provider_failed, False, self.timings)
             if requeue:  # pacing said not yet: back untouched, its place in the queue kept
                 await tx.run(
                     "UPDATE jobs SET running=0, lease_until=NULL, attempts=attempts-1"
@@ -1038,6 +1068,54 @@ async def _paces(tx: Tx, windows: Mapping[str, float]) -> dict[str, Pace]:
     return paces
 
 
+# -- provider health: the cooldown of `auto` routing ------------------------------------------------
+
+
+async def _provider_health(tx: Tx, provider: str, ok: bool, timings: Timings) -> None:
+    """A provider-side outcome of a call to `provider`, in the transaction that records it: a success
+    ends its run of failures (and any cooldown); a failure (unavailable, a timeout, a 5xx; never a 429
+    pacing hold or a refused request) adds to it, and from `cooldown_failures` in a row on each failure
+    (re)starts a cooldown of `cooldown_seconds`."""
+    if ok:
+        await _provider_ok(tx, provider)
+        return
+    await tx.run(
+        "INSERT INTO provider_health (provider, consecutive_failures, cooldown_until)"
+        " VALUES (:provider, 1, 0) ON CONFLICT (provider) DO UPDATE"
+        " SET consecutive_failures=provider_health.consecutive_failures + 1",
+        {"provider": provider},
+    )
+    await tx.run(
+        "UPDATE provider_health SET cooldown_until=:until"
+        " WHERE provider=:provider AND consecutive_failures >= :n",
+        {"provider": provider, "until": tx.now + timings.cooldown_seconds, "n": timings.cooldown_failures},
+    )
+
+
+async def _provider_ok(tx: Tx, provider: str) -> None:
+    await tx.run(
+        "UPDATE provider_health SET consecutive_failures=0, cooldown_until=0"
+        " WHERE provider=:provider AND (consecutive_failures > 0 OR cooldown_until > 0)",
+        {"provider": provider},
+    )
+
+
+async def _take_probe(tx: Tx, provider: str, timings: Timings) -> None:
+    """A task routed to a provider whose cooldown ran out is its probe: the cooldown is set again for
+    the probe's time, so other `auto` tasks keep away until the probe's success clears it (or its
+    failure re-arms it, or, with no news, the time runs out and the next task probes)."""
+    await tx.run(
+        "UPDATE provider_health SET cooldown_until=:until"
+        " WHERE provider=:provider AND consecutive_failures >= :n AND cooldown_until <= :now",
+        {
+            "provider": provider,
+            "until": tx.now + timings.cooldown_seconds,
+            "n": timings.cooldown_failures,
+            "now": tx.now,
+        },
+    )
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
@@ -1154,9 +1232,10 @@ async def _fallback(tx: Tx, task: Row, error: TaskError) -> str | None:
     chain = json.loads(request["request"]).get("chain") or {}
     await tx.run(
         "UPDATE tasks SET provider=:provider, model=:model, provider_state=:state, provider_task_id=NULL,"
-        " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now"
-        " WHERE id=:id",
+        " submitted_at=NULL, image_count=NULL, status=:status, attempts=:attempts, updated_at=:now,"
+        " estimate_usd=:estimate, cost_usd=NULL, cost_source=NULL WHERE id=:id",
         {
+            "estimate": chain.get(target, {}).get("estimate_usd"),
             "provider": target,
             "model": chain.get(target, {}).get("model") or task["model"],
             "state": _dumps(chain.get(target, {}).get("state") or {}),
@@ -1185,9 +1264,19 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
     change = await _move(tx, task, status)
     if change is None:
         return None
+    usd = _cost(task, status, error)
     ended = await tx.one(
-        "UPDATE tasks SET completed_at=:now, error=:error WHERE id=:id RETURNING cost_usd",
-        {"now": tx.now, "error": _dumps(error.as_json()) if error else None, "id": task["id"]},
+        "UPDATE tasks SET completed_at=:now, error=:error,"
+        " cost_usd=CASE WHEN cost_source='provider' THEN cost_usd ELSE :usd END,"
+        " cost_source=CASE WHEN cost_source='provider' THEN cost_source ELSE :source END"
+        " WHERE id=:id RETURNING cost_usd",
+        {
+            "now": tx.now,
+            "error": _dumps(error.as_json()) if error else None,
+            "usd": usd,
+            "source": None if usd is None else "price",
+            "id": task["id"],
+        },
     )
     # An ended task needs no more work; only its notification (if any) is still to come.
     await _drop_idle_jobs(tx, task["id"], "kind <> 'notify'")
@@ -1198,6 +1287,19 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
     seconds = tx.now - task["created_at"]
     tx.ended.append(Ended(task["id"], task["provider"], status, error, seconds, task["tenant"], cost))
     return change
+
+
+def _cost(task: Row, status: Status, error: TaskError | None) -> float | None:
+    """What an ended task cost by the price table (a charge the provider reported wins over it, see
+    _apply): its estimate when the provider made (or may have made) the images — it succeeded, its
+    results were on the way (a download failed), or a submit got no answer; 0 when it failed before
+    the provider ran it or the provider itself failed it (providers do not bill a failed generation)."""
+    if status is Status.SUCCEEDED or task["status"] == Status.DOWNLOADING:
+        return None if task["estimate_usd"] is None else float(task["estimate_usd"])
+    unknown = error is not None and error.provider_code == OUTCOME_UNKNOWN
+    if unknown or (error is not None and error.code is ErrorCode.TIMED_OUT and task["submitted_at"]):
+        return None if task["estimate_usd"] is None else float(task["estimate_usd"])
+    return 0.0
 
 
 async def _apply(
@@ -1226,8 +1328,15 @@ async def _apply(
             "UPDATE tasks SET provider_task_id=:ptid WHERE id=:id",
             {"ptid": outcome.provider_task_id, "id": task_id},
         )
+    if outcome.charge_usd is not None and not Status(task["status"]).terminal:
+        # The provider's own word on what it charged: the task's cost once it ends, whatever the table says.
+        await tx.run(
+            "UPDATE tasks SET cost_usd=:usd, cost_source='provider' WHERE id=:id",
+            {"usd": outcome.charge_usd, "id": task_id},
+        )
     change: str | None = None
     if outcome.state == "succeeded":
+        await _provider_ok(tx, task["provider"])  # it made the images: healthy (a probe passed)
         change = await _move(tx, task, Status.DOWNLOADING)
         if change is not None:
             await tx.run(
