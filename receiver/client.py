@@ -1098,7 +1098,8 @@ class AsyncClient:
     async def usage(
         self, *, since: str | None = None, to: str | None = None, group_by: str | None = None
     ) -> Usage:
-        """This tenant's tasks and spend created in [since, to), as `Client.usage`."""
+        """This tenant's tasks and spend created in [since, to) (dates or RFC 3339 times; by default this
+        month so far), grouped by "provider", "model" or "day" if asked."""
         return await self._run(_usage("/v1/usage", since=since, to=to, group_by=group_by))
 
     async def download(self, task: TaskRef, index: int, dest: str | os.PathLike[str]) -> int:

@@ -27,12 +27,21 @@ from receiver.store import Claimed
 from receiver.store import Job
 from receiver.store import Store
 from receiver.store import StoreUnavailable
+from receiver.store.rules import WORKER_LOOKS_EVERY
 
 log = logging.getLogger("receiver.worker")
 INBOX_SLICE = 256  # callbacks applied per worker turn
 BUSY_INBOX_SLICE = 32  # … while callbacks are arriving, so no callback's commit waits behind a long one
 BUSY_PAUSE = 0.02  # seconds between worker turns while callbacks are arriving
 DATABASE_RETRY = 1.0  # seconds between claims while the database cannot be reached
+
+
+def _short(jobs: list[Job], slots: dict[str, int]) -> set[str]:
+    """The kinds a claim could not take every due job of: no slot left, or as many taken as slots."""
+    taken: dict[str, int] = {}
+    for job in jobs:
+        taken[job.kind] = taken.get(job.kind, 0) + 1
+    return {kind for kind, free in slots.items() if free <= 0 or taken.get(kind, 0) >= free}
 
 
 def _filled(jobs: list[Job], slots: dict[str, int]) -> bool:
@@ -56,6 +65,7 @@ class Worker:
             kind: k.per_tenant for kind, k in self.handlers.items() if k.per_tenant is not None
         }
         self._running: dict[str, set[asyncio.Task[None]]] = {kind: set() for kind in self.handlers}
+        self._waiting_for_slots: set[str] = set(self.handlers)  # kinds whose due jobs wait for a slot
         self._held: dict[int, Job] = {}  # claimed and running here: their leases are kept alive
         self._crashed = retry_backoff(settings)  # for jobs the database or a bug interrupted
         # Set by the app: whether callbacks are arriving right now (then everything else waits a little).
@@ -119,13 +129,15 @@ class Worker:
             await asyncio.sleep(DATABASE_RETRY)
             return
         self._take(claimed)
+        self._waiting_for_slots = _short(claimed.jobs, slots)
         if claimed.more_news or _filled(claimed.jobs, slots):
             if busy:
                 await asyncio.sleep(BUSY_PAUSE)  # leave the loop (and the writer) to the callbacks
             return  # claim again at once: more may be due, or slots may have freed meanwhile
         now = self.clock.time()
         due = claimed.next_due
-        wait = 1.0 if due is None or due <= now else min(1.0, due - now)
+        longest = WORKER_LOOKS_EVERY
+        wait = longest if due is None or due <= now else min(longest, due - now)
         opens = self.pace.next_change()
         try:  # asyncio.timeout: wait_for (3.11) can swallow the cancellation that stops the worker
             async with asyncio.timeout(wait if opens is None else min(wait, opens)):
@@ -153,7 +165,11 @@ class Worker:
     def _job_done(self, job: Job, task: asyncio.Task[None]) -> None:
         self._running[job.kind].discard(task)
         self._held.pop(job.id, None)
-        self.store.jobs_changed.set()
+        # A slot freed: look again only if due jobs of its kind may be waiting for one (the last claim
+        # was short of slots, or tenants' caps or pacing held some back); else the next job added wakes
+        # the worker. An empty turn costs a transaction of several statements.
+        if job.kind in self._waiting_for_slots or job.kind in self._per_tenant or job.kind == "submit":
+            self.store.jobs_changed.set()
 
     async def _run_job(self, job: Job) -> None:
         recording: Awaitable[object]

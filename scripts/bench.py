@@ -221,8 +221,15 @@ class Static:
 
 
 class Receiver:
-    def __init__(self, data_dir: Path, env: dict[str, str], serve_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        env: dict[str, str],
+        serve_args: tuple[str, ...] = (),
+        python_args: tuple[str, ...] = (),
+    ) -> None:
         self.serve_args = serve_args
+        self.python_args = python_args  # before `-m receiver`, e.g. `-m cProfile -o FILE`
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -241,7 +248,17 @@ class Receiver:
     @contextmanager
     def serve(self, *role: str) -> Iterator[subprocess.Popen[bytes]]:
         with process(
-            [sys.executable, "-m", "receiver", "serve", *self.serve_args, "--port", str(self.port), *role],
+            [
+                sys.executable,
+                *self.python_args,
+                "-m",
+                "receiver",
+                "serve",
+                *self.serve_args,
+                "--port",
+                str(self.port),
+                *role,
+            ],
             self.env,
             f"{self.url}/healthz",
         ) as proc:
@@ -463,17 +480,31 @@ class Sink:
 
 
 async def end_to_end(
-    receiver: Receiver, images: Images, sink: Sink, count: int, mark: Callable[[str], None] = lambda _: None
+    receiver: Receiver,
+    images: Images,
+    sink: Sink,
+    count: int,
+    mark: Callable[[str], None] = lambda _: None,
+    rate: float | None = None,
 ) -> None:
     """Create `count` tasks (half kie, half fal) with a notify_url, let the receiver submit them to
     the fakes, then deliver each provider's signed callback; returns once every notification came.
-    `mark` is called at the end of each stage (created, submitted, called back, notified)."""
+    `mark` is called at the end of each stage (created, submitted, called back, notified). With
+    `rate`, creates and then callbacks go at that many per second, else as fast as 16 at a time."""
     limit = asyncio.Semaphore(16)
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+
+    async def on_time(n: int) -> None:
+        if rate:
+            await asyncio.sleep(max(0.0, first + n / rate - loop.time()))
+
     async with httpx.AsyncClient(
         base_url=receiver.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
     ) as client:
 
         async def create(n: int) -> None:
+            await on_time(n)
             async with limit:
                 answer = await client.post(
                     "/v1/tasks",
@@ -493,7 +524,8 @@ async def end_to_end(
         targets = [("kie", pid, url) for pid, url in images.kie.callback_urls.items()]
         targets += [("fal", rid, queued.webhook) for rid, queued in images.fal.queue.items()]
 
-        async def deliver(provider: str, provider_id: str, callback_url: str) -> None:
+        async def deliver(n: int, provider: str, provider_id: str, callback_url: str) -> None:
+            await on_time(n)
             async with limit:
                 headers, body = images.callback(
                     provider, provider_id, images.host(provider, f"e2e-{provider_id}")
@@ -501,7 +533,8 @@ async def end_to_end(
                 answer = await client.post(callback_url, content=body, headers=headers)
                 answer.raise_for_status()
 
-        await asyncio.gather(*(deliver(*target) for target in targets))
+        first = loop.time()
+        await asyncio.gather(*(deliver(n, *target) for n, target in enumerate(targets)))
         mark("called back")
         assert await poll(lambda: sink.count >= count), "not every notification arrived"
         mark("notified")
@@ -763,6 +796,19 @@ def bench_download(work: Path, rounds: int, megabytes: int) -> dict[str, float]:
 # -- the table -----------------------------------------------------------------------------------------
 
 
+def correctness(r: dict[str, Any]) -> str:
+    """The correctness cell: tasks called back that succeeded, images fetched once, notifications."""
+    files, fetched, most = r["fetches"]
+    ended = sum(r["statuses"].values())
+    ok = r["statuses"].get("succeeded", 0)
+    once = (
+        "every image fetched once"
+        if fetched == files == ok and most == 1
+        else f"{fetched} fetches of {files} images"
+    )
+    return f"{ok:,}/{ended:,} succeeded, {once}, {r['notified']:,} notified, {r['errors']} non-2xx"
+
+
 def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> list[tuple[str, ...]]:
     """The issue's rows: one column per stack, each figure beside the bare app's from the same run."""
     stacks = list(results)
@@ -783,17 +829,6 @@ def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> li
             return text
 
         return cell
-
-    def correct(r: dict[str, Any]) -> str:
-        files, fetched, most = r["fetches"]
-        ended = sum(r["statuses"].values())
-        ok = r["statuses"].get("succeeded", 0)
-        once = (
-            "every image fetched once"
-            if fetched == files == ok and most == 1
-            else f"{fetched} fetches of {files} images"
-        )
-        return f"{ok:,}/{ended:,} succeeded, {once}, {r['notified']:,} notified, {r['errors']} non-2xx"
 
     rows = []
     if not e2e_only:
@@ -816,7 +851,7 @@ def stack_rows(results: dict[str, dict[str, Any]], e2e_only: bool = False) -> li
                 f" ({r['notified']:,} tasks at {r['notified'] / r['e2e_s']:.0f}/s)"
             ),
         ),
-        row("everything correct afterwards", "all", correct),
+        row("everything correct afterwards", "all", correctness),
         row("peak RSS of the receiver", "", lambda r: f"{r['peak_rss']:.0f} MiB"),
     ]
     return rows

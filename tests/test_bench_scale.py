@@ -23,22 +23,25 @@ ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("SQLite, 1 replica", "SQLite, 2 replicas", "PostgreSQL, 1 replica", "PostgreSQL, 2 replicas")
 
 
-def test_bench_backend_postgres_measures_every_layout_and_the_takeover() -> None:
+def bench_table(script: str, args: list[str]) -> tuple[str, dict[str, list[str]]]:
+    """Run a bench script (skipped without wrk or PostgreSQL); its output, and its table by row label."""
     if shutil.which("wrk") is None:
         pytest.skip("wrk not installed (apt-get install wrk)")
     if pg_bin() is None:
         pytest.skip(HOW_TO_GET)
-    tiny = ["--seconds", "1", "--burst", "40", "--tasks", "4", "--takeover", "2", "--drain", "120"]
     done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_scale.py"), *tiny],
-        capture_output=True,
-        text=True,
-        timeout=900,
+        [sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
     table = {
         line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines() if "|" in line
     }
+    return done.stdout, table
+
+
+def test_bench_backend_postgres_measures_every_layout_and_the_takeover() -> None:
+    tiny = ["--seconds", "1", "--burst", "40", "--tasks", "4", "--takeover", "2", "--drain", "120"]
+    stdout, table = bench_table("bench_scale.py", tiny)
     assert [cell.strip() for cell in table["measure"]] == list(COLUMNS)
     for cell in table["called back: succeeded / ended (non-2xx)"]:
         succeeded, ended, errors = map(int, re.fullmatch(r"\s*(\d+) / (\d+) \((\d+)\)\s*", cell).groups())  # type: ignore[union-attr]
@@ -48,9 +51,9 @@ def test_bench_backend_postgres_measures_every_layout_and_the_takeover() -> None
         assert "(4 notified)" in cell
     assert [cell.strip() for cell in table["images fetched twice"]] == ["0"] * 4
     took = re.search(
-        r"holding (\d+) downloads; .* (\d+)/(\d+) tasks succeeded; images fetched twice: (\d+)", done.stdout
+        r"holding (\d+) downloads; .* (\d+)/(\d+) tasks succeeded; images fetched twice: (\d+)", stdout
     )
-    assert took, done.stdout
+    assert took, stdout
     held, succeeded, tasks, twice = map(int, took.groups())
     assert held >= 1
     assert succeeded == tasks == 2

@@ -8,6 +8,7 @@ cost what a paid provider's would.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,10 +69,20 @@ def usage(receiver: Receiver, key: str, path: str = "/v1/usage", **query: str) -
     return found
 
 
+def spend_metric(receiver: Receiver, tenant: str) -> float:
+    """receiver_spend_usd_total for the tenant's sandbox tasks, as /metrics shows it (0 before any)."""
+    text = receiver.anon.get("/metrics").text
+    found = re.search(
+        rf'^receiver_spend_usd_total{{provider="sandbox",tenant="{tenant}"}} (\S+)$', text, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
 def test_usage_grouped_by_provider_model_and_day(
     start_receiver: Callable[..., Receiver], prices: Callable[[dict[str, Any]], str]
 ) -> None:
     receiver = start_receiver(RECEIVER_ADMIN_KEY=ADMIN, RECEIVER_PRICES=priced(prices))
+    spent_before = {tenant: spend_metric(receiver, tenant) for tenant in ("alice", "acme")}
     ids = [receiver.submit(provider="sandbox", prompt="a lighthouse at dusk")["id"] for _ in range(2)]
     secret = new_key(receiver)["key"]
     with client(receiver, secret) as acme:
@@ -82,6 +93,9 @@ def test_usage_grouped_by_provider_model_and_day(
         assert receiver.wait(task_id, client=client(receiver, secret))["status"] == "succeeded"
     today = datetime.now(UTC).strftime("%Y-%m-%d")
 
+    # Each task counted once when it ended, in the process that ended it (the registry is this process's).
+    for tenant, count in (("alice", 2), ("acme", 1)):
+        assert spend_metric(receiver, tenant) - spent_before[tenant] == pytest.approx(count * PRICE)
     mine = usage(receiver, ALICE)
     assert (mine["tasks"], mine["usd"], mine["groups"]) == (2, 2 * PRICE, [])
     assert mine["from"] == datetime.now(UTC).strftime("%Y-%m-01T00:00:00.000Z")

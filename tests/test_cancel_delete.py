@@ -118,6 +118,7 @@ def test_a_queued_task_is_never_submitted_and_its_pacing_slot_is_given_back(
     third, _ = receiver.submitted(kie)
     assert len(kie.calls(GENERATE)) == 2  # the first and the third: the second never left
     assert rows(receiver, "SELECT status FROM tasks WHERE id=:id", second) == [{"status": "cancelled"}]
+    assert receiver.alice.get(f"/v1/tasks/{second}").json()["cost"]["usd"] == 0  # never reached kie
     left = events_until(
         receiver, first, lambda e: e["kind"] == "cancel" and "offers no cancel" in e["summary"]
     )
@@ -155,6 +156,8 @@ def test_a_submitted_fal_task_is_cancelled_at_the_queue_and_the_app_hears_once(
     assert late["change"] is None
     done = receiver.alice.get(f"/v1/tasks/{task_id}").json()
     assert (done["status"], done["images"], done["error"]) == ("cancelled", [], None)
+    # fal had it: it may bill it, so it counts at its price (a budget never under-counts it).
+    assert done["cost"]["source"] == "price" and done["cost"]["usd"] > 0, done["cost"]
     [delivery] = app.wait_for(1)
     body = delivery.verify()
     assert body["type"] == "task.cancelled" and body["data"]["status"] == "cancelled"

@@ -115,6 +115,11 @@ def test_providers_lists_what_this_deployment_offers(start_receiver: Callable[..
             "window_seconds": None,
             "shared_with": [],
         },
+        # Its price (built in: the sandbox costs nothing) and no cooldown (docs/keys.md).
+        "prices": {
+            "sandbox": {"per_image": 0.0, "source": "built in", "taken": "2026-12-08", "verified": True}
+        },
+        "cooldown_until": None,
     }
     assert items["kie"]["default_model"] == "flux-kontext-pro"
     assert "flux-kontext-max" in items["kie"]["models"]

@@ -102,7 +102,11 @@ def test_every_example_runs_as_shown(session: str, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     (work / ".venv").symlink_to(VENV)
-    secrets = {"RECEIVER_NOTIFY_SECRET": SECRET, "RECEIVER_METRICS_TOKEN": "metrics-token-0123456789"}
+    secrets = {
+        "RECEIVER_NOTIFY_SECRET": SECRET,
+        "RECEIVER_METRICS_TOKEN": "metrics-token-0123456789",
+        "RECEIVER_ADMIN_KEY": "admin-key-of-the-docs-0123456789abcdef",  # docs/keys.md, cli.md, client.md
+    }
     service = ReceiverProcess(work / "data", {**secrets, "RECEIVER_API_KEYS": ""}).start()
     hook_port = free_port()
     outside = [entry for entry in os.environ["PATH"].split(os.pathsep) if Path(entry) != VENV / "bin"]

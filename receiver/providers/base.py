@@ -361,11 +361,14 @@ def mentions_moderation(message: str) -> bool:
     return any(word in lowered for word in MODERATION_WORDS)
 
 
-def same_origin(url: str, base: str) -> bool:
+def same_origin(url: str, base: str | httpx.URL) -> bool:
     """Whether `url` has the scheme, host and port of `base`: a provider-supplied URL we would send our
-    API key to must stay on the operator's configured host."""
+    API key to must stay on the operator's configured host. A `base` already parsed is not parsed again
+    (a submit's URL carries our whole callback URL in its query: parsing it again costs more than
+    the check itself)."""
     try:
-        given, trusted = httpx.URL(url), httpx.URL(base)
+        given = httpx.URL(url)
+        trusted = base if isinstance(base, httpx.URL) else httpx.URL(base)
     except (httpx.InvalidURL, TypeError):
         return False
     default_ports = {"http": 80, "https": 443}

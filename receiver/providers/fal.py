@@ -189,7 +189,7 @@ def is_endpoint_id(model: str) -> bool:
 
 def trusted_url(url: Any, trusted: str | httpx.URL) -> str | None:
     """`url` from an answer if it is on the origin we trust with our key, else None."""
-    return url if isinstance(url, str) and same_origin(url, str(trusted)) else None
+    return url if isinstance(url, str) and same_origin(url, trusted) else None
 
 
 def queue_urls(queue: str, endpoint: str, request_id: str) -> tuple[str, str]:

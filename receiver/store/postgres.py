@@ -27,6 +27,8 @@ import asyncpg
 from receiver.store.base import Backend
 from receiver.store.base import Clock
 from receiver.store.base import Dialect
+from receiver.store.base import InboxRow
+from receiver.store.base import InsertInbox
 from receiver.store.base import Op
 from receiver.store.base import Params
 from receiver.store.base import Row
@@ -132,6 +134,44 @@ class PgTx(Tx):
         return isinstance(exc, (*UNREACHABLE, asyncpg.DeadlockDetectedError, asyncpg.SerializationError))
 
 
+class SingleStatementTx(PgTx):
+    """A write of one statement, sent outside any transaction block: PostgreSQL commits it alone, so
+    it costs one round trip instead of BEGIN, the statement and COMMIT. A second statement would not
+    be atomic with the first, so it is refused."""
+
+    def __init__(self, conn: Connection, now: float) -> None:
+        super().__init__(conn, now)
+        self.sent = False
+
+    def _once(self) -> None:
+        if self.sent:
+            raise RuntimeError("a single-statement write ran a second statement")
+        self.sent = True
+
+    async def one(self, sql: str, params: Params | None = None) -> Row | None:
+        self._once()
+        return await super().one(sql, params)
+
+    async def all(self, sql: str, params: Params | None = None) -> list[Row]:
+        self._once()
+        return await super().all(sql, params)
+
+    async def run(self, sql: str, params: Params | None = None) -> int:
+        self._once()
+        return await super().run(sql, params)
+
+    async def many(self, sql: str, rows: Sequence[Params]) -> None:
+        self._once()
+        await super().many(sql, rows)
+
+
+async def _reset(conn: Connection) -> None:
+    """What the pool does to a connection handed back, beyond rolling back a transaction left open
+    (asyncpg does that first): nothing. Its default also unlistens, closes cursors, drops advisory
+    locks and resets settings, one more round trip per use for things no pooled connection here does
+    (the listener and the migration have connections of their own)."""
+
+
 async def migrate(conn: asyncpg.Connection) -> int:
     """Apply the migrations this database has not seen, one replica at a time; returns the version."""
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
@@ -176,7 +216,7 @@ class PostgresBackend(Backend):
             await migrate(conn)
         finally:
             await conn.close()
-        self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size)
+        self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size, reset=_reset)
         await self._listen()
 
     async def close(self) -> None:
@@ -265,6 +305,19 @@ class PostgresBackend(Backend):
             self.wakeups.announce(tx.changed, tx.jobs_added)
             return value
         raise AssertionError("unreachable")
+
+    async def keep(self, row: InboxRow, insert: InsertInbox) -> None:
+        """A verified callback kept in one round trip: its INSERT commits alone, and the inbox's
+        trigger (schema.py) wakes every replica's worker when it does."""
+        assert self._pool is not None
+        try:
+            async with self._pool.acquire() as conn:
+                tx = SingleStatementTx(conn, self.clock())
+                await insert(tx, [row])
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        self.committed(tx)
+        self.wakeups.announce(tx.changed, tx.jobs_added)
 
     async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
         assert self._pool is not None

@@ -95,6 +95,10 @@ BUDGET_SLACK = 1e-9  # dollars: a sum of float prices that lands a hair over the
 KEY_CHANGEABLE = frozenset(("name", "budget_usd", "budget_period", "rate_per_minute", "disabled"))
 
 
+# The longest a worker sleeps between looks at the jobs (worker.py), whatever wakes it sooner.
+WORKER_LOOKS_EVERY = 1.0
+
+
 class StoreUnavailable(Exception):
     """The database cannot be reached right now (a 503 for the caller; nothing was changed)."""
 
@@ -468,7 +472,7 @@ class Store:
             if submission.outcome is not None:
                 outcome = replace(submission.outcome, provider=provider)
                 await _apply(tx, job.task_id, outcome, "submit", True, urgent)
-            elif (await _task(tx, job.task_id))["status"] == Status.SUBMITTED:
+            elif change is not None or task["status"] == Status.SUBMITTED:  # submitted now (no re-read)
                 await _add_job(tx, "reconcile", job.task_id, 0, tx.now + self.timings.reconcile_after)
 
         await self.write(op)
@@ -617,7 +621,6 @@ class Store:
                 " AND NOT (kind='submit' AND EXISTS (SELECT 1 FROM tasks t WHERE t.id=jobs.task_id"  # noqa: S608
                 f" AND t.provider IN ({marks})))"
             )
-        next_due = f"SELECT MIN(due_at) AS due FROM jobs WHERE running=0{held}"  # noqa: S608
 
         async def op(tx: Tx) -> Claimed:
             applied, again = await _apply_inbox(tx, inbox_batch)
@@ -632,15 +635,17 @@ class Store:
 
             jobs: list[Job] = []
             # One look at which kinds have a job due, so a turn runs no claim that cannot find one
-            # (only the kinds asked for are read: a row of another kind is never even decoded).
+            # (only the kinds asked for are read: a row of another kind is never even decoded), and
+            # when the next job falls due after them (the worker sleeps until then, or until woken).
             kinds, kind_params = in_list("k", sorted(slots))
-            due_kinds = {
-                row["kind"]
-                for row in await tx.all(
-                    f"SELECT DISTINCT kind FROM jobs WHERE running=0 AND due_at<=:now AND kind IN ({kinds})",  # noqa: S608
-                    {"now": tx.now, **kind_params},
-                )
-            }
+            looked = await tx.all(
+                f"SELECT DISTINCT kind, CAST(NULL AS {tx.dialect.types['real']}) AS due FROM jobs"  # noqa: S608
+                f" WHERE running=0 AND due_at<=:now AND kind IN ({kinds}) UNION ALL"
+                f" SELECT CAST(NULL AS TEXT), MIN(due_at) FROM jobs WHERE running=0 AND due_at>:now{held}",
+                {"now": tx.now, **kind_params, **skip_params},
+            )
+            due_kinds = {row["kind"] for row in looked if row["kind"] is not None}
+            later = [float(row["due"]) for row in looked if row["kind"] is None and row["due"] is not None]
             for kind, free in slots.items():
                 if free > 0 and kind in due_kinds:
                     params = {
@@ -657,9 +662,8 @@ class Store:
                         taken, failed = await _claim_jobs(tx, kind, pick(), params)
                     jobs += taken
                     again = again or failed
-            due = await tx.one(next_due, skip_params)
             in_flight = await _in_flight(tx, count_for, self.owner) if count_for else {}
-            due_at = None if due is None or due["due"] is None else float(due["due"])
+            due_at = later[0] if later else None
             paces = await _paces(tx, pace_windows) if pace_windows is not None else {}
             return Claimed(jobs, due_at, in_flight, applied, again, paces)
 
@@ -998,12 +1002,22 @@ async def _apply_inbox(tx: Tx, limit: int) -> tuple[list[tuple[str, str, str]], 
     pick = f"SELECT {{}} FROM inbox ORDER BY id LIMIT :limit{tx.skip_locked}"  # noqa: S608
     params = {"limit": limit + 1}
 
+    # Read outside the piece's savepoint: an empty inbox (most turns) then costs this one statement.
+    try:
+        rows: list[Row] | None = await tx.all(pick.format("*"), params)
+    except Exception as exc:
+        if tx.about_database(exc):
+            raise
+        rows = None  # a row cannot be read: each is applied alone, below
+    if rows == []:
+        return [], False
+
     async def batch() -> tuple[list[tuple[str, str, str]], bool]:
-        rows = await tx.all(pick.format("*"), params)
+        assert rows is not None
         done = [await _apply_news(tx, row) for row in rows[:limit]]
         return [result for result in done if result is not None], len(rows) > limit
 
-    whole, failure = await _alone(tx, batch)
+    whole, failure = (None, None) if rows is None else await _alone(tx, batch)
     if whole is not None:
         return whole
     ids = [int(row["id"]) for row in await tx.all(pick.format("id"), params)]
@@ -1283,7 +1297,9 @@ async def _add_job(tx: Tx, kind: str, task_id: str, arg: int, due_at: float) -> 
         " ON CONFLICT (kind, task_id, arg) DO NOTHING",
         {"kind": kind, "task": task_id, "arg": arg, "due": due_at},
     )
-    tx.jobs_added = True
+    # A job due later than a worker's longest sleep wakes nobody: every worker looks by then anyway.
+    if due_at <= tx.now + WORKER_LOOKS_EVERY:
+        tx.jobs_added = True
 
 
 async def _drop_idle_jobs(tx: Tx, task_id: str, which: str) -> None:
@@ -1341,14 +1357,21 @@ async def _event(
     tx.changed.add(task_id)
 
 
-async def _move(tx: Tx, task: Row, new: Status) -> str | None:
-    """Move a task forward; returns 'old→new', or None when that would not be forward."""
+async def _move(tx: Tx, task: Row, new: Status, also: Mapping[str, Any] | None = None) -> str | None:
+    """Move a task forward, setting the columns in `also` with it (one UPDATE); returns 'old→new', or
+    None when that would not be forward (and nothing is written)."""
     old = Status(task["status"])
     if not old.may_become(new):
         return None
+    columns = "".join(f", {column}=:set_{column}" for column in also or {})
     await tx.run(
-        "UPDATE tasks SET status=:status, updated_at=:now WHERE id=:id",
-        {"status": str(new), "now": tx.now, "id": task["id"]},
+        f"UPDATE tasks SET status=:status, updated_at=:now{columns} WHERE id=:id",  # noqa: S608 - our names
+        {
+            "status": str(new),
+            "now": tx.now,
+            "id": task["id"],
+            **{f"set_{k}": v for k, v in (also or {}).items()},
+        },
     )
     tx.changed.add(task["id"])
     return f"{old}→{new}"
@@ -1410,29 +1433,25 @@ async def _finish(tx: Tx, task: Row, status: Status, error: TaskError | None) ->
         moved = await _fallback(tx, task, error)
         if moved is not None:
             return moved
-    change = await _move(tx, task, status)
+    ended = {"completed_at": tx.now, "error": _dumps(error.as_json()) if error else None}
+    change = await _move(tx, task, status, ended)
     if change is None:
         return None
+    # Its cost: a charge the provider reported (recorded by _apply, maybe in this very transaction)
+    # stays; otherwise the price table's word.
     usd = _cost(task, status, error)
-    ended = await tx.one(
-        "UPDATE tasks SET completed_at=:now, error=:error,"
-        " cost_usd=CASE WHEN cost_source='provider' THEN cost_usd ELSE :usd END,"
+    priced = await tx.one(
+        "UPDATE tasks SET cost_usd=CASE WHEN cost_source='provider' THEN cost_usd ELSE :usd END,"
         " cost_source=CASE WHEN cost_source='provider' THEN cost_source ELSE :source END"
         " WHERE id=:id RETURNING cost_usd",
-        {
-            "now": tx.now,
-            "error": _dumps(error.as_json()) if error else None,
-            "usd": usd,
-            "source": None if usd is None else "price",
-            "id": task["id"],
-        },
+        {"usd": usd, "source": None if usd is None else "price", "id": task["id"]},
     )
     # An ended task needs no more work; only its notification (if any) is still to come.
     await _drop_idle_jobs(tx, task["id"], "kind <> 'notify'")
     if task["notify_url"]:
         await _add_job(tx, "notify", task["id"], 0, tx.now)
     # Every end of every task passes here (download, callback, poll, submit, deadline): its one log line.
-    cost = None if ended is None or ended["cost_usd"] is None else float(ended["cost_usd"])
+    cost = None if priced is None or priced["cost_usd"] is None else float(priced["cost_usd"])
     seconds = tx.now - task["created_at"]
     tx.ended.append(Ended(task["id"], task["provider"], status, error, seconds, task["tenant"], cost))
     return change
@@ -1450,7 +1469,11 @@ def _cost(task: Row, status: Status, error: TaskError | None) -> float | None:
     # A task cancelled once its provider had it may well be billed there (kie runs it anyway; fal bills
     # a request already running): counted at its estimate, so a budget never under-counts it.
     cancelled_late = status is Status.CANCELLED and bool(task["submitted_at"])
-    if unknown or cancelled_late or (error is not None and error.code is ErrorCode.TIMED_OUT and task["submitted_at"]):
+    if (
+        unknown
+        or cancelled_late
+        or (error is not None and error.code is ErrorCode.TIMED_OUT and task["submitted_at"])
+    ):
         return None if task["estimate_usd"] is None else float(task["estimate_usd"])
     return 0.0
 
@@ -1490,11 +1513,8 @@ async def _apply(
     change: str | None = None
     if outcome.state == "succeeded":
         await _provider_ok(tx, task["provider"])  # it made the images: healthy (a probe passed)
-        change = await _move(tx, task, Status.DOWNLOADING)
+        change = await _move(tx, task, Status.DOWNLOADING, {"image_count": len(outcome.image_urls)})
         if change is not None:
-            await tx.run(
-                "UPDATE tasks SET image_count=:n WHERE id=:id", {"n": len(outcome.image_urls), "id": task_id}
-            )
             await tx.many(
                 "INSERT INTO images (task_id, idx, source_url) VALUES (:task, :idx, :url)"
                 " ON CONFLICT DO NOTHING",
