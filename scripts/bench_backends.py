@@ -128,7 +128,7 @@ class Backend(Database):
 def run_backend(
     backend: Backend, work: Path, args: argparse.Namespace, image: bytes, bare: tuple[str, int]
 ) -> dict[str, Any]:
-    http, loop = STACKS["fast"]
+    http, loop = STACKS[args.stack]
     bare_url, bare_pid = bare
     images = Images(image)
     sink = Sink()
@@ -329,6 +329,12 @@ def main() -> int:
         help="PostgreSQL as one --role api process beside this many --role worker ones (default: one serve)",
     )
     parser.add_argument("--checkout", help="another tree whose receiver to run (e.g. an older commit's)")
+    parser.add_argument(
+        "--stack",
+        choices=sorted(STACKS),
+        default="fast",
+        help="uvicorn's HTTP parser and loop: fast (httptools, uvloop: pip install '.[fast]') or default",
+    )
     args = parser.parse_args()
     quick = args.quick
     args.seconds = args.seconds or (2 if quick else 4)
@@ -349,7 +355,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="receiver-bench-") as tmp:
             work = Path(tmp)
             bare_port = free_port()
-            http, loop = STACKS["fast"]
+            http, loop = STACKS[args.stack]
             bare_url = f"http://127.0.0.1:{bare_port}"
             with process(
                 [sys.executable, "-c", BARE_APP, str(bare_port), http, loop], url=f"{bare_url}/"

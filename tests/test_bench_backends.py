@@ -13,7 +13,20 @@ from tests.test_bench_scale import bench_table
 
 
 def test_bench_backends_measures_both_backends_and_everything_ends_correct() -> None:
-    tiny = ["--quick", "--rounds", "1", "--seconds", "1", "--rate-seconds", "1", "--burst", "2000"]
+    # The default stack: the test extras do not install uvloop and httptools (the `fast` extra).
+    tiny = [
+        "--stack",
+        "default",
+        "--quick",
+        "--rounds",
+        "1",
+        "--seconds",
+        "1",
+        "--rate-seconds",
+        "1",
+        "--burst",
+        "2000",
+    ]
     _, table = bench_table("bench_backends.py", [*tiny, "--drain", "20", "--tasks", "10"])
     assert [cell.strip() for cell in table["measure"]] == [
         "SQLite + directory",
