@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sqlite3
 import sys
@@ -118,11 +119,16 @@ class Backend(Database):
         return {str(status): int(n) for status, n in rows}
 
     def cpu(self) -> float:
-        """CPU seconds of the database server's processes (PostgreSQL), 0 for SQLite (in the receiver)."""
+        """CPU seconds of the database server's processes (PostgreSQL), 0 for SQLite (in the receiver):
+        the live ones, and the ones that have exited (a closed connection's backend), which the
+        postmaster has reaped into its children's times: without them a run where connections close
+        measured less than nothing."""
         if self.cluster is None:
             return 0.0
         pid = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
-        return cpu_seconds([pid])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds([pid]) + reaped
 
 
 def run_backend(

@@ -35,7 +35,7 @@ from tests.test_notify import AppHook
 
 # Per task, create → submit → callback → download → notify, and per callback answer.
 # The task ceilings leave ~10 % for the worker's turns, whose number depends on how wake-ups fall.
-TASK_CEILING = {"sqlite": 120, "postgres": 145}
+TASK_CEILING = {"sqlite": 118, "postgres": 135}
 ACK_CEILING = {"sqlite": 4, "postgres": 2}
 TASKS = 4  # counted, half kie and half fal, after one of each to warm up
 

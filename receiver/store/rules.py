@@ -1206,26 +1206,34 @@ async def _in_flight(tx: Tx, providers: Sequence[str], owner: str) -> dict[tuple
 async def _paces(tx: Tx, windows: Mapping[str, float]) -> dict[str, Pace]:
     """Every pace group's hold, and for each group in `windows` its sends within its window: counted
     all, the oldest PACE_SENDS_READ of them with their times (the ones that free the window first).
-    Reading every send's time would make each worker turn cost as much as the window holds."""
-    paces = {
-        row["grp"]: Pace(float(row["held_until"]), int(row["holds"]), [])
-        for row in await tx.all("SELECT grp, held_until, holds FROM pace_holds")
-    }
-    if not windows:
-        return paces
-    within = " OR ".join(f"(grp=:g{n} AND at>:old{n})" for n in range(len(windows)))
-    params: dict[str, Any] = {"read": PACE_SENDS_READ}
-    for n, (group, window) in enumerate(sorted(windows.items())):
-        params[f"g{n}"], params[f"old{n}"] = group, tx.now - window
+    Reading every send's time would make each worker turn cost as much as the window holds. One
+    statement (a worker turn reads it every time): the holds' rows have no send time."""
+    real = tx.dialect.types["real"]
+    params: dict[str, Any] = {}
+    sends = ""
+    if windows:
+        within = " OR ".join(f"(grp=:g{n} AND at>:old{n})" for n in range(len(windows)))
+        params["read"] = PACE_SENDS_READ
+        for n, (group, window) in enumerate(sorted(windows.items())):
+            params[f"g{n}"], params[f"old{n}"] = group, tx.now - window
+        sends = (
+            f" UNION ALL SELECT grp, CAST(NULL AS {real}), CAST(NULL AS BIGINT), at, n, newest FROM"  # noqa: S608
+            " (SELECT grp, at, COUNT(*) OVER (PARTITION BY grp) AS n,"
+            " MAX(at) OVER (PARTITION BY grp) AS newest,"
+            f" ROW_NUMBER() OVER (PARTITION BY grp ORDER BY at) AS k FROM pace_sends WHERE {within}) AS s"
+            " WHERE k<=:read"
+        )
     rows = await tx.all(
-        "SELECT grp, at, n, newest FROM (SELECT grp, at, COUNT(*) OVER (PARTITION BY grp) AS n,"  # noqa: S608
-        " MAX(at) OVER (PARTITION BY grp) AS newest, ROW_NUMBER() OVER (PARTITION BY grp ORDER BY at) AS k"
-        f" FROM pace_sends WHERE {within}) AS s WHERE k<=:read ORDER BY grp, at",
+        f"SELECT grp, held_until, holds, CAST(NULL AS {real}) AS at, CAST(NULL AS BIGINT) AS n,"  # noqa: S608
+        f" CAST(NULL AS {real}) AS newest FROM pace_holds{sends} ORDER BY grp, at",
         params,
     )
+    paces = {
+        row["grp"]: Pace(float(row["held_until"]), int(row["holds"]), []) for row in rows if row["at"] is None
+    }
     for row in rows:
         pace = paces.get(row["grp"])
-        if pace is not None:
+        if pace is not None and row["at"] is not None:
             pace.sends.append(float(row["at"]))
             paces[row["grp"]] = replace(pace, count=int(row["n"]), newest=float(row["newest"]))
     return paces
