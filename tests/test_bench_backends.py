@@ -25,7 +25,7 @@ def test_bench_backends_measures_both_backends_and_everything_ends_correct() -> 
         "--rate-seconds",
         "1",
         "--burst",
-        "2000",
+        "400",
     ]
     _, table = bench_table("bench_backends.py", [*tiny, "--drain", "20", "--tasks", "10"])
     assert [cell.strip() for cell in table["measure"]] == [

@@ -32,9 +32,11 @@ def test_a_unit_test_cannot_wait_on_wall_time() -> None:
         asyncio.run(asyncio.sleep(0.01))
 
 
-def collected(*args: str) -> set[str]:
+def tiers_of_every_test() -> dict[str, set[str]]:
+    """One collection of the whole suite: each test's tiers, as the conftest assigned them."""
+    report = ["-p", "tests.tier_report", "-p", "no:cacheprovider"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-s", *report],
         cwd=ROOT,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         capture_output=True,
@@ -42,15 +44,21 @@ def collected(*args: str) -> set[str]:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    return {line for line in done.stdout.splitlines() if "::" in line}
+    found: dict[str, set[str]] = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("TIERS "):
+            name, _, tiers = line.removeprefix("TIERS ").rpartition(" ")  # a test's id may hold spaces
+            found[name] = set(filter(None, tiers.strip().split(",")))
+    return found
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # collects the whole suite four times
+@pytest.mark.slow  # collects the whole suite
 def test_every_test_has_a_tier_and_servers_stay_out_of_unit() -> None:
-    everything = collected()
-    unit = collected("-m", "unit")
-    served = collected("-m", "e2e or pg or s3 or browser")
+    tiers = tiers_of_every_test()
+    everything = set(tiers)
+    unit = {name for name, marks in tiers.items() if "unit" in marks}
+    served = {name for name, marks in tiers.items() if marks & {"e2e", "pg", "s3", "browser"}}
     assert unit and served
     assert unit | served == everything
     assert not unit & served
@@ -58,7 +66,7 @@ def test_every_test_has_a_tier_and_servers_stay_out_of_unit() -> None:
     assert "tests/test_tiers.py::test_a_unit_test_cannot_bind_a_socket" in unit
     assert any(name.startswith("tests/test_api.py::") for name in served)
     assert any(name.startswith("tests/test_console.py::test_console_submits") for name in served)
-    browser = collected("-m", "browser")
+    browser = {name for name, marks in tiers.items() if "browser" in marks}
     assert browser <= served
     assert any(name.startswith("tests/test_console.py::") for name in browser)
     assert not any(name.startswith("tests/test_api.py::") for name in browser)
